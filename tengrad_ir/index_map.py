@@ -1,0 +1,81 @@
+"""Affine index maps of unfolding, e.g. ``ih = sh*oh + dh*kh - ph`` (DESIGN.md, conv).
+
+An input index that is not a tensor dimension of the unfolded input is given as an affine
+function of the indices that are: ``ih = s*oh + d*kh + c``. Positions outside ``[0, N_ih)`` read
+zero (zero padding). Coefficients must be positive integers so that the unfolded input is a
+strided view of the (padded) input; the offset is any integer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """``target = sum_k coeffs[k] * k + offset`` over indices ``k``."""
+
+    target: str
+    expr: sympy.Expr
+
+    @staticmethod
+    def parse(target: str, text: str | sympy.Expr, indices: set[str],
+              constants: dict[str, int] | None = None) -> "IndexMap":
+        constants = dict(constants or {})
+        where = f"index map {target} = {text}"
+        if isinstance(text, str):
+            local = {name: sympy.Symbol(name, integer=True) for name in indices | set(constants)}
+            try:
+                expr = sympy.sympify(text, locals=local)
+            except (sympy.SympifyError, SyntaxError, TypeError) as exc:
+                raise SpecError(f"{where}: cannot parse ({exc})") from None
+        else:
+            expr = sympy.sympify(text)
+        unknown = sorted(str(s) for s in expr.free_symbols if str(s) not in indices | set(constants))
+        if unknown:
+            raise SpecError(f"{where}: unknown symbol {unknown[0]!r} (neither an index of the spec"
+                            f" nor a given constant; constants: {sorted(constants) or 'none'})")
+        expr = sympy.expand(expr.subs({sympy.Symbol(k, integer=True): v for k, v in constants.items()}
+                                      ).subs({sympy.Symbol(k): v for k, v in constants.items()}))
+        variables = sorted(expr.free_symbols, key=str)
+        if variables:
+            try:
+                poly = sympy.Poly(expr, *variables)
+            except sympy.PolynomialError:
+                raise SpecError(f"{where}: not affine in the indices") from None
+            if poly.total_degree() > 1:
+                raise SpecError(f"{where}: not affine in the indices (degree {poly.total_degree()})")
+        for var in variables:
+            coeff = expr.coeff(var)
+            if not (coeff.is_Integer and coeff > 0):
+                raise SpecError(f"{where}: coefficient of {var} must be a positive integer, got {coeff}")
+        offset = expr.subs({v: 0 for v in variables})
+        if not offset.is_Integer:
+            raise SpecError(f"{where}: offset must be an integer, got {offset}")
+        canonical = sympy.Add(*[expr.coeff(v) * sympy.Symbol(str(v), integer=True) for v in variables],
+                              offset)
+        return IndexMap(target, canonical)
+
+    @property
+    def coeffs(self) -> dict[str, int]:
+        return {str(v): int(self.expr.coeff(v)) for v in sorted(self.expr.free_symbols, key=str)}
+
+    @property
+    def offset(self) -> int:
+        return int(self.expr.subs({v: 0 for v in self.expr.free_symbols}))
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return tuple(self.coeffs)
+
+    def extent(self, sizes: dict[str, int]) -> tuple[int, int]:
+        """Smallest and largest value of the map over the index ranges."""
+        low = self.offset
+        high = self.offset + sum(c * (sizes[k] - 1) for k, c in self.coeffs.items())
+        return low, high
+
+    def __str__(self) -> str:
+        return f"{self.target} = {self.expr}"

@@ -1,0 +1,122 @@
+"""Plans for concrete sizes: evaluate every order's closed-form cost and choose the cheapest.
+
+The choice per quantity is the order with the fewest FLOPs among those whose peak extra memory
+fits ``memory_cap`` bytes; when none fits, the one with the least memory (and the plan says so).
+``repr(plan)`` reads like opt_einsum's ``PathInfo``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import sympy
+
+from .errors import SpecError
+from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, QUANTITIES, Order, enumerate_orders, m)
+from .spec import LayerSpec
+
+DEFAULT_MEMORY_CAP = 4 * 2**30  # bytes
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: int
+    memory: int  # elements
+
+    def __str__(self) -> str:
+        return f"{self.flops:.3e} flop  {self.memory:.3e} el"
+
+
+def class_sizes(spec: LayerSpec, sizes: dict[str, int]) -> dict[sympy.Symbol, int]:
+    """Role-class sizes ``{m, N_g, N_v, N_I, N_C, N_Ir, N_K, N_P, N_Cu}`` from index sizes."""
+    missing = [i for i in spec.roles if i not in sizes]
+    if missing:
+        raise SpecError(f"{spec.name}: no size for index {missing[0]!r}")
+    prod = lambda idx: math.prod(sizes[i] for i in idx)  # noqa: E731
+    mapped_vars = {v for mp in spec.maps for v in mp.variables}
+    padded = 1
+    for mp in spec.maps:
+        low, high = mp.extent(sizes)
+        padded *= high - low + 1
+    return {
+        m: sizes[spec.batch], N_g: prod(spec.indices("group")), N_v: prod(spec.indices("free")),
+        N_I: prod(spec.indices("independent")), N_C: prod(spec.indices("common")),
+        N_Ir: prod(i for i in spec.indices("independent") if i not in mapped_vars),
+        N_K: prod(i for i in spec.indices("independent") if i in mapped_vars),
+        N_Cu: prod(i for i in spec.indices("common") if i not in mapped_vars),
+        N_P: padded,
+    }
+
+
+@dataclass(frozen=True)
+class SizedPlan:
+    """One term's orders evaluated at concrete sizes, and the choice per quantity."""
+
+    spec: LayerSpec
+    sizes: tuple[tuple[str, int], ...]
+    itemsize: int = 4
+    memory_cap: int = DEFAULT_MEMORY_CAP
+    orders: dict = field(default=None, compare=False, hash=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.orders is None:
+            object.__setattr__(self, "orders", enumerate_orders(self.spec))
+
+    @cached_property
+    def values(self) -> dict[sympy.Symbol, int]:
+        return class_sizes(self.spec, dict(self.sizes))
+
+    def order(self, quantity: str, name: str) -> Order:
+        for o in self.orders[quantity]:
+            if o.name == name:
+                return o
+        raise SpecError(f"{self.spec.name}: no {quantity} order {name!r}; valid: "
+                        f"{[o.name for o in self.orders[quantity]]}")
+
+    def cost(self, quantity: str, name: str) -> Cost:
+        o = self.order(quantity, name)
+        return Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+
+    def fits(self, cost: Cost) -> bool:
+        return cost.memory * self.itemsize <= self.memory_cap
+
+    @cached_property
+    def choice(self) -> dict[str, str]:
+        out = {}
+        for q in QUANTITIES:
+            costs = {o.name: self.cost(q, o.name) for o in self.orders[q]}
+            fitting = [n for n, c in costs.items() if self.fits(c)]
+            pool = fitting or [min(costs, key=lambda n: costs[n].memory)]
+            out[q] = min(pool, key=lambda n: costs[n].flops)
+        return out
+
+    def reason(self, quantity: str) -> str:
+        costs = {o.name: self.cost(quantity, o.name) for o in self.orders[quantity]}
+        chosen = self.choice[quantity]
+        over = [n for n, c in costs.items() if not self.fits(c)]
+        if not self.fits(costs[chosen]):
+            return f"{chosen}: no order fits the memory cap ({self.memory_cap / 2**30:.1f} GiB); least memory"
+        others = [c.flops for n, c in costs.items() if n != chosen and n not in over]
+        ratio = f", {min(others) / max(costs[chosen].flops, 1):.1f}x fewer flops than the next" if others else ""
+        capped = f"; over the memory cap: {', '.join(over)}" if over else ""
+        return f"{chosen}: cheapest that fits the memory cap{ratio}{capped}"
+
+    def __repr__(self) -> str:
+        s = self.spec
+        vals = self.values
+        lines = [f"term {s.name}:  {s.describe()}",
+                 f"  roles   {s.roles_line()}",
+                 "  sizes   " + "  ".join(f"{k}={v}" for k, v in self.sizes),
+                 "  classes " + "  ".join(f"{k}={vals[k]}" for k in (m, N_g, N_v, N_I, N_C))]
+        for q in QUANTITIES:
+            lines.append(f"  {q}:")
+            for o in self.orders[q]:
+                c = self.cost(q, o.name)
+                mark = "*" if self.choice[q] == o.name else " "
+                lines.append(f"   {mark} {o.name:<13} {c.flops:>11.3e} flop {c.memory * self.itemsize / 2**20:>10.1f} MiB"
+                             f"   = {sympy.factor(o.flops)}")
+                for step in o.steps:
+                    lines.append(f"        {step}")
+            lines.append(f"    chosen {self.reason(q)}")
+        return "\n".join(lines)
