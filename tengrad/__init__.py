@@ -1,0 +1,20 @@
+"""tengrad: TENGraD natural gradient with exact per-layer Woodbury solves, compiled from
+index-notation layer specs (see DESIGN.md and docs/api-contract.md)."""
+from tengrad_ir import LayerSpec
+
+from .compiled import CompiledLayer, ModulePlan
+from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
+from .layers import Term, register_layer, registered_layers
+
+
+def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)
+    """Compile ``module``'s spec into a plan with ``gram``, ``jvp``, ``vjp`` and ``jacobian``.
+
+    ``backend``: ``"torch"`` (reference, any device), ``"triton"`` (generated kernels, CUDA) or
+    ``"auto"``. ``memory_cap`` (bytes) bounds the extra memory of the chosen orders.
+    """
+    return CompiledLayer(module, backend=backend, **options)
+
+
+__all__ = ["compile", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
+           "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError"]

@@ -1,0 +1,1 @@
+"""Backends that execute a plan: ``torch`` (the reference, any device) and ``triton`` (generated kernels)."""

@@ -1,0 +1,17 @@
+"""Specs for torch.nn modules and the registry; ``register_layer`` adds a user's own layer."""
+from torch import nn
+
+from .conv import conv_terms
+from .embedding import embedding_terms
+from .linear import linear_terms
+from .norm import layer_norm_terms
+from .registry import factory_for, register_layer, registered_layers
+from .term import Term
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(_cls, conv_terms)
+register_layer(nn.Linear, linear_terms)
+register_layer(nn.LayerNorm, layer_norm_terms)
+register_layer(nn.Embedding, embedding_terms)
+
+__all__ = ["Term", "register_layer", "registered_layers", "factory_for"]

@@ -1,0 +1,19 @@
+"""TENGraD: exact per-layer (block-diagonal) natural gradient through the Woodbury identity.
+
+The paper's update (equation 4), per Fisher block (one module's trainable parameters), with m samples::
+
+    d = (F + a I)^-1 g = (1/a) (g - J^T (K + m a I)^-1 J g),     F = J^T J / m,  K = J J^T
+
+Files, one concept each:
+
+    capture.py    hooks keeping each layer's input x and per-sample output gradient gy
+    fisher.py     losses, Monte-Carlo labels and exact Gauss-Newton rows (which gy rows J is built from)
+    woodbury.py   the per-block curvature: K, its Cholesky factor, and the direction d
+    paths.py      per-layer choice between keeping x/gy ("reuse") and an explicit Jacobian
+    blocks.py     finding the blocks of a model (tengrad.compile per module)
+    optimizer.py  the TENGraD torch.optim.Optimizer
+"""
+from tengrad.optim.errors import TENGraDError
+from tengrad.optim.optimizer import TENGraD
+
+__all__ = ["TENGraD", "TENGraDError"]

@@ -1,0 +1,110 @@
+"""Hooks that keep what one Fisher block needs: the layer input x and its per-sample output gradients.
+
+For a batch of m samples and a mean-reduced loss L = (1/m) sum_i l_i, autograd hands the layer's output
+y (shape [m, ...]) the gradient ``grad = dL/dy = (1/m) dl_i/dy_i``; the per-sample output gradient is
+``gy = m * grad`` (DESIGN.md). The Jacobian row of sample i is then the gradient of <gy_i, module(x)_i>
+with respect to the block's parameters, which is what ``plan.gram / jvp / vjp`` take.
+
+Capture rules (documented in the optimizer too):
+
+* A forward call is recorded only when grad mode is on, ``module.training`` is true, the output requires
+  grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad forwards
+  between steps therefore never touch what is captured nor the stored curvature.
+* Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
+* The record holds ``x.detach()`` (no copy) and gets its gradients from a tensor hook on the output.
+  A tensor hook sees the gradient of the output as the layer produced it, even if a later op modifies
+  it in place (e.g. ``ReLU(inplace=True)``).
+* In the "gradient" phase (the ordinary ``loss.backward()``) the hook stores ``grad``; in the
+  "curvature" phase (extra backward passes run by ``TENGraD.backward`` for the Monte-Carlo or exact
+  Fisher, already per-sample) it appends ``grad`` to ``rows``.
+* Only forward calls whose output received a gradient count. If more than one call of the same module
+  received gradients since the last ``take`` (``opt.zero_grad()`` or ``opt.step()``), the module was
+  called twice in one forward (weight sharing) or gradients were accumulated over several backward
+  passes; ``take`` refuses both with an error naming the module, because one block's curvature needs
+  exactly one (x, gy) pair per sample.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tengrad.optim.errors import TENGraDError
+
+GRADIENT = "gradient"
+CURVATURE = "curvature"
+
+
+def _transformed(t: Tensor) -> bool:
+    """True inside torch.func transforms (vmap/grad): those calls are not the training forward."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+class Record:
+    """One forward call of a layer: input ``x`` [m, ...], ``grad`` (= dL/dy, [m, ...]) and ``rows``
+    (per-sample output gradients of the curvature passes, each [m, ...])."""
+
+    __slots__ = ("x", "grad", "rows")
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self.grad: Tensor | None = None
+        self.rows: list[Tensor] = []
+
+
+class LayerCapture:
+    """Forward hook plus output tensor hook on one module; see the module docstring for the rules.
+
+    ``armed()`` says whether the optimizer wants a record for its next step; ``phase()`` returns
+    GRADIENT or CURVATURE for the backward pass that is running.
+    """
+
+    def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
+                 phase: Callable[[], str]) -> None:
+        self.name = name
+        self.module = module
+        self._armed = armed
+        self._phase = phase
+        self._received: list[Record] = []
+        self._handle = module.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not (torch.is_grad_enabled() and module.training and self._armed()):
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
+            return
+        if not args or not isinstance(args[0], Tensor):
+            raise TENGraDError(f"layer {self.name!r} ({type(module).__name__}): TENGraD needs the "
+                               "layer input as the first positional argument of its forward")
+        record = Record(args[0].detach())
+        output.register_hook(partial(self._backward, record))
+
+    def _backward(self, record: Record, grad: Tensor) -> None:
+        if self._phase() == CURVATURE:
+            record.rows.append(grad.detach())
+        elif record.grad is None:
+            record.grad = grad.detach()
+        else:  # a second ordinary backward through the same graph (retain_graph): accumulate
+            record.grad = record.grad + grad.detach()
+        if not any(r is record for r in self._received):
+            self._received.append(record)
+
+    def take(self) -> Record | None:
+        """The record of the one call that received gradients since the last take/clear, or None."""
+        received, self._received = self._received, []
+        if len(received) > 1:
+            raise TENGraDError(
+                f"layer {self.name!r} ({type(self.module).__name__}) received output gradients from "
+                f"{len(received)} forward calls since the last zero_grad()/step(): it is called more "
+                "than once per forward (weight sharing) or gradients were accumulated over several "
+                "backward passes; TENGraD's per-layer curvature needs exactly one call per step")
+        return received[0] if received else None
+
+    def clear(self) -> None:
+        self._received = []
+
+    def remove(self) -> None:
+        self._handle.remove()

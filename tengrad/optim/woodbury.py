@@ -1,0 +1,114 @@
+"""The per-block Woodbury solve (paper, equation 4).
+
+For one block with r Jacobian rows R [r, P] from a batch of m samples (r = m, or m*C for the exact
+Fisher, see fisher.py), F = R^T R / m and, for a damping a > 0,
+
+    d = (F + a I)^-1 g = (1/a) (g - R^T (K + m a I)^-1 R g),        K = R R^T  [r, r]
+
+Check: (a I + R^T R / m)(1/a)(I - R^T (K + m a I)^-1 R)
+     = I + R^T [ I/m - (I + K/(m a)) (K + m a I)^-1 ] R / a = I.
+
+Two ways to hold R (``path``), chosen per layer in paths.py:
+
+* "reuse":    keep the layer input x [m, ...] and output gradients gy [r, ...]; K = plan.gram(x, gy),
+              R g = plan.jvp(x, gy, g), R^T u = plan.vjp(x, gy, u) (the paper's reuse, section 3.1).
+* "jacobian": keep R itself, from plan.jacobian(x, gy) flattened to [r, P]; K = R R^T and the products
+              are matrix-vector products.
+
+The Gram matrix, the factor and both products run in float32 at least (float64 when the parameters
+are float64), outside autocast. K + m a I is factored with torch.linalg.cholesky_ex; if that fails the
+factorisation is retried once with 10 a, and the block then uses 10 a throughout (both the factor and
+the 1/a), so d stays the exact damped inverse for the damping it reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tengrad.optim.errors import TENGraDError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; anything narrower (bf16, fp16, fp32) is computed in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class BlockCurvature:
+    """What one block keeps from its curvature batch (all tensors detached, in the compute dtype).
+
+    x: layer input [r, ...] (reuse path) or None; gy: per-sample output gradients [r, ...] or None;
+    jac: R [r, P] (jacobian path) or None; gram: K [r, r]; chol: L with L L^T = K + m a I;
+    m: batch size; damping: the a in ``chol`` (10x ``requested`` after a retry); requested: the
+    damping asked for when ``chol`` was made (a later change of the group's damping refactors K).
+    """
+
+    path: str
+    x: Tensor | None
+    gy: Tensor | None
+    jac: Tensor | None
+    gram: Tensor
+    chol: Tensor
+    m: int
+    damping: float
+    requested: float
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        return {"x": self.x, "gy": self.gy, "jac": self.jac, "gram": self.gram, "chol": self.chol}
+
+
+def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, float]:
+    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer."""
+    if not torch.isfinite(gram).all():
+        raise TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for a in (damping, 10.0 * damping):
+        chol, info = torch.linalg.cholesky_ex(gram + (m * a) * eye)
+        if int(info) == 0:
+            return chol, a
+    raise TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
+                       f"(damping={damping}, m={m}); increase the damping")
+
+
+def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer: str) -> BlockCurvature:
+    """The curvature of one block from x [m, ...] (already repeated to r rows) and gy [r, ...]."""
+    if path == "jacobian":
+        jac = torch.cat([j.reshape(j.shape[0], -1) for j in plan.jacobian(x, gy)], dim=1)
+        gram = jac @ jac.T
+        x, gy = None, None
+    else:
+        jac = None
+        gram = plan.gram(x, gy)
+    chol, a = factor(gram, m, damping, layer)
+    return BlockCurvature(path, x, gy, jac, gram, chol, m, a, damping)
+
+
+def redamp(curv: BlockCurvature, damping: float, layer: str) -> BlockCurvature:
+    """The same curvature refactored for a new damping (an r x r Cholesky, no pass over the layer)."""
+    chol, a = factor(curv.gram, curv.m, damping, layer)
+    return replace(curv, chol=chol, damping=a, requested=damping)
+
+
+def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> list[Tensor]:
+    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype)."""
+    if curv.path == "jacobian":
+        flat = torch.cat([t.reshape(-1) for t in g])
+        rg = curv.jac @ flat                                         # [r]
+    else:
+        rg = plan.jvp(curv.x, curv.gy, list(g))                      # [r]
+    u = torch.cholesky_solve(rg.reshape(-1, 1).to(curv.chol.dtype), curv.chol).reshape(-1)
+    if curv.path == "jacobian":
+        flat_back = curv.jac.T @ u
+        back, start = [], 0
+        for t in g:
+            back.append(flat_back[start:start + t.numel()].reshape(t.shape))
+            start += t.numel()
+    else:
+        back = plan.vjp(curv.x, curv.gy, u)
+    d = [(gi - bi.to(gi.dtype)) / curv.damping for gi, bi in zip(g, back)]
+    if not all(torch.isfinite(t).all() for t in d):
+        raise TENGraDError(f"layer {layer!r}: the preconditioned direction has non-finite entries")
+    return d
