@@ -4,7 +4,8 @@ Sizes are per role class (paper, Corollary 2): ``m`` samples, ``N_g`` group, ``N
 ``N_I`` independent and ``N_C`` common. The unfolding-aware order ``factored_raw`` splits the
 independent indices into those of the raw input ``N_Ir`` (e.g. ci) and those that only appear in
 index maps ``N_K`` (kh kw), the common ones into mapped and unmapped ``N_Cu``, and uses the padded
-extent ``N_P`` of the mapped raw input indices (ih iw).
+extent ``N_P`` of the mapped raw input indices (ih iw) that the maps read inside the input
+(zero padding costs nothing: R is computed on the input and padded afterwards).
 
 Gram orders (K = J J^T):
 

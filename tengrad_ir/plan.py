@@ -35,17 +35,17 @@ def class_sizes(spec: LayerSpec, sizes: dict[str, int]) -> dict[sympy.Symbol, in
         raise SpecError(f"{spec.name}: no size for index {missing[0]!r}")
     prod = lambda idx: math.prod(sizes[i] for i in idx)  # noqa: E731
     mapped_vars = {v for mp in spec.maps for v in mp.variables}
-    padded = 1
+    read = 1  # raw positions the maps read inside [0, N): R is computed there, padding is free
     for mp in spec.maps:
         low, high = mp.extent(sizes)
-        padded *= high - low + 1
+        read *= max(0, min(high, sizes[mp.target] - 1) - max(low, 0) + 1)
     return {
         m: sizes[spec.batch], N_g: prod(spec.indices("group")), N_v: prod(spec.indices("free")),
         N_I: prod(spec.indices("independent")), N_C: prod(spec.indices("common")),
         N_Ir: prod(i for i in spec.indices("independent") if i not in mapped_vars),
         N_K: prod(i for i in spec.indices("independent") if i in mapped_vars),
         N_Cu: prod(i for i in spec.indices("common") if i not in mapped_vars),
-        N_P: padded,
+        N_P: max(read, 1),
     }
 
 
