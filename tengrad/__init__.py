@@ -5,6 +5,7 @@ from tengrad_ir import LayerSpec
 from .compiled import CompiledLayer, ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
+from .optim import TENGraD
 
 
 def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)
@@ -16,5 +17,5 @@ def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa
     return CompiledLayer(module, backend=backend, **options)
 
 
-__all__ = ["compile", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
+__all__ = ["compile", "TENGraD", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
            "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError"]

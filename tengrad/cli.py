@@ -1,0 +1,84 @@
+"""The ``tengrad`` command line: ``explain`` prints a layer's plan, ``demo`` trains 3C1F.
+
+    tengrad explain "nn.Conv2d(128, 128, 3, padding=1)" --input 128,128,28,28
+    tengrad explain "nn.Linear(1024, 1024)" --input 128,1024 --batch 8,32,128,512
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+import tengrad
+
+
+def build_module(text: str) -> nn.Module:
+    """Evaluate a module expression such as ``"nn.Conv2d(3, 8, 3)"`` with only ``nn`` in scope."""
+    try:
+        module = eval(text, {"__builtins__": {}}, {"nn": nn, "torch": torch})  # noqa: S307 (the user's own CLI input)
+    except Exception as exc:  # any error in the user's expression is reported, not raised
+        raise SystemExit(f"tengrad explain: cannot build {text!r}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise SystemExit(f"tengrad explain: {text!r} is not an nn.Module")
+    return module
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 128,3,28,28") from None
+
+
+def explain(args) -> int:
+    module = build_module(args.module)
+    dtype = getattr(torch, args.dtype)
+    plan = tengrad.compile(module, backend="triton" if args.triton else "torch", memory_cap=int(args.memory_cap * 2**30))
+    is_ids = isinstance(module, nn.Embedding)
+    module.to(dtype if not is_ids else torch.float32)
+
+    def sized(m: int):
+        shape = (m, *args.input[1:])
+        x = torch.empty(shape, dtype=torch.long if is_ids else dtype, device="meta")
+        return plan.sized(shape, plan._expected_output_shape(x), dtype)
+
+    batches = args.batch or [args.input[0]]
+    if len(batches) > 1:
+        print(f"gram order by batch size for {module} on input (m, {', '.join(map(str, args.input[1:]))}):")
+        names = plan.orders("gram")
+        print(f"  {'m':>6}  " + "  ".join(f"{n:>14}" for n in names) + "   chosen")
+        for m in batches:
+            sp = sized(m)
+            print(f"  {m:>6}  " + "  ".join(f"{sp.cost('gram', n).flops:>14.3e}" for n in names)
+                  + f"   {sp.choice['gram']}")
+        print()
+    print(sized(batches[-1] if args.batch else args.input[0]))
+    if args.triton:
+        print(plan.source())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tengrad", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("explain", help="print the plan of a layer: roles, equations, orders, costs, choice")
+    ex.add_argument("module", help='a module expression, e.g. "nn.Conv2d(128, 128, 3, padding=1)"')
+    ex.add_argument("--input", type=_shape, required=True, help="input shape with batch, e.g. 128,128,28,28")
+    ex.add_argument("--batch", type=lambda s: list(_shape(s)), help="batch sizes to compare, e.g. 8,32,128")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    ex.add_argument("--memory-cap", type=float, default=4.0, help="GiB of extra memory an order may use")
+    ex.add_argument("--triton", action="store_true", help="also print the generated Triton source")
+    demo = sub.add_parser("demo", help="train 3C1F with SGD and TENGraD side by side", add_help=False)
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "explain":
+        return explain(args)
+    from tengrad.demo import main as demo_main
+    return demo_main(args.rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
