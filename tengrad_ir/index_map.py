@@ -8,6 +8,7 @@ strided view of the (padded) input; the offset is any integer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import sympy
 
@@ -59,15 +60,16 @@ class IndexMap:
                               offset)
         return IndexMap(target, canonical)
 
-    @property
+    # Plain integers, computed once: the hot path never touches sympy.
+    @cached_property
     def coeffs(self) -> dict[str, int]:
         return {str(v): int(self.expr.coeff(v)) for v in sorted(self.expr.free_symbols, key=str)}
 
-    @property
+    @cached_property
     def offset(self) -> int:
         return int(self.expr.subs({v: 0 for v in self.expr.free_symbols}))
 
-    @property
+    @cached_property
     def variables(self) -> tuple[str, ...]:
         return tuple(self.coeffs)
 

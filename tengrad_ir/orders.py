@@ -28,6 +28,7 @@ twice; ``flops`` (what the choice uses) forms it once.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -73,6 +74,7 @@ class ConvGeometry:
     offset: tuple[int, ...]
 
 
+@functools.lru_cache(maxsize=None)
 def conv_geometry(spec: LayerSpec) -> ConvGeometry | None:
     """The convolution form of the spec's maps, or None when they are not one (1 to 3 spatial dims,
     each map ``s*o + d*k + c`` with o common and k independent, no common index outside the maps)."""
@@ -112,6 +114,7 @@ def _flops(e: Einsum) -> sympy.Expr:
     return e.flops(class_size)
 
 
+@functools.lru_cache(maxsize=None)
 def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
     """Every valid evaluation order of each quantity, in a fixed order of preference for ties."""
     d = derive(spec, collapse=True)
