@@ -29,7 +29,7 @@ class Block:
     capture: LayerCapture | None = None
     curv: BlockCurvature | None = None
     choice: PathChoice | None = None
-    history: list[str] = field(default_factory=list)
+    choices: dict[tuple, PathChoice] = field(default_factory=dict)   # by (x.shape, gy.shape)
 
     @property
     def numel(self) -> int:

@@ -160,8 +160,11 @@ class TENGraD(torch.optim.Optimizer):
             reps = gy.shape[0] // m
             if reps > 1:
                 x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
-        b.choice = paths.choose(b.plan, x.shape, gy.shape, b.numel, self.update_freq,
-                                self.max_jacobian_numel)
+        key = (tuple(x.shape), tuple(gy.shape))
+        if key not in b.choices:          # pricing runs the cost model: once per block and sizes
+            b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, self.update_freq,
+                                          self.max_jacobian_numel)
+        b.choice = b.choices[key]
         return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name)
 
     @torch.no_grad()
