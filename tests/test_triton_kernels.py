@@ -179,3 +179,15 @@ def test_float64_accumulates_in_float64():
     k = t.gram("factored")
     assert k.dtype == torch.float64
     assert rel(k, ref64.gram("direct")) <= 1e-10
+
+
+def test_direct_orders_with_several_sample_tiles():
+    """m = 37 spans three 16-row tiles: the symmetric (upper-tile) J J^T and the J p / J^T u GEMMs."""
+    _, _, _, runs = term_runs(lambda: nn.Linear(5, 3, bias=False), (37, 5))
+    ref, _ = runs[0]
+    t = TritonTermRun(ref.spec, ref.sizes, ref.x, ref.g)
+    p, u = torch.randn(3, 5), torch.randn(37)
+    assert rel(t.gram("direct"), ref.gram("direct")) <= TOL
+    assert rel(t.jvp(p, "direct"), ref.jvp(p, "direct")) <= TOL
+    assert rel(t.vjp(u, "direct"), ref.vjp(u, "direct")) <= TOL
+    assert rel(t.vjp(u, "weight_grad"), ref.vjp(u, "direct")) <= TOL

@@ -1,6 +1,7 @@
 """Autotune configs for the generated kernels, chosen from a term's sizes.
 
-Block sizes are powers of two of at least 16 (``tl.dot``'s minimum) and at most the next power of
+GEMM tiles are square (BLOCK_M == BLOCK_N) so that the symmetric J J^T can skip tiles below
+the diagonal. Block sizes are powers of two of at least 16 (``tl.dot``'s minimum) and at most the next power of
 two of the class they tile, so a tiny class never gets a huge tile. Under the interpreter
 (``TRITON_INTERPRET=1``) every kernel gets exactly one config, so nothing is benchmarked.
 """

@@ -4,7 +4,7 @@ Same constructor and methods as ``tengrad.codegen.torch_backend.TermRun`` (the r
 kernel is tested against)::
 
     jacobian()        J[n, param...]        jacobian_kernel (implicit-unfold GEMM per sample)
-    gram("direct")    K = J J^T             jacobian_kernel, then gemm_nt_kernel (split-K)
+    gram("direct")    K = J J^T             jacobian_kernel, then gemm_nt_kernel (split-K, upper tiles)
     gram("factored")  K = sum C1 * C2       gram_factored_kernel (covariance tiles on chip)
     gram("factored_raw")                    delegates to the factored kernel (same K; the raw-input
                                             covariance order has no kernel of its own yet)
@@ -109,11 +109,12 @@ class TritonTermRun:
                 WEIGHTED=True)
         return out
 
-    def _gemm_nt(self, a, b, M, N, K, s_a, s_b) -> torch.Tensor:
+    def _gemm_nt(self, a, b, M, N, K, s_a, s_b, symmetric: bool = False) -> torch.Tensor:
         """C[M, N] = A B^T with A[a, k] at a*s_a[0] + k*s_a[1] and B[b, k] at b*s_b[0] + k*s_b[1]."""
         c = self._zeros(M, N)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _launch(self.kernels.gemm_nt_kernel, grid, a, b, c, M, N, K, s_a[0], s_a[1], s_b[0], s_b[1], N, 1)
+        _launch(self.kernels.gemm_nt_kernel, grid, a, b, c, M, N, K, s_a[0], s_a[1], s_b[0], s_b[1], N, 1,
+                SYMMETRIC=symmetric)
         return c
 
     def _gram_factored(self) -> torch.Tensor:
@@ -139,7 +140,7 @@ class TritonTermRun:
         if order == "direct":
             j = self._jacobian_acc()
             return self._gemm_nt(j, j, self.m, self.m, self.n_params, (self.n_params, 1),
-                                 (self.n_params, 1)).to(self.dtype)
+                                 (self.n_params, 1), symmetric=True).to(self.dtype)
         if order in ("factored", "factored_raw"):
             return self._gram_factored().to(self.dtype)
         raise KeyError(f"{self.spec.name}: unknown gram order {order!r}; valid: {ORDERS['gram']}")
