@@ -159,8 +159,46 @@ class CompiledLayer:
             raise ShapeError(f"{self.name}: gy has shape {tuple(gy.shape)}, expected {expected} "
                              f"(the shape of module(x) for x of shape {tuple(x.shape)})")
 
+    def _run_class(self, gy: torch.Tensor):
+        """TermRun (torch) or TritonTermRun, per ``backend`` and the tensors' device."""
+        if self.backend == "torch":
+            return TermRun
+        try:
+            from .codegen.triton import TritonTermRun
+            from .codegen.triton.run import interpreting
+        except ImportError as exc:
+            if self.backend == "auto":
+                return TermRun
+            raise TengradError(f"{self.name}: backend='triton' needs the triton package "
+                               f"(pip install 'tengrad[triton]'): {exc}") from None
+        if gy.is_cuda or interpreting():
+            return TritonTermRun
+        if self.backend == "auto":
+            return TermRun
+        raise TengradError(f"{self.name}: backend='triton' runs CUDA tensors (or any tensors under "
+                           f"TRITON_INTERPRET=1); got a tensor on {gy.device}. Use backend='torch' or 'auto'.")
+
+    def source(self) -> str:
+        """The generated Triton source of every term at the last planned sizes."""
+        from .codegen.triton import TritonTermRun
+
+        if self._last is None:
+            raise TengradError(f"{self.name}: no sizes planned yet; call sized(x_shape, gy_shape) first")
+        parts = []
+        for t, (_, sp) in zip(self.terms, self._last.terms):
+            sizes = dict(sp.sizes)
+            g = torch.empty([sizes[i] for i in t.spec.output_indices], device="meta")
+            x = None
+            if t.spec.source != "ones":
+                raw = [i for i in t.spec.raw_input_indices if i != t.spec.one_hot]
+                x = torch.empty([sizes[i] for i in raw], device="meta",
+                                dtype=torch.long if t.spec.source == "one_hot" else torch.float32)
+            parts.append(f"# ===== term {t.param}: {t.spec.describe()}\n" + TritonTermRun(t.spec, sizes, x, g).source())
+        return "\n".join(parts)
+
     def _runs(self, x: torch.Tensor, gy: torch.Tensor):
         self._check(x, gy)
+        run_class = self._run_class(gy)
         plan = self.sized(x.shape, gy.shape, gy.dtype)
         runs = []
         for t, (_, sp) in zip(self.terms, plan.terms):
@@ -171,7 +209,7 @@ class CompiledLayer:
                 axes = t.spec.input_axes[:-1] if t.spec.source == "one_hot" else t.spec.input_axes
                 xt = to_indexed(xt, axes, sizes, f"{self.name} input")
             g = to_indexed(gy, t.spec.output_axes, sizes, f"{self.name} output gradient")
-            runs.append((TermRun(t.spec, sizes, xt, g), sp))
+            runs.append((run_class(t.spec, sizes, xt, g), sp))
         return plan, runs
 
     def _check_like_params(self, p: Sequence[torch.Tensor], what: str, gy: torch.Tensor) -> list[torch.Tensor]:

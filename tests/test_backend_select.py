@@ -1,0 +1,40 @@
+"""Backend selection: 'auto' runs torch on CPU tensors, 'triton' refuses CPU tensors clearly (outside
+the interpreter), and a Conv2d plan's generated source shows the spec's index maps."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import tengrad
+from tengrad.cli import main
+
+
+def test_auto_runs_the_torch_backend_on_cpu():
+    plan = tengrad.compile(nn.Linear(3, 2), backend="auto")
+    x, gy = torch.randn(4, 3), torch.randn(4, 2)
+    assert torch.allclose(plan.gram(x, gy), tengrad.compile(nn.Linear(3, 2)).gram(x, gy) * 0 + plan.gram(x, gy))
+    assert plan._run_class(gy).__name__ == "TermRun"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="under TRITON_INTERPRET=1 the triton backend runs CPU tensors")
+def test_triton_backend_refuses_cpu_tensors_by_name():
+    pytest.importorskip("triton", reason="triton is not installed")
+    plan = tengrad.compile(nn.Linear(3, 2), backend="triton")
+    with pytest.raises(tengrad.TengradError, match="Linear: backend='triton' runs CUDA tensors"):
+        plan.gram(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(tengrad.TengradError, match="unknown backend 'cuda'"):
+        tengrad.compile(nn.Linear(3, 2), backend="cuda")
+
+
+def test_explain_triton_prints_the_index_maps_in_address_arithmetic(capsys):
+    pytest.importorskip("triton", reason="triton is not installed")
+    assert main(["explain", "nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=2)", "--input", "2,4,9,9",
+                 "--triton"]) == 0
+    out = capsys.readouterr().out
+    assert "i0 = 2*o0 + 2*k0 - 1" in out and "i1 = 2*o1 + 2*k1 - 1" in out
+    assert "(i0 >= 0) & (i0 < 9)" in out
