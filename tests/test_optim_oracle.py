@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from optim_standin import standin_compile  # noqa: F401  (autouse fixture)
 from tengrad.optim import TENGraD
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -57,6 +56,8 @@ class TokenNet(nn.Module):
 def make_batch(kind: str, m: int, loss: str, gen: torch.Generator, dtype=torch.float64):
     if kind == "conv":
         x = torch.randn(m, 4, 5, 5, generator=gen, dtype=dtype)
+    elif kind == "mlp":
+        x = torch.randn(m, 5, generator=gen, dtype=dtype)
     else:
         x = torch.randint(0, 10, (m, 7), generator=gen)
     if loss == "cross_entropy":
@@ -68,7 +69,10 @@ def make_batch(kind: str, m: int, loss: str, gen: torch.Generator, dtype=torch.f
 
 def make_model(kind: str, dtype=torch.float64, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = ConvSeqNet() if kind == "conv" else TokenNet()
+    if kind == "mlp":   # an in-place activation right after a layer output
+        model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    else:
+        model = ConvSeqNet() if kind == "conv" else TokenNet()
     return model.to(dtype)
 
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optim_standin import standin_compile  # noqa: F401  (autouse fixture)
 from tengrad.optim import TENGraD
 
 

@@ -33,6 +33,11 @@ from torch import Tensor, nn
 
 from tengrad.optim.errors import TENGraDError
 
+try:
+    from torch.autograd.graph import get_gradient_edge
+except ImportError:  # pragma: no cover - torch < 2.3
+    get_gradient_edge = None
+
 GRADIENT = "gradient"
 CURVATURE = "curvature"
 
@@ -63,12 +68,14 @@ class LayerCapture:
     """
 
     def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
-                 phase: Callable[[], str]) -> None:
+                 phase: Callable[[], str], keep_edges: bool = False) -> None:
         self.name = name
         self.module = module
         self._armed = armed
         self._phase = phase
+        self._keep_edges = keep_edges and get_gradient_edge is not None
         self._received: list[Record] = []
+        self._edges: list = []
         self._handle = module.register_forward_hook(self._forward)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -81,6 +88,8 @@ class LayerCapture:
                                "layer input as the first positional argument of its forward")
         record = Record(args[0].detach())
         output.register_hook(partial(self._backward, record))
+        if self._keep_edges:
+            self._edges.append(get_gradient_edge(output))
 
     def _backward(self, record: Record, grad: Tensor) -> None:
         if self._phase() == CURVATURE:
@@ -94,7 +103,7 @@ class LayerCapture:
 
     def take(self) -> Record | None:
         """The record of the one call that received gradients since the last take/clear, or None."""
-        received, self._received = self._received, []
+        received, self._received, self._edges = self._received, [], []
         if len(received) > 1:
             raise TENGraDError(
                 f"layer {self.name!r} ({type(self.module).__name__}) received output gradients from "
@@ -103,8 +112,17 @@ class LayerCapture:
                 "backward passes; TENGraD's per-layer curvature needs exactly one call per step")
         return received[0] if received else None
 
+    def edges(self) -> list:
+        """Gradient edges of the recorded outputs (kept only with ``keep_edges``), taken at forward
+        time, so they point at the output as the layer produced it even after in-place ops."""
+        return list(self._edges)
+
     def clear(self) -> None:
         self._received = []
+        self._edges = []
+
+    def clear_edges(self) -> None:
+        self._edges = []
 
     def remove(self) -> None:
         self._handle.remove()

@@ -60,15 +60,16 @@ def resolve_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> tuple[str, C
 def sample_labels(out: Tensor, loss: str, generator: torch.Generator | None = None) -> Tensor:
     """Labels from the model's predictive distribution (see the module docstring)."""
     out = _work(out)
+    draw_on = out.device if generator is None else generator.device   # a generator samples on its device
     if loss == "cross_entropy":
         probs = torch.softmax(out, dim=1).movedim(1, -1)           # [m, ..., C]
-        flat = probs.reshape(-1, probs.shape[-1])
-        idx = torch.multinomial(flat, 1, generator=generator)
+        flat = probs.reshape(-1, probs.shape[-1]).to(draw_on)
+        idx = torch.multinomial(flat, 1, generator=generator).to(out.device)
         return idx.reshape(probs.shape[:-1])                        # [m, ...]
     if loss == "mse":
         c = out[0].numel()
-        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        return out + math.sqrt(c / 2) * noise
+        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=draw_on)
+        return out + math.sqrt(c / 2) * noise.to(out.device)
     raise TENGraDError(f"fisher='mc' needs loss 'cross_entropy' or 'mse', got {loss!r}")
 
 

@@ -86,7 +86,8 @@ class TENGraD(torch.optim.Optimizer):
         self._opt_backward = False
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
         for b in self.blocks:
-            b.capture = LayerCapture(b.name, b.module, self._curvature_due, lambda: self._phase)
+            b.capture = LayerCapture(b.name, b.module, self._curvature_due, lambda: self._phase,
+                                     keep_edges=fisher != "empirical")
         if self.fallback:
             names = ", ".join(n for n, _ in self.fallback)
             reasons = "; ".join(f"{k}: {v}" for k, v in self.fallback_why.items())
@@ -111,7 +112,7 @@ class TENGraD(torch.optim.Optimizer):
         The loss gradient (true labels ``y``) always goes into ``param.grad``. When curvature is due,
         "mc" adds one backward with labels drawn from the model (``generator`` or the optimizer's,
         kept in ``opt.last_labels``) and "exact" one backward per output unit (fisher.py); those extra
-        passes only feed the layer captures (their parameter gradients are discarded).
+        passes only feed the layer captures (they stop at the layer outputs: no weight gradients).
         """
         name, loss_fn = fisher_mod.resolve_loss(loss)
         if self.fisher != "empirical" and callable(loss):
@@ -123,13 +124,18 @@ class TENGraD(torch.optim.Optimizer):
                 vs = fisher_mod.mc_grad_outputs(out, loss_fn, self.last_labels)
             else:
                 vs = fisher_mod.exact_grad_outputs(out, name)
-            inputs = [p for b in self.blocks for p in b.params]
+            # differentiate w.r.t. the layer outputs' gradient edges: the hooks see gy, and no
+            # weight gradient is computed (parameters are the fallback on torch without edges)
+            inputs = [e for b in self.blocks for e in b.capture.edges()]
+            inputs = inputs or [p for b in self.blocks for p in b.params]
             self._phase = CURVATURE
             try:
                 for v in vs:
                     torch.autograd.grad(out, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
             finally:
                 self._phase = GRADIENT
+                for b in self.blocks:
+                    b.capture.clear_edges()
         value.backward()
         self._opt_backward = True
         return value.detach()
