@@ -1,7 +1,7 @@
 """Plans for concrete sizes: evaluate every order's closed-form cost and choose the cheapest.
 
 The choice per quantity is the order with the fewest FLOPs among those whose peak extra memory
-fits ``memory_cap`` bytes; when none fits, the one with the least memory (and the plan says so).
+fits ``memory_cap`` bytes (equal FLOPs: the one with less memory); when none fits, the one with the least memory (and the plan says so).
 ``repr(plan)`` reads like opt_einsum's ``PathInfo``.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ class SizedPlan:
             costs = {o.name: self.cost(q, o.name) for o in self.orders[q]}
             fitting = [n for n, c in costs.items() if self.fits(c)]
             pool = fitting or [min(costs, key=lambda n: costs[n].memory)]
-            out[q] = min(pool, key=lambda n: costs[n].flops)
+            out[q] = min(pool, key=lambda n: (costs[n].flops, costs[n].memory))
         return out
 
     def reason(self, quantity: str) -> str:

@@ -8,21 +8,33 @@ strides ``s * stride(ih)`` for ``oh`` and ``d * stride(ih)`` for ``kh``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tengrad_ir import LayerSpec
 
 
 def window(x: torch.Tensor, indices: tuple[str, ...], spec: LayerSpec, sizes: dict[str, int],
            primed: bool = False) -> torch.Tensor:
-    """``x`` (one dim per index) padded or cropped along every mapped index to its map's extent."""
+    """``x`` (one dim per index) padded or cropped along every mapped index to its map's extent.
+
+    One allocation and one copy: the part of ``x`` inside every window is copied into zeros.
+    """
+    shape, dst, src = list(x.shape), [slice(None)] * x.dim(), [slice(None)] * x.dim()
     for mp in spec.maps:
         dim = indices.index(mp.target + ("'" if primed else ""))
         low, high = mp.extent(sizes)
-        pads = (-low, high - (x.shape[dim] - 1))
-        if pads != (0, 0):
-            x = F.pad(x.movedim(dim, -1), pads).movedim(-1, dim)
-    return x.contiguous()
+        n = x.shape[dim]
+        shape[dim] = high - low + 1
+        first, last = max(low, 0), min(high, n - 1)  # the input positions inside the window
+        if last < first:
+            dst[dim] = src[dim] = slice(0, 0)
+        else:
+            src[dim] = slice(first, last + 1)
+            dst[dim] = slice(first - low, last - low + 1)
+    if shape == list(x.shape) and all(s == slice(None) or s == slice(0, x.shape[d]) for d, s in enumerate(src)):
+        return x.contiguous()
+    out = x.new_zeros(shape)
+    out[tuple(dst)] = x[tuple(src)]
+    return out
 
 
 def strided_unfold(xw: torch.Tensor, indices: tuple[str, ...], out_indices: tuple[str, ...],
