@@ -113,6 +113,24 @@ def test_eval_and_no_grad_forwards_do_not_touch_curvature(fisher):
         assert torch.equal(results[0][n], results[1][n]), n
 
 
+def test_kept_input_does_not_alias_a_refilled_batch_buffer():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (4,), generator=gen))
+               for _ in range(3)]
+    base = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    results = []
+    for refill in (False, True):
+        model = copy.deepcopy(base)
+        opt = TENGraD(model, 0.1, 0.5, update_freq=3, max_jacobian_numel=0)
+        buffer = torch.empty(4, 3, dtype=torch.float64)
+        for x, y in batches:
+            if refill:
+                x = buffer.copy_(x)                    # a loader that reuses one input buffer
+            step_plain(model, opt, x, y)
+        results.append(snapshot(model))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()

@@ -17,8 +17,8 @@ Decisions:
 * Capture (capture.py): only forwards with grad enabled, ``module.training`` true, and curvature due for
   the next step are recorded; eval-mode or no_grad forwards never touch the captured batch or the stored
   curvature. Curvature comes from the backward passes since the last ``zero_grad()``/``step()``.
-* Weight sharing: a module called more than once in a forward is refused at the next ``step()`` (or
-  ``opt.backward``) with an error naming it; a parameter shared by several modules (tied weights) makes
+* Weight sharing: a module called more than once in a forward is refused at the next curvature
+  ``step()`` with an error naming it; a parameter shared by several modules (tied weights) makes
   those modules fall back to d = g / a, with a warning.
 * update_freq k: steps 0, k, 2k, ... are curvature steps (K, its Cholesky factor and R from that batch are
   kept); the other steps apply the kept curvature to their fresh gradient. A change of the group's
@@ -54,6 +54,14 @@ class TENGraD(torch.optim.Optimizer):
     Any Fisher (``fisher`` in "empirical", "mc", "exact")::
 
         out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss="cross_entropy"); opt.step()
+
+    Args: ``lr``, ``damping`` (a), ``momentum``, ``weight_decay`` (coupled) live in the single param
+    group and may be changed between steps. ``update_freq`` k: curvature every k steps. ``fisher``:
+    "empirical", "mc" (one extra backward with sampled labels; ``generator`` makes them reproducible,
+    ``opt.last_labels`` holds them) or "exact" (one extra backward per output unit). ``backend`` goes
+    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: KFAC-style step clipping.
+    ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
+    ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
     """
 
     def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float = 0.9,
@@ -171,6 +179,8 @@ class TENGraD(torch.optim.Optimizer):
             b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, self.update_freq,
                                           self.max_jacobian_numel)
         b.choice = b.choices[key]
+        if self.update_freq > 1 and b.choice.path == paths.REUSE and x is rec.x:
+            x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
         return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name)
 
     @torch.no_grad()
@@ -274,6 +284,11 @@ class TENGraD(torch.optim.Optimizer):
                 b.choice = paths.PathChoice(*c["choice"])
         if extra.get("generator") is not None and self.generator is not None:
             self.generator.set_state(extra["generator"])
+
+    def remove_hooks(self) -> None:
+        """Detach this optimizer's forward hooks from the model (it can no longer capture curvature)."""
+        for b in self.blocks:
+            b.capture.remove()
 
     # ------------------------------------------------------------------ printing
     def explain(self) -> str:
