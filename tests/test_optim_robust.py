@@ -39,27 +39,29 @@ def test_float32_matches_float64_oracle():
     run_against_oracle("conv", "empirical", "cross_entropy", k=2, sizes=[6, 4, 5], model=model, tol=1e-4)
 
 
-def test_bf16_autocast_runs_gram_and_solve_in_float32():
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
+def test_bf16_autocast_runs_gram_and_solve_in_float32(fisher):
     base = make_model("conv", dtype=torch.float32)
     x, y = make_batch("conv", 8, "cross_entropy", torch.Generator().manual_seed(0), dtype=torch.float32)
     moves = {}
     for mode in ("fp32", "bf16"):
         model = copy.deepcopy(base)
-        opt = quiet(TENGraD, model, 0.1, 0.5, momentum=0.0)
+        opt = quiet(TENGraD, model, 0.1, 0.5, momentum=0.0, fisher=fisher,
+                    generator=torch.Generator().manual_seed(1))
         before = snapshot(model)
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
             out = model(x)
         if mode == "bf16":
             assert out.dtype == torch.bfloat16
-        F.cross_entropy(out.float(), y).backward()
+        opt.backward(out, y, loss="cross_entropy")
         opt.step()
         for b in opt.blocks:
             assert b.curv.gram.dtype == torch.float32 and b.curv.chol.dtype == torch.float32
         moves[mode] = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()])
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert torch.isfinite(moves["bf16"]).all()
-    assert rel_err(moves["bf16"], moves["fp32"]) < 0.1
+    assert rel_err(moves["bf16"], moves["fp32"]) < 0.15        # bf16 forward/backward, fp32 solve
 
 
 # ---------------------------------------------------------------- frozen parameters

@@ -6,7 +6,7 @@ Fisher, see fisher.py), F = R^T R / m and, for a damping a > 0,
     d = (F + a I)^-1 g = (1/a) (g - R^T (K + m a I)^-1 R g),        K = R R^T  [r, r]
 
 Check: (a I + R^T R / m)(1/a)(I - R^T (K + m a I)^-1 R)
-     = I + R^T [ I/m - (I + K/(m a)) (K + m a I)^-1 ] R / a = I.
+     = I + R^T [ I/(m a) - (I + K/(m a)) (K + m a I)^-1 ] R = I,   as I + K/(m a) = (K + m a I)/(m a).
 
 Two ways to hold R (``path``), chosen per layer in paths.py:
 
