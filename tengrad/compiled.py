@@ -171,9 +171,9 @@ class CompiledLayer:
                 return TermRun
             raise TengradError(f"{self.name}: backend='triton' needs the triton package "
                                f"(pip install 'tengrad[triton]'): {exc}") from None
-        if gy.is_cuda or interpreting():
+        if gy.is_cuda or (self.backend == "triton" and interpreting()):
             return TritonTermRun
-        if self.backend == "auto":
+        if self.backend == "auto":  # triton for CUDA tensors only, even under TRITON_INTERPRET=1
             return TermRun
         raise TengradError(f"{self.name}: backend='triton' runs CUDA tensors (or any tensors under "
                            f"TRITON_INTERPRET=1); got a tensor on {gy.device}. Use backend='torch' or 'auto'.")
