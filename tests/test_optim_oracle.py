@@ -194,8 +194,11 @@ def test_one_step_matches_dense_oracle(kind, fisher, loss):
     run_against_oracle(kind, fisher, loss, k=1, sizes=[5, 3])
 
 
-@pytest.mark.parametrize("path", ["auto", "reuse"])
-@pytest.mark.parametrize("kind,fisher,loss", CASES, ids=["-".join(c) for c in CASES])
+# every case on the path the cost model picks, and the cross_entropy cases again on the reuse path
+FREQ_CASES = [c + ("auto",) for c in CASES] + [c + ("reuse",) for c in CASES if c[2] == "cross_entropy"]
+
+
+@pytest.mark.parametrize("kind,fisher,loss,path", FREQ_CASES, ids=["-".join(c) for c in FREQ_CASES])
 def test_update_freq_reuses_stored_batch(kind, fisher, loss, path):
     # steps 2..3 use the Fisher of step 1's batch; batch sizes change, and m = 1 is a curvature step.
     # path "reuse" forbids explicit Jacobians (memory cap 0), so x/gy and plan.jvp/vjp are exercised.
