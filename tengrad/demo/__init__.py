@@ -8,6 +8,7 @@ prints a final table. Without Fashion-MNIST it falls back to scikit-learn's digi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: Fashion-MNIST when installed, else scikit-learn's digits")
     d.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
                    "(default: /usr/share/datasets/fashion-mnist)")
-    d.add_argument("--train-subset", type=int, default=6000, help="training images used (0: all)")
+    d.add_argument("--train-subset", type=int, default=10000, help="training images used (0: all)")
     d.add_argument("--test-subset", type=int, default=2000, help="test images used (0: all)")
     m = p.add_argument_group("model (paper: width 128, hidden 500)")
     m.add_argument("--width", type=int, default=32, help="channels of the three convolutions")
@@ -35,14 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--optimizers", default="sgd,tengrad", help="comma-separated subset of " + ",".join(OPTIMIZERS))
     t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--evals-per-epoch", type=int, default=2, help="test evaluations (curve points) per epoch")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--sgd-lr", type=float, default=0.03)
-    t.add_argument("--tengrad-lr", type=float, default=0.1)
-    t.add_argument("--tengrad-damping", type=float, default=0.3)
+    t.add_argument("--sgd-lr", type=float, default=0.05)
+    t.add_argument("--tengrad-lr", type=float, default=0.2)
+    t.add_argument("--tengrad-damping", type=float, default=1.0)
     t.add_argument("--update-freq", type=int, default=1, help="TENGraD curvature update interval (steps)")
-    t.add_argument("--fisher", choices=("empirical", "mc"), default="empirical", help="TENGraD Fisher")
+    t.add_argument("--fisher", choices=("empirical", "mc", "exact"), default="empirical", help="TENGraD Fisher")
     t.add_argument("--backend", default="auto", help="TENGraD backend")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -52,15 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tengrad_class():
-    """``tengrad.TENGraD`` when the optimizer is importable, else None."""
-    try:
-        import tengrad
-        return getattr(tengrad, "TENGraD", None)
-    except ImportError:
-        return None
-
-
 def _make_optimizer(name: str, model, args):
     import torch
 
@@ -68,17 +61,12 @@ def _make_optimizer(name: str, model, args):
         opt = torch.optim.SGD(model.parameters(), lr=args.sgd_lr, momentum=args.momentum,
                               weight_decay=args.weight_decay)
         return "SGD", opt, f"lr={args.sgd_lr:g}"
-    cls = _tengrad_class()
+    from tengrad import TENGraD
+
     settings = f"lr={args.tengrad_lr:g}, damping={args.tengrad_damping:g}, update_freq={args.update_freq}"
-    if cls is None:
-        print("WARNING: tengrad.TENGraD is not available in this build; the TENGraD column runs SGD "
-              "with the TENGraD learning rate as a stand-in.", file=sys.stderr)
-        opt = torch.optim.SGD(model.parameters(), lr=args.tengrad_lr, momentum=args.momentum,
-                              weight_decay=args.weight_decay)
-        return "TENGraD (SGD stand-in)", opt, f"lr={args.tengrad_lr:g}"
-    opt = cls(model, args.tengrad_lr, args.tengrad_damping, momentum=args.momentum,
-              weight_decay=args.weight_decay, update_freq=args.update_freq, fisher=args.fisher,
-              backend=args.backend)
+    opt = TENGraD(model, args.tengrad_lr, args.tengrad_damping, momentum=args.momentum,
+                  weight_decay=args.weight_decay, update_freq=args.update_freq, fisher=args.fisher,
+                  backend=args.backend)
     return "TENGraD", opt, settings
 
 
@@ -90,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tengrad demo: unknown optimizer(s) {bad}; choose from {', '.join(OPTIMIZERS)}", file=sys.stderr)
         return 2
 
+    missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"tengrad demo needs {', '.join(missing)}: pip install 'tengrad[demo]'", file=sys.stderr)
+        return 1
+
     import torch
 
     from . import data as data_mod
@@ -99,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    ds = data_mod.load(args.dataset, args.data_dir or data_mod.FASHION_DIR, seed=args.seed)
+    try:
+        ds = data_mod.load(args.dataset, args.data_dir or data_mod.FASHION_DIR, seed=args.seed)
+    except ImportError as exc:  # the digits fallback needs scikit-learn
+        print(f"tengrad demo: Fashion-MNIST is not available and the digits fallback needs scikit-learn "
+              f"({exc}). {data_mod.FASHION_HINT} Or: pip install 'tengrad[demo]'", file=sys.stderr)
+        return 1
     print(f"Data set: {ds.describe()}" + (f" ({ds.note})" if ds.note else ""))
     if ds.name != "fashion-mnist" and args.dataset != "digits":
         print(data_mod.FASHION_HINT)
@@ -118,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         label, opt, desc = _make_optimizer(name, model, args)
         settings[label] = desc
         res = train(label, model, opt, x_tr, y_tr, x_te, y_te, epochs=args.epochs, batch_size=batch,
-                    seed=args.seed, progress=not args.no_progress)
+                    seed=args.seed, evals_per_epoch=args.evals_per_epoch,
+                    progress=not args.no_progress)
         if res.diverged:
             print(f"WARNING: {label} diverged (non-finite loss) at step {res.steps}; "
                   "try a smaller learning rate or a larger damping.", file=sys.stderr)

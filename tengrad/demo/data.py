@@ -99,8 +99,8 @@ def load(name: str = "auto", data_dir: str = FASHION_DIR, seed: int = 0) -> Data
         if fashion_available(data_dir):
             return load_fashion(data_dir)
         ds = load_digits(seed=seed)
-        why = f"Fashion-MNIST not found under {data_dir}; using scikit-learn's digits instead. "
-        return Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test, ds.y_test, note=why + FASHION_HINT)
+        why = f"Fashion-MNIST not found under {data_dir}; using scikit-learn's digits instead"
+        return Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test, ds.y_test, note=why)
     return load_digits(seed=seed)
 
 

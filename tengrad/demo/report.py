@@ -15,7 +15,7 @@ def write_csv(results: list[RunResult], path: str) -> str:
         w.writerow(COLUMNS)
         for r in results:
             for rec in r.records:
-                w.writerow((rec.optimizer, rec.epoch, f"{rec.wall_time:.4f}", f"{rec.train_loss:.6g}",
+                w.writerow((rec.optimizer, f"{rec.epoch:g}", f"{rec.wall_time:.4f}", f"{rec.train_loss:.6g}",
                             f"{rec.test_accuracy:.6g}"))
     return path
 

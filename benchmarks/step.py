@@ -1,0 +1,281 @@
+"""Median wall time per optimizer step for the paper's 3C1F network on this CPU.
+
+Every timed step is a full training step: forward, backward and the optimizer's work
+(``zero_grad(); cross_entropy(model(x), y).backward(); step()``, or ASDL's
+``setup_model_call/setup_loss_call/forward_and_backward`` followed by ``sgd.step()``).
+
+Methods (batch 128, ASDL's data_size = batch as it requires):
+
+* SGD with momentum (torch.optim.SGD)
+* TENGraD (empirical Fisher) at curvature interval k = 1, 10, 100 (``update_freq=k``)
+* ASDL 0.1a5 K-FAC (``KfacGradientMaker``, empirical Fisher, curvature and preconditioner
+  intervals both k = 1, 10, 100)
+* ASDL 0.1a5 SMW empirical natural gradient (``SmwEmpNaturalGradientMaker``): a whole-network
+  empirical Fisher through the Woodbury identity with an approximate conv Gram; curvature every step.
+
+Interval k > 1: a step either refreshes the curvature ("update step") or reuses the kept one
+("reuse step"). Both are timed separately and the cost per step at interval k is
+(update + (k - 1) * reuse) / k, so a 100-step cycle never has to be run at full width. Update steps
+come from an instance with interval 1, reuse steps from an instance whose interval is never reached
+again after its first (warm-up) step.
+
+Method: every configuration of one width gets its own copy of the same initial model and the same
+fixed random batch; each is warmed up (``--warmup`` steps), then the configurations are timed one step
+each in turn (round-robin, so drifts of a shared machine's load hit all alike) until each has
+``--repeats`` steps or has spent ``--budget-s`` seconds; the median is reported. A configuration whose
+first warm-up step alone exceeds the budget is reported from that single step (marked *).
+
+    .venv/bin/python benchmarks/step.py            # channels 32 and 128 (tens of minutes on 2 cores)
+    .venv/bin/python benchmarks/step.py --quick    # smoke run: channels 8, few repeats
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tengrad.demo.model import three_c_one_f  # noqa: E402
+
+NEVER = 10 ** 9  # an interval no benchmark reaches: after the first step only reuse steps follow
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads")
+
+
+class Timer:
+    """Times one configuration's steps; many Timers are run round-robin (see ``run_round_robin``)."""
+
+    def __init__(self, step, warmup: int, repeats: int, budget_s: float):
+        self.step, self.warmup, self.repeats, self.budget_s = step, warmup, repeats, budget_s
+        self.times: list[float] = []
+        self.single = False
+
+    def warm(self) -> None:
+        t0 = time.perf_counter()
+        self.step()
+        first = time.perf_counter() - t0
+        if first > self.budget_s:  # too slow to repeat: the warm-up step is the measurement
+            self.times, self.single = [first], True
+            return
+        for _ in range(self.warmup - 1):
+            self.step()
+
+    @property
+    def done(self) -> bool:
+        return len(self.times) >= self.repeats or (bool(self.times) and sum(self.times) >= self.budget_s)
+
+    def once(self) -> None:
+        t0 = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - t0)
+
+    def result(self) -> tuple[float, int, bool]:
+        return statistics.median(self.times), len(self.times), self.single
+
+
+def run_round_robin(timers: dict) -> dict:
+    """Warm every timer up, then time one step of each in turn until all are done.
+
+    Interleaving spreads slow drifts of a shared machine's load over all configurations alike.
+    """
+    for t in timers.values():
+        t.warm()
+    while not all(t.done for t in timers.values()):
+        for t in timers.values():
+            if not t.done:
+                t.once()
+    return {key: t.result() for key, t in timers.items()}
+
+
+class Bench:
+    """The step functions of every configuration at one width (each with its own model copy)."""
+
+    def __init__(self, width: int, hidden: int, batch: int, damping: float, seed: int = 0):
+        self.width, self.hidden, self.batch, self.damping = width, hidden, batch, damping
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, 1, 28, 28, generator=g)
+        self.y = torch.randint(0, 10, (batch,), generator=g)
+        self.seed = seed
+
+    def model(self):
+        torch.manual_seed(self.seed)
+        return three_c_one_f(width=self.width, hidden=self.hidden)
+
+    def torch_step(self, model, opt):
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(self.x), self.y).backward()
+            opt.step()
+        return step
+
+    def asdl_step(self, model, gm):
+        sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step():
+            sgd.zero_grad()
+            dummy = gm.setup_model_call(model, self.x)
+            gm.setup_loss_call(F.cross_entropy, dummy, self.y)
+            gm.forward_and_backward()
+            sgd.step()
+        return step
+
+    # Each returns {kind: step}, kind "every" (no interval), or "update" and "reuse".
+    def sgd(self):
+        m = self.model()
+        return {"every": self.torch_step(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))}
+
+    def tengrad(self):
+        import tengrad
+
+        steps = {}
+        for kind, k in (("update", 1), ("reuse", NEVER)):  # NEVER: the warm-up's first step is the only update
+            m = self.model()
+            opt = tengrad.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
+            steps[kind] = self.torch_step(m, opt)
+        return steps
+
+    def kfac(self):
+        from asdl import KfacGradientMaker, PreconditioningConfig
+
+        steps = {}
+        for kind, k in (("update", 1), ("reuse", NEVER)):
+            m = self.model()
+            cfg = PreconditioningConfig(data_size=self.batch, damping=self.damping,
+                                        preconditioner_upd_interval=k, curvature_upd_interval=k)
+            steps[kind] = self.asdl_step(m, KfacGradientMaker(m, cfg, fisher_type="fisher_emp"))
+        return steps
+
+    def smw(self):
+        from asdl import SmwEmpNaturalGradientConfig, SmwEmpNaturalGradientMaker
+
+        m = self.model()
+        cfg = SmwEmpNaturalGradientConfig(data_size=self.batch, damping=self.damping)
+        return {"every": self.asdl_step(m, SmwEmpNaturalGradientMaker(m, cfg))}
+
+
+def per_step(res: dict, k: int) -> tuple[float, bool]:
+    if "every" in res:
+        return res["every"][0], res["every"][2]
+    u, r = res["update"], res["reuse"]
+    return (u[0] + (k - 1) * r[0]) / k, (u[2] or (k > 1 and r[2]))
+
+
+def fmt_ms(s: float, single: bool = False) -> str:
+    return f"{1000 * s:,.0f}{'*' if single else ''}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--hidden", type=int, default=500)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--damping", type=float, default=0.1)
+    p.add_argument("--intervals", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--budget-s", type=float, default=60.0, help="time budget per configuration")
+    p.add_argument("--methods", nargs="+", default=["sgd", "tengrad", "kfac", "smw"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: channels 8, 1 warm-up, 2 repeats")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.channels, args.warmup, args.repeats, args.budget_s = [8], 1, 2, 10.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # ASDL's hook and scalar-conversion warnings
+
+    import tengrad
+
+    have = {"tengrad": hasattr(tengrad, "TENGraD")}
+    try:
+        import asdl  # noqa: F401  (pip name asdfghjkl==0.1a5)
+        have["kfac"] = have["smw"] = True
+    except ImportError:
+        have["kfac"] = have["smw"] = False
+    methods = [m for m in args.methods if have.get(m, True)]
+    skipped = [m for m in args.methods if m not in methods]
+    if skipped:
+        print(f"skipped (not installed): {', '.join(skipped)}", file=sys.stderr)
+
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start", file=sys.stderr)
+    results = {}  # (method, width) -> {kind: (median, n, single)}
+    t_all = time.perf_counter()
+    for w in args.channels:
+        b = Bench(w, args.hidden, args.batch, args.damping)
+        t0 = time.perf_counter()
+        timers = {(meth, kind): Timer(step, args.warmup, args.repeats, args.budget_s)
+                  for meth in methods for kind, step in getattr(b, meth)().items()}
+        for (meth, kind), res in run_round_robin(timers).items():
+            results.setdefault((meth, w), {})[kind] = res
+        for meth in methods:
+            detail = ", ".join(f"{k} {fmt_ms(v[0], v[2])} ms (n={v[1]})" for k, v in results[meth, w].items())
+            print(f"  C={w:<4} {meth:<8} {detail}", file=sys.stderr)
+        print(f"  C={w}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        del timers, b
+
+    labels = {
+        "sgd": "SGD (momentum)",
+        "tengrad": "TENGraD, empirical Fisher",
+        "kfac": "ASDL K-FAC, empirical Fisher",
+        "smw": "ASDL SMW emp. NG (whole network, approx. conv Gram)",
+    }
+    rows = []
+    for meth in methods:
+        ks = [1] if meth in ("sgd", "smw") else args.intervals
+        for k in ks:
+            row = [labels[meth], "-" if meth == "sgd" else str(k)]
+            for w in args.channels:
+                s, single = per_step(results[meth, w], k)
+                base = per_step(results["sgd", w], 1)[0] if "sgd" in methods else float("nan")
+                row += [fmt_ms(s, single), f"{s / base:.1f}x"]
+            rows.append(row)
+    head = ["method", "curvature interval k"]
+    for w in args.channels:
+        n_params = sum(q.numel() for q in three_c_one_f(w, args.hidden).parameters())
+        head += [f"C={w} ({n_params / 1e6:.2f}M params) ms/step", "vs SGD"]
+    print(f"\n3C1F (three 3x3 convs of C channels on 28x28, 3x3 max-pool, FC 81C->{args.hidden}, FC->10), "
+          f"batch {args.batch}, damping {args.damping:g}; median of up to {args.repeats} timed steps after "
+          f"{args.warmup} warm-up, configurations interleaved round-robin; "
+          f"per step at interval k = (update + (k-1) reuse) / k.")
+    print(f"Machine: {machine()}. Load average {os.getloadavg()[0]:.2f} at the end; "
+          f"total {time.perf_counter() - t_all:.0f} s.\n")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print("\nRaw medians (ms): update step / reuse step (n timed)")
+    print("| method | C | update step | reuse step |")
+    print("|---|---|---|---|")
+    for (meth, w), res in results.items():
+        if "every" in res:
+            e = res["every"]
+            print(f"| {labels[meth]} | {w} | {fmt_ms(e[0], e[2])} (n={e[1]}) | same |")
+        else:
+            u, r = res["update"], res["reuse"]
+            print(f"| {labels[meth]} | {w} | {fmt_ms(u[0], u[2])} (n={u[1]}) | {fmt_ms(r[0], r[2])} (n={r[1]}) |")
+    if any(v[2] for res in results.values() for v in res.values()):
+        print("\n* one step only: its warm-up step exceeded the per-configuration budget.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
