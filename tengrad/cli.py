@@ -61,6 +61,10 @@ def explain(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (argparse.REMAINDER drops leading flags)
+        from tengrad.demo import main as demo_main
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tengrad", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,13 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ex.add_argument("--memory-cap", type=float, default=4.0, help="GiB of extra memory an order may use")
     ex.add_argument("--triton", action="store_true", help="also print the generated Triton source")
-    demo = sub.add_parser("demo", help="train 3C1F with SGD and TENGraD side by side", add_help=False)
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="train 3C1F with SGD and TENGraD side by side (tengrad demo --help)")
     args = parser.parse_args(argv)
-    if args.command == "explain":
-        return explain(args)
-    from tengrad.demo import main as demo_main
-    return demo_main(args.rest)
+    return explain(args)
 
 
 if __name__ == "__main__":
