@@ -11,6 +11,7 @@ output index. Each method evaluates one order of ``derive``'s einsums (see ``ten
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -117,11 +118,14 @@ class TermRun:
             return self._gram_factored_raw()
         raise KeyError(order)
 
-    def _cov_grad(self):
-        """C2[n, n', g, C, C'] = sum_v G[n,g,v,C] G[n',g,v,C'] and its index tuple."""
+    def _cov_grad(self, batch_last: bool = False):
+        """C2[n, n', g, C, C'] = sum_v G[n,g,v,C] G[n',g,v,C'] and its index tuple
+        (``batch_last``: laid out as [g, C, C', n, n'])."""
         s = self.spec
         second = {self.n, *s.indices("common")}
-        idx = (self.n, self.n + "'") + s.indices("group") + s.indices("common") + _prime(s.indices("common"), second)
+        pair = (self.n, self.n + "'")
+        rest = s.indices("group") + s.indices("common") + _prime(s.indices("common"), second)
+        idx = rest + pair if batch_last else pair + rest
         c2 = contract(idx, (self.g, self.g_idx), (self.g, _prime(self.g_idx, second)))
         return c2, idx
 
@@ -146,21 +150,26 @@ class TermRun:
         return contract(k_idx, (c1, idx), (c2, idx))
 
     def _gram_factored_raw(self) -> torch.Tensor:
-        """K from the raw-input covariance R, read through the maps: C1 = sum_K R[map(C,K), map(C',K)]."""
+        """K from the raw-input covariance R, read through the maps: C1 = sum_K R[map(C,K), map(C',K)].
+
+        R, C1 and C2 are laid out with the sample pair (n, n') last, so that each kernel position's
+        strided view of R is a run of contiguous m x m blocks and the sum over K streams memory.
+        """
         s = self.spec
         second = {self.n, *s.indices("common"), *(mp.target for mp in s.maps)}
         x_idx = self.x_idx
-        r_idx = (self.n, self.n + "'") + tuple(i for i in x_idx[1:] if s.roles.get(i) != "independent")
-        r_idx = r_idx + _prime(tuple(i for i in x_idx[1:] if i in second), second)
+        pair = (self.n, self.n + "'")
+        kept = tuple(i for i in x_idx[1:] if s.roles.get(i) != "independent")
+        r_idx = kept + _prime(tuple(i for i in kept if i in second), second) + pair
         r = contract(r_idx, (self.x, x_idx), (self.x, _prime(x_idx, second)))
         rw = window(window(r, r_idx, s, self.sizes), r_idx, s, self.sizes, primed=True)
-        kernels = tuple(v for mp in s.maps for v in mp.variables if s.roles[v] == "independent")
-        kernels = tuple(dict.fromkeys(kernels))
-        c2, idx = self._cov_grad()
-        view_idx = idx + kernels
-        view = strided_unfold(rw, r_idx, view_idx, s, self.sizes, pairs=(("", ""), ("'", "'")))
-        c1 = view.sum(dim=tuple(range(len(idx), len(view_idx)))) if kernels else view
-        return contract((self.n, self.n + "'"), (c1, idx), (c2, idx))
+        kernels = tuple(dict.fromkeys(v for mp in s.maps for v in mp.variables if s.roles[v] == "independent"))
+        c2, idx = self._cov_grad(batch_last=True)
+        view = strided_unfold(rw, r_idx, idx + kernels, s, self.sizes, pairs=(("", ""), ("'", "'")))
+        c1 = torch.zeros(view.shape[:len(idx)], dtype=view.dtype, device=view.device)
+        for k in itertools.product(*(range(self.sizes[i]) for i in kernels)):
+            c1 += view[(Ellipsis,) + k]
+        return (c1 * c2).reshape(-1, self.m, self.m).sum(0)
 
     # ------------------------------------------------------------------ J p and J^T u
     def jvp(self, p: torch.Tensor, order: str) -> torch.Tensor:
