@@ -94,8 +94,6 @@ def conv_geometry(spec: LayerSpec) -> ConvGeometry | None:
         rows.append((mp.target, o, k, mp.coeffs[o], mp.coeffs[k], mp.offset))
     if set(spec.indices("common")) != {r[1] for r in rows}:
         return None
-    if set(spec.indices("independent")) & {r[2] for r in rows} != {r[2] for r in rows}:
-        return None
     if any(i in spec.raw_input_indices for r in rows for i in (r[1], r[2])):
         return None
     return ConvGeometry(*[tuple(col) for col in zip(*rows)])
@@ -158,7 +156,7 @@ def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
             _flops(r) + unfold_sum + _flops(d.cov_grad) + _flops(d.gram_factored),
             r.out_size(class_size) + 2 * d.cov_input.out_size(class_size), None, None,
             "covariance of the raw input, unfolded after the contraction"))
-    fwd_mem = d.forward.out.indices and sympy.Mul(*[class_size(i) for i in d.forward.out.indices])
+    fwd_mem = d.forward.out_size(class_size)
     jp_direct = Einsum((d.jacobian.out, d.jvp.operands[2]), d.jvp.out)
     jvp = [
         Order("jvp", "direct", (str(shown.jacobian), "Jp[n] = sum J[n,...] p[...]"),

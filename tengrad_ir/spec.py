@@ -101,8 +101,7 @@ class LayerSpec:
     @cached_property
     def raw_input_indices(self) -> tuple[str, ...]:
         """Indices of the raw input tensor (plus the one-hot index for an embedding)."""
-        raw = indices_of(self.input_axes)
-        return raw
+        return indices_of(self.input_axes)
 
     @cached_property
     def unfolded_indices(self) -> tuple[str, ...]:

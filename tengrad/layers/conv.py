@@ -24,8 +24,6 @@ def _left_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...]:
 
 
 def conv_terms(module: nn.modules.conv._ConvNd):
-    if getattr(module, "transposed", False):
-        raise NotImplementedError  # guarded by the registry: ConvTranspose is not registered
     dims = len(module.kernel_size)
     cls = type(module).__name__
     ins = " ".join(f"i{j}" for j in range(dims))
