@@ -21,6 +21,7 @@ from tengrad_ir.orders import QUANTITIES
 from tengrad_ir.plan import Cost
 
 from .binding import bind_sizes, to_indexed
+from .checks import check_call
 from .codegen.torch_backend import TermRun
 from .errors import ShapeError, TengradError
 from .layers import factory_for
@@ -232,17 +233,20 @@ class CompiledLayer:
     # ------------------------------------------------------------------ the quantities
     def gram(self, x: torch.Tensor, gy: torch.Tensor, order: str | None = None) -> torch.Tensor:
         """K = J J^T, [m, m]."""
+        check_call(self, "gram", x, gy, order=order)
         plan, runs = self._runs(x, gy)
         return sum(r.gram(plan.term_order(sp, "gram", order)) for r, sp in runs)
 
     def jvp(self, x, gy, p: Sequence[torch.Tensor], order: str | None = None) -> torch.Tensor:
         """J p, [m]; ``p`` shaped like ``self.params``."""
+        check_call(self, "jvp", x, gy, order=order, p=p)
         p = self._check_like_params(p, "p", gy)
         plan, runs = self._runs(x, gy)
         return sum(r.jvp(pt, plan.term_order(sp, "jvp", order)) for (r, sp), pt in zip(runs, p))
 
     def vjp(self, x, gy, u: torch.Tensor, order: str | None = None) -> tuple[torch.Tensor, ...]:
         """J^T u, a tuple shaped like ``self.params``; ``u``: [m]."""
+        check_call(self, "vjp", x, gy, order=order, u=u)
         if not isinstance(u, torch.Tensor) or tuple(u.shape) != (gy.shape[0],):
             raise ShapeError(f"{self.name}: u must have shape ({gy.shape[0]},), got "
                              f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
@@ -253,6 +257,7 @@ class CompiledLayer:
 
     def jacobian(self, x, gy) -> tuple[torch.Tensor, ...]:
         """Per-sample gradients, a tuple of [m, *param.shape]."""
+        check_call(self, "jacobian", x, gy)
         _, runs = self._runs(x, gy)
         m = gy.shape[0]
         return tuple(r.jacobian().reshape(m, *q.shape) for (r, _), (_, q) in zip(runs, self.params))
