@@ -176,3 +176,11 @@ def test_frozen_parameters_listed_in_a_group_are_dropped():
     before = model.norm.bias.detach().clone()
     run_groups(model, opt, "tokens", [4])
     assert torch.equal(model.norm.bias, before)
+
+
+def test_add_param_group_after_construction_is_refused():
+    model = make_model("tokens")
+    opt = TENGraD(model, 0.2, 0.5, param_groups=tokens_groups(model))
+    with pytest.raises(TENGraDError, match="add_param_group after construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 3

@@ -65,9 +65,10 @@ class TENGraD(torch.optim.Optimizer):
     Args: ``lr``, ``damping`` (a), ``momentum``, ``weight_decay`` (coupled) are the defaults of the
     param groups and may be changed between steps through ``opt.param_groups`` (LR schedulers work).
     ``param_groups``: torch-style ``[{"params": [...], "lr": ..., "damping": ..., ...}, ...]`` after the
-    model; unlisted trainable parameters form a last group with the keyword values (groups.py). ``update_freq`` k: curvature every k steps. ``fisher``:
-    "empirical", "mc" (one extra backward with sampled labels; ``generator`` makes them reproducible,
-    ``opt.last_labels`` holds them) or "exact" (one extra backward per output unit). ``backend`` goes
+    model; unlisted trainable parameters form a last group with the keyword values (groups.py).
+    ``update_freq`` k: curvature every k steps. ``fisher``: "empirical", "mc" (one extra backward
+    with sampled labels; ``generator`` makes them reproducible, ``opt.last_labels`` holds them) or
+    "exact" (one extra backward per output unit). ``backend`` goes
     to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: KFAC-style step clipping.
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
@@ -108,6 +109,14 @@ class TENGraD(torch.optim.Optimizer):
                                      keep_edges=fisher != "empirical")
         if self.fallback:
             warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups are fixed at construction (``param_groups=``): the blocks and hooks are built from the
+        model then, so a group added later would hold parameters that no block or fallback updates."""
+        if hasattr(self, "blocks"):
+            raise TENGraDError("add_param_group after construction is not supported: pass "
+                               "param_groups=[{'params': [...], ...}, ...] to TENGraD(model, ...)")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ when curvature is captured
     def _curvature_due(self) -> bool:
@@ -247,7 +256,7 @@ class TENGraD(torch.optim.Optimizer):
         nu = 1.0
         if self.kl_clip is not None and directions:
             # sum over blocks of lr_b^2 <d_b, g_b>, each block with its group's lr
-            dg = sum(group["lr"] ** 2 * float((d * g).sum()) for _, d, g, group in directions)
+            dg = float(sum((d * g).sum() * group["lr"] ** 2 for _, d, g, group in directions))
             if dg > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / dg))
         # commit: nothing above wrote to parameters, buffers or stored curvature
