@@ -11,6 +11,11 @@ Files, one concept each:
     woodbury.py   the per-block curvature: K, its Cholesky factor, and the direction d
     paths.py      per-layer choice between keeping x/gy ("reuse") and an explicit Jacobian
     blocks.py     finding the blocks of a model (tengrad.compile per module)
+    hyperparams.py  the rules for every hyperparameter (construction, each step, checkpoints)
+    groups.py     param groups: which lr, damping, momentum, weight decay each block uses
+    usage.py      which blocks took part in this step's forward (the others are skipped)
+    checkpoint.py state_dict's extra entry and an all-or-nothing load_state_dict
+    report.py     the fallback warning, one line per layer type
     optimizer.py  the TENGraD torch.optim.Optimizer
 """
 from tengrad.optim.errors import TENGraDError
