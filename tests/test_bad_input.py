@@ -6,7 +6,6 @@ a non-module first argument, blocks unused in a forward, the compiled plans' arg
 (checks.py) and the command line's one-line errors."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
