@@ -16,7 +16,7 @@ Decisions:
 
 * Weight decay is *coupled*: it is added to g before preconditioning, so the step is the damped natural
   gradient of loss + (weight_decay/2)||theta||^2 and the oracle (F + a I)^-1 (g + wd theta) holds exactly.
-* Capture (capture.py): only forwards with grad enabled, ``module.training`` true, and curvature due for
+* Capture (capture.py): only forwards with grad enabled, the model (not each module) in training mode, and curvature due for
   the next step are recorded; eval-mode or no_grad forwards never touch the captured batch or the stored
   curvature. Curvature comes from the backward passes since the last ``zero_grad()``/``step()``.
 * Weight sharing: a module called more than once in a forward is refused at the next curvature
@@ -106,7 +106,7 @@ class TENGraD(torch.optim.Optimizer):
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
         for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
-                                     keep_edges=fisher != "empirical")
+                                     keep_edges=fisher != "empirical", training=lambda: model.training)
         if self.fallback:
             warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
 
