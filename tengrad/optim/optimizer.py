@@ -170,6 +170,7 @@ class TENGraD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     def _gradient(self, p: Tensor, wd: float, dtype: torch.dtype) -> Tensor:
         g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
+        g = g.to_dense() if g.is_sparse else g      # Embedding(sparse=True): the direction is dense
         return g + wd * p.detach().to(dtype) if wd else g
 
     def _curvature(self, b: Block, damping: float, rec) -> woodbury.BlockCurvature:
