@@ -47,6 +47,7 @@ from tengrad.optim import fisher as fisher_mod
 from tengrad.optim import checkpoint, groups, hyperparams, paths, usage, woodbury
 from tengrad.optim.blocks import Block, find_blocks, resolve_backend
 from tengrad.optim.capture import CURVATURE, GRADIENT, LayerCapture
+from tengrad.optim.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.report import fallback_warning
 
@@ -71,6 +72,8 @@ class TENGraD(torch.optim.Optimizer):
     "exact" (one extra backward per output unit). ``backend`` goes
     to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: KFAC-style step clipping.
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
+    ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
+    vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
     """
 
@@ -78,7 +81,7 @@ class TENGraD(torch.optim.Optimizer):
                  weight_decay: float = 0.0, update_freq: int = 1, fisher: str = "empirical",
                  backend: str = "auto", kl_clip: float | None = None,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
-                 param_groups: list[dict] | None = None) -> None:
+                 param_groups: list[dict] | None = None, check: bool | None = False) -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -99,6 +102,7 @@ class TENGraD(torch.optim.Optimizer):
         where = groups.index_of(self.param_groups)
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
             groups.group_of_block(b.name, b.param_names, b.params, where)
+        self._consistency = ConsistencyCheck(model, check)   # consistency.py: J^T 1/m == grad, batch dim
         self._phase = GRADIENT
         self._steps = 0
         self._opt_backward = False
@@ -175,13 +179,11 @@ class TENGraD(torch.optim.Optimizer):
 
     def _curvature(self, b: Block, damping: float, rec) -> woodbury.BlockCurvature:
         if rec is None or (rec.grad is None and not rec.rows):
-            raise TENGraDError(
-                f"layer {b.name!r} ({type(b.module).__name__}) has a non-zero gradient but no captured "
-                "output gradient: its forward ran in eval mode, under no_grad or inside a torch.func "
-                "transform, or its hooks were removed; run the training forward in training mode")
+            raise self._consistency.missing_capture(b)
         dtype = woodbury.compute_dtype(b.params[0].dtype)
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
+        self._consistency.verify(b, x, rec.grad)
         if self.fisher == "empirical":
             if rec.grad is None:
                 raise TENGraDError(f"layer {b.name!r}: no ordinary backward reached it")
@@ -299,6 +301,7 @@ class TENGraD(torch.optim.Optimizer):
         """Detach this optimizer's forward hooks from the model (it can no longer capture curvature)."""
         for b in self.blocks:
             b.capture.remove()
+        self._consistency.remove()
 
     # ------------------------------------------------------------------ printing
     def explain(self) -> str:
