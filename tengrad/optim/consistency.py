@@ -20,6 +20,9 @@ block's captured input (its rows) with the batch of the forward: the leading dim
 model's input in the last training forward whose output received a gradient. A Linear on a
 sequence-first ``[T, N, d]`` tensor (rows = T) or on tokens flattened to ``[N*T, d]`` fails it.
 
+With several ranks (an initialised process group) ``param.grad`` is the all-reduced mean while the
+capture is local, so only the batch-dimension check runs there.
+
 Cost: one ``plan.vjp`` per block (and one binding of its input and output gradient) on the first
 curvature step; with ``check=True`` one per block on every curvature step. A failure raises before
 anything is written, so parameters, momentum buffers and stored curvature stay untouched.
@@ -119,8 +122,8 @@ class ConsistencyCheck:
                 "(e.g. a Linear on a sequence-first [T, N, d] tensor, or on tokens flattened to [N*T, d]). "
                 "Keep the batch first at this layer (batch_first=True, or transpose before it).")
         grads = [p.grad for p in b.params]
-        if all(g is None for g in grads):
-            return
+        if all(g is None for g in grads) or _multi_rank():
+            return    # several ranks: param.grad is the all-reduced mean, the capture is local
         dtype = torch.promote_types(b.params[0].dtype, torch.float32)
         gy = m * grad.to(dtype)
         got = b.plan.vjp(x, gy, torch.ones(m, dtype=dtype, device=gy.device))
@@ -152,6 +155,11 @@ class ConsistencyCheck:
             "or a tied head uses F.linear(h, emb.weight)). TENGraD captures curvature at module forwards; "
             "capturing the functional ops that use a parameter is future work. Call the module itself, "
             "or freeze the parameter, or precondition this model with another optimizer.")
+
+
+def _multi_rank() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _dense(g: Tensor) -> Tensor:
