@@ -2,6 +2,7 @@
 
 The models have no batch-statistics coupling (a BatchNorm kept in eval mode, as in fine-tuning, plus
 GroupNorm, InstanceNorm and RMSNorm), so rows of F are per-sample gradients from torch.func.
+A MobileNetV2-style block (depthwise conv + BatchNorm in eval mode + ReLU6) is one of issue 8's zoo models.
 A training-mode BatchNorm couples the samples; its layer is oracle-tested with x_hat held fixed in
 test_layers_oracle.py, and here the optimizer is checked to build its curvature from the batch
 statistics of exactly the batch the layer normalised.
@@ -89,3 +90,39 @@ def test_training_batchnorm_uses_the_batch_it_normalised():
     ones = block.plan.vjp(rec.x, gy, torch.ones(6, dtype=torch.float64))
     assert torch.allclose(ones[0] / 6, model[1].weight.grad, rtol=1e-10)
     opt.step()
+
+
+class InvertedResidual(nn.Module):
+    """A MobileNetV2-style block: 1x1 expand -> BN -> ReLU6 -> 3x3 depthwise -> BN -> ReLU6 -> 1x1
+    project -> BN, plus the input; then pooling and a Linear head. Input [m, 4, 5, 5], output [m, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(4, 8, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.project = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu6(self.bn1(self.expand(x)))
+        h = F.relu6(self.bn2(self.depthwise(h)))
+        return self.head((x + self.bn3(self.project(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_mobilenet_block_with_eval_batchnorm_matches_dense_oracle(fisher):
+    torch.manual_seed(0)
+    model = InvertedResidual().double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.running_mean.copy_(0.5 * torch.randn(bn.num_features, generator=gen))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+            bn.eval()
+    opt = run_against_oracle("conv", fisher, "cross_entropy", k=1, sizes=[5, 3], model=model)
+    assert len(opt.blocks) == 7 and not opt.fallback
