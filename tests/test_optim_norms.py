@@ -126,3 +126,10 @@ def test_mobilenet_block_with_eval_batchnorm_matches_dense_oracle(fisher):
             bn.eval()
     opt = run_against_oracle("conv", fisher, "cross_entropy", k=1, sizes=[5, 3], model=model)
     assert len(opt.blocks) == 7 and not opt.fallback
+
+
+def test_norms_without_affine_give_no_block_and_no_fallback():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3), nn.BatchNorm2d(3, affine=False),
+                          nn.GroupNorm(1, 3, affine=False), nn.Flatten(), nn.Linear(27, 2))
+    opt = TENGraD(model, 0.1, 0.5)
+    assert [b.name for b in opt.blocks] == ["0", "5"] and not opt.fallback
