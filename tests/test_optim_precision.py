@@ -34,7 +34,8 @@ TOL = {torch.bfloat16: 0.1, torch.float16: 0.02}   # vs the float32 direction (r
 
 
 def test_every_registered_layer_has_a_case():
-    assert set(tengrad.registered_layers()) <= set(LAYERS), set(tengrad.registered_layers()) - set(LAYERS)
+    builtin = {t for t in tengrad.registered_layers() if t.__module__.startswith("torch.nn")}  # not tests' own
+    assert builtin <= set(LAYERS), builtin - set(LAYERS)
 
 
 def _step(layer: nn.Module, x: torch.Tensor, target: torch.Tensor):

@@ -141,20 +141,21 @@ class ConsistencyCheck:
         self.checked.add(b.name)
 
     def missing_capture(self, b) -> ConsistencyError:
-        """The error for a block whose parameters have gradients but whose forward output had none."""
-        kind = type(b.module).__name__
+        """The error for a block whose parameters have a non-zero gradient but whose forward output
+        received none."""
+        head = (f"layer {b.name!r} ({type(b.module).__name__}) has a non-zero gradient but no captured "
+                "output gradient")
         if self.last_forward_training is False:
             return MissingCaptureError(
-                f"layer {b.name!r} ({kind}) has gradients but no captured output gradient: the model "
-                "ran its last forward with grad in eval mode; call model.train() before the training "
-                "forward (TENGraD captures forwards of a model in training mode)")
+                f"{head}: the model ran its last forward with grad in eval mode; call model.train() "
+                "before the training forward (TENGraD captures forwards of a model in training mode)")
         return MissingCaptureError(
-            f"layer {b.name!r} ({kind}): its parameters received gradients, but no output of its forward "
-            "did: a parameter of this module is used outside the module's forward (e.g. "
+            f"{head}: a parameter of this module is used outside the module's forward (e.g. "
             "nn.MultiheadAttention applies out_proj.weight through F.linear without calling out_proj, "
             "or a tied head uses F.linear(h, emb.weight)). TENGraD captures curvature at module forwards; "
             "capturing the functional ops that use a parameter is future work. Call the module itself, "
-            "or freeze the parameter, or precondition this model with another optimizer.")
+            "freeze the parameter, or precondition this model with another optimizer. (Other causes: "
+            "the forward ran under no_grad or inside a torch.func transform, or the hooks were removed.)")
 
 
 def _multi_rank() -> bool:
