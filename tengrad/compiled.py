@@ -105,9 +105,9 @@ class CompiledLayer:
             # floating tensors on meta in x's dtype (bf16 parameters meet the float32-upcast x);
             # integer buffers (BatchNorm's num_batches_tracked, read by momentum=None) as real copies
             dt = x.dtype if x.is_floating_point() else None
-            meta = {k: v.to("meta", dtype=dt if v.is_floating_point() else None) if v.is_floating_point()
-                    else v.clone() for k, v in [*self.module.named_parameters(recurse=False),
-                                                 *self.module.named_buffers(recurse=False)]}
+            meta = {k: v.to("meta", dtype=dt) if v.is_floating_point() else v.clone()
+                    for k, v in [*self.module.named_parameters(recurse=False),
+                                 *self.module.named_buffers(recurse=False)]}
             try:
                 with torch.no_grad():
                     y = torch.func.functional_call(self.module, meta, (x.to("meta"),))
