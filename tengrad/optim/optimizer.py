@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from tengrad.optim import distributed as distributed_mod
 from tengrad.optim import fisher as fisher_mod
 from tengrad.optim import checkpoint, groups, hyperparams, paths, usage, woodbury
 from tengrad.optim.blocks import Block, find_blocks, resolve_backend
@@ -75,18 +76,23 @@ class TENGraD(torch.optim.Optimizer):
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
     vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
+    ``distributed``: "auto" ("exact" inside an initialised torch.distributed group of several ranks),
+    "exact" (the single-process step on the global batch), "local" (own-batch curvature, directions
+    averaged: an approximation) or None; see distributed.py.
     """
 
     def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, update_freq: int = 1, fisher: str = "empirical",
                  backend: str = "auto", kl_clip: float | None = None,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
-                 param_groups: list[dict] | None = None, check: bool | None = False) -> None:
+                 param_groups: list[dict] | None = None, check: bool | None = False,
+                 distributed: str | None = "auto") -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
             hyperparams.check_value(key, value)
         hyperparams.check_options(fisher, update_freq, kl_clip, max_jacobian_numel, generator)
+        self._dist = distributed_mod.resolve(distributed, model)   # None: single process
         groups_given = groups.build(model, param_groups)
         if not any(g["params"] for g in groups_given):
             raise TENGraDError("the model has no trainable parameters")
@@ -124,9 +130,13 @@ class TENGraD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ when curvature is captured
     def _curvature_due(self) -> bool:
+        if self._dist is not None:
+            return self._dist.curvature_due(self)
         return self._steps % self.update_freq == 0 or any(b.curv is None for b in self.blocks)
 
     def _block_due(self, b: Block) -> bool:
+        if self._dist is not None:
+            return self._dist.block_due(self, b)
         return self._steps % self.update_freq == 0 or b.curv is None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -224,7 +234,9 @@ class TENGraD(torch.optim.Optimizer):
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:
             with torch.autocast(device_type=device_type, enabled=False):
-                for i, b in enumerate(self.blocks):
+                if self._dist is not None:   # every rank gets the same directions, or every rank raises
+                    directions = self._dist.directions(self, where, skipped)
+                for i, b in enumerate(self.blocks if self._dist is None else ()):
                     group = self.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
                     a, wd = group["damping"], group["weight_decay"]
                     curvature_step = due or b.curv is None
@@ -246,7 +258,7 @@ class TENGraD(torch.optim.Optimizer):
                     d = woodbury.direction(curv, b.plan, g, b.name)
                     directions += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g)
                                    if p.grad is not None]
-                for name, p in self.fallback:
+                for name, p in (self.fallback if self._dist is None else ()):
                     if p.grad is None:
                         continue
                     group = self.param_groups[where[id(p)]]
@@ -265,6 +277,8 @@ class TENGraD(torch.optim.Optimizer):
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
+        if self._dist is not None:
+            self._dist.commit()
         self.skipped = skipped
         for p, d, _, group in directions:
             d = (nu * d).to(p.dtype) if nu != 1.0 else d.to(p.dtype)
@@ -293,14 +307,19 @@ class TENGraD(torch.optim.Optimizer):
         """All or nothing: everything is checked against this optimizer first (checkpoint.py); the
         first mismatch raises a TENGraDError naming it and leaves the optimizer exactly as it was."""
         base, prepared = checkpoint.prepare(self, state_dict)
+        own_generator = None if self._dist is None else self._dist.before_load(self)
         super().load_state_dict(base)
         checkpoint.apply(self, prepared)
+        if self._dist is not None:
+            self._dist.after_load(self, own_generator)   # curvature recomputed next step; own MC stream
         self.skipped = {}
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's forward hooks from the model (it can no longer capture curvature)."""
         for b in self.blocks:
             b.capture.remove()
+        if self._dist is not None:
+            self._dist.batch.remove()
         self._consistency.remove()
 
     # ------------------------------------------------------------------ printing
@@ -331,6 +350,8 @@ class TENGraD(torch.optim.Optimizer):
             lines.append(line)
         if self.fallback:
             lines.append("  fallback d = g / damping: " + ", ".join(n for n, _ in self.fallback))
+        if self._dist is not None:
+            lines += self._dist.explain_lines(self)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
