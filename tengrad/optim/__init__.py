@@ -17,6 +17,8 @@ Files, one concept each:
     checkpoint.py state_dict's extra entry and an all-or-nothing load_state_dict
     report.py     the fallback warning, one line per layer type
     optimizer.py  the TENGraD torch.optim.Optimizer
+    distributed*.py  data-parallel steps on torch.distributed ("exact" global batch, "local"):
+                  the strategy, exchange/owner planning, rows, gradient reduction, collectives
 """
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.optimizer import TENGraD

@@ -145,7 +145,8 @@ class Strategy:
     def _status(self, opt, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
         """Step 1: all-gather [failed, m_r, signature]; raises everywhere on any failure/mismatch."""
         rank, R = world(self.group)
-        status = torch.tensor([fail.flag, float(m_r)] + sig, dtype=torch.float64)
+        device = opt.param_groups[0]["params"][0].device     # NCCL needs CUDA tensors; gloo takes any
+        status = torch.tensor([fail.flag, float(m_r)] + sig, dtype=torch.float64, device=device)
         table = [torch.empty_like(status) for _ in range(R)]
         dist.all_gather(table, status, group=self.group)
         self.traffic.add("(status)", "status all-gather", status)
@@ -362,11 +363,13 @@ class Strategy:
                 except Exception as err:   # noqa: BLE001
                     fail.record(err)
             if back is None:
-                back = torch.zeros(sum(t.numel() for t in like), dtype=like[0].dtype)
+                back = torch.zeros(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
             backs.append(back)
         flags = [float(buf[-1]) for _, buf in bcasts.values()]
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in backs) else torch.float32
-        flat = torch.cat([t.to(dtype) for t in backs] + [torch.tensor([fail.flag + sum(flags)], dtype=dtype)])
+        device = opt.param_groups[0]["params"][0].device
+        flat = torch.cat([t.to(dtype) for t in backs]
+                         + [torch.tensor([fail.flag + sum(flags)], dtype=dtype, device=device)])
         dist.all_reduce(flat, group=self.group)
         self.traffic.add("(all blocks)", "J^T u all-reduce", flat)
         for w in (w for ws in works.values() for w in ws):
@@ -451,7 +454,8 @@ class Strategy:
                     fail.record(err)
             ds += [t.reshape(-1) for t in d] if d is not None else [t.new_zeros(t.numel()) for t in like]
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in ds) else torch.float32
-        flat = torch.cat([t.to(dtype) for t in ds] + [torch.tensor([fail.flag], dtype=dtype)])
+        device = opt.param_groups[0]["params"][0].device
+        flat = torch.cat([t.to(dtype) for t in ds] + [torch.tensor([fail.flag], dtype=dtype, device=device)])
         dist.all_reduce(flat, group=self.group)
         self.traffic.add("(all blocks)", "direction all-reduce", flat)
         raise_if_any(float(flat[-1]) != 0.0, fail, self.group, opt._steps)
