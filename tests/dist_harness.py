@@ -27,7 +27,10 @@ def _entry(fn, rank, world_size, init_file, pg_timeout, args, out):
         try:
             result = fn(rank, world_size, *args)
         finally:
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:   # noqa: BLE001 - a group broken by a timeout may not shut down cleanly
+                pass
         out.put((rank, "ok", result))
     except BaseException:   # noqa: BLE001 - reported to the parent
         out.put((rank, "error", traceback.format_exc()))

@@ -268,3 +268,24 @@ def run_many(rank, world, checks):
         torch.manual_seed(0)
         out[name] = globals()[fn](rank, world, **kwargs)
     return out
+
+
+def check_stuck_rank(rank, world, stall: float):
+    """The last rank stalls (never reaches the step); the others must raise, not hang, once the
+    process group's timeout has passed. Returns (raised?, seconds waited, error text) per rank."""
+    import time
+
+    model = make_model()
+    opt = _make_opt(model, "exact", "empirical", 1, seed=0)
+    x, y = global_batch(torch.Generator().manual_seed(0), 2, "cross_entropy")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if rank == world - 1:
+        time.sleep(stall)
+        return dict(raised=None, seconds=stall, error="")
+    t0 = time.monotonic()
+    try:
+        opt.step()
+    except Exception as err:   # noqa: BLE001 - gloo's timeout error is what we expect
+        return dict(raised=True, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}"[:300])
+    return dict(raised=False, seconds=time.monotonic() - t0, error="")

@@ -145,3 +145,11 @@ def test_distributed_needs_a_process_group():
         TENGraD(model, 0.1, 1.0, distributed="exact")
     with pytest.raises(TENGraDError, match="distributed must be"):
         TENGraD(model, 0.1, 1.0, distributed="everywhere")
+
+
+def test_stuck_rank_makes_the_others_raise_within_the_group_timeout():
+    # rank 1 never reaches step(); rank 0 must get an error from the 3 s collective timeout, not hang
+    results = dist_harness.run(distributed_workers.check_stuck_rank, 2, 5.0, timeout=60.0, pg_timeout=3.0)
+    first = results[0]
+    assert first["raised"] is True, first
+    assert first["seconds"] < 5.0, first

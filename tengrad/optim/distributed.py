@@ -261,8 +261,11 @@ class Strategy:
         for i in cur_ids:
             b, r = blocks[i], rows[i]
             try:
-                local = paths.choose(b.plan, r.x_rep().shape, r.gy.shape, b.numel, opt.update_freq,
-                                     opt.max_jacobian_numel)
+                key = (tuple(r.x_rep().shape), tuple(r.gy.shape))     # the optimizer's own cache key
+                if key not in b.choices:
+                    b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, opt.update_freq,
+                                                  opt.max_jacobian_numel)
+                local = b.choices[key]
                 if plans[i].form == dplan.ROWS:
                     local = paths.PathChoice(paths.JACOBIAN, f"J_r formed: the owner gets rows ({local.note})")
                 b.choice = local
