@@ -263,10 +263,15 @@ def check_checkpoint(rank, world, sizes, k=3):
 
 def run_many(rank, world, checks):
     """checks: [(name, function name, kwargs)] -> {name: result}"""
-    out = {}
+    import time
+
+    out, seconds = {}, {}
     for name, fn, kwargs in checks:
         torch.manual_seed(0)
+        t0 = time.perf_counter()
         out[name] = globals()[fn](rank, world, **kwargs)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    out["_seconds"] = seconds
     return out
 
 
