@@ -294,3 +294,18 @@ def check_stuck_rank(rank, world, stall: float):
     except Exception as err:   # noqa: BLE001 - gloo's timeout error is what we expect
         return dict(raised=True, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}"[:300])
     return dict(raised=False, seconds=time.monotonic() - t0, error="")
+
+
+def check_demo(rank, world):
+    """The torchrun demo's main on this group, tiny sizes; rank 0 returns what it printed."""
+    import contextlib
+    import io
+
+    from tengrad.demo import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["--distributed", "--dataset", "digits", "--train-subset", "96", "--test-subset", "40",
+                     "--width", "4", "--hidden", "16", "--batch-size", "25", "--epochs", "1",
+                     "--optimizers", "sgd,tengrad,tengrad-local"])
+    return dict(code=code, out=buf.getvalue())

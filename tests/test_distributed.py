@@ -43,7 +43,8 @@ def _checks(world: int) -> list:
                ("checkpoint", "check_checkpoint", dict(sizes=s))]
     if world == 2:
         checks += [("local-exact-k1", "check_local", dict(sizes=s[:2], k=1, fisher="exact", loss="mse")),
-                   ("failures-ddp", "check_failures", dict(ddp=True))]
+                   ("failures-ddp", "check_failures", dict(ddp=True)),
+                   ("demo", "check_demo", {})]
     return checks
 
 
@@ -153,3 +154,14 @@ def test_stuck_rank_makes_the_others_raise_within_the_group_timeout():
     first = results[0]
     assert first["raised"] is True, first
     assert first["seconds"] < 5.0, first
+
+
+def test_distributed_demo_prints_its_table(group):
+    world, results = group
+    if world != 2:
+        pytest.skip("the demo runs in the 2-rank group only (time)")
+    r = results[0]["demo"]
+    assert r["code"] == 0
+    for needle in ("| optimizer", "| sgd", "| tengrad ", "| tengrad-local", "distributed='exact' over 2 ranks",
+                   "shares [13, 12]"):
+        assert needle in r["out"], (needle, r["out"])

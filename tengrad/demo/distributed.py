@@ -24,17 +24,18 @@ import time
 OPTIMIZERS = ("sgd", "tengrad", "tengrad-local")
 
 
-def _init():
+def _init() -> tuple[bool, object]:
+    """(whether this call created the process group, a temporary folder to clean up or None)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return None
+        return False, None
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
-        return None
+        return True, None
     tmp = tempfile.TemporaryDirectory()
     dist.init_process_group("gloo", init_method=f"file://{tmp.name}/rendezvous", rank=0, world_size=1)
-    return tmp
+    return True, tmp
 
 
 def _shares(n: int, world: int) -> list[int]:
@@ -54,7 +55,7 @@ def main_distributed(args) -> int:
     from .model import three_c_one_f
     from .train import evaluate
 
-    keep = _init()
+    created, keep = _init()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(args.threads if args.threads > 0 else 1)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -133,7 +134,8 @@ def main_distributed(args) -> int:
         print("\n" + "\n".join([fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                                + [fmt.format(*r) for r in rows]))
     dist.barrier()
-    dist.destroy_process_group()
+    if created:
+        dist.destroy_process_group()
     if keep is not None:
         keep.cleanup()
     return 0
