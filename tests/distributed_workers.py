@@ -307,5 +307,5 @@ def check_demo(rank, world):
     with contextlib.redirect_stdout(buf):
         code = main(["--distributed", "--dataset", "digits", "--train-subset", "96", "--test-subset", "40",
                      "--width", "4", "--hidden", "16", "--batch-size", "25", "--epochs", "1",
-                     "--optimizers", "sgd,tengrad,tengrad-local"])
+                     "--optimizers", "sgd,tengrad"])
     return dict(code=code, out=buf.getvalue())

@@ -162,6 +162,6 @@ def test_distributed_demo_prints_its_table(group):
         pytest.skip("the demo runs in the 2-rank group only (time)")
     r = results[0]["demo"]
     assert r["code"] == 0
-    for needle in ("| optimizer", "| sgd", "| tengrad ", "| tengrad-local", "distributed='exact' over 2 ranks",
+    for needle in ("| optimizer", "| sgd", "| tengrad ", "distributed='exact' over 2 ranks",
                    "shares [13, 12]"):
         assert needle in r["out"], (needle, r["out"])
