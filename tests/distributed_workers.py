@@ -129,8 +129,9 @@ def check_exact(rank, world, fisher="empirical", loss="cross_entropy", k=1, ddp=
 
 
 def check_single_process(rank, world, sizes, k=3, ddp=False, fisher="exact", loss="cross_entropy"):
-    """distributed="exact" with momentum and weight decay against a single-process TENGraD on the
-    global batch (every rank runs both; parameters must agree to 1e-8 and be identical across ranks)."""
+    """distributed="exact" with momentum, weight decay and a damping change against a single-process
+    TENGraD on the global batch (every rank runs both; parameters must agree to 1e-8 and be identical
+    across ranks)."""
     model, ref_model = make_model(), make_model()
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     kw = dict(lr=0.2, damping=0.3, momentum=0.9, weight_decay=1e-2)
@@ -139,6 +140,9 @@ def check_single_process(rank, world, sizes, k=3, ddp=False, fisher="exact", los
     gen = torch.Generator().manual_seed(3)
     worst, identical = 0.0, True
     for s, step_sizes in enumerate(sizes):
+        if s == 2:      # a damping change on a reuse step: the owners refactor their kept K
+            for o in (opt, ref):
+                o.param_groups[0]["damping"] = 0.6
         x, y = global_batch(gen, sum(step_sizes), loss)
         sl = _slice(step_sizes, rank)
         _backward(ref, ref_model(x), y, fisher, loss, s)

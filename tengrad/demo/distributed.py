@@ -119,7 +119,7 @@ def main_distributed(args) -> int:
                 say(f"  {name:>13} epoch {epoch + 1}: train loss {tot[0] / tot[1]:.4f}, test acc "
                     f"{100 * acc:.2f}%, {1000 * train_time / steps:.0f} ms/step")
         own = getattr(getattr(opt, "_dist", None), "bytes_sent", 0) if name != "sgd" else 0
-        per_step = (own / steps if steps else 0) + grad_bytes
+        per_step = ((own / steps if steps else 0) + grad_bytes) if world > 1 else 0.0
         if rank == 0:
             _, acc = evaluate(model, x_te, y_te)
             rows.append((name, settings, world, f"{float(tot[0] / tot[1]):.4f}", f"{100 * acc:.2f}%",

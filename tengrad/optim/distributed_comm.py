@@ -90,3 +90,8 @@ class Traffic:
 
 def world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_rank(group, r: int) -> int:
+    """The global rank of rank ``r`` of ``group`` (``dst``/``src`` of gather/broadcast are global)."""
+    return r if group is None else dist.get_global_rank(group, r)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tengrad.optim import distributed_plan as dplan
 from tengrad.optim import paths, woodbury
-from tengrad.optim.distributed_comm import Failure, pad0, raise_if_any, unpad_cat, world
+from tengrad.optim.distributed_comm import Failure, global_rank, pad0, raise_if_any, unpad_cat, world
 from tengrad.optim.distributed_rows import Rows, take_rows
 from tengrad.optim.errors import TENGraDError
 
@@ -110,7 +110,8 @@ def exact_directions(st, opt, a: float, wd: float):
             payload = [pad0(jac, rows_max)]
         lists = [[torch.empty_like(t) for _ in range(R)] if rank == owner else None for t in payload]
         for t, lst in zip(payload, lists):
-            works[i].append(dist.gather(t, gather_list=lst, dst=owner, group=st.group, async_op=True))
+            dst = global_rank(st.group, owner)
+            works[i].append(dist.gather(t, gather_list=lst, dst=dst, group=st.group, async_op=True))
             st.traffic.add(b.name, f"{ex.form} gather", t)
         gathered[i] = lists
 
@@ -136,7 +137,8 @@ def exact_directions(st, opt, a: float, wd: float):
             jg = r.gy.new_zeros(r.n_rows)
         t = pad0(jg, max(row_sizes))
         lst = [torch.empty_like(t) for _ in range(R)] if rank == owner_of[i] else None
-        works[i].append(dist.gather(t, gather_list=lst, dst=owner_of[i], group=st.group, async_op=True))
+        dst = global_rank(st.group, owner_of[i])
+        works[i].append(dist.gather(t, gather_list=lst, dst=dst, group=st.group, async_op=True))
         st.traffic.add(b.name, "J g gather", t)
         jg_lists[i] = lst
 
@@ -168,7 +170,8 @@ def exact_directions(st, opt, a: float, wd: float):
             st.traffic.add(b.name, "u broadcast", buf)
         elif i in rows:
             st._pending[b.name] = Kept(r, owner_of[i], list(bsizes), plans[i], None, None, 0.0, a)
-        bcasts[i] = (dist.broadcast(buf, src=owner_of[i], group=st.group, async_op=True), buf)
+        src = global_rank(st.group, owner_of[i])
+        bcasts[i] = (dist.broadcast(buf, src=src, group=st.group, async_op=True), buf)
 
     # 6. J^T u = sum_r J_r^T u_r with a status element, one all-reduce
     backs, used = [], {}

@@ -16,9 +16,10 @@ element, so no separate reduction of the batch sizes is needed:
   (``weighted_mean_hook``) that does the same per gradient bucket, in DDP's own overlapped backward,
   replacing DDP's equal average; ``param.grad`` then already holds g and the step sends no gradient.
 
-m_r is the size of dimension 0 of the first tensor argument of the model's first training-mode forward
-with grad enabled since the last step, outside torch.func transforms (``BatchSize``, a forward pre-hook; the batch is
-dimension 0, as everywhere in TENGraD).
+m_r is the size of dimension 0 of the first tensor argument of the model's first training-mode
+forward with grad enabled since the last step, outside torch.func transforms (``BatchSize``, a
+forward pre-hook; the batch is dimension 0, as everywhere in TENGraD). On curvature steps the
+captured layers' batch is used instead (they must agree).
 """
 from __future__ import annotations
 
