@@ -128,21 +128,30 @@ def check_exact(rank, world, fisher="empirical", loss="cross_entropy", k=1, ddp=
     return dict(worst=worst, identical=identical, explain=text)
 
 
-def check_single_process(rank, world, sizes, k=3, ddp=False, fisher="exact", loss="cross_entropy"):
+def _groups(model):
+    """Two param groups: the conv and the embedding with their own lr, damping and weight decay."""
+    return [{"params": [model.conv.weight, model.conv.bias, model.emb.weight], "lr": 0.1, "damping": 0.8,
+             "weight_decay": 0.0}]
+
+
+def check_single_process(rank, world, sizes, k=3, ddp=False, fisher="exact", loss="cross_entropy",
+                         param_groups=False):
     """distributed="exact" with momentum, weight decay and a damping change against a single-process
     TENGraD on the global batch (every rank runs both; parameters must agree to 1e-8 and be identical
     across ranks)."""
     model, ref_model = make_model(), make_model()
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     kw = dict(lr=0.2, damping=0.3, momentum=0.9, weight_decay=1e-2)
-    opt = _make_opt(net, "exact", fisher, k, seed=7, **kw)
-    ref = _make_opt(ref_model, None, fisher, k, seed=7, **dict(kw))
+    opt = _make_opt(net, "exact", fisher, k, seed=7, **kw,
+                    **({"param_groups": _groups(model)} if param_groups else {}))
+    ref = _make_opt(ref_model, None, fisher, k, seed=7, **dict(kw),
+                    **({"param_groups": _groups(ref_model)} if param_groups else {}))
     gen = torch.Generator().manual_seed(3)
     worst, identical = 0.0, True
     for s, step_sizes in enumerate(sizes):
         if s == 2:      # a damping change on a reuse step: the owners refactor their kept K
             for o in (opt, ref):
-                o.param_groups[0]["damping"] = 0.6
+                o.param_groups[-1]["damping"] = 0.6
         x, y = global_batch(gen, sum(step_sizes), loss)
         sl = _slice(step_sizes, rank)
         _backward(ref, ref_model(x), y, fisher, loss, s)

@@ -34,7 +34,8 @@ def _checks(world: int) -> list:
             ("exact-exact-k1-ddp", dict(fisher="exact", k=1, ddp=True, sizes=s[:2])),
         ]
     checks = [(name, "check_exact", kw) for name, kw in exact]
-    checks += [("single-exact-k3", "check_single_process", dict(sizes=s, k=3, fisher="exact")),
+    checks += [("single-exact-k3-groups", "check_single_process",
+                dict(sizes=s, k=3, fisher="exact", param_groups=True)),
                ("single-empirical-k1-ddp", "check_single_process",
                 dict(sizes=s[:2], k=1, fisher="empirical", ddp=True)),
                ("local-empirical-k1", "check_local", dict(sizes=s[:2], k=1)),

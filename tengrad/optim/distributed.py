@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tengrad.optim import woodbury
+from tengrad.optim import groups, usage, woodbury
 from tengrad.optim.distributed_comm import Failure, Traffic, raise_if_any, world
 from tengrad.optim.distributed_exact import Kept, exact_directions
 from tengrad.optim.distributed_grad import (BatchSize, install_ddp_hook, is_ddp, reduce_gradients,
@@ -93,7 +93,20 @@ class Strategy:
 
     # ------------------------------------------------------------------ seams called by TENGraD
     def curvature_due(self, opt) -> bool:
-        return opt._steps % opt.update_freq == 0 or any(b.name not in self.kept for b in opt.blocks)
+        return any(self.block_due(opt, b) for b in opt.blocks)
+
+    def block_due(self, opt, b) -> bool:
+        """Capture armed for block b: a curvature step, or no kept curvature for it (same on all ranks)."""
+        return opt._steps % opt.update_freq == 0 or b.name not in self.kept
+
+    def before_load(self, opt):
+        """This rank's generator state: each rank keeps its own Monte-Carlo stream over a load."""
+        return None if opt.generator is None else opt.generator.get_state()
+
+    def after_load(self, opt, generator_state) -> None:
+        self.reset()
+        if generator_state is not None:
+            opt.generator.set_state(generator_state)
 
     def reset(self) -> None:
         """Forget the kept curvature (after load_state_dict): the next step recomputes it everywhere."""
@@ -104,12 +117,16 @@ class Strategy:
         self.kept.update(self._pending)
         self._pending = {}
 
-    def directions(self, opt, a: float, wd: float) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def directions(self, opt, where: dict[int, int], skipped: dict[str, str]) -> list[tuple]:
+        """[(param, d, g, param group)], the same on every rank, or the same error raised on every rank.
+        ``where``: {id(param): group index}; ``skipped`` gets the blocks that took no part (usage.py)."""
         self.traffic.reset()
         self._pending = {}
         try:
+            grp = [opt.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
+                   for b in opt.blocks]
             run = exact_directions if self.mode == "exact" else local_directions
-            return run(self, opt, a, wd)
+            return run(self, opt, grp, where, skipped)
         finally:
             self.batch.next_step()
             self.bytes_sent += self.traffic.total
@@ -124,6 +141,26 @@ class Strategy:
         return self.batch.get()
 
     # ------------------------------------------------------------------ shared phases
+    def records(self, opt, fail: Failure, skipped: dict[str, str]):
+        """This rank's capture records ({block index: record} on curvature blocks), the blocks taking
+        part (usage.unused, like the single-process step) and the curvature blocks; errors go to fail."""
+        recs, active, cur = {}, [False] * len(opt.blocks), [False] * len(opt.blocks)
+        try:
+            for i, b in enumerate(opt.blocks):
+                due = self.block_due(opt, b)
+                rec = b.capture.take() if due else None
+                b.capture.clear()
+                why = usage.unused(b.params, rec)
+                if why is not None:
+                    skipped[b.name] = why
+                    continue
+                active[i], cur[i] = True, due
+                if due:
+                    recs[i] = rec
+        except Exception as err:   # noqa: BLE001 - raised on every rank at the status all-gather
+            fail.record(err)
+        return recs, active, cur
+
     def status(self, opt, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
         """Step 1: all-gather [failed, m_r, signature]; raises everywhere on any failure/mismatch."""
         rank, R = world(self.group)
@@ -143,7 +180,7 @@ class Strategy:
                     "every rank must run the same model on batches with the same per-sample shape")
         return [int(v) for v in table[:, 1].tolist()]
 
-    def gradients(self, opt, m_r: int, wd: float):
+    def gradients(self, opt, m_r: int, where: dict[int, int]):
         """Step 2 started: returns a function giving {id(param): global g + wd theta} when called."""
         params = [p for group in opt.param_groups for p in group["params"]]
         dtype = torch.float32
@@ -165,6 +202,7 @@ class Strategy:
             for p, g in zip(params, grads):
                 cd = woodbury.compute_dtype(p.dtype)
                 g = g.to(cd)
+                wd = opt.param_groups[where[id(p)]]["weight_decay"]
                 out[id(p)] = g + wd * p.detach().to(cd) if wd else g
             return out
 
@@ -192,8 +230,13 @@ class Strategy:
                 raise TENGraDError(f"parameter {n!r}: non-finite gradient")
 
     @staticmethod
-    def fallback_directions(opt, grads, a):
-        return [(p, grads[id(p)] / a, grads[id(p)]) for _, p in opt.fallback if p.grad is not None]
+    def fallback_directions(opt, grads, where):
+        out = []
+        for _, p in opt.fallback:
+            if p.grad is not None:
+                group = opt.param_groups[where[id(p)]]
+                out.append((p, grads[id(p)] / group["damping"], grads[id(p)], group))
+        return out
 
     # ------------------------------------------------------------------ printing
     def explain_lines(self, opt) -> list[str]:

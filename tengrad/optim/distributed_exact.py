@@ -15,7 +15,7 @@ from torch import Tensor
 from tengrad.optim import distributed_plan as dplan
 from tengrad.optim import paths, woodbury
 from tengrad.optim.distributed_comm import Failure, global_rank, pad0, raise_if_any, unpad_cat, world
-from tengrad.optim.distributed_rows import Rows, take_rows
+from tengrad.optim.distributed_rows import Rows, rows_from
 from tengrad.optim.errors import TENGraDError
 
 
@@ -36,22 +36,18 @@ class Kept:
         return [self.rows.reps * s for s in self.sizes]
 
 
-def exact_directions(st, opt, a: float, wd: float):
-    """Steps 1-6 of distributed.py on this rank: [(param, d, g)], identical on every rank."""
+def exact_directions(st, opt, grp: list[dict], where: dict[int, int], skipped: dict[str, str]):
+    """Steps 1-6 of distributed.py on this rank: [(param, d, g, group)], identical on every rank.
+    ``grp[i]``: block i's param group (its damping and weight decay)."""
     rank, R = world(st.group)
     blocks = opt.blocks
     fail = Failure()
-    due = opt._steps % opt.update_freq == 0
-    active = [any(p.grad is not None for p in b.params) for b in blocks]
-    cur = [active[i] and (due or b.name not in st.kept) for i, b in enumerate(blocks)]
+    recs, active, cur = st.records(opt, fail, skipped)
     rows: dict[int, Rows] = {}
     m_r = 0
     try:
-        for i, b in enumerate(blocks):
-            if cur[i]:
-                rows[i] = take_rows(opt, b)
-            else:
-                b.capture.clear()
+        for i, rec in recs.items():
+            rows[i] = rows_from(opt, blocks[i], rec)
         m_r = st.batch_size([r.m for r in rows.values()])
         st.local_checks(opt)
     except Exception as err:   # noqa: BLE001 - every error of this rank is raised on every rank
@@ -62,7 +58,7 @@ def exact_directions(st, opt, a: float, wd: float):
         sig += [float(active[i]), 0.0 if r is None else float(r.x[0].numel()),
                 0.0 if r is None else float(r.gy[0].numel()), 0.0 if r is None else float(r.reps)]
     sizes = st.status(opt, fail, m_r, sig)
-    grads_of = st.gradients(opt, m_r, wd)
+    grads_of = st.gradients(opt, m_r, where)
 
     # plans and owners of the curvature blocks (identical on every rank: same sizes, same code)
     plans: dict[int, dplan.Exchange] = {}
@@ -156,6 +152,7 @@ def exact_directions(st, opt, a: float, wd: float):
             try:
                 for w in works[i]:    # this block's payloads and J g (launched by every rank)
                     w.wait()
+                a = grp[i]["damping"]
                 gram, chol, used = _owner_factor(b, r, plans.get(i), gathered.get(i), kept, bsizes, a)
                 jg_all = unpad_cat(jg_lists[i], row_sizes)
                 u = torch.cholesky_solve(jg_all.reshape(-1, 1).to(chol.dtype), chol).reshape(-1)
@@ -169,7 +166,8 @@ def exact_directions(st, opt, a: float, wd: float):
                 buf[n + 1] = 1.0
             st.traffic.add(b.name, "u broadcast", buf)
         elif i in rows:
-            st._pending[b.name] = Kept(r, owner_of[i], list(bsizes), plans[i], None, None, 0.0, a)
+            st._pending[b.name] = Kept(r, owner_of[i], list(bsizes), plans[i], None, None, 0.0,
+                                       grp[i]["damping"])
         src = global_rank(st.group, owner_of[i])
         bcasts[i] = (dist.broadcast(buf, src=src, group=st.group, async_op=True), buf)
 
@@ -216,8 +214,8 @@ def exact_directions(st, opt, a: float, wd: float):
             if not torch.isfinite(d).all():
                 raise TENGraDError(f"layer {b.name!r}: the preconditioned direction has non-finite entries")
             if p.grad is not None:
-                out.append((p, d, g))
-    return out + st.fallback_directions(opt, grads, a)
+                out.append((p, d, g, grp[i]))
+    return out + st.fallback_directions(opt, grads, where)
 
 
 def _owner_factor(b, r: Rows, ex, lists, kept: Kept | None, sizes, a):

@@ -13,26 +13,25 @@ from tengrad.optim import woodbury
 from tengrad.optim.distributed_comm import Failure, raise_if_any, world
 
 
-def local_directions(st, opt, a: float, wd: float):
-    """[(param, d, g)], identical on every rank (distributed.py, mode "local")."""
+def local_directions(st, opt, grp: list[dict], where: dict[int, int], skipped: dict[str, str]):
+    """[(param, d, g, group)], identical on every rank (distributed.py, mode "local")."""
     _, R = world(st.group)
     blocks = opt.blocks
     fail = Failure()
-    due = opt._steps % opt.update_freq == 0
-    active = [any(p.grad is not None for p in b.params) for b in blocks]
+    recs, active, cur = st.records(opt, fail, skipped)
     curv: dict[int, woodbury.BlockCurvature] = {}
     m_r = 0
     try:
         for i, b in enumerate(blocks):
+            a = grp[i]["damping"]
             if not active[i]:
-                b.capture.clear()
-            elif due or b.name not in st.kept:
-                curv[i] = opt._curvature(b, a)
+                continue
+            if cur[i]:
+                curv[i] = opt._curvature(b, a, recs[i])
             else:
-                b.capture.clear()
                 kept = st.kept[b.name]
                 curv[i] = kept if kept.requested == a else woodbury.redamp(kept, a, b.name)
-        m_r = st.batch_size([c.m for i, c in curv.items() if due or blocks[i].name not in st.kept])
+        m_r = st.batch_size([curv[i].m for i in recs if i in curv])
         st.local_checks(opt)
     except Exception as err:   # noqa: BLE001
         fail.record(err)
@@ -40,7 +39,7 @@ def local_directions(st, opt, a: float, wd: float):
     for i in range(len(blocks)):
         sig += [float(active[i]), 0.0, 0.0, 0.0]
     st.status(opt, fail, m_r, sig)
-    grads = st.gradients(opt, m_r, wd)()
+    grads = st.gradients(opt, m_r, where)()
     st.check_finite(opt, grads)
     order = [i for i in range(len(blocks)) if active[i]]
     ds = []
@@ -69,6 +68,6 @@ def local_directions(st, opt, a: float, wd: float):
             d = flat[start:start + g.numel()].reshape(g.shape).to(g.dtype)
             start += g.numel()
             if p.grad is not None:
-                out.append((p, d, g))
+                out.append((p, d, g, grp[i]))
         st._pending[b.name] = curv[i]
-    return out + st.fallback_directions(opt, grads, a)
+    return out + st.fallback_directions(opt, grads, where)

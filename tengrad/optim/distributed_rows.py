@@ -63,13 +63,13 @@ class Rows:
         return torch.cat([b.reshape(-1).to(t.dtype) for b, t in zip(back, like)])
 
 
-def take_rows(opt, b) -> Rows:
-    """This rank's rows of block ``b`` from its capture (the same rules as TENGraD._curvature)."""
-    rec = b.capture.take()
+def rows_from(opt, b, rec) -> Rows:
+    """This rank's rows of block ``b`` from its capture record (the same rules as TENGraD._curvature)."""
     if rec is None or (rec.grad is None and not rec.rows):
         raise TENGraDError(
-            f"layer {b.name!r} ({type(b.module).__name__}) has gradients but no captured output "
-            "gradient: run the forward in training mode with grad enabled before the backward")
+            f"layer {b.name!r} ({type(b.module).__name__}) has a non-zero gradient but no captured "
+            "output gradient: its forward ran in eval mode, under no_grad or inside a torch.func "
+            "transform, or its hooks were removed; run the training forward in training mode")
     dtype = woodbury.compute_dtype(b.params[0].dtype)
     x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
     m = x.shape[0]
