@@ -29,6 +29,11 @@ d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status element). Thi
 of the global step (it is not (F + a I)^-1 g), cheaper in bytes and with no owner; parameters stay
 bit-identical because the all-reduce hands every rank the same sum.
 
+As in the single-process step, each block uses its param group's damping and weight decay, and a
+block that took no part in the forward (usage.py) is skipped; every rank must agree on which blocks
+took part and on the per-sample shapes (checked in step 1's all-gather: a disagreement raises the same
+error everywhere).
+
 Checkpoints: ``state_dict`` keeps parameters, momentum and the step count (identical on every rank)
 but no distributed curvature; after ``load_state_dict`` the next step is a curvature step on every rank
 (the owners' factors are recomputed from that step's batch). Each rank keeps its own Monte-Carlo
