@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from tengrad.optim import groups, usage, woodbury
 from tengrad.optim.distributed_comm import Failure, Traffic, raise_if_any, world
 from tengrad.optim.distributed_exact import Kept, exact_directions
-from tengrad.optim.distributed_grad import (BatchSize, install_ddp_hook, is_ddp, reduce_gradients,
-                                            split_gradients)
+from tengrad.optim.distributed_grad import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
+                                            reduce_gradients, split_gradients)
 from tengrad.optim.distributed_local import local_directions
 from tengrad.optim.errors import TENGraDError
 
@@ -192,7 +192,7 @@ class Strategy:
         for p in params:
             dtype = torch.promote_types(dtype, woodbury.compute_dtype(p.dtype))
         if self.ddp:
-            grads = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).to(dtype) for p in params]
+            grads = [dense_grad(p).to(dtype) for p in params]
             work = None
         else:
             work, flat = reduce_gradients(params, m_r, dtype, self.group)
@@ -228,10 +228,10 @@ class Strategy:
     def local_checks(opt) -> None:
         for b in opt.blocks:
             for p in b.params:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
+                if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
                     raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
         for n, p in opt.fallback:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
                 raise TENGraDError(f"parameter {n!r}: non-finite gradient")
 
     @staticmethod

@@ -104,10 +104,17 @@ def install_ddp_hook(model: nn.Module, batch: BatchSize, group) -> None:
                            "first backward and without another comm hook") from None
 
 
+def dense_grad(p: Tensor) -> Tensor:
+    """``p.grad`` detached and dense (Embedding(sparse=True)), zeros when None."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    g = p.grad.detach()
+    return g.to_dense() if g.is_sparse else g
+
+
 def reduce_gradients(params: list[Tensor], m_r: int, dtype: torch.dtype, group):
     """Start the all-reduce of [m_r g_r..., m_r]; returns (work, flat buffer)."""
-    parts = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-             for p in params]
+    parts = [dense_grad(p).reshape(-1).to(dtype) for p in params]
     flat = torch.cat(parts + [torch.ones(1, dtype=dtype, device=params[0].device)]) * float(m_r)
     return dist.all_reduce(flat, group=group, async_op=True), flat
 

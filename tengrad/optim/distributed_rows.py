@@ -66,13 +66,11 @@ class Rows:
 def rows_from(opt, b, rec) -> Rows:
     """This rank's rows of block ``b`` from its capture record (the same rules as TENGraD._curvature)."""
     if rec is None or (rec.grad is None and not rec.rows):
-        raise TENGraDError(
-            f"layer {b.name!r} ({type(b.module).__name__}) has a non-zero gradient but no captured "
-            "output gradient: its forward ran in eval mode, under no_grad or inside a torch.func "
-            "transform, or its hooks were removed; run the training forward in training mode")
+        raise opt._consistency.missing_capture(b)
     dtype = woodbury.compute_dtype(b.params[0].dtype)
     x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
     m = x.shape[0]
+    opt._consistency.verify(b, x, rec.grad)     # with several ranks: the batch-dimension check only
     if opt.fisher == "empirical":
         if rec.grad is None:
             raise TENGraDError(f"layer {b.name!r}: no ordinary backward reached it")
