@@ -2,7 +2,8 @@
 index-notation layer specs (see DESIGN.md and docs/api-contract.md)."""
 from tengrad_ir import LayerSpec
 
-from .compiled import CompiledLayer, ModulePlan
+from .compiled import CompiledLayer
+from .module_plan import ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
 from .optim import TENGraD

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from tengrad_ir import kind_of
+
 from .errors import ShapeError, TengradError
 
 
@@ -35,7 +37,7 @@ def _one_hot_sizes(layer) -> list[tuple[str, int]]:
     params = dict(layer.params)
     for t in layer.terms:
         spec = t.spec
-        if spec.source != "one_hot":
+        if not kind_of(spec).integer_ids:
             continue
         axes = [a[0] for a in spec.param_axes if len(a) == 1]
         if spec.one_hot in axes and len(axes) == len(spec.param_axes):
@@ -70,7 +72,7 @@ def check_call(layer, quantity: str, x: object, gy: object, order: object = None
         valid = layer.orders(quantity)
         if not isinstance(order, str) or order not in valid:
             raise TengradError(f"{name}: unknown order {order!r}; valid: {list(valid)} (or None: the plan's choice)")
-    ids = any(t.spec.source == "one_hot" for t in layer.terms)
+    ids = layer.reads_ids
     if ids and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
         raise ShapeError(f"{name}: x must hold integer ids for {layer.name}, got {x.dtype}")
     if not ids and not x.is_floating_point():

@@ -61,14 +61,14 @@ def _gib(text: str) -> float:
 def explain(args) -> int:
     module = build_module(args.module)
     dtype = getattr(torch, args.dtype)
-    plan = tengrad.compile(module, backend="triton" if args.triton else "torch", memory_cap=int(args.memory_cap * 2**30))
-    is_ids = isinstance(module, nn.Embedding)
-    module.to(dtype if not is_ids else torch.float32)
+    backend = "triton" if args.triton else args.backend
+    plan = tengrad.compile(module, backend=backend, memory_cap=int(args.memory_cap * 2**30))
+    module.to(dtype if not plan.reads_ids else torch.float32)
 
     def sized(m: int):
         shape = (m, *args.input[1:])
-        x = torch.empty(shape, dtype=torch.long if is_ids else dtype, device="meta")
-        return plan.sized(shape, plan._expected_output_shape(x), dtype)
+        x = torch.empty(shape, dtype=torch.long if plan.reads_ids else dtype, device="meta")
+        return plan.sized(shape, plan.output_shape(x), dtype)
 
     batches = args.batch or [args.input[0]]
     if len(batches) > 1:
@@ -81,7 +81,7 @@ def explain(args) -> int:
                   + f"   {sp.choice['gram']}")
         print()
     print(sized(batches[-1] if args.batch else args.input[0]))
-    if args.triton:
+    if backend == "triton":
         print(plan.source())
     return 0
 
@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--batch", type=lambda s: list(_shape(s)), help="batch sizes to compare, e.g. 8,32,128")
     ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ex.add_argument("--memory-cap", type=_gib, default=4.0, help="GiB of extra memory an order may use")
-    ex.add_argument("--triton", action="store_true", help="also print the generated Triton source")
+    ex.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"],
+                    help="plan for this backend: its orders, and what it runs for each step (triton: also "
+                         "the generated source)")
+    ex.add_argument("--triton", action="store_true", help="same as --backend triton")
     sub.add_parser("demo", help="train 3C1F with SGD and TENGraD side by side (tengrad demo --help)")
     try:
         args = parser.parse_args(argv)

@@ -46,10 +46,10 @@ def test_gram_formulas_equal_opt_einsum(name, dims):
     plan = SizedPlan(spec, tuple(make(*dims).items()))
     checked = 0
     for order in plan.orders["gram"]:
-        if order.path is None:
+        if order.einsum_path is None:
             continue
         formula = int(order.einsum_flops.subs(plan.values))
-        assert formula == opt_einsum_count(spec, plan.values, order.path), order.name
+        assert formula == opt_einsum_count(spec, plan.values, order.einsum_path), order.name
         checked += 1
     assert checked == 2  # direct and factored are both einsum paths
 
