@@ -6,7 +6,7 @@ from .compiled import CompiledLayer
 from .module_plan import ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
-from .optim import TENGraD
+from .optim import TENGraD, TENGraDError
 
 
 def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)
@@ -19,4 +19,4 @@ def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa
 
 
 __all__ = ["compile", "TENGraD", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
-           "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError"]
+           "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError", "TENGraDError"]
