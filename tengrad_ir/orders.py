@@ -68,6 +68,11 @@ class Order:
         return sympy.Add(*[s.flops for s in self.steps])
 
     @cached_property
+    def formula(self) -> sympy.Expr:
+        """``flops`` factored, as printed."""
+        return sympy.factor(self.flops)
+
+    @cached_property
     def memory(self) -> sympy.Expr:
         return sympy.Add(sympy.Integer(0), *[s.size for s in self.steps[:-1] if not s.view])
 

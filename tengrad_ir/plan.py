@@ -101,8 +101,7 @@ class SizedPlan:
 
     def cost(self, quantity: str, name: str | None = None) -> Cost:
         """The cost of order ``name`` (None: the chosen one)."""
-        o = self.order(quantity, self.choice[quantity] if name is None else name)
-        return Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+        return self._cost(self.order(quantity, self.choice[quantity] if name is None else name))
 
     def fits(self, cost: Cost) -> bool:
         return cost.memory * self.itemsize <= self.memory_cap
@@ -117,8 +116,14 @@ class SizedPlan:
             out[q] = min(pool, key=lambda n: (costs[n].flops, costs[n].memory))
         return out
 
+    @cached_property
+    def _costs(self) -> dict[int, Cost]:
+        """Every order's cost at these sizes, evaluated once (sympy stays out of repeated calls)."""
+        return {id(o): Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+                for orders in self.orders.values() for o in orders}
+
     def _cost(self, o: Order) -> Cost:
-        return Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+        return self._costs[id(o)]
 
     def chosen(self, quantity: str) -> Order:
         return self.order(quantity, self.choice[quantity])
@@ -143,14 +148,14 @@ class SizedPlan:
                  "  classes " + "  ".join(f"{k}={vals[k]}" for k in (m, N_g, N_v, N_I, N_C)),
                  f"  backend {self.backend_name}"]
         describe = getattr(self.backend, "describe", None)
-        for q in QUANTITIES:
+        for q in PROGRAMS:
             lines.append(f"  {q}:")
             for o in self.orders[q]:
                 c = self._cost(o)
                 missing = self.missing(o)
                 mark = "*" if self.choice[q] == o.name else ("x" if missing else " ")
                 lines.append(f"   {mark} {o.name:<13} {c.flops:>11.3e} flop {c.memory * self.itemsize / 2**20:>10.1f} MiB"
-                             f"   = {sympy.factor(o.flops)}")
+                             f"   = {o.formula}")
                 if missing:
                     lines.append(f"        (not run: the {self.backend_name} backend has no step {', '.join(missing)})")
                 for step in o.steps:
