@@ -48,6 +48,8 @@ class Derivation:
     weight_scale: Einsum  # Gu[n,...] = u[n] G[n,...]
     jvp_direct: Einsum    # Jp[n] = sum J[n,...] p[...]
     vjp_direct: Einsum    # JTu[...] = sum_n u[n] J[n,...]
+    input_scale: Einsum   # Uu[n,...] = u[n] U[n,...]
+    scaled_grad: Einsum   # JTu[...] = sum_{n,C} G[n,...] Uu[n,...]
 
 
 def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
@@ -95,4 +97,6 @@ def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
         weight_scale=Einsum((u, G), Tensor("Gu", G.indices)),
         jvp_direct=Einsum((J, P), Tensor("Jp", n)),
         vjp_direct=Einsum((u, J), JTu),
+        input_scale=Einsum((u, U), Tensor("Uu", U.indices)),
+        scaled_grad=Einsum((G, Tensor("Uu", U.indices)), JTu),
     )

@@ -113,6 +113,10 @@ class OperandKind:
     def _weight_grad(self, t: Term) -> list[Step]:
         raise NotImplementedError
 
+    def scaled_input(self, t: Term) -> list[Step]:
+        """J^T u with u scaling the input instead of G (empty: the kind has no such order)."""
+        return []
+
 
 class InputKind(OperandKind):
     name = "input"
@@ -161,6 +165,11 @@ class InputKind(OperandKind):
             w = t.contract("weight_grad")
             return [ConvWeightGrad(w.out, (self._x(t), t.tensor("weight_grad", "Gu")), w.flops, w.size)]
         return self._unfold(t) + [t.contract("weight_grad", self._u(t))]
+
+    def scaled_input(self, t):
+        if t.spec.maps:  # an unfolded copy scaled per sample would cost an im2col; the conv kernels win
+            return []
+        return [t.contract("input_scale", self._u(t)), t.contract("scaled_grad")]
 
 
 class OnesKind(OperandKind):

@@ -20,7 +20,9 @@ Gram orders (K = J J^T):
 
 J p orders: ``direct`` (form J, then J p) and ``forward`` (the layer run with weights p, then a
 per-sample inner product with G). J^T u orders: ``direct`` (J^T u from J) and ``weight_grad`` (the
-layer's weight gradient with G scaled per sample by u). ``jacobian`` has one order, the steps that
+layer's weight gradient with G scaled per sample by u) and, for an input without index maps,
+``scaled_input`` (u scales X instead: m N_C N_I instead of m N_C N_v for the scaling, so it wins when
+N_I < N_v, e.g. a widening Linear). ``jacobian`` has one order, the steps that
 form J. The operand kind (``operand``) supplies the steps that read U.
 
 An order's cost is the sum of its steps' flops; its memory is the sum of the results of all but its
@@ -147,5 +149,9 @@ def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
         Order("vjp", "weight_grad", tuple(kind.weight_grad(t)),
               "the layer's weight gradient with G scaled per sample by u"),
     ]
+    scaled = tuple(kind.scaled_input(t))
+    if scaled:
+        vjp.append(Order("vjp", "scaled_input", scaled,
+                         "u scales the input instead of G: cheaper when the input is narrower than the output"))
     return {"gram": tuple(gram), "jvp": tuple(jvp), "vjp": tuple(vjp),
             "jacobian": (Order("jacobian", "direct", jac, "J[n, param...] (Lemma 1)"),)}
