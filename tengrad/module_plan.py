@@ -7,6 +7,7 @@ terms (a bias has no ``factored_raw``) use their own choice. A name no term can 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from tengrad_ir import PROGRAMS, QUANTITIES, Order, SizedPlan
 from tengrad_ir.plan import Cost
@@ -29,11 +30,15 @@ class ModulePlan:
     def choice(self) -> dict[str, str]:
         return {q: self._main(q).choice[q] for q in QUANTITIES}
 
+    @cached_property
+    def _names(self) -> dict[str, tuple[str, ...]]:
+        return {q: tuple(dict.fromkeys(o.name for _, p in self.terms for o in p.runnable(q))) for q in PROGRAMS}
+
     def names(self, quantity: str) -> tuple[str, ...]:
         """The order names any term can run, in the IR's order."""
         if quantity not in PROGRAMS:
             raise TengradError(f"unknown quantity {quantity!r}; valid: {PROGRAMS}")
-        return tuple(dict.fromkeys(o.name for _, p in self.terms for o in p.runnable(quantity)))
+        return self._names[quantity]
 
     def check(self, quantity: str, order: str | None) -> None:
         if order is not None and order not in self.names(quantity):
@@ -42,8 +47,10 @@ class ModulePlan:
 
     def term_order(self, plan: SizedPlan, quantity: str, order: str | None) -> Order:
         """The order a term runs: ``order`` where the term's backend runs it, else the term's choice."""
-        if order is not None and order in [o.name for o in plan.runnable(quantity)]:
-            return plan.order(quantity, order)
+        if order is not None:
+            for o in plan.runnable(quantity):
+                if o.name == order:
+                    return o
         return plan.chosen(quantity)
 
     def cost(self, quantity: str, order: str | None = None) -> Cost:

@@ -83,8 +83,13 @@ class SizedPlan:
             return []
         return [f"{s.op} -> {s.out.name}" for s in o.steps if not self.backend.supports(s)]
 
+    @cached_property
+    def _runnable(self) -> dict[str, tuple[Order, ...]]:
+        return {q: tuple(o for o in orders if not self.missing(o)) for q, orders in self.orders.items()}
+
     def runnable(self, quantity: str) -> tuple[Order, ...]:
-        out = tuple(o for o in self.orders[quantity] if not self.missing(o))
+        """The orders of ``quantity`` whose every step the backend supports."""
+        out = self._runnable[quantity]
         if not out:
             raise SpecError(f"{self.spec.name}: the {self.backend_name} backend runs no {quantity} order "
                             f"(it lacks {sorted({x for o in self.orders[quantity] for x in self.missing(o)})})")
