@@ -85,7 +85,7 @@ class StepRun:
 
     def jacobian(self) -> torch.Tensor:
         """J[n, param...], [m, *param]."""
-        return self.execute(self._order("jacobian", "direct"))
+        return self.execute(enumerate_orders(self.spec)["jacobian"][0])
 
     def gram(self, order: str) -> torch.Tensor:
         """K = J J^T, [m, m]."""
