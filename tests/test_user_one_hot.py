@@ -61,5 +61,5 @@ def test_user_one_hot_layer_against_oracle(dtype, tol, ids_shape):
 def test_user_one_hot_layer_refuses_float_input():
     mod = Lookup(6, 3)
     plan = tengrad.compile(mod)
-    with pytest.raises(tengrad.ShapeError, match="Lookup: input must hold integer ids"):
+    with pytest.raises(tengrad.ShapeError, match="Lookup.gram: x must hold integer ids for Lookup"):
         plan.gram(torch.randn(4, 3), torch.randn(4, 3, 3))
