@@ -5,9 +5,13 @@ same layers and inputs (same seeds, float32, the rows of ``gram.py``). For every
 (the plan's choice, then each fixed order) the driver warms both up with one untimed call, then
 alternates single timed calls before, after, before, after ... ``--repeats`` times each and reports
 the medians, so that both sides see the same machine load. Orders whose extra memory exceeds
-``--max-gib`` are not run ("cap"); "-" means the tree has no such order.
+``--max-gib`` are not run ("cap"); "-" means the tree has no such order; a fixed order whose warm-up
+call took longer than ``--max-seconds`` is not repeated ("slow"). On a shared machine,
+``--threads 1 --clock cpu`` (each worker one thread, process CPU time) is far less noisy than wall
+time: a descheduled worker does not count the time it waits.
 
     python benchmarks/gram_compare.py --before /work/tmp7/base --after . --repeats 5
+    python benchmarks/gram_compare.py --before /work/tmp7/base --threads 1 --clock cpu --repeats 7
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ def worker() -> None:
     from gram import rows
 
     state: dict = {}
+    clock = time.process_time if os.environ.get("GRAM_COMPARE_CLOCK") == "cpu" else time.perf_counter
+    if os.environ.get("GRAM_COMPARE_THREADS"):
+        torch.set_num_threads(int(os.environ["GRAM_COMPARE_THREADS"]))
     for line in sys.stdin:
         cmd = json.loads(line)
         if "setup" in cmd:
@@ -53,15 +60,17 @@ def worker() -> None:
             reply = {"name": name, "chosen": sized.choice["gram"], "avail": avail, "file": tengrad.__file__}
         else:
             plan, x, gy = state["plan"], state["x"], state["gy"]
-            start = time.perf_counter()
+            start = clock()
             plan.gram(x, gy, order=cmd["order"])
-            reply = {"t": time.perf_counter() - start}
+            reply = {"t": clock() - start}
         print(json.dumps(reply), flush=True)
 
 
 class Side:
-    def __init__(self, tree: str):
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    def __init__(self, tree: str, threads: int | None, clock: str):
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), GRAM_COMPARE_CLOCK=clock)
+        if threads:
+            env["GRAM_COMPARE_THREADS"] = str(threads)
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -80,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-gib", type=float, default=6.0)
+    ap.add_argument("--max-seconds", type=float, default=math.inf)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args(argv)
     if args.worker:
         worker()
@@ -89,9 +101,9 @@ def main(argv=None) -> int:
     from gram import rows
 
     batches = args.batch or ([4] if args.quick else [32, 128])
-    before, after = Side(args.before), Side(args.after)
-    print(f"machine: {machine()}; float32; load {os.getloadavg()[0]:.1f} at start; median of {args.repeats} "
-          f"interleaved calls after one warm-up each")
+    before, after = Side(args.before, args.threads, args.clock), Side(args.after, args.threads, args.clock)
+    print(f"machine: {machine()}; float32; {args.threads or 'default'} threads per worker; {args.clock} clock; "
+          f"load {os.getloadavg()[0]:.1f} at start; median of {args.repeats} interleaved calls after one warm-up each")
     head = "| layer | m | order | before | after | after / before |"
     print(head + "\n" + "|---" * 6 + "|", flush=True)
     worst = 0.0
@@ -105,7 +117,10 @@ def main(argv=None) -> int:
                     print(f"| {info_a['name']} | {m} | {label} | {info_b['avail'][order]} | "
                           f"{info_a['avail'][order]} | |", flush=True)
                     continue
-                before.ask(order=order), after.ask(order=order)  # warm-up
+                warm = before.ask(order=order)["t"], after.ask(order=order)["t"]
+                if order is not None and max(warm) > args.max_seconds:
+                    print(f"| {info_a['name']} | {m} | {label} | slow | slow | |", flush=True)
+                    continue
                 tb, ta = [], []
                 for _ in range(args.repeats):
                     tb.append(before.ask(order=order)["t"])

@@ -18,7 +18,7 @@ from functools import cached_property
 import sympy
 
 from .errors import SpecError
-from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, PROGRAMS, QUANTITIES, Order, enumerate_orders, m)
+from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, PROGRAMS, Order, enumerate_orders, m)
 from .spec import LayerSpec
 
 DEFAULT_MEMORY_CAP = 4 * 2**30  # bytes
