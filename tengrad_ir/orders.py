@@ -127,7 +127,8 @@ def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
     k = t.tensor("gram_direct", "K")
     c1 = tuple(kind.cov_input(t))
     direct_gram = SymmetricGram(k, (j,), _flops(d.gram_direct), sympy.Integer(1))
-    factored = c1 + (t.contract("cov_grad"), t.contract("gram_factored", {} if c1 else {"C1": None}))
+    factored = c1 + tuple(kind.unfold_grad(t)) + (t.contract("cov_grad", kind.grad_table()),
+                                                  t.contract("gram_factored", {} if c1 else {"C1": None}))
     gram = [
         Order("gram", "direct", jac + (direct_gram,),
               "J formed once" + (" (the layer's per-sample weight gradient)" if conv else ""),

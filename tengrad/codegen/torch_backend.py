@@ -11,6 +11,10 @@ output index. Each step kind has one handler (see ``tengrad_ir.steps`` for the m
     ConvForward     torch's convolution with weights p; ConvWeightGrad its weight gradient (per
                     sample: the batch folded into the groups)
     RawCovUnfold    windowed R read through the maps as a strided view, summed over kernel positions
+    UnfoldOutput    strided view of G windowed along the output maps (zero outside the output)
+    ConvTranspose*  torch's transposed convolution with weights p, and its weight gradient (a
+                    convolution weight gradient with the windowed G as input; per sample: the batch
+                    folded into the groups)
     SymmetricGram   ``symmetric_gram`` (blocks on and above the diagonal)
     OneHot*         gathers, index_add scatters and an equality mask on the ids
 """
@@ -22,11 +26,13 @@ import math
 import torch
 
 from tengrad_ir import LayerSpec, Step, conv_geometry, kind_of
+from tengrad_ir.geometry import transposed_geometry
 from tengrad_ir import steps as S
 
 from ..errors import TengradError
 from .backend import StepRun
 from .conv_kernels import ConvLayout
+from .conv_transpose_kernels import ConvTransposeLayout
 from .einsum import contract
 from .unfold import strided_unfold, window
 
@@ -80,6 +86,27 @@ def _conv_weight_grad(run: "TermRun", step: S.ConvWeightGrad, env: dict) -> torc
     if gin.indices[0] in step.out.indices:  # per sample: J
         return c.w_back(c.per_sample_weight_grad(xc, gc), batch=True)
     return c.w_back(c.weight_grad(xc, gc))
+
+
+def _unfold_output(run: "TermRun", step: S.UnfoldOutput, env: dict) -> torch.Tensor:
+    g_t = step.inputs[0]
+    s = run.spec
+    gw = window(env[g_t.name], g_t.indices, s, run.sizes, maps=s.out_maps)
+    return strided_unfold(gw, g_t.indices, step.out.indices, s, run.sizes, maps=s.out_maps)
+
+
+def _conv_transpose_forward(run: "TermRun", step: S.ConvTransposeForward, env: dict) -> torch.Tensor:
+    c = run.convt
+    return c.forward(c.x(run.x, run.x_idx), c.w(env["p"]), step.out.indices)
+
+
+def _conv_transpose_weight_grad(run: "TermRun", step: S.ConvTransposeWeightGrad, env: dict) -> torch.Tensor:
+    c = run.convt
+    gin = step.inputs[1]
+    xc, gw = c.x(run.x, run.x_idx), c.gw(env[gin.name], gin.indices)
+    if gin.indices[0] in step.out.indices:  # per sample: J
+        return c.w_back(c.per_sample_weight_grad(xc, gw), batch=True)
+    return c.w_back(c.weight_grad(xc, gw))
 
 
 def _raw_cov_unfold(run: "TermRun", step: S.RawCovUnfold, env: dict) -> torch.Tensor:
@@ -150,12 +177,17 @@ def _one_hot_scatter(run: "TermRun", step: S.OneHotScatter, env: dict) -> torch.
 HANDLERS = {S.Contract: _contract, S.Unfold: _unfold, S.ConvForward: _conv_forward,
             S.ConvWeightGrad: _conv_weight_grad, S.RawCovUnfold: _raw_cov_unfold,
             S.SymmetricGram: _symmetric_gram, S.OneHotEqual: _one_hot_equal,
-            S.OneHotGather: _one_hot_gather, S.OneHotScatter: _one_hot_scatter}
+            S.OneHotGather: _one_hot_gather, S.OneHotScatter: _one_hot_scatter,
+            S.UnfoldOutput: _unfold_output, S.ConvTransposeForward: _conv_transpose_forward,
+            S.ConvTransposeWeightGrad: _conv_transpose_weight_grad}
 
 _WHAT = {S.Contract: "torch.einsum (opt_einsum path beyond two operands)", S.Unfold: "as_strided view",
          S.ConvForward: "F.conv1d/2d/3d", S.ConvWeightGrad: "torch.nn.grad.conv1d/2d/3d_weight",
          S.RawCovUnfold: "strided views of R, summed", S.SymmetricGram: "symmetric_gram (upper blocks)",
-         S.OneHotEqual: "equality mask", S.OneHotGather: "index gather", S.OneHotScatter: "index_add_"}
+         S.OneHotEqual: "equality mask", S.OneHotGather: "index gather", S.OneHotScatter: "index_add_",
+         S.UnfoldOutput: "as_strided view of the windowed G",
+         S.ConvTransposeForward: "F.conv_transpose1d/2d/3d (full extent, placed at the map offset)",
+         S.ConvTransposeWeightGrad: "torch.nn.grad.conv1d/2d/3d_weight (input: windowed G, output grad: X)"}
 
 
 class TermRun(StepRun):
@@ -166,6 +198,8 @@ class TermRun(StepRun):
         self.x_idx = kind_of(spec).x_indices(spec)
         geo = conv_geometry(spec)
         self.conv = ConvLayout(spec, geo, sizes) if geo is not None else None
+        tgeo = transposed_geometry(spec)
+        self.convt = ConvTransposeLayout(spec, tgeo, sizes) if tgeo is not None else None
         self._xw = None
 
     @property
