@@ -112,7 +112,8 @@ class CompiledLayer:
 
     def _plan_for_terms(self, sizes_per_term, itemsize: int = 4, backend: Backend | None = None) -> ModulePlan:
         if sizes_per_term is None:  # size-free listing of orders
-            sizes_per_term = [{i: 2 for i in t.spec.roles} | dict(t.spec.sizes) for t in self.terms]
+            sizes_per_term = [{i: 2 for i in (*t.spec.roles, *t.spec.out_map_of)} | dict(t.spec.sizes)
+                              for t in self.terms]
         return ModulePlan(self.name, tuple(
             (t.param, SizedPlan(t.spec, tuple(s.items()), itemsize, self.memory_cap, backend=backend))
             for t, s in zip(self.terms, sizes_per_term)), getattr(backend, "name", "any"))

@@ -81,8 +81,14 @@ def transposed_geometry(spec: LayerSpec) -> TransposedGeometry | None:
 
 
 def raw_factorable(spec: LayerSpec) -> bool:
-    """Whether ``factored_raw`` applies: maps with an independent variable, disjoint from raw axes."""
-    if spec.source != "input" or not spec.maps:
+    """Whether ``factored_raw`` applies: maps with an independent variable, disjoint from raw axes
+    (output maps: with a free variable, the covariance of the raw output gradient unfolded)."""
+    if spec.source != "input":
+        return False
+    if spec.out_maps:
+        variables = {v for mp in spec.out_maps for v in mp.variables}
+        return any(spec.roles[v] == "free" for v in variables) and not variables & set(spec.output_indices)
+    if not spec.maps:
         return False
     variables = {v for mp in spec.maps for v in mp.variables}
     return (any(spec.roles[v] == "independent" for v in variables)

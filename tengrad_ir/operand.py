@@ -33,8 +33,9 @@ from .steps import (Contract, ConvForward, ConvTransposeForward, ConvTransposeWe
 
 m, N_g, N_v, N_I, N_C = sympy.symbols("m N_g N_v N_I N_C", positive=True, integer=True)
 N_Ir, N_K, N_P, N_Cu = sympy.symbols("N_Ir N_K N_P N_Cu", positive=True, integer=True)
+N_Vr, N_O = sympy.symbols("N_Vr N_O", positive=True, integer=True)  # output maps: raw free, output positions
 CLASS_SIZE = {"n": m, "n'": m, "g": N_g, "v": N_v, "I": N_I, "C": N_C, "C'": N_C,
-              "Ir": N_Ir, "K": N_K, "P": N_P, "P'": N_P, "Cu": N_Cu, "Cu'": N_Cu}
+              "Ir": N_Ir, "K": N_K, "P": N_P, "P'": N_P, "Cu": N_Cu, "Cu'": N_Cu, "Vr": N_Vr, "O": N_O}
 
 
 def class_size(index: str) -> sympy.Symbol:
@@ -261,9 +262,8 @@ class OutputMapKind(InputKind):
         J[n, g, I, v, K]  = sum_C X[n, g, I, C] GU[n, g, v, C, K]
 
     J and J^T u run the transposed convolution's weight gradient, J p its forward; C2 contracts GU.
-    The forward's inner product and the scaling by u run on the real output; their class-level cost
-    is charged at the unfolded size m N_g N_v N_C (an upper bound: the output has at most that many
-    positions per sample that the maps reach)."""
+    The forward's inner product and the scaling by u run on the real output [n, g, Vr, O]: Vr the
+    free indices outside the maps (output channels), O the mapped output positions."""
 
     name = "output_maps"
 
@@ -278,6 +278,11 @@ class OutputMapKind(InputKind):
 
     def grad_table(self):
         return {"G": "GU"}
+
+    @staticmethod
+    def _real(t: Term, name: str) -> Tensor:
+        """The class-level real output tensor ``name[n, g, Vr, O]``."""
+        return Tensor(name, ("n",) + (("g",) if t.spec.indices("group") else ()) + ("Vr", "O"))
 
     def _table(self) -> dict[str, str | None]:
         return {"U": "X", "G": "GU"}
@@ -298,8 +303,10 @@ class OutputMapKind(InputKind):
         y = Tensor("Y", s.output_indices)
         fwd = t.contract("forward")
         dot = Einsum((y, self._g(t)), Tensor("Jp", (s.batch,)))
-        return [ConvTransposeForward(y, (self._x(t), t.tensor("forward", "p")), fwd.flops, fwd.size),
-                Contract(dot.out, dot.operands, t.flops("forward_dot"), sympy.Integer(1))]
+        dot_cls = Einsum((self._real(t, "Y"), self._real(t, "G")), Tensor("Jp", ("n",)))
+        return [ConvTransposeForward(y, (self._x(t), t.tensor("forward", "p")), fwd.flops,
+                                     sympy.Mul(*[class_size(i) for i in self._real(t, "Y").indices])),
+                Contract(dot.out, dot.operands, dot_cls.flops(class_size), sympy.Integer(1))]
 
     def weight_grad(self, t):
         s = t.spec
@@ -308,8 +315,9 @@ class OutputMapKind(InputKind):
                                           t.contract("weight_grad", {"U": "X"})]
         gu = Tensor("Gu", s.output_indices)
         scale = Einsum((Tensor("u", (s.batch,)), self._g(t)), gu)
+        scale_cls = Einsum((Tensor("u", ("n",)), self._real(t, "G")), self._real(t, "Gu"))
         w = t.contract("weight_grad")
-        return [Contract(gu, scale.operands, t.flops("weight_scale"), t.size("weight_scale")),
+        return [Contract(gu, scale.operands, scale_cls.flops(class_size), scale_cls.out_size(class_size)),
                 ConvTransposeWeightGrad(w.out, (self._x(t), gu), w.flops, w.size)]
 
     def scaled_input(self, t):

@@ -18,7 +18,7 @@ import tengrad
 from tengrad.layers import conv_transpose_terms
 from tengrad_ir import LayerSpec, SizedPlan, SpecError, enumerate_orders
 from tengrad_ir.geometry import transposed_geometry
-from tengrad_ir.orders import N_C, N_I, N_g, N_v, m
+from tengrad_ir.orders import N_C, N_I, N_K, N_P, N_Vr, N_g, N_v, m
 from test_optim_oracle import run_against_oracle
 
 EQ = "n (g ci) i0 i1, (g ci) co k0 k1 -> n (g co) o0 o1"
@@ -56,10 +56,14 @@ def test_costs_are_the_sum_of_the_steps():
         for o in os:
             assert sympy.simplify(o.flops - sum(st.flops for st in o.steps)) == 0
     gram = {o.name: o for o in orders["gram"]}
-    assert set(gram) == {"direct", "factored"}          # no factored_raw: no input maps
+    assert set(gram) == {"direct", "factored", "factored_raw"}
     assert sympy.simplify(gram["direct"].flops - 2 * m * N_g * N_v * N_I * (N_C + m)) == 0
     assert sympy.simplify(gram["factored"].flops - 2 * m**2 * N_g * N_C**2 * (N_I + N_v + 1)) == 0
+    assert sympy.simplify(gram["factored_raw"].flops - m**2 * N_g * (2 * N_C**2 * N_I + 2 * N_Vr * N_P**2
+                                                                      + N_C**2 * N_K + 2 * N_C**2)) == 0
     assert [st.op for st in gram["factored"].steps] == ["contract", "unfold_output", "contract", "contract"]
+    assert [st.op for st in gram["factored_raw"].steps] == ["contract", "contract", "raw_cov_unfold", "contract"]
+    assert [t.name for t in gram["factored_raw"].steps[1].inputs] == ["G", "G'"]   # R on the raw gradient
     assert [st.op for st in {o.name: o for o in orders["jvp"]}["forward"].steps] == ["conv_transpose_forward",
                                                                                      "contract"]
     assert [st.op for st in {o.name: o for o in orders["vjp"]}["weight_grad"].steps] == [

@@ -110,13 +110,15 @@ def _conv_transpose_weight_grad(run: "TermRun", step: S.ConvTransposeWeightGrad,
 
 
 def _raw_cov_unfold(run: "TermRun", step: S.RawCovUnfold, env: dict) -> torch.Tensor:
-    """C1 = sum_K R[map(C,K), map(C',K)]: R windowed along P and P', then one strided view per
+    """C1 (or C2, output maps) = sum_K R[map(C,K), map(C',K)]: R windowed along P and P', then one strided view per
     kernel position, each a run of contiguous m x m blocks (R is laid out with the pair last)."""
     s, sizes = run.spec, run.sizes
     r_t = step.inputs[0]
     r_idx = r_t.indices
-    rw = window(window(env[r_t.name], r_idx, s, sizes), r_idx, s, sizes, primed=True)
-    view = strided_unfold(rw, r_idx, step.out.indices + step.kernels, s, sizes, pairs=(("", ""), ("'", "'")))
+    maps = s.out_maps or s.maps   # output maps: R is the raw output gradient's covariance
+    rw = window(window(env[r_t.name], r_idx, s, sizes, maps=maps), r_idx, s, sizes, primed=True, maps=maps)
+    view = strided_unfold(rw, r_idx, step.out.indices + step.kernels, s, sizes, pairs=(("", ""), ("'", "'")),
+                          maps=maps)
     c1 = torch.zeros(view.shape[:len(step.out.indices)], dtype=view.dtype, device=view.device)
     for k in itertools.product(*(range(sizes[i]) for i in step.kernels)):
         c1 += view[(Ellipsis,) + k]
