@@ -111,6 +111,8 @@ def test_triton_refuses_the_layer_by_name_and_auto_runs_torch():
     with pytest.raises(SpecError) as info:
         plan.choice
     assert "ConvTranspose2d.weight" in str(info.value) and "triton backend runs no" in str(info.value)
+    with pytest.raises(tengrad.TengradError, match="ConvTranspose2d.weight: the triton backend runs no gram order"):
+        tengrad.compile(mod, backend="triton").orders("gram")       # the public API refuses it by name
     assert tengrad.compile(mod, backend="auto")._auto(triton).name == "torch"
     assert tengrad.compile(nn.Conv2d(2, 3, 3), backend="auto")._auto(triton).name == "triton"
 
