@@ -142,7 +142,8 @@ def _factored_raw_grad(t: Term) -> tuple[Step, ...]:
                    Tensor("R", ("n", "n'") + gc + cu + cu2 + ("P", "P'")))
     kernels = tuple(dict.fromkeys(v for mp in s.out_maps for v in mp.variables if s.roles[v] == "free"))
     return (
-        Contract(c1, (x, Tensor("X'", primed(x.indices, second))), _flops(d.cov_input), d.cov_input.out_size(class_size)),
+        Contract(c1, (x, Tensor("X'", primed(x.indices, second))), _flops(d.cov_input),
+                 d.cov_input.out_size(class_size)),
         Contract(r, (g, Tensor("G'", primed(g.indices, second))), _flops(r_cls), r_cls.out_size(class_size)),
         RawCovUnfold(c2, (r,), m**2 * N_g * N_C**2 * N_K, d.cov_grad.out_size(class_size), kernels=kernels,
                      maps=tuple(str(mp) for mp in s.out_maps)),

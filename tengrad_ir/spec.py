@@ -101,7 +101,8 @@ class LayerSpec:
             raise SpecError(f"{name}: index maps on both input ({parsed_maps[0].target!r}) and output "
                             f"({out_maps[0].target!r}) indices are not supported")
         spec = LayerSpec(name=name, input_axes=input_axes, param_axes=param_axes, output_axes=output,
-                         maps=tuple(parsed_maps), out_maps=tuple(out_maps), batch=batch, sizes=tuple(sorted((sizes or {}).items())),
+                         maps=tuple(parsed_maps), out_maps=tuple(out_maps), batch=batch,
+                         sizes=tuple(sorted((sizes or {}).items())),
                          source=source, one_hot=one_hot, pre_map=pre_map,
                          roles_declared=tuple(sorted((roles or {}).items())))
         spec.validate()
