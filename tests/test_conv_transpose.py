@@ -152,3 +152,53 @@ def test_convtranspose_groupnorm_cnn_matches_dense_oracle(fisher, path):
     if path == "reuse":
         assert all(b.choice.path == "reuse" for b in opt.blocks)
     assert not opt.fallback
+
+
+class SkewScatter(nn.Module):
+    """A user layer with an output map that is not a transposed convolution (two common variables in
+    one map): y[n, c, o] = sum over (i, j, k) with o = i + 3 j + k - 1 of x[n, c, i, j] w[c, k], cropped
+    to [0, 6). It runs the generic output-map steps (UnfoldOutput + contractions) in every order."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):                                  # x [n, 2, 3, 2]
+        n = x.shape[0]
+        y = x.new_zeros(n, 2, 6)
+        for i in range(3):
+            for j in range(2):
+                for k in range(3):
+                    o = i + 3 * j + k - 1
+                    if 0 <= o < 6:
+                        y = y.index_add(2, torch.tensor([o], device=x.device), (x[:, :, i, j] * self.weight[:, k])[..., None])
+        return y
+
+
+def skew_terms(module):
+    spec = LayerSpec.parse("n c i j, c k -> n c o", name="SkewScatter.weight", maps={"o": "i + 3*j + k - 1"})
+    return [tengrad.Term("weight", spec)]
+
+
+def test_generic_output_map_runs_every_order_against_the_oracle():
+    from oracle import compare_plan, per_sample_jacobian
+    from steps_as_printed import check_layer
+
+    tengrad.register_layer(SkewScatter, skew_terms)
+    gen = torch.Generator().manual_seed(3)
+    mod = SkewScatter().double()
+    x = torch.randn(4, 2, 3, 2, generator=gen, dtype=torch.float64)
+    gy = torch.randn(4, 2, 6, generator=gen, dtype=torch.float64)
+    spec = skew_terms(mod)[0].spec
+    assert transposed_geometry(spec) is None
+    assert spec.roles == {"n": "batch", "c": "group", "i": "common", "j": "common", "k": "free"}
+    orders = enumerate_orders(spec)
+    assert "unfold_output" in [st.op for st in orders["jacobian"][0].steps]
+    assert {o.name for o in orders["gram"]} == {"direct", "factored", "factored_raw"}
+    J = per_sample_jacobian(mod, x, gy)
+    p = [torch.randn(2, 3, generator=gen, dtype=torch.float64)]
+    u = torch.randn(4, generator=gen, dtype=torch.float64)
+    failures = compare_plan(tengrad.compile(mod), mod, x, gy, J, p, u, 1e-10)
+    assert not failures, failures
+    bad = check_layer(tengrad.compile(mod), x, gy, gen)        # what prints is what runs
+    assert not bad, "\n".join(bad)
