@@ -261,7 +261,7 @@ class OutputMapKind(InputKind):
         GU[n, g, v, C, K] = G[n, g, v, map(C, K)]       (zero outside [0, N_o); K free, C common)
         J[n, g, I, v, K]  = sum_C X[n, g, I, C] GU[n, g, v, C, K]
 
-    J and J^T u run the transposed convolution's weight gradient, J p its forward; C2 contracts GU.
+    J and C2 contract GU; J^T u runs the transposed convolution's weight gradient, J p its forward.
     The forward's inner product and the scaling by u run on the real output [n, g, Vr, O]: Vr the
     free indices outside the maps (output channels), O the mapped output positions."""
 
@@ -288,9 +288,9 @@ class OutputMapKind(InputKind):
         return {"U": "X", "G": "GU"}
 
     def jacobian(self, t):
-        j = t.contract("jacobian")
-        if transposed_geometry(t.spec) is not None:
-            return [ConvTransposeWeightGrad(j.out, (self._x(t), self._g(t)), j.flops, j.size)]
+        # GU is a strided view and J one contraction with X; measured 1.75x faster than the
+        # transposed conv's weight gradient with the batch folded into the groups (CPU, m = 32,
+        # ConvTranspose2d(32,16,4,s=2,p=1) 8x8 and (16,8,3,p=1) 16x16: 48 ms vs 84 ms)
         return self.unfold_grad(t) + [t.contract("jacobian", self._table())]
 
     def cov_input(self, t):

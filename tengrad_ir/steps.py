@@ -15,8 +15,8 @@ of its result; ``view``: the result is a view that costs no memory).
     RawCovUnfold    C1[C, C', n, n'] = sum_K R[map(C, K), map(C', K), n, n']
     UnfoldOutput    GU[n,..,C,K] = G[n,.., map(C, K)]  (output maps: zero outside [0, N_o); strided view)
     ConvTransposeForward     Y = conv_transpose(X, p)   the layer's own transposed convolution
-    ConvTransposeWeightGrad  J[n, param] per sample, or JTu[param] summed: the transposed
-                    convolution's weight gradient (a convolution weight gradient with G as its input)
+    ConvTransposeWeightGrad  JTu[param] = the transposed convolution's weight gradient, summed over
+                    samples (a convolution weight gradient with the windowed G as its input)
     SymmetricGram   K = J J^T over the flattened parameter (upper blocks only)
     OneHotEqual     C1[n, n', t, t'] = [X[n, t] == X[n', t']]                  (ids: U U'^T)
     OneHotGather    Y[n, t, ..] = p[.., X[n, t], ..]                           (ids: U p)
@@ -127,9 +127,7 @@ class ConvTransposeWeightGrad(Step):
 
     def formula(self) -> str:
         x, g = (t.name for t in self.inputs)
-        per = ("per sample, the batch folded into the groups" if self.inputs[1].indices[0] in self.out.indices
-               else "summed over samples")
-        return f"conv_transpose_weight({x}, {g})  (the transposed convolution's weight gradient, {per})"
+        return f"conv_transpose_weight({x}, {g})  (the transposed convolution's weight gradient, summed over samples)"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ forward   Y = conv_transpose(X, W, stride=s, dilation=d, groups=N_g) over the fu
           L = s (N_i - 1) + d (N_k - 1) + 1, then placed at offset c into [0, N_o) (J p, "forward")
 weight    dW[(g Ir), v, k] = sum_{n,i} X[n, (g Ir), i] Gw[n, (g v), s i + d k]: the weight gradient of
           a *convolution* whose input is Gw and whose output gradient is X (J^T u, "weight_grad")
-per-sample J: the same with the batch folded into the groups (groups m N_g)
 """
 from __future__ import annotations
 
@@ -62,11 +61,9 @@ class ConvTransposeLayout:
         t = self.permute(p, self.spec.param_indices, self.w_order)
         return t.reshape(self.n_g * self.n_ir, self.n_v, *self.kernel)
 
-    def w_back(self, w: torch.Tensor, batch: bool = False) -> torch.Tensor:
-        lead = (self.spec.batch,) if batch else ()
-        order = lead + self.w_order
-        t = w.reshape([self.sizes[i] for i in order])
-        return self.permute(t, order, lead + self.spec.param_indices)
+    def w_back(self, w: torch.Tensor) -> torch.Tensor:
+        t = w.reshape([self.sizes[i] for i in self.w_order])
+        return self.permute(t, self.w_order, self.spec.param_indices)
 
     def forward(self, xc: torch.Tensor, wc: torch.Tensor, out_indices: tuple[str, ...]) -> torch.Tensor:
         """Y with one dim per ``out_indices`` (the spec's output indices, in any order)."""
@@ -87,11 +84,3 @@ class ConvTransposeLayout:
         shape = (self.n_g * self.n_ir, self.n_v, *self.kernel)
         return _WEIGHT[self.dims](gw, shape, xc, stride=self.geo.stride, dilation=self.geo.dilation,
                                   groups=self.n_g)
-
-    def per_sample_weight_grad(self, xc: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
-        m = xc.shape[0]
-        shape = (m * self.n_g * self.n_ir, self.n_v, *self.kernel)
-        x1 = xc.reshape(1, m * xc.shape[1], *xc.shape[2:])
-        g1 = gw.reshape(1, m * gw.shape[1], *gw.shape[2:])
-        return _WEIGHT[self.dims](g1, shape, x1, stride=self.geo.stride, dilation=self.geo.dilation,
-                                  groups=m * self.n_g)

@@ -12,9 +12,8 @@ output index. Each step kind has one handler (see ``tengrad_ir.steps`` for the m
                     sample: the batch folded into the groups)
     RawCovUnfold    windowed R read through the maps as a strided view, summed over kernel positions
     UnfoldOutput    strided view of G windowed along the output maps (zero outside the output)
-    ConvTranspose*  torch's transposed convolution with weights p, and its weight gradient (a
-                    convolution weight gradient with the windowed G as input; per sample: the batch
-                    folded into the groups)
+    ConvTranspose*  torch's transposed convolution with weights p, and its weight gradient summed
+                    over samples (a convolution weight gradient with the windowed G as input)
     SymmetricGram   ``symmetric_gram`` (blocks on and above the diagonal)
     OneHot*         gathers, index_add scatters and an equality mask on the ids
 """
@@ -103,10 +102,7 @@ def _conv_transpose_forward(run: "TermRun", step: S.ConvTransposeForward, env: d
 def _conv_transpose_weight_grad(run: "TermRun", step: S.ConvTransposeWeightGrad, env: dict) -> torch.Tensor:
     c = run.convt
     gin = step.inputs[1]
-    xc, gw = c.x(run.x, run.x_idx), c.gw(env[gin.name], gin.indices)
-    if gin.indices[0] in step.out.indices:  # per sample: J
-        return c.w_back(c.per_sample_weight_grad(xc, gw), batch=True)
-    return c.w_back(c.weight_grad(xc, gw))
+    return c.w_back(c.weight_grad(c.x(run.x, run.x_idx), c.gw(env[gin.name], gin.indices)))
 
 
 def _raw_cov_unfold(run: "TermRun", step: S.RawCovUnfold, env: dict) -> torch.Tensor:
