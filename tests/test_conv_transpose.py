@@ -118,9 +118,9 @@ def test_triton_refuses_the_layer_by_name_and_auto_runs_torch():
 
 
 class UpNet(nn.Module):
-    """conv (stride 2) -> GroupNorm -> tanh -> ConvTranspose2d (stride 2, padding 1, output_padding 1)
-    -> GroupNorm -> tanh -> depthwise ConvTranspose2d -> mean over positions -> Linear;
-    input [m, 4, 5, 5], output [m, 3]."""
+    """conv (stride 2) -> GroupNorm -> tanh -> ConvTranspose2d (stride 2, padding 1, output_padding 1,
+    called with output_size=(5, 5), as U-Nets do: torch then uses output_padding 0) -> GroupNorm ->
+    tanh -> depthwise ConvTranspose2d -> mean over positions -> Linear; input [m, 4, 5, 5], output [m, 3]."""
 
     def __init__(self):
         super().__init__()
@@ -133,11 +133,12 @@ class UpNet(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.gn1(self.down(x)))
-        h = torch.tanh(self.gn2(self.up(h)))
+        h = torch.tanh(self.gn2(self.up(h, output_size=(5, 5))))
         return self.head(self.dw(h).mean((2, 3)))
 
 
-@pytest.mark.parametrize("fisher, path", [("empirical", "auto"), ("exact", "auto"), ("empirical", "reuse")])
+@pytest.mark.parametrize("fisher, path", [("empirical", "auto"), ("exact", "auto"), ("mc", "auto"),
+                                          ("empirical", "reuse")])
 def test_convtranspose_groupnorm_cnn_matches_dense_oracle(fisher, path):
     """path "reuse" forbids explicit Jacobians, so the blocks run plan.gram/jvp/vjp on x and gy."""
     torch.manual_seed(0)
@@ -152,6 +153,30 @@ def test_convtranspose_groupnorm_cnn_matches_dense_oracle(fisher, path):
     if path == "reuse":
         assert all(b.choice.path == "reuse" for b in opt.blocks)
     assert not opt.fallback
+
+
+def test_output_size_in_the_forward_gives_the_layer_of_that_size():
+    """``up(x, output_size=...)`` picks another output_padding; gy then has that size, and the plan of
+    the module (built with its own output_padding) is exact for it: the oracle is the module with the
+    output_padding torch chose. A gy of another channel count still raises naming the layer."""
+    from oracle import compare_plan, per_sample_jacobian
+
+    gen = torch.Generator().manual_seed(5)
+    mod = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1).double()               # output 9x9 for 5x5
+    same = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1).double()
+    same.load_state_dict(mod.state_dict())
+    x = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(mod(x, output_size=(10, 10)), same(x))
+    gy = torch.randn(3, 3, 10, 10, generator=gen, dtype=torch.float64)
+    J = per_sample_jacobian(same, x, gy)
+    p = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (mod.weight, mod.bias)]
+    u = torch.randn(3, generator=gen, dtype=torch.float64)
+    plan = tengrad.compile(mod)
+    failures = compare_plan(plan, mod, x, gy, J, p, u, 1e-10)
+    assert not failures, failures
+    with pytest.raises(tengrad.ShapeError, match="ConvTranspose2d: gy has shape"):
+        plan.gram(x, torch.randn(3, 4, 10, 10, dtype=torch.float64))
 
 
 class SkewScatter(nn.Module):
