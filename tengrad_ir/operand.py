@@ -321,7 +321,14 @@ class OutputMapKind(InputKind):
                 ConvTransposeWeightGrad(w.out, (self._x(t), gu), w.flops, w.size)]
 
     def scaled_input(self, t):
-        return []
+        """u scales X (m N_g N_I N_C) instead of G (m N_g N_Vr N_O), then the same weight gradient:
+        cheaper when the input is smaller than the output, as in an upsampling layer."""
+        s = t.spec
+        if transposed_geometry(s) is None:
+            return []
+        scale = t.contract("input_scale", {"U": "X"})
+        w = t.contract("weight_grad")
+        return [scale, ConvTransposeWeightGrad(w.out, (scale.out, self._g(t)), w.flops, w.size)]
 
 
 KINDS: dict[str, OperandKind] = {k.name: k for k in (InputKind(), OnesKind(), OneHotKind())}

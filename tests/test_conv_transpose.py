@@ -18,7 +18,7 @@ import tengrad
 from tengrad.layers import conv_transpose_terms
 from tengrad_ir import LayerSpec, SizedPlan, SpecError, enumerate_orders
 from tengrad_ir.geometry import transposed_geometry
-from tengrad_ir.orders import N_C, N_I, N_K, N_P, N_Vr, N_g, N_v, m
+from tengrad_ir.orders import N_C, N_I, N_K, N_O, N_P, N_Vr, N_g, N_v, m
 from test_optim_oracle import run_against_oracle
 
 EQ = "n (g ci) i0 i1, (g ci) co k0 k1 -> n (g co) o0 o1"
@@ -66,8 +66,12 @@ def test_costs_are_the_sum_of_the_steps():
     assert [t.name for t in gram["factored_raw"].steps[1].inputs] == ["G", "G'"]   # R on the raw gradient
     assert [st.op for st in {o.name: o for o in orders["jvp"]}["forward"].steps] == ["conv_transpose_forward",
                                                                                      "contract"]
-    assert [st.op for st in {o.name: o for o in orders["vjp"]}["weight_grad"].steps] == [
-        "contract", "conv_transpose_weight_grad"]
+    vjp = {o.name: o for o in orders["vjp"]}
+    assert [st.op for st in vjp["weight_grad"].steps] == ["contract", "conv_transpose_weight_grad"]
+    assert [t.name for t in vjp["scaled_input"].steps[1].inputs] == ["Uu", "G"]   # u scales X, not G
+    # Gu = u G on the real output [n, g, Vr, O]; Uu = u X on the input [n, g, I, C]
+    assert sympy.simplify(vjp["weight_grad"].flops - vjp["scaled_input"].flops
+                          - m * N_g * (N_Vr * N_O - N_I * N_C)) == 0
 
 
 def test_layers_without_output_maps_are_unchanged():

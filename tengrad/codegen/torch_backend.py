@@ -101,8 +101,8 @@ def _conv_transpose_forward(run: "TermRun", step: S.ConvTransposeForward, env: d
 
 def _conv_transpose_weight_grad(run: "TermRun", step: S.ConvTransposeWeightGrad, env: dict) -> torch.Tensor:
     c = run.convt
-    gin = step.inputs[1]
-    return c.w_back(c.weight_grad(c.x(run.x, run.x_idx), c.gw(env[gin.name], gin.indices)))
+    xin, gin = step.inputs   # X (or Xu = u X) and G (or Gu = u G)
+    return c.w_back(c.weight_grad(c.x(env[xin.name], xin.indices), c.gw(env[gin.name], gin.indices)))
 
 
 def _raw_cov_unfold(run: "TermRun", step: S.RawCovUnfold, env: dict) -> torch.Tensor:
