@@ -18,6 +18,7 @@ from .plan import DEFAULT_MEMORY_CAP, Cost, SizedPlan, class_sizes
 from .spec import ROLES, LayerSpec
 
 __all__ = ["LayerSpec", "IndexMap", "Einsum", "Tensor", "Derivation", "derive", "Order", "ConvGeometry",
-           "conv_geometry", "raw_factorable", "TransposedGeometry", "transposed_geometry", "enumerate_orders", "SizedPlan", "Cost", "class_sizes",
+           "conv_geometry", "raw_factorable", "TransposedGeometry", "transposed_geometry", "enumerate_orders",
+           "SizedPlan", "Cost", "class_sizes",
            "DEFAULT_MEMORY_CAP", "SpecError", "TengradError", "ROLES", "parse_axes", "parse_equation",
            "format_axes", "Step", "OperandKind", "KINDS", "kind_of", "QUANTITIES", "PROGRAMS"]
