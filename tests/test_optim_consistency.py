@@ -75,21 +75,36 @@ def _transposed_spec(module):
 tengrad.register_layer(SquareMap, _transposed_spec)
 
 
-def test_tied_head_raises_naming_the_embedding():
+def test_tied_head_is_one_exact_block_with_two_uses():
+    """Formerly silently wrong, then refused: now one block whose J sums the embedding and the
+    F.linear(h, emb.weight) use (exactness against the dense oracle: test_optim_zoo.py)."""
     torch.manual_seed(0)
     model = TiedHead().double()
-    ids = torch.randint(0, 10, (6, 5))
-    y = torch.randint(0, 10, (6,))
-    err = step_raises(model, ids, y, SpecMismatchError, r"layer 'emb' \(Embedding, spec weight: n \*t v, v d")
-    assert "F.linear(h, emb.weight)" in str(err) and isinstance(err, tengrad.TengradError)
+    opt = TENGraD(model, 0.1, 0.5, check=True)
+    ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 10, (6,))
+    F.cross_entropy(model(ids), y).backward()
+    opt.step()
+    emb = next(b for b in opt.blocks if b.name == "emb")
+    assert len(emb.uses) == 2 and any(u.startswith("linear(emb.weight)") for u in emb.uses), emb.uses
 
 
-def test_sequence_first_linear_raises_naming_the_layer():
+def test_sequence_first_linear_takes_the_sample_dimension_from_the_batch():
+    """[T, N, d] with T != N: the sample is the dimension of size m (exact: test_optim_zoo.py)."""
     torch.manual_seed(0)
     model = SequenceFirst().double()
+    opt = TENGraD(model, 0.1, 0.5, check=True)
     x = torch.randn(3, 7, 4, dtype=torch.float64)                   # N = 3, T = 7
-    y = torch.randint(0, 3, (3,))
-    step_raises(model, x, y, BatchDimensionError, r"layer 'lin' \(Linear.*leading dimension 7.*batch 3")
+    F.cross_entropy(model(x), torch.randint(0, 3, (3,))).backward()
+    opt.step()
+    assert opt.blocks[0].curv.gram.shape == (3, 3)
+
+
+def test_sequence_first_linear_with_t_equal_n_raises_naming_the_layer():
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)                   # N = T = 3: ambiguous
+    step_raises(model, x, torch.randint(0, 3, (3,)), BatchDimensionError,
+                r"layer 'lin'.*dimensions \[0, 1\] all of size m = 3")
 
 
 def test_contradicting_user_spec_raises_naming_layer_and_spec():
@@ -100,7 +115,9 @@ def test_contradicting_user_spec_raises_naming_layer_and_spec():
     step_raises(model, x, y, SpecMismatchError, r"layer '0' \(SquareMap, spec weight: n i, i o -> n o")
 
 
-def test_missing_capture_names_a_parameter_used_outside_forward():
+def test_multihead_attention_out_proj_is_captured_at_its_op():
+    """out_proj is applied through F.linear inside F.multi_head_attention_forward: captured there
+    ([T*N, E] rows, t-major), in_proj_weight/in_proj_bias become a block at the first step."""
     torch.manual_seed(0)
 
     class Attn(nn.Module):
@@ -113,13 +130,15 @@ def test_missing_capture_names_a_parameter_used_outside_forward():
             return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
     model = Attn().double()
-    with pytest.warns(UserWarning):            # in_proj_weight: no plan for MultiheadAttention
-        opt = TENGraD(model, 0.1, 0.5)
-    assert "attn.out_proj" in [b.name for b in opt.blocks]
+    with pytest.warns(UserWarning):            # in_proj_weight: a block once an op with a spec reads it
+        opt = TENGraD(model, 0.1, 0.5, check=True)
     x = torch.randn(4, 5, 4, dtype=torch.float64)
     F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
-    with pytest.raises(MissingCaptureError, match=r"'attn.out_proj'.*used outside the module's forward"):
-        opt.step()
+    opt.step()
+    assert not opt.fallback
+    names = {b.name: b for b in opt.blocks}
+    assert names["attn.out_proj"].uses == ["linear(attn.out_proj.weight+attn.out_proj.bias)#1"]
+    assert "attn" in names and len(names["attn"].params) == 2
 
 
 def test_correct_models_pass_and_are_checked_once_by_default():

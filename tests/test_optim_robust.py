@@ -144,13 +144,26 @@ class Shared(nn.Module):
         return self.out(self.twice(torch.tanh(self.twice(self.inp(x)))))
 
 
-def test_module_called_twice_is_refused_by_name():
+def test_module_called_twice_is_one_block_with_two_uses():
+    """A module called twice in one forward is one block whose J sums both calls (exactness against
+    the dense oracle: tests/test_optim_zoo.py::test_linear_applied_twice_matches_oracle)."""
+    model = Shared().double()
+    opt = TENGraD(model, 0.1, 0.5)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    twice = next(b for b in opt.blocks if b.name == "twice")
+    assert len(twice.uses) == 2 and twice.choice.path == "jacobian"
+
+
+def test_gradients_accumulated_over_two_forwards_are_refused_by_name():
     model = Shared().double()
     opt = TENGraD(model, 0.1, 0.5)
     before = snapshot(model)
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(TENGraDError, match="'twice'.*called more than once"):
+    for _ in range(2):
+        x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(TENGraDError, match="'inp'.*2 forward passes"):
         opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from tengrad.compiled import CompiledLayer
 from tengrad.errors import UnsupportedLayerError
+from tengrad.optim import groups
 from tengrad.optim.capture import LayerCapture
+from tengrad.optim.errors import TENGraDError
 from tengrad.optim.paths import PathChoice
 from tengrad.optim.woodbury import BlockCurvature
 
@@ -25,13 +27,14 @@ from tengrad.optim.woodbury import BlockCurvature
 class Block:
     name: str
     module: nn.Module
-    plan: CompiledLayer
+    plan: CompiledLayer | None          # None: a block found from op-level uses only (promote)
     params: list[nn.Parameter]
     param_names: list[str]
     capture: LayerCapture | None = None
     curv: BlockCurvature | None = None
     choice: PathChoice | None = None
     choices: dict[tuple, PathChoice] = field(default_factory=dict)   # by (x.shape, gy.shape)
+    uses: list[str] = field(default_factory=list)   # the calls of the last curvature step (several: shared.py)
 
     @property
     def numel(self) -> int:
@@ -79,3 +82,66 @@ def find_blocks(model: nn.Module, backend: str) -> tuple[list[Block], list[tuple
     fallback = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     return candidates, fallback, why
 
+
+
+def promote(opt, uses) -> list[Block]:
+    """Fallback parameters read by ops with a spec in this forward become blocks (op_capture.py).
+
+    Parameters read by one op call belong to one block: a use touching fallback parameters and one
+    existing block adds them to that block; fallback parameters read only together form a new block
+    named after their owner module(s) (``enc.layers.0.self_attn`` for ``in_proj_weight`` and
+    ``in_proj_bias``). A use touching two existing blocks is refused (they would have to merge)."""
+    fb = {id(p): n for n, p in opt.fallback}
+    owner = {id(p): b for b in opt.blocks for p in b.params}
+    parent: dict[int, int] = {}
+
+    def find(i):
+        while parent.setdefault(i, i) != i:
+            i = parent[i]
+        return i
+
+    touched = False
+    for u in uses:
+        ids = [id(pt[0]) for pt in u.parts if pt is not None]
+        if not any(i in fb for i in ids):
+            continue
+        touched = True
+        blocks = {id(owner[i]): owner[i] for i in ids if i in owner}
+        if len(blocks) > 1:
+            raise TENGraDError(f"use {u.name!r} reads parameters of blocks {[b.name for b in blocks.values()]}"
+                               " together; TENGraD cannot merge blocks after construction")
+        for i in ids[1:]:
+            parent[find(i)] = find(ids[0])
+        for i in ids:
+            find(i)
+    if not touched:
+        return []
+    comps: dict[int, list[int]] = {}
+    for i in parent:
+        comps.setdefault(find(i), []).append(i)
+    by_id = {id(p): p for _, p in opt.fallback}
+    new = []
+    for members in comps.values():
+        extra = [i for i in members if i in fb]
+        if not extra:
+            continue
+        host = next((owner[i] for i in members if i in owner), None)
+        params = [by_id[i] for i in extra]
+        names = [fb[i] for i in extra]
+        if host is not None:
+            host.params.extend(params)
+            host.param_names.extend(names)
+            host.curv = None
+            continue
+        mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
+        modules = dict(opt.model.named_modules())
+        name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
+        b = Block(name, modules.get(mods[0], opt.model), None, params, names)
+        opt.blocks.append(b)
+        new.append(b)
+    moved = {i for members in comps.values() for i in members if i in fb}
+    opt.fallback = [(n, p) for n, p in opt.fallback if id(p) not in moved]
+    where = groups.index_of(opt.param_groups)
+    for b in opt.blocks:
+        groups.group_of_block(b.name, b.param_names, b.params, where)
+    return new

@@ -54,10 +54,11 @@ class Record:
     """One forward call of a layer: input ``x`` [m, ...], ``grad`` (= dL/dy, [m, ...]) and ``rows``
     (per-sample output gradients of the curvature passes, each [m, ...])."""
 
-    __slots__ = ("x", "grad", "rows")
+    __slots__ = ("x", "grad", "rows", "fwd")
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, fwd: int = 0) -> None:
         self.x = x
+        self.fwd = fwd      # which root forward made it (several: accumulation, refused)
         self.grad: Tensor | None = None
         self.rows: list[Tensor] = []
 
@@ -71,7 +72,9 @@ class LayerCapture:
 
     def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
                  phase: Callable[[], str], keep_edges: bool = False,
-                 training: Callable[[], bool] | None = None) -> None:
+                 training: Callable[[], bool] | None = None,
+                 forward_id: Callable[[], int] | None = None) -> None:
+        self._forward_id = forward_id or (lambda: 0)
         self.name = name
         self.module = module
         self._armed = armed
@@ -90,7 +93,7 @@ class LayerCapture:
         if not args or not isinstance(args[0], Tensor):
             raise TENGraDError(f"layer {self.name!r} ({type(module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
-        record = Record(args[0].detach())
+        record = Record(args[0].detach(), self._forward_id())
         output.register_hook(partial(self._backward, record))
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
@@ -115,6 +118,12 @@ class LayerCapture:
                 "than once per forward (weight sharing) or gradients were accumulated over several "
                 "backward passes; TENGraD's per-layer curvature needs exactly one call per step")
         return received[0] if received else None
+
+    def take_all(self) -> list[Record]:
+        """Every record that received gradients since the last take/clear (several calls of the
+        module in one forward are uses of one block, shared.py)."""
+        received, self._received, self._edges = self._received, [], []
+        return received
 
     def edges(self) -> list:
         """Gradient edges of the recorded outputs (kept only with ``keep_edges``), taken at forward

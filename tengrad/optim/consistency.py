@@ -77,10 +77,11 @@ class ConsistencyCheck:
     step, None never.
     """
 
-    def __init__(self, model: nn.Module, mode: bool | None = False) -> None:
+    def __init__(self, model: nn.Module, mode: bool | None = False, batch_dim: int = 0) -> None:
         if mode not in (True, False, None):
             raise TENGraDError(f"check must be True, False or None, got {mode!r}")
         self.mode = mode
+        self.batch_dim = batch_dim
         self.checked: set[str] = set()
         self.batch: int | None = None            # leading dim of the input of the differentiated forward
         self.last_forward_training: bool | None = None
@@ -91,9 +92,9 @@ class ConsistencyCheck:
             return
         self.last_forward_training = module.training
         if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)
-                and args[0].dim() > 0):
+                and args[0].dim() > self.batch_dim):
             return
-        batch = int(args[0].shape[0])
+        batch = int(args[0].shape[self.batch_dim])
 
         def seen(grad: Tensor) -> None:
             self.batch = batch

@@ -45,8 +45,10 @@ from torch import Tensor, nn
 
 from tengrad.optim import distributed as distributed_mod
 from tengrad.optim import fisher as fisher_mod
-from tengrad.optim import checkpoint, groups, hyperparams, paths, usage, woodbury
-from tengrad.optim.blocks import Block, find_blocks, resolve_backend
+from tengrad.optim import checkpoint, groups, hyperparams, paths, shared, usage, woodbury
+from tengrad.optim.blocks import Block, find_blocks, promote, resolve_backend
+from tengrad.optim.op_capture import OpCapture
+from tengrad.optim.op_specs import module_leading_dims
 from tengrad.optim.capture import CURVATURE, GRADIENT, LayerCapture
 from tengrad.optim.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
@@ -86,7 +88,7 @@ class TENGraD(torch.optim.Optimizer):
                  backend: str = "auto", kl_clip: float | None = None,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
-                 distributed: str | None = "auto") -> None:
+                 distributed: str | None = "auto", batch_dim: int | dict = 0) -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -108,15 +110,21 @@ class TENGraD(torch.optim.Optimizer):
         where = groups.index_of(self.param_groups)
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
             groups.group_of_block(b.name, b.param_names, b.params, where)
-        self._consistency = ConsistencyCheck(model, check)   # consistency.py: J^T 1/m == grad, batch dim
+        self.batch_dim, self.layer_dims = _batch_dims(batch_dim)
+        self._consistency = ConsistencyCheck(model, check, self.batch_dim)   # J^T 1/m == grad, batch dim
         self._phase = GRADIENT
         self._steps = 0
         self._opt_backward = False
         self.skipped: dict[str, str] = {}        # block name -> why the last step left it alone
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
+        tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+        self._ops = OpCapture(model, lambda: tracked, self._curvature_due, lambda: self._phase,
+                              self.batch_dim, keep_edges=fisher != "empirical")
         for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
-                                     keep_edges=fisher != "empirical", training=lambda: model.training)
+                                     keep_edges=fisher != "empirical", training=lambda: model.training,
+                                     forward_id=lambda: self._ops.fwd)
+            self._ops.cover(b.module, b.params)
         if self.fallback:
             warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
 
@@ -143,7 +151,9 @@ class TENGraD(torch.optim.Optimizer):
         """Zero the gradients and forget the output gradients captured since the last step."""
         super().zero_grad(set_to_none=set_to_none)
         for b in self.blocks:
-            b.capture.clear()
+            if b.capture is not None:
+                b.capture.clear()
+        self._ops.clear()
 
     # ------------------------------------------------------------------ backward for any Fisher
     def backward(self, out: Tensor, y: Tensor, loss: str | Callable = "cross_entropy",
@@ -167,7 +177,8 @@ class TENGraD(torch.optim.Optimizer):
                 vs = fisher_mod.exact_grad_outputs(out, name)
             # differentiate w.r.t. the layer outputs' gradient edges: the hooks see gy, and no
             # weight gradient is computed (parameters are the fallback on torch without edges)
-            inputs = [e for b in self.blocks for e in b.capture.edges()]
+            inputs = [e for b in self.blocks if b.capture is not None for e in b.capture.edges()]
+            inputs += list(self._ops.edges)
             inputs = inputs or [p for b in self.blocks for p in b.params]
             self._phase = CURVATURE
             try:
@@ -176,7 +187,9 @@ class TENGraD(torch.optim.Optimizer):
             finally:
                 self._phase = GRADIENT
                 for b in self.blocks:
-                    b.capture.clear_edges()
+                    if b.capture is not None:
+                        b.capture.clear_edges()
+                self._ops.edges = []
         value.backward()
         self._opt_backward = True
         return value.detach()
@@ -191,6 +204,7 @@ class TENGraD(torch.optim.Optimizer):
         if rec is None or (rec.grad is None and not rec.rows):
             raise self._consistency.missing_capture(b)
         dtype = woodbury.compute_dtype(b.params[0].dtype)
+        rec = self._sample_first(b, rec)
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
         self._consistency.verify(b, x, rec.grad)
@@ -215,6 +229,64 @@ class TENGraD(torch.optim.Optimizer):
             x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
         return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name)
 
+    def _sample_first(self, b: Block, rec):
+        """The record with the sample moved to dimension 0 (shared.sample_first); same object if so."""
+        m = self._ops.batches.get(rec.fwd)
+        if m is None or rec.x.dim() == 0:
+            return rec
+        lead = module_leading_dims(b.module, rec.x)
+        declared = self.layer_dims.get(b.name)
+        if declared is None and rec.x.shape[0] == m and all(rec.x.shape[d] != m for d in range(1, lead)):
+            return rec
+        ts = ([rec.grad] if rec.grad is not None else []) + list(rec.rows)
+        x, ts = shared.sample_first(b.name, rec.x, ts, m, lead, declared=declared)
+        out = type(rec)(x, rec.fwd)
+        if rec.grad is not None:
+            out.grad, ts = ts[0], ts[1:]
+        out.rows = ts
+        return out
+
+    def _parts(self, b: Block, recs: list, uses: list) -> list:
+        """Every call of block ``b`` in this step as shared.Part (sample first)."""
+        calls = []
+        for rec in recs:
+            rec = self._sample_first(b, rec)
+            parts = [(p, None) if any(p is q for q in b.params) else None for _, p in b.plan.params]
+            calls.append(shared.Part(b.name, b.plan, parts, rec.x, rec.grad, rec.rows))
+        for u in uses:
+            ts = ([u.grad] if u.grad is not None else []) + list(u.rows)
+            x, ts = shared.sample_first(u.name, u.x, ts, u.m, u.lead, u.seq_first,
+                                        self.layer_dims.get(b.name))
+            grad = ts.pop(0) if u.grad is not None else None
+            calls.append(shared.Part(u.name, u.plan, u.parts, x, grad, ts))
+        return calls
+
+    def _shared_curvature(self, b: Block, damping: float, recs: list, uses: list) -> woodbury.BlockCurvature:
+        """Curvature of a block with several calls, op-level uses or slices (shared.py)."""
+        fwds = {r.fwd for r in recs} | {u.fwd for u in uses}
+        if len(fwds) > 1:
+            raise TENGraDError(
+                f"layer {b.name!r} received output gradients from {len(fwds)} forward passes since the "
+                "last zero_grad()/step(): gradients were accumulated over several forward/backward passes; "
+                "TENGraD's curvature needs one forward per step")
+        calls = self._parts(b, recs, uses)
+        dtype = woodbury.compute_dtype(b.params[0].dtype)
+        m = int(calls[0].x.shape[0])
+        for c in calls:
+            if int(c.x.shape[0]) != m:
+                raise TENGraDError(f"layer {b.name!r}: its uses saw batches {[int(c.x.shape[0]) for c in calls]}")
+        empirical = self.fisher == "empirical"
+        J = shared.jacobian(b.params, calls, m, dtype, empirical)
+        grads = [c.grad for c in calls if c.grad is not None]
+        if self._consistency.due(b.name) and grads:
+            Jg = J if empirical else shared.jacobian(b.params, calls, m, dtype, True)
+            shared.check(b.name, b.params, Jg, m, grads[0].dtype)
+            self._consistency.checked.add(b.name)
+        names = ", ".join(c.name for c in calls)
+        b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J = sum over {len(calls)} use(s): {names}")
+        b.uses = [c.name for c in calls]
+        return shared.curvature(J, m, damping, b.name)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = None
@@ -232,6 +304,17 @@ class TENGraD(torch.optim.Optimizer):
         skipped: dict[str, str] = {}
         directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
+        op_uses = self._ops.take()
+        if self._dist is None and op_uses:
+            promoted = promote(self, op_uses)     # fallback parameters read by ops with a spec: blocks
+            if promoted:
+                where = groups.index_of(self.param_groups)
+        by_block: dict[int, list] = {}
+        owner = {id(p): i for i, b in enumerate(self.blocks) for p in b.params}
+        for u in op_uses:
+            i = next((owner[id(pt[0])] for pt in u.parts if pt is not None and id(pt[0]) in owner), None)
+            if i is not None:
+                by_block.setdefault(i, []).append(u)
         try:
             with torch.autocast(device_type=device_type, enabled=False):
                 if self._dist is not None:   # every rank gets the same directions, or every rank raises
@@ -240,8 +323,11 @@ class TENGraD(torch.optim.Optimizer):
                     group = self.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
                     a, wd = group["damping"], group["weight_decay"]
                     curvature_step = due or b.curv is None
-                    rec = b.capture.take() if curvature_step else None
-                    b.capture.clear()
+                    recs = b.capture.take_all() if (curvature_step and b.capture is not None) else []
+                    if b.capture is not None:
+                        b.capture.clear()
+                    uses = by_block.get(i, []) if curvature_step else []
+                    rec = recs[0] if recs else (uses[0] if uses else None)
                     why = usage.unused(b.params, rec)
                     if why is not None:
                         skipped[b.name] = why
@@ -250,8 +336,12 @@ class TENGraD(torch.optim.Optimizer):
                     g = [self._gradient(p, wd, dtype) for p in b.params]
                     if not all(torch.isfinite(t).all() for t in g):
                         raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
-                    if curvature_step:
+                    plain = (b.plan is not None and len(recs) == 1 and not uses
+                             and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
+                    if curvature_step and (plain or rec is None):
                         curv = self._curvature(b, a, rec)
+                    elif curvature_step:
+                        curv = self._shared_curvature(b, a, recs, uses)
                     else:
                         curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
                     new_curv[i] = curv
@@ -317,7 +407,9 @@ class TENGraD(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach this optimizer's forward hooks from the model (it can no longer capture curvature)."""
         for b in self.blocks:
-            b.capture.remove()
+            if b.capture is not None:
+                b.capture.remove()
+        self._ops.remove()
         if self._dist is not None:
             self._dist.batch.remove()
         self._consistency.remove()
@@ -345,6 +437,8 @@ class TENGraD(torch.optim.Optimizer):
             rows = "" if b.curv is None else f", curvature from m={b.curv.m} (rows={b.curv.gram.shape[0]})"
             grp = f", group {where.get(id(b.params[0]))}" if len(gs) > 1 else ""
             line = f"  block {b.name} ({kind}, {b.numel} params{rows}{grp}) {how}"
+            if b.uses:
+                line += f"; uses: {', '.join(b.uses)}"
             if b.name in self.skipped:
                 line += f"; skipped at the last step: {self.skipped[b.name]}"
             lines.append(line)
@@ -356,3 +450,16 @@ class TENGraD(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return self.explain()
+
+
+def _batch_dims(batch_dim) -> tuple[int, dict[str, int]]:
+    """(dim of the model input holding the batch, {layer name: dim of that layer's input})."""
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, (int, dict)):
+        raise TENGraDError(f"batch_dim must be an int or a dict {{layer name: dim}}, got {batch_dim!r}")
+    if isinstance(batch_dim, int):
+        return batch_dim, {}
+    dims = dict(batch_dim)
+    for k, v in dims.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise TENGraDError(f"batch_dim: entry {k!r}: {v!r} must map a layer name (str) to a dim >= 0")
+    return dims.pop("", 0), dims

@@ -1,0 +1,270 @@
+"""Capture at the operation: every call of a registered functional op (op_specs.py) that reads a
+trainable parameter, or a view of one, during the captured training forward.
+
+A ``torch.overrides.TorchFunctionMode`` is entered by a forward pre-hook on the root model and left by
+its forward hook (``always_call``), only when the forward is a captured one (grad on, the model in
+training mode, curvature due). Per op call the mode does one dict lookup (``func`` in the registered
+ops) and, for those, one identity lookup per tensor argument in ``{id(param)}`` (a view is mapped
+through ``t._base``); nothing is allocated when no parameter is read.
+
+A *use* records the op input (detached), the plan of the op (``tengrad.compile`` of the shell module
+built from the op's arguments, cached per arguments' shapes and hyperparameters), where each of the
+op's parameter tensors sits in its parameter (``(param, first row)``; a slice such as the q rows of
+``in_proj_weight`` starts at its storage offset) and, through a tensor hook on the op output, the
+output gradient (``grad``) or the curvature passes' rows (``rows``), as capture.py's Record does.
+
+Ops inside a module whose block is captured at module level (a module type with a registered spec,
+``covered``) are not recorded again: its forward pre-/post-hooks mark its parameters as covered.
+``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function that dispatches
+as one call; the mode runs it with the mode re-entered (and its own dispatch check skipped once) so the
+projections inside are seen, and marks its uses *sequence first* (``seq_first``): [T, N, E] inputs
+and the out projection's [T*N, E] rows (t-major).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from tengrad.compiled import CompiledLayer
+from tengrad.errors import TengradError
+from tengrad.optim import op_specs
+from tengrad.optim.capture import CURVATURE, _transformed
+
+try:
+    from torch.autograd.graph import get_gradient_edge
+except ImportError:  # pragma: no cover
+    get_gradient_edge = None
+
+#: Python-level ops whose inner ops must be seen, and whose uses are sequence first
+SEQ_FIRST_COMPOSITES = {F.multi_head_attention_forward}
+
+
+class Use:
+    """One op call that read block parameters (see module docstring)."""
+
+    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "seq_first", "lead", "where")
+
+    def __init__(self, name, plan, parts, x, fwd, m, seq_first, lead, where):
+        self.name, self.plan, self.parts, self.x = name, plan, parts, x
+        self.grad: Tensor | None = None
+        self.rows: list[Tensor] = []
+        self.fwd, self.m, self.seq_first, self.lead, self.where = fwd, m, seq_first, lead, where
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, cap: "OpCapture") -> None:
+        super().__init__()
+        self.cap = cap
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        cap = self.cap
+        if func in SEQ_FIRST_COMPOSITES:
+            return cap.composite(self, func, args, kwargs)
+        if func in cap.ops:
+            return cap.call(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class OpCapture:
+    """Records the uses of ``params`` ({id: (name, param)}) by registered ops in captured forwards."""
+
+    def __init__(self, model: nn.Module, params: Callable[[], dict[int, tuple[str, Tensor]]],
+                 armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
+                 keep_edges: bool = False) -> None:
+        self.model = model
+        self.params = params
+        self._armed = armed
+        self._phase = phase
+        self.batch_dim = batch_dim
+        self.keep_edges = keep_edges and get_gradient_edge is not None
+        self.ops = op_specs._OPS
+        self.covered: dict[int, int] = {}
+        self.uses: list[Use] = []
+        self.edges: list = []
+        self.fwd = 0            # id of the last captured root forward
+        self.batches: dict[int, int | None] = {}
+        self.m: int | None = None
+        self._seq = 0
+        self._mode: _Mode | None = None
+        self._plans: dict = {}
+        self._ids: dict[int, tuple[str, Tensor]] = {}
+        self._count: dict[str, int] = {}
+        self._handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
+                         model.register_forward_hook(self._exit, always_call=True)]
+
+    # ------------------------------------------------------------------ root forward
+    def _enter(self, module, args, kwargs) -> None:
+        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        if self._mode is not None or not (torch.is_grad_enabled() and module.training and self._armed()):
+            return
+        if isinstance(first, Tensor) and _transformed(first):
+            return
+        self.fwd += 1       # a captured forward: its batch m is what its uses' rows are split by
+        self.m = int(first.shape[self.batch_dim]) if isinstance(first, Tensor) and first.dim() > self.batch_dim else None
+        self.batches[self.fwd] = self.m
+        self.batches.pop(self.fwd - 64, None)
+        self._ids = self.params()
+        self._count = {}
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+
+    def _exit(self, module, args, output) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    def cover(self, module: nn.Module, params: list[Tensor]) -> None:
+        """Ops inside ``module``'s forward reading ``params`` are captured at module level."""
+        ids = [id(p) for p in params]
+
+        def pre(mod, args):
+            for i in ids:
+                self.covered[i] = self.covered.get(i, 0) + 1
+
+        def post(mod, args, out):
+            for i in ids:
+                self.covered[i] -= 1
+
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+
+    # ------------------------------------------------------------------ inside the mode
+    def composite(self, mode: _Mode, func, args, kwargs):
+        g = func.__globals__
+        orig = g["has_torch_function"]
+
+        def once(ops):
+            g["has_torch_function"] = orig
+            return False
+
+        g["has_torch_function"] = once
+        self._seq += 1
+        try:
+            with mode:
+                return func(*args, **kwargs)
+        finally:
+            g["has_torch_function"] = orig
+            self._seq -= 1
+
+    def _owner(self, t) -> tuple[str, Tensor] | None:
+        if not isinstance(t, Tensor):
+            return None
+        hit = self._ids.get(id(t))
+        if hit is None and t._base is not None:
+            hit = self._ids.get(id(t._base))
+        if hit is not None and self.covered.get(id(hit[1]), 0):
+            return None
+        return hit
+
+    def call(self, func, args, kwargs):
+        ids = self._ids
+        reads = False
+        for a in args:
+            if type(a) is not int and self._owner(a) is not None:   # noqa: E721 (fast path)
+                reads = True
+                break
+        if not reads:
+            for a in kwargs.values():
+                if self._owner(a) is not None:
+                    reads = True
+                    break
+        out = func(*args, **kwargs)
+        if not reads or not ids or not isinstance(out, Tensor) or not out.requires_grad:
+            return out
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or _transformed(out):
+            return out
+        built = self._plan(func, args, kwargs)
+        if built is None:
+            return out
+        plan, tensors = built
+        parts = []
+        for pname, _ in plan.params:
+            t = tensors[pname]
+            owner = self._owner(t)
+            if owner is None:
+                return out     # a trainable tensor that is no block parameter: leave this call alone
+            parts.append((owner[1], _first_row(t, owner[1])))
+        label = owner[0] if len(parts) == 1 else parts_label(parts, ids)
+        fname = getattr(func, "__name__", str(func))
+        k = self._count[label + fname] = self._count.get(label + fname, 0) + 1
+        use = Use(f"{fname}({label})#{k}", plan, parts, x.detach(), self.fwd, self.m, self._seq > 0,
+                  op_specs.leading_dims(func, x, args, kwargs), fname)
+        out.register_hook(lambda grad, use=use: self._backward(use, grad))
+        if self.keep_edges:
+            self.edges.append(get_gradient_edge(out))
+        return out
+
+    def _plan(self, func, args, kwargs):
+        try:
+            built = op_specs.builder_for(func)(*args, **kwargs)
+        except TengradError:
+            return None
+        except Exception as exc:
+            raise TengradError(f"the op builder for {getattr(func, '__name__', func)} raised "
+                               f"{type(exc).__name__}: {exc}") from exc
+        if built is None:
+            return None
+        shell, tensors = built
+        key = (func, type(shell), repr(shell), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items()),
+               tuple(id(b) for b in shell.buffers()), shell.training)
+        plan = self._plans.get(key)
+        if plan is None:
+            try:
+                plan = CompiledLayer(shell, backend="torch")
+            except TengradError:
+                self._plans[key] = False
+                return None
+            self._plans[key] = plan
+        if plan is False:
+            return None
+        return plan, tensors
+
+    def _backward(self, use: Use, grad: Tensor) -> None:
+        if self._phase() == CURVATURE:
+            use.rows.append(grad.detach())
+        elif use.grad is None:
+            use.grad = grad.detach()
+        else:   # a second ordinary backward through the same graph (retain_graph): accumulate
+            use.grad = use.grad + grad.detach()
+        if not any(u is use for u in self.uses):
+            self.uses.append(use)
+
+    # ------------------------------------------------------------------ the optimizer's side
+    def take(self) -> list[Use]:
+        uses, self.uses, self.edges = self.uses, [], []
+        return uses
+
+    def clear(self) -> None:
+        self.uses, self.edges = [], []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _first_row(t: Tensor, p: Tensor) -> int | None:
+    """None when ``t`` is ``p`` itself, else the first row of ``p`` that the slice ``t`` starts at."""
+    if t is p:
+        return None
+    row = max(1, p[0].numel()) if p.dim() else 1
+    off = t.storage_offset() - p.storage_offset()
+    if (not t.is_contiguous() or tuple(t.shape[1:]) != tuple(p.shape[1:]) or off % row
+            or t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()):
+        raise TengradError(f"a view of parameter shaped {tuple(p.shape)} read by an op is not a block of "
+                           f"whole rows (view shape {tuple(t.shape)}, offset {off}); TENGraD maps row slices "
+                           "(as MultiheadAttention's q/k/v) only")
+    return off // row
+
+
+def parts_label(parts, ids) -> str:
+    names = []
+    for p, _ in parts:
+        n = ids[id(p)][0]
+        names.append(n)
+    return "+".join(dict.fromkeys(names))

@@ -1,0 +1,219 @@
+"""Model zoo: Transformers with attention, tied heads and shared parameters, each step against the dense
+float64 oracle d_b = (F_b + a I)^-1 g_b per block (F_b = R_b^T R_b / m, rows R_b = per-sample gradients
+from torch.autograd on an independent copy of the model, one sample at a time), and -g / a for the
+fallback parameters. Small sizes (d_model 8, 2 heads, T 5, batch 3), dropout 0."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tengrad import TENGraD
+from tengrad.optim.consistency import BatchDimensionError
+
+V, E, T, N = 11, 8, 5, 3
+
+
+class TiedEncoderLM(nn.Module):
+    """Embedding + nn.TransformerEncoder + output head tied to the embedding (F.linear(h, emb.weight))."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(V, E)
+        layer = nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out_bias = nn.Parameter(torch.randn(V) * 0.1)
+
+    def forward(self, ids):                       # ids [N, T]
+        h = self.emb(ids)
+        if not self.batch_first:
+            h = h.transpose(0, 1)                 # [T, N, E]
+        h = self.enc(h)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return F.linear(h, self.emb.weight, self.out_bias)     # [N, T, V]
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer, sequence first (src [S, N, E], tgt [T, N, E]), with a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tr = nn.Transformer(E, 2, 1, 1, 16, dropout=0.0)
+        self.head = nn.Linear(E, 4)
+
+    def forward(self, src, tgt):
+        return self.head(self.tr(src, tgt)).transpose(0, 1)      # [N, T, 4]
+
+
+class GPT(nn.Module):
+    """Hand-written causal attention; k through a free parameter (F.linear(h, wk)); the output head
+    F.linear(h, emb.weight); a free positional parameter used by + (no spec: fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, E)
+        self.pos = nn.Parameter(torch.randn(T, E) * 0.1)
+        self.ln1 = nn.LayerNorm(E)
+        self.q = nn.Linear(E, E)
+        self.wk = nn.Parameter(torch.randn(E, E) / math.sqrt(E))
+        self.v = nn.Linear(E, E)
+        self.proj = nn.Linear(E, E)
+        self.ln2 = nn.LayerNorm(E)
+        self.mlp = nn.Sequential(nn.Linear(E, 16), nn.GELU(), nn.Linear(16, E))
+        self.lnf = nn.LayerNorm(E)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        a = self.ln1(h)
+        q, k, v = self.q(a), F.linear(a, self.wk), self.v(a)
+        att = (q @ k.transpose(1, 2)) / math.sqrt(E)
+        mask = torch.triu(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool), 1)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        h = h + self.proj(att @ v)
+        h = h + self.mlp(self.ln2(h))
+        return F.linear(self.lnf(h), self.emb.weight)
+
+
+def lm_loss(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def per_sample_rows(model, inputs, dims, y, names):
+    """[m, P] per-sample gradients of the per-sample loss (samples along ``dims`` of the inputs)."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(y.shape[0]):
+        xi = [t.narrow(d, i, 1) for t, d in zip(inputs, dims)]
+        loss = lm_loss(model(*xi), y[i:i + 1])
+        gs = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(params[n])).reshape(-1)
+                               for g, n in zip(gs, names)]))
+    return torch.stack(rows)
+
+
+def expected_change(opt, oracle, inputs, dims, y, lr, damping):
+    names = [n for n, p in oracle.named_parameters() if p.requires_grad]
+    sizes = {n: p.numel() for n, p in oracle.named_parameters()}
+    shapes = {n: p.shape for n, p in oracle.named_parameters()}
+    offs, o = {}, 0
+    for n in names:
+        offs[n] = o
+        o += sizes[n]
+    R = per_sample_rows(oracle, inputs, dims, y, names)
+    m = R.shape[0]
+    g = R.mean(0)
+    out = {}
+    for b in opt.blocks:
+        cols = torch.cat([torch.arange(offs[n], offs[n] + sizes[n]) for n in b.param_names])
+        Rb, gb = R[:, cols], g[cols]
+        d = torch.linalg.solve(Rb.T @ Rb / m + damping * torch.eye(len(cols), dtype=R.dtype), gb)
+        o = 0
+        for n in b.param_names:
+            out[n] = -lr * d[o:o + sizes[n]].reshape(shapes[n])
+            o += sizes[n]
+    for n, _ in opt.fallback:
+        out[n] = -lr * g[offs[n]:offs[n] + sizes[n]].reshape(shapes[n]) / damping
+    assert set(out) == set(names), set(names) ^ set(out)
+    return out
+
+
+def train_against_oracle(make, inputs_fn, dims, steps=3, lr=0.2, damping=0.3, **kw):
+    torch.manual_seed(0)
+    model = make().double()
+    oracle = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, check=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        inputs, y = inputs_fn(gen)
+        oracle.load_state_dict(model.state_dict())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        lm_loss(model(*inputs), y).backward()
+        opt.step()
+        # the blocks (and fallback) are final after the first step's capture
+        want = expected_change(opt, oracle, inputs, dims, y, lr, damping)
+        for n, p in model.named_parameters():
+            err = float((p.detach() - before[n] - want[n]).norm() / want[n].norm().clamp_min(1e-300))
+            assert err <= 1e-8, (n, err)
+    return opt
+
+
+def ids_batch(gen):
+    return (torch.randint(0, V, (N, T), generator=gen),), torch.randint(0, V, (N, T), generator=gen)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_tied_transformer_encoder_lm(batch_first):
+    opt = train_against_oracle(lambda: TiedEncoderLM(batch_first), ids_batch, dims=(0,))
+    assert not opt.fallback, opt.fallback
+    names = {b.name: b for b in opt.blocks}
+    assert "emb" in names and "out_bias" not in [n for n, _ in opt.fallback]
+    emb = names["emb"]
+    assert any("linear" in u for u in emb.uses) and any("embedding" not in u and "Embedding" in u or u == "emb"
+                                                        for u in emb.uses), emb.uses
+    attn = names["enc.layers.0.self_attn"]
+    assert [n.split(".")[-1] for n in attn.param_names] == ["in_proj_weight", "in_proj_bias"]
+    text = opt.explain()
+    assert "uses:" in text and "enc.layers.0.self_attn.out_proj" in text
+
+
+def test_nn_transformer_sequence_first_encoder_decoder():
+    def batch(gen):
+        src = torch.randn(T, N, E, generator=gen, dtype=torch.float64)
+        tgt = torch.randn(4, N, E, generator=gen, dtype=torch.float64)
+        return (src, tgt), torch.randint(0, 4, (N, 4), generator=gen)
+
+    opt = train_against_oracle(Seq2Seq, batch, dims=(1, 1), batch_dim=1)
+    assert not opt.fallback, opt.fallback
+    cross = next(b for b in opt.blocks if b.name == "tr.decoder.layers.0.multihead_attn")
+    assert len(cross.uses) == 2, cross.uses          # q rows and kv rows of in_proj_weight
+
+
+def test_gpt_block_hand_written_attention_and_tied_head():
+    opt = train_against_oracle(GPT, ids_batch, dims=(0,))
+    assert [n for n, _ in opt.fallback] == ["pos"]
+    names = [b.name for b in opt.blocks]
+    assert "wk" in names and "emb" in names
+
+
+def test_ambiguous_batch_dimension_raises_naming_the_layer():
+    torch.manual_seed(0)
+    model = TiedEncoderLM(False).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, lr=0.1, damping=0.3)
+    ids = torch.randint(0, V, (T, T))          # T == N: [T, N, E] has two dims of size m
+    lm_loss(model(ids), torch.randint(0, V, (T, T))).backward()
+    with pytest.raises(BatchDimensionError, match=r"layer 'emb'.*dimensions \[0, 1\] all of size m = 5.*batch_dim"):
+        opt.step()
+
+
+class Twice(nn.Module):
+    """One Linear applied to two inputs (a weight shared by two calls), batch first."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, E)
+        self.twice = nn.Linear(E, E)
+        self.out = nn.Linear(E, V)
+
+    def forward(self, x):                       # x [N, T, 4]
+        return self.out(self.twice(torch.tanh(self.twice(self.inp(x)))))
+
+
+def test_linear_applied_twice_matches_oracle():
+    def batch(gen):
+        return (torch.randn(N, T, 4, generator=gen, dtype=torch.float64),), torch.randint(0, V, (N, T), generator=gen)
+
+    opt = train_against_oracle(Twice, batch, dims=(0,))
+    twice = next(b for b in opt.blocks if b.name == "twice")
+    assert len(twice.uses) == 2 and not opt.fallback
