@@ -282,8 +282,7 @@ class TENGraD(torch.optim.Optimizer):
             Jg = J if empirical else shared.jacobian(b.params, calls, m, dtype, True)
             shared.check(b.name, b.params, Jg, m, grads[0].dtype)
             self._consistency.checked.add(b.name)
-        names = ", ".join(c.name for c in calls)
-        b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J = sum over {len(calls)} use(s): {names}")
+        b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls)} use(s), shared.py")
         b.uses = [c.name for c in calls]
         return shared.curvature(J, m, damping, b.name)
 

@@ -28,5 +28,6 @@ def fallback_warning(model: nn.Module, fallback: list, why: dict[str, str]) -> s
         names, _ = lines.setdefault(kind, ([], _short(why.get(label, "no layer plan"))))
         names.append(name)
     head = (f"TENGraD: no layer plan for {len(fallback)} parameter(s); they use the damped identity "
-            "d = g / damping:")
+            "d = g / damping unless an op with a spec (F.linear, F.conv*, norms, F.embedding, registered "
+            "ops) reads them in the first captured training forward, which makes them a block:")
     return "\n".join([head] + [f"  {kind} ({', '.join(n)}): {r}" for kind, (n, r) in lines.items()])
