@@ -27,7 +27,6 @@ def fallback_warning(model: nn.Module, fallback: list, why: dict[str, str]) -> s
         kind = type(modules.get(owner, model)).__name__
         names, _ = lines.setdefault(kind, ([], _short(why.get(label, "no layer plan"))))
         names.append(name)
-    head = (f"TENGraD: no layer plan for {len(fallback)} parameter(s); they use the damped identity "
-            "d = g / damping unless an op with a spec (F.linear, F.conv*, norms, F.embedding, registered "
-            "ops) reads them in the first captured training forward, which makes them a block:")
+    head = (f"TENGraD: no layer plan for {len(fallback)} parameter(s); damped identity d = g / damping "
+            "unless an op with a spec reads them in a captured forward (then a block):")
     return "\n".join([head] + [f"  {kind} ({', '.join(n)}): {r}" for kind, (n, r) in lines.items()])
