@@ -7,6 +7,7 @@ from .module_plan import ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
 from .optim import TENGraD, TENGraDError
+from .optim.op_specs import register_op, registered_ops
 
 
 def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)
@@ -18,5 +19,5 @@ def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa
     return CompiledLayer(module, backend=backend, **options)
 
 
-__all__ = ["compile", "TENGraD", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
+__all__ = ["compile", "TENGraD", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers", "register_op", "registered_ops",
            "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError", "TENGraDError"]

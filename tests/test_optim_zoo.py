@@ -217,3 +217,59 @@ def test_linear_applied_twice_matches_oracle():
     opt = train_against_oracle(Twice, batch, dims=(0,))
     twice = next(b for b in opt.blocks if b.name == "twice")
     assert len(twice.uses) == 2 and not opt.fallback
+
+
+# ---------------------------------------------------------------- an op a user registers
+def scale_shift(x, w, b):
+    """y[n, t, d] = x[n, t, d] w[d] + b[d], dispatching through __torch_function__ (so the mode sees it)."""
+    from torch.overrides import handle_torch_function, has_torch_function_variadic
+    if has_torch_function_variadic(x, w, b):
+        return handle_torch_function(scale_shift, (x, w, b), x, w, b)
+    return x * w + b
+
+
+class ScaleShift(nn.Module):
+    def __init__(self, d, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d, device=device))
+        self.bias = nn.Parameter(torch.zeros(d, device=device))
+
+    def forward(self, x):
+        return scale_shift(x, self.weight, self.bias)
+
+
+def _scale_shift_terms(module):
+    from tengrad import LayerSpec, Term
+    return [Term("weight", LayerSpec.parse("n *t d, d -> n *t d", name="ScaleShift.weight")),
+            Term("bias", LayerSpec.parse("n *t d, d -> n *t d", name="ScaleShift.bias", source="ones"))]
+
+
+class FreeScale(nn.Module):
+    """Free parameters read by the registered op (no module owns them as a ScaleShift)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, E)
+        self.g = nn.Parameter(torch.randn(E))
+        self.s = nn.Parameter(torch.randn(E))
+        self.out = nn.Linear(E, V)
+
+    def forward(self, x):
+        return self.out(torch.tanh(scale_shift(self.inp(x), self.g, self.s)))
+
+
+def test_user_registered_op_gives_an_exact_block():
+    import tengrad
+    from tengrad.optim.op_specs import register_op
+    tengrad.register_layer(ScaleShift, _scale_shift_terms)
+
+    def build(x, w, b):
+        return ScaleShift(w.shape[0], device="meta"), {"weight": w, "bias": b}
+
+    register_op(scale_shift, build)
+
+    def batch(gen):
+        return (torch.randn(N, T, 4, generator=gen, dtype=torch.float64),), torch.randint(0, V, (N, T), generator=gen)
+
+    opt = train_against_oracle(FreeScale, batch, dims=(0,))
+    assert not opt.fallback and "g+s" in [b.name for b in opt.blocks], [b.name for b in opt.blocks]

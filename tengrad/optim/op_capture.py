@@ -91,6 +91,7 @@ class OpCapture:
         self.m: int | None = None
         self._seq = 0
         self._mode: _Mode | None = None
+        self._suspended = 0     # depth of module-captured forwards the mode is suspended in
         self._plans: dict = {}
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
@@ -116,19 +117,30 @@ class OpCapture:
     def _exit(self, module, args, output) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
+            if self._suspended == 0:
+                mode.__exit__(None, None, None)
+            self._suspended = 0
 
     def cover(self, module: nn.Module, params: list[Tensor]) -> None:
-        """Ops inside ``module``'s forward reading ``params`` are captured at module level."""
+        """``module`` is captured at module level: the mode is suspended inside its forward (its inner
+        ops are not captured again, and cost nothing), and its parameters count as covered there."""
         ids = [id(p) for p in params]
 
         def pre(mod, args):
             for i in ids:
                 self.covered[i] = self.covered.get(i, 0) + 1
+            if self._mode is not None:
+                if self._suspended == 0:
+                    self._mode.__exit__(None, None, None)
+                self._suspended += 1
 
         def post(mod, args, out):
             for i in ids:
                 self.covered[i] -= 1
+            if self._mode is not None and self._suspended:
+                self._suspended -= 1
+                if self._suspended == 0:
+                    self._mode.__enter__()
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
 
@@ -210,6 +222,8 @@ class OpCapture:
         if built is None:
             return None
         shell, tensors = built
+        if any(p.device.type == "meta" for p in shell.parameters(recurse=False)):
+            shell, tensors = op_specs._with_params(shell, tensors)   # a user's builder: put the op's tensors in
         key = (func, type(shell), repr(shell), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items()),
                tuple(id(b) for b in shell.buffers()), shell.training)
         plan = self._plans.get(key)

@@ -1,0 +1,94 @@
+"""What capture adds to an SGD step: forward + backward + torch.optim.SGD step of a model alone vs the
+same step of a copy on which TENGraD's capture is armed (module hooks, the op-level TorchFunctionMode
+around the forward, a tensor hook per captured output; tengrad/optim/op_capture.py). TENGraD's own
+curvature work is not timed: the armed optimizer never steps, ``opt.zero_grad()`` drops its records.
+
+Models: the paper's 3C1F (tengrad.demo.model.three_c_one_f) on [batch, 1, 28, 28], and the Transformer
+LM of examples/transformer_lm.py (2 encoder layers, d_model 16, tied head) on [batch, 12] token ids.
+The two steps alternate (round robin, so load drifts of a shared machine hit both), after a warm-up;
+medians are reported with the machine.
+
+    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import tengrad  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from tengrad.demo.model import three_c_one_f  # noqa: E402
+
+_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "transformer_lm.py")
+_spec = importlib.util.spec_from_file_location("transformer_lm", _path)
+transformer_lm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(transformer_lm)
+
+
+def sgd_step(model, x, loss_fn, y, hooked=None):
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        sgd.zero_grad()
+        if hooked is not None:
+            hooked.zero_grad()                 # drop the captured records (as opt.step() would)
+        loss_fn(model(x), y).backward()
+        sgd.step()
+    return step
+
+
+def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    torch.manual_seed(0)
+    plain = make()
+    armed = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0)   # never steps: capture stays armed
+    steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt)}
+    times = {k: [] for k in steps}
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    for _ in range(repeats):
+        for k, f in steps.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    assert opt._ops.fwd > 0, "the capture never armed"
+    return statistics.median(times["sgd"]), statistics.median(times["sgd+capture"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--width", type=int, default=16)
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    x = torch.randn(args.batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    rows.append((f"3C1F width {args.width}, batch {args.batch}",
+                 *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats)))
+    ids, tgt = transformer_lm.batch(g, n=args.batch)
+    rows.append((f"Transformer LM (examples/transformer_lm.py), batch {args.batch}",
+                 *compare(transformer_lm.TinyLM, ids, tgt, transformer_lm.loss_fn, args.repeats)))
+    print(f"machine: {machine()}; {args.repeats} interleaved repeats, median")
+    print("| model | SGD step (ms) | SGD step with capture armed (ms) | capture overhead |")
+    print("|---|---|---|---|")
+    for name, a, b in rows:
+        print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (b / a - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
