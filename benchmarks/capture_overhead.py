@@ -6,7 +6,8 @@ curvature work is not timed: the armed optimizer never steps, ``opt.zero_grad()`
 Models: the paper's 3C1F (tengrad.demo.model.three_c_one_f) on [batch, 1, 28, 28], and the Transformer
 LM of examples/transformer_lm.py (2 encoder layers, d_model 16, tied head) on [batch, 12] token ids.
 The two steps alternate (round robin, so load drifts of a shared machine hit both), after a warm-up;
-medians are reported with the machine.
+medians are reported with the machine. On a shared machine use one thread and the thread's CPU clock
+(the defaults: ``--threads 1 --clock cpu``; ``--clock wall`` for wall time).
 
     .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16]
 """
@@ -47,7 +48,7 @@ def sgd_step(model, x, loss_fn, y, hooked=None):
     return step
 
 
-def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
+def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, float]:
     torch.manual_seed(0)
     plain = make()
     armed = copy.deepcopy(plain)
@@ -61,9 +62,9 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3) -> tuple[float, 
             f()
     for _ in range(repeats):
         for k, f in steps.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     assert opt._ops.fwd > 0, "the capture never armed"
     return statistics.median(times["sgd"]), statistics.median(times["sgd+capture"])
 
@@ -73,17 +74,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     g = torch.Generator().manual_seed(0)
     rows = []
     x = torch.randn(args.batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
     rows.append((f"3C1F width {args.width}, batch {args.batch}",
-                 *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats)))
+                 *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats, clock=clock)))
     ids, tgt = transformer_lm.batch(g, n=args.batch)
     rows.append((f"Transformer LM (examples/transformer_lm.py), batch {args.batch}",
-                 *compare(transformer_lm.TinyLM, ids, tgt, transformer_lm.loss_fn, args.repeats)))
-    print(f"machine: {machine()}; {args.repeats} interleaved repeats, median")
+                 *compare(transformer_lm.TinyLM, ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
+    print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock")
     print("| model | SGD step (ms) | SGD step with capture armed (ms) | capture overhead |")
     print("|---|---|---|---|")
     for name, a, b in rows:

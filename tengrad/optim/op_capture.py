@@ -16,9 +16,9 @@ output gradient (``grad``) or the curvature passes' rows (``rows``), as capture.
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
 ``covered``) are not recorded again: its forward pre-/post-hooks mark its parameters as covered.
 ``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function that dispatches
-as one call; the mode runs it with the mode re-entered (and its own dispatch check skipped once) so the
-projections inside are seen, and marks its uses *sequence first* (``seq_first``): [T, N, E] inputs
-and the out projection's [T*N, E] rows (t-major).
+as one call; the mode runs it with its module-level ``linear`` replaced by a recording one (``composite``)
+so the projections inside are seen, and marks its uses *sequence first* (``seq_first``): [T, N, E]
+inputs and the out projection's [T*N, E] rows (t-major).
 """
 from __future__ import annotations
 
@@ -146,20 +146,22 @@ class OpCapture:
 
     # ------------------------------------------------------------------ inside the mode
     def composite(self, mode: _Mode, func, args, kwargs):
+        """Run a sequence-first composite (``F.multi_head_attention_forward``) with its module-level
+        ``linear`` replaced by a recording one, for this call only: its projections are seen, and
+        its other ops run without the mode (no per-op dispatch cost). Not thread-safe: the composite's
+        module globals are patched while it runs (one captured forward at a time)."""
         g = func.__globals__
-        orig = g["has_torch_function"]
+        orig = g["linear"]
 
-        def once(ops):
-            g["has_torch_function"] = orig
-            return False
+        def linear(*a, **kw):
+            return self.call(orig, a, kw)
 
-        g["has_torch_function"] = once
+        g["linear"] = linear
         self._seq += 1
         try:
-            with mode:
-                return func(*args, **kwargs)
+            return func(*args, **kwargs)
         finally:
-            g["has_torch_function"] = orig
+            g["linear"] = orig
             self._seq -= 1
 
     def _owner(self, t) -> tuple[str, Tensor] | None:
@@ -211,31 +213,60 @@ class OpCapture:
             self.edges.append(get_gradient_edge(out))
         return out
 
+    def _key(self, func, args, kwargs):
+        """What the op's plan depends on: the op, the parameters' shapes (a parameter or a view of one
+        by shape only: slices are new views every forward), other tensors by identity (running
+        statistics), the input's rank and dtype, and the other arguments by value."""
+        def one(i, a):
+            if isinstance(a, Tensor):
+                if i == 0:
+                    return ("x", a.dim(), a.dtype)
+                if self._ids.get(id(a)) is not None or (a._base is not None and id(a._base) in self._ids):
+                    return ("p", tuple(a.shape), a.dtype)
+                return ("t", id(a), tuple(a.shape), a.dtype)
+            try:
+                hash(a)
+                return a
+            except TypeError:
+                return repr(a)
+        return (func, tuple(one(i, a) for i, a in enumerate(args)),
+                tuple((k, one(1, v)) for k, v in sorted(kwargs.items())))
+
     def _plan(self, func, args, kwargs):
+        key = self._key(func, args, kwargs)
+        hit = self._plans.get(key)
+        flat = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        if hit is not None:
+            if hit is False:
+                return None
+            plan, where = hit
+            return plan, {name: flat[i] for name, i in where.items()}
         try:
             built = op_specs.builder_for(func)(*args, **kwargs)
         except TengradError:
-            return None
+            built = None
         except Exception as exc:
             raise TengradError(f"the op builder for {getattr(func, '__name__', func)} raised "
                                f"{type(exc).__name__}: {exc}") from exc
-        if built is None:
-            return None
-        shell, tensors = built
-        if any(p.device.type == "meta" for p in shell.parameters(recurse=False)):
-            shell, tensors = op_specs._with_params(shell, tensors)   # a user's builder: put the op's tensors in
-        key = (func, type(shell), repr(shell), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items()),
-               tuple(id(b) for b in shell.buffers()), shell.training)
-        plan = self._plans.get(key)
-        if plan is None:
+        if built is not None:
+            shell, tensors = built
+            if any(p.device.type == "meta" for p in shell.parameters(recurse=False)):
+                shell, tensors = op_specs._with_params(shell, tensors)   # a user's builder: the op's tensors
             try:
                 plan = CompiledLayer(shell, backend="torch")
             except TengradError:
-                self._plans[key] = False
-                return None
-            self._plans[key] = plan
-        if plan is False:
+                built = None
+        if built is None:
+            self._plans[key] = False
             return None
+        where = {}
+        for name, t in tensors.items():
+            pos = next((i for i, a in enumerate(flat) if a is t), None)
+            if pos is None:
+                raise TengradError(f"the op builder for {getattr(func, '__name__', func)} returned a tensor "
+                                   f"for {name!r} that is not one of the op's arguments")
+            where[name] = pos
+        self._plans[key] = (plan, where)
         return plan, tensors
 
     def _backward(self, use: Use, grad: Tensor) -> None:

@@ -120,16 +120,19 @@ for _f, _b in ((F.linear, _linear), (F.conv1d, _conv(nn.Conv1d)), (F.conv2d, _co
 BATCH_FIRST_ONLY = {F.conv1d, F.conv2d, F.conv3d, F.group_norm, F.batch_norm, F.instance_norm}
 
 
+_LINEAR, _NORMS, _EMBEDDING = F.linear, (F.layer_norm, F.rms_norm), F.embedding   # the originals
+
+
 def leading_dims(func: Callable, x: Tensor, args: tuple, kwargs: dict) -> int:
     """How many leading dims of the op input may hold the sample (the rest are features)."""
     if func in BATCH_FIRST_ONLY:
         return 1
-    if func is F.linear:
+    if func is _LINEAR:
         return x.dim() - 1
-    if func in (F.layer_norm, F.rms_norm):
+    if func in _NORMS:
         ns = args[1] if len(args) > 1 else kwargs["normalized_shape"]
         return x.dim() - (1 if isinstance(ns, int) else len(ns))
-    if func is F.embedding:
+    if func is _EMBEDDING:
         return x.dim()
     return 1
 
