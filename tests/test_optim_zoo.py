@@ -273,3 +273,21 @@ def test_user_registered_op_gives_an_exact_block():
 
     opt = train_against_oracle(FreeScale, batch, dims=(0,))
     assert not opt.fallback and "g+s" in [b.name for b in opt.blocks], [b.name for b in opt.blocks]
+
+
+class SeqFirstLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):                                           # [N, T, 4]
+        return self.head(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
+
+
+def test_declared_layer_dimension_resolves_t_equal_n_exactly():
+    def batch(gen):                                                 # N = T = 3: ambiguous unless declared
+        return (torch.randn(3, 3, 4, generator=gen, dtype=torch.float64),), torch.randint(0, 3, (3,), generator=gen)
+
+    opt = train_against_oracle(SeqFirstLinear, batch, dims=(0,), batch_dim={"lin": 1})
+    assert opt.layer_dims == {"lin": 1} and opt.batch_dim == 0

@@ -4,9 +4,9 @@ A module becomes a block when it has trainable parameters of its own (``recurse=
 compiling it (``CompiledLayer(module, backend=...)``) succeeds; the block holds the plan's trainable parameters
 (``plan.params``: weight and bias together, frozen ones left out). Every other trainable parameter is a
 *fallback* parameter, preconditioned by the damped identity d = g / a (the same scale as a block whose
-Jacobian vanishes). Fallback comes from ``UnsupportedLayerError`` and from parameters shared
-between modules (tied weights): a parameter must belong to one block only, so every module touching a
-shared parameter falls back.
+Jacobian vanishes), until an op with a spec reads it in a captured forward: ``promote`` then makes
+it part of a block (op_capture.py). At construction, fallback comes from ``UnsupportedLayerError``,
+modules without a spec (MultiheadAttention's in_proj_*) and parameters shared between modules.
 """
 from __future__ import annotations
 

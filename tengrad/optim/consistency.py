@@ -151,12 +151,11 @@ class ConsistencyCheck:
                 f"{head}: the model ran its last forward with grad in eval mode; call model.train() "
                 "before the training forward (TENGraD captures forwards of a model in training mode)")
         return MissingCaptureError(
-            f"{head}: a parameter of this module is used outside the module's forward (e.g. "
-            "nn.MultiheadAttention applies out_proj.weight through F.linear without calling out_proj, "
-            "or a tied head uses F.linear(h, emb.weight)). TENGraD captures curvature at module forwards; "
-            "capturing the functional ops that use a parameter is future work. Call the module itself, "
-            "freeze the parameter, or precondition this model with another optimizer. (Other causes: "
-            "the forward ran under no_grad or inside a torch.func transform, or the hooks were removed.)")
+            f"{head}: no module forward of it and no op with a spec (F.linear, F.conv*, norms, "
+            "F.embedding, registered ops) that reads its parameters received an output gradient; a "
+            "parameter of this module is used only by ops without a spec (register one with "
+            "tengrad.register_op), or the forward ran under no_grad or inside a torch.func transform, "
+            "or the hooks were removed.")
 
 
 def _multi_rank() -> bool:

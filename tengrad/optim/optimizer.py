@@ -19,9 +19,11 @@ Decisions:
 * Capture (capture.py): only forwards with grad enabled, the model (not each module) in training mode, and curvature due for
   the next step are recorded; eval-mode or no_grad forwards never touch the captured batch or the stored
   curvature. Curvature comes from the backward passes since the last ``zero_grad()``/``step()``.
-* Weight sharing: a module called more than once in a forward is refused at the next curvature
-  ``step()`` with an error naming it; a parameter shared by several modules (tied weights) makes
-  those modules fall back to d = g / a, with a warning.
+* Weight sharing: every use of a block's parameters in the captured forward (module calls, op calls
+  outside them, row slices) is one term of the block's J = sum_u J_u (shared.py, op_capture.py); a
+  parameter shared by several modules, or a free parameter, starts as fallback and becomes a block
+  at the first captured step where an op with a spec reads it (blocks.promote). Gradients
+  accumulated over several forwards before a curvature step are refused naming the block.
 * update_freq k: steps 0, k, 2k, ... are curvature steps (K, its Cholesky factor and R from that batch are
   kept); the other steps apply the kept curvature to their fresh gradient. A change of the group's
   damping between curvature steps refactors the kept K.
@@ -31,7 +33,9 @@ Decisions:
 * Every direction is computed (and checked finite) before anything is written: a non-finite gradient,
   Gram matrix or direction raises an error naming the layer and leaves parameters, momentum buffers and
   the stored curvature untouched.
-* The batch is dimension 0 of every layer input and output, and the loss is mean-reduced over it.
+* The batch m is dimension ``batch_dim`` of the model's first input; each use's sample dimension is
+  the one of size m (shared.sample_first; ambiguous or absent raises), and the loss is mean-reduced
+  over the batch. ``batch_dim={"": d, layer: d_layer}`` declares dims per layer.
 """
 from __future__ import annotations
 
