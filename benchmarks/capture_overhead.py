@@ -60,8 +60,8 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     for _ in range(warmup):
         for f in steps.values():
             f()
-    for _ in range(repeats):
-        for k, f in steps.items():
+    for r in range(repeats):
+        for k, f in (steps.items() if r % 2 == 0 else reversed(steps.items())):   # alternate the order
             t = clock()
             f()
             times[k].append(clock() - t)

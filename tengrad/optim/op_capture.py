@@ -63,7 +63,7 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cap = self.cap
-        if func in SEQ_FIRST_COMPOSITES:
+        if func in SEQ_FIRST_COMPOSITES and cap._mha_depth == 0:
             return cap.composite(self, func, args, kwargs)
         if func in cap.ops:
             return cap.call(func, args, kwargs)
@@ -92,6 +92,8 @@ class OpCapture:
         self._seq = 0
         self._mode: _Mode | None = None
         self._suspended = 0     # depth of module-captured forwards the mode is suspended in
+        self._mha_depth = 0
+        self._linear_orig = None
         self._plans: dict = {}
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
@@ -121,6 +123,61 @@ class OpCapture:
                 mode.__exit__(None, None, None)
             self._suspended = 0
 
+    def _suspend(self) -> None:
+        if self._mode is not None:
+            if self._suspended == 0:
+                self._mode.__exit__(None, None, None)
+            self._suspended += 1
+
+    def _resume(self) -> None:
+        if self._mode is not None and self._suspended:
+            self._suspended -= 1
+            if self._suspended == 0:
+                self._mode.__enter__()
+
+    def skip_builtin_subtrees(self, model: nn.Module, covered: set[int]) -> None:
+        """Suspend the mode inside torch.nn modules whose whole subtree is torch.nn modules and whose
+        trainable parameters are all captured otherwise (module-level blocks, MultiheadAttention's
+        hooks): torch.nn's own forwards read a parameter only through its owner's forward or inside
+        F.multi_head_attention_forward, so the mode would see nothing there (and costs per op)."""
+        def builtin(mod):
+            return type(mod).__module__.startswith("torch.nn.")
+
+        for name, mod in model.named_modules():
+            if mod is model:
+                continue
+            if isinstance(mod, nn.MultiheadAttention):
+                self._handles += [mod.register_forward_pre_hook(lambda m, a: self._enter_mha()),
+                                  mod.register_forward_hook(lambda m, a, o: self._exit_mha(), always_call=True)]
+            subtree = list(mod.modules())
+            if not all(builtin(s) for s in subtree):
+                continue
+            handled = covered | {id(p) for s in subtree if isinstance(s, nn.MultiheadAttention)
+                                 for p in s.parameters(recurse=False)}
+            if all(id(p) in handled for p in mod.parameters() if p.requires_grad):
+                self._handles += [mod.register_forward_pre_hook(lambda m, a: self._suspend()),
+                                  mod.register_forward_hook(lambda m, a, o: self._resume(), always_call=True)]
+
+    def _enter_mha(self) -> None:
+        """MultiheadAttention's forward in a captured forward: record its projections (``linear``
+        inside F.multi_head_attention_forward) whether or not the mode is suspended around it."""
+        if self._mode is None:
+            return
+        g = F.multi_head_attention_forward.__globals__
+        if self._mha_depth == 0:
+            orig = self._linear_orig = g["linear"]
+            g["linear"] = lambda *a, **kw: self.call(orig, a, kw)
+        self._mha_depth += 1
+        self._seq += 1
+
+    def _exit_mha(self) -> None:
+        if self._mha_depth == 0:
+            return
+        self._mha_depth -= 1
+        self._seq -= 1
+        if self._mha_depth == 0:
+            F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
+
     def cover(self, module: nn.Module, params: list[Tensor]) -> None:
         """``module`` is captured at module level: the mode is suspended inside its forward (its inner
         ops are not captured again, and cost nothing), and its parameters count as covered there."""
@@ -129,18 +186,12 @@ class OpCapture:
         def pre(mod, args):
             for i in ids:
                 self.covered[i] = self.covered.get(i, 0) + 1
-            if self._mode is not None:
-                if self._suspended == 0:
-                    self._mode.__exit__(None, None, None)
-                self._suspended += 1
+            self._suspend()
 
         def post(mod, args, out):
             for i in ids:
                 self.covered[i] -= 1
-            if self._mode is not None and self._suspended:
-                self._suspended -= 1
-                if self._suspended == 0:
-                    self._mode.__enter__()
+            self._resume()
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
 

@@ -129,6 +129,8 @@ class TENGraD(torch.optim.Optimizer):
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
                                      forward_id=lambda: self._ops.fwd)
             self._ops.cover(b.module, b.params)
+        self._ops.skip_builtin_subtrees(model, {id(p) for b in self.blocks if b.capture is not None
+                                                for p in b.params})
         if self.fallback:
             warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
 
