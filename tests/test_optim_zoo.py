@@ -291,3 +291,59 @@ def test_declared_layer_dimension_resolves_t_equal_n_exactly():
 
     opt = train_against_oracle(SeqFirstLinear, batch, dims=(0,), batch_dim={"lin": 1})
     assert opt.layer_dims == {"lin": 1} and opt.batch_dim == 0
+
+
+class AttnClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, E)
+        self.attn = nn.MultiheadAttention(E, 2, batch_first=True)
+        self.head = nn.Linear(E, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))        # [N, 4]
+
+
+def test_mc_fisher_rows_reach_op_level_uses():
+    """fisher='mc': the extra backward with sampled labels reaches the uses captured at the op
+    (MultiheadAttention's projections): rows = per-sample gradients for opt.last_labels."""
+    torch.manual_seed(0)
+    model = AttnClassifier().double()
+    oracle = copy.deepcopy(model)
+    lr, damping = 0.2, 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, fisher="mc", check=True,
+                      generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids, y = torch.randint(0, V, (N, T), generator=gen), torch.randint(0, 4, (N,), generator=gen)
+        oracle.load_state_dict(model.state_dict())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        opt.backward(model(ids), y, loss="cross_entropy")
+        opt.step()
+        names = [n for n, _ in oracle.named_parameters()]
+        params = dict(oracle.named_parameters())
+        sizes = {n: params[n].numel() for n in names}
+        offs = dict(zip(names, [sum(sizes[k] for k in names[:i]) for i in range(len(names))]))
+
+        def rows(labels):
+            out = []
+            for i in range(N):
+                l = F.cross_entropy(oracle(ids[i:i + 1]), labels[i:i + 1])
+                out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, [params[n] for n in names])]))
+            return torch.stack(out)
+
+        g, R = rows(y).mean(0), rows(opt.last_labels)
+        assert not opt.fallback
+        for b in opt.blocks:
+            cols = torch.cat([torch.arange(offs[n], offs[n] + sizes[n]) for n in b.param_names])
+            d = torch.linalg.solve(R[:, cols].T @ R[:, cols] / N + damping * torch.eye(len(cols), dtype=R.dtype), g[cols])
+            o = 0
+            for n in b.param_names:
+                want = -lr * d[o:o + sizes[n]].reshape(params[n].shape)
+                got = dict(model.named_parameters())[n].detach() - before[n]
+                assert float((got - want).norm() / want.norm()) <= 1e-8, n
+                o += sizes[n]
