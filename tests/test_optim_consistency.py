@@ -189,3 +189,21 @@ def test_check_argument_is_validated():
     assert issubclass(ConsistencyError, TENGraDError)
     with pytest.raises(TENGraDError, match="check"):
         TENGraD(nn.Linear(2, 2), 0.1, 0.5, check="always")
+
+
+def test_missing_capture_names_a_parameter_read_only_by_ops_without_a_spec():
+    torch.manual_seed(0)
+
+    class Matmul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return x @ self.lin.weight.T        # a Linear's weight, read by matmul only (no spec)
+
+    model = Matmul().double()
+    opt = TENGraD(model, 0.1, 0.5)
+    F.cross_entropy(model(torch.randn(5, 4, dtype=torch.float64)), torch.randint(0, 3, (5,))).backward()
+    with pytest.raises(MissingCaptureError, match=r"layer 'lin' \(Linear\).*ops without a spec"):
+        opt.step()
