@@ -34,9 +34,10 @@ class MixNet(nn.Module):
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
-        ids = torch.remainder(torch.floor(x[:, 0, 0, :] * 7), 10).long()          # [m, 5]
-        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)[:, :5]            # [m, 5, 6]
-        h = self.lin(self.norm(h + self.emb(ids)))                                 # [m, 5, 5]
+        # T = 9 positions: no batch size of these tests is 9, so the sample dimension is never ambiguous
+        ids = torch.remainder(torch.floor(x[:, 0].flatten(1)[:, :9] * 7), 10).long()   # [m, 9]
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)[:, :9]            # [m, 9, 6]
+        h = self.lin(self.norm(h + self.emb(ids)))                                 # [m, 9, 5]
         return self.head(self.act(h).mean(1))                                      # [m, 3]
 
 
