@@ -347,3 +347,29 @@ def test_mc_fisher_rows_reach_op_level_uses():
                 got = dict(model.named_parameters())[n].detach() - before[n]
                 assert float((got - want).norm() / want.norm()) <= 1e-8, n
                 o += sizes[n]
+
+
+class FunctionalUpsample(nn.Module):
+    """A ConvTranspose2d's and a GroupNorm's parameters applied through F.conv_transpose2d and
+    F.group_norm (op-level capture), the same ConvTranspose2d weight also called as a module (two uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)
+        self.gn = nn.GroupNorm(1, 2)
+        self.head = nn.Linear(2 * 8 * 8 * 2, 4)
+
+    def forward(self, x):                                        # [N, 3, 4, 4]
+        a = F.conv_transpose2d(x, self.up.weight, self.up.bias, stride=2, padding=1, output_padding=1)
+        a = F.group_norm(torch.tanh(a), 1, self.gn.weight, self.gn.bias, 1e-5)
+        b = torch.tanh(self.up(x))                               # [N, 2, 8, 8]
+        return self.head(torch.cat([a, b], 1).flatten(1))
+
+
+def test_functional_conv_transpose_and_group_norm_match_oracle():
+    def batch(gen):
+        return (torch.randn(N, 3, 4, 4, generator=gen, dtype=torch.float64),), torch.randint(0, 4, (N,), generator=gen)
+
+    opt = train_against_oracle(FunctionalUpsample, batch, dims=(0,))
+    blocks = {b.name: b for b in opt.blocks}
+    assert not opt.fallback and len(blocks["up"].uses) == 2 and len(blocks["gn"].uses) == 1

@@ -64,6 +64,15 @@ def _conv(cls):
     return build
 
 
+def _conv_transpose(cls):
+    def build(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        m = cls(weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]), stride=stride,
+                padding=padding, output_padding=output_padding, groups=groups, bias=bias is not None,
+                dilation=dilation, device="meta")
+        return _with_params(m, {"weight": weight, "bias": bias})
+    return build
+
+
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if weight is None and bias is None:
         return None
@@ -110,13 +119,16 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
 
 
 for _f, _b in ((F.linear, _linear), (F.conv1d, _conv(nn.Conv1d)), (F.conv2d, _conv(nn.Conv2d)),
-               (F.conv3d, _conv(nn.Conv3d)), (F.layer_norm, _layer_norm), (F.rms_norm, _rms_norm),
+               (F.conv3d, _conv(nn.Conv3d)), (F.conv_transpose1d, _conv_transpose(nn.ConvTranspose1d)),
+               (F.conv_transpose2d, _conv_transpose(nn.ConvTranspose2d)),
+               (F.conv_transpose3d, _conv_transpose(nn.ConvTranspose3d)), (F.layer_norm, _layer_norm), (F.rms_norm, _rms_norm),
                (F.group_norm, _group_norm), (F.batch_norm, _stats_norm(nn.BatchNorm1d)),
                (F.instance_norm, _stats_norm(nn.InstanceNorm1d)), (F.embedding, _embedding)):
     register_op(_f, _b)
 
 #: ops whose output has the batch as dimension 0 only (the rest may be "*t" leading dims)
-BATCH_FIRST_ONLY = {F.conv1d, F.conv2d, F.conv3d, F.group_norm, F.batch_norm, F.instance_norm}
+BATCH_FIRST_ONLY = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                    F.group_norm, F.batch_norm, F.instance_norm}
 
 
 _LINEAR, _NORMS, _EMBEDDING = F.linear, (F.layer_norm, F.rms_norm), F.embedding   # the originals
