@@ -14,7 +14,7 @@ _spec.loader.exec_module(transformer_lm)
 
 def test_transformer_lm_with_tied_head_trains_and_has_no_fallback():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")           # construction: in_proj_* fall back until first captured
+        warnings.simplefilter("error")            # no fallback warning: every parameter has a block
         model, opt, losses = transformer_lm.train(steps=25)
     assert not opt.fallback, opt.fallback
     blocks = {b.name: b for b in opt.blocks}

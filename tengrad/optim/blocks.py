@@ -49,7 +49,12 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
     return "torch" if devices <= {"cpu"} else "auto"
 
 
-def find_blocks(model: nn.Module, backend: str) -> tuple[list[Block], list[tuple[str, nn.Parameter]], dict[str, str]]:
+#: parameters of nn.MultiheadAttention that its F.linear projections read (bias_k/bias_v: no spec)
+MHA_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+
+
+def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
+                ) -> tuple[list[Block], list[tuple[str, nn.Parameter]], dict[str, str]]:
     """(blocks, fallback (name, param) pairs, {module name: why it fell back})."""
     owners: dict[int, list[str]] = {}
     for mname, module in model.named_modules():
@@ -66,6 +71,12 @@ def find_blocks(model: nn.Module, backend: str) -> tuple[list[Block], list[tuple
         shared = [n for n, p in own if len(owners[id(p)]) > 1]
         if shared:
             why[label] = f"parameter(s) {shared} shared with {owners[id(dict(own)[shared[0]])]}"
+            continue
+        if op_blocks and isinstance(module, nn.MultiheadAttention):
+            proj = [(n, p) for n, p in own if n in MHA_PROJECTIONS]
+            if proj:      # captured at its F.linear calls (op_capture.py); a block from the start
+                names = [f"{mname}.{n}" if mname else n for n, _ in proj]
+                candidates.append(Block(label, module, None, [p for _, p in proj], names))
             continue
         try:
             plan = CompiledLayer(module, backend=backend)

@@ -110,7 +110,9 @@ class TENGraD(torch.optim.Optimizer):
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
         self.backend = resolve_backend(model, backend)
-        self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend)
+        # op-only blocks (MultiheadAttention's projections) are single-process only: the distributed
+        # step needs a module plan per block
+        self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend, self._dist is None)
         where = groups.index_of(self.param_groups)
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
             groups.group_of_block(b.name, b.param_names, b.params, where)
@@ -125,6 +127,8 @@ class TENGraD(torch.optim.Optimizer):
         self._ops = OpCapture(model, lambda: tracked, self._curvature_due, lambda: self._phase,
                               self.batch_dim, keep_edges=fisher != "empirical")
         for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
+            if b.plan is None:         # captured at its ops only
+                continue
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
                                      forward_id=lambda: self._ops.fwd)
