@@ -373,3 +373,24 @@ def test_functional_conv_transpose_and_group_norm_match_oracle():
     opt = train_against_oracle(FunctionalUpsample, batch, dims=(0,))
     blocks = {b.name: b for b in opt.blocks}
     assert not opt.fallback and len(blocks["up"].uses) == 2 and len(blocks["gn"].uses) == 1
+
+
+class TransposedFree(nn.Module):
+    """A free parameter read through a transposed view F.linear(h, W.T): not a row slice, so not a
+    use; W stays in fallback and the rest is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, E)
+        self.W = nn.Parameter(torch.randn(E, V) / math.sqrt(E))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.inp(x)), self.W.T)
+
+
+def test_transposed_view_of_a_free_parameter_stays_fallback():
+    def batch(gen):
+        return (torch.randn(N, T, 4, generator=gen, dtype=torch.float64),), torch.randint(0, V, (N, T), generator=gen)
+
+    opt = train_against_oracle(TransposedFree, batch, dims=(0,))
+    assert [n for n, _ in opt.fallback] == ["W"] and [b.name for b in opt.blocks] == ["inp"]

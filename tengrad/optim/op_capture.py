@@ -253,7 +253,10 @@ class OpCapture:
             owner = self._owner(t)
             if owner is None:
                 return out     # a trainable tensor that is no block parameter: leave this call alone
-            parts.append((owner[1], _first_row(t, owner[1])))
+            try:
+                parts.append((owner[1], _first_row(t, owner[1])))
+            except TengradError:
+                return out     # a view that is not a block of rows (W.T): no spec covers it; see _first_row
         label = owner[0] if len(parts) == 1 else parts_label(parts, ids)
         fname = getattr(func, "__name__", str(func))
         k = self._count[label + fname] = self._count.get(label + fname, 0) + 1
@@ -345,7 +348,9 @@ class OpCapture:
 
 
 def _first_row(t: Tensor, p: Tensor) -> int | None:
-    """None when ``t`` is ``p`` itself, else the first row of ``p`` that the slice ``t`` starts at."""
+    """None when ``t`` is ``p`` itself, else the first row of ``p`` that the slice ``t`` starts at.
+    Any other view (a transpose ``W.T``) raises; the call is then not a use (the parameter stays in
+    fallback, or its block's consistency check names it)."""
     if t is p:
         return None
     row = max(1, p[0].numel()) if p.dim() else 1
