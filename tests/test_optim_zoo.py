@@ -126,7 +126,9 @@ def expected_change(opt, oracle, inputs, dims, y, lr, damping):
 
 def train_against_oracle(make, inputs_fn, dims, steps=3, lr=0.2, damping=0.3, **kw):
     torch.manual_seed(0)
-    model = make().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # nn.Transformer's nested-tensor notice
+        model = make().double()
     oracle = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
