@@ -82,6 +82,31 @@ def test_save_load_mid_run_with_groups_and_a_scheduler_resumes_bit_for_bit(fishe
         assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
 
 
+
+def test_an_in_memory_load_shares_no_buffer_with_the_saving_optimizer():
+    """torch's load_state_dict keeps tensors whose dtype and device already match, so without a copy
+    the loaded optimizer would share (and each step would advance twice) the saver's momentum
+    buffers; both runs must instead continue exactly as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [make_batch("tokens", m, "cross_entropy", gen) for m in (5, 4, 6)]
+    base = make_model("tokens")
+    straight = copy.deepcopy(base)
+    run(straight, make_opt(straight), batches)
+
+    first = copy.deepcopy(base)
+    opt1 = make_opt(first)
+    run(first, opt1, batches[:1])
+    second = copy.deepcopy(base)          # (a deepcopy of `first` would copy opt1's hooks too)
+    second.load_state_dict(first.state_dict())
+    opt2 = make_opt(second)
+    opt2.load_state_dict(opt1.state_dict())
+    for p, q in zip(first.parameters(), second.parameters()):
+        assert opt1.state[p]["momentum_buffer"].data_ptr() != opt2.state[q]["momentum_buffer"].data_ptr()
+    run(first, opt1, batches[1:])
+    run(second, opt2, batches[1:])
+    for (n, p), q, r in zip(straight.named_parameters(), first.parameters(), second.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+
 # ---------------------------------------------------------------- refused loads change nothing
 class WideTokenNet(TokenNet):
     """Same layer names as TokenNet, other widths (lin1: 6 -> 7, lin2: 7 -> 3)."""

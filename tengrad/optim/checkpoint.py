@@ -194,7 +194,12 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
             torch.Generator(device=opt.generator.device).set_state(gen)
         except Exception as exc:  # noqa: BLE001
             raise _fail(f"the generator state does not fit this optimizer's generator: {exc}") from None
+    # Momentum buffers are cloned: torch's load_state_dict keeps the given tensors when dtype and
+    # device already match, so an optimizer loaded from another's in-memory state_dict would share
+    # (and step twice) its buffers.
     base = {k: v for k, v in state_dict.items() if k != "tengrad"}
+    base["state"] = {idx: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                     for idx, s in state.items()}
     return base, {"steps": int(steps), "curv": prepared, "generator": gen}
 
 
