@@ -23,22 +23,29 @@ Decisions:
 * update_freq k: steps 0, k, 2k, ... are curvature steps (K, its Cholesky factor and R from that batch are
   kept); the other steps apply the kept curvature to their fresh gradient. A change of the group's
   damping between curvature steps refactors the kept K.
-* Every direction is computed (and checked finite) before anything is written: a non-finite gradient,
-  Gram matrix or direction raises an error naming the layer and leaves parameters, momentum buffers and
-  the stored curvature untouched.
+* Every direction is computed (and checked finite, once for the whole step: one sum per tensor, and
+  only if one of those is not finite an element-wise search for the culprit) before anything is
+  written: a non-finite gradient, Gram matrix or direction raises an error naming the layer and leaves
+  parameters, momentum buffers and the stored curvature untouched.
+* Gradient from the Jacobian (``grad_from_jacobian``, on by default): on a curvature step of the
+  empirical Fisher, a block that keeps an explicit Jacobian J (paths.py) gets ``param.grad`` = J^T 1/m
+  from that J, computed during ``backward()``; autograd's own weight gradient of that layer, which
+  would cost as much again, is skipped (capture.py). Autograd hooks registered on those parameters'
+  gradient accumulators do not fire on such steps; pass ``grad_from_jacobian=False`` if you rely on them.
 * The batch is dimension 0 of every layer input and output, and the loss is mean-reduced over it.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from tengrad.optim import fisher as fisher_mod
-from tengrad.optim import paths, woodbury
+from tengrad.optim import paths, stepctl, woodbury
 from tengrad.optim.blocks import Block, find_blocks, resolve_backend
 from tengrad.optim.capture import CURVATURE, GRADIENT, LayerCapture
 from tengrad.optim.errors import TENGraDError
@@ -67,7 +74,8 @@ class TENGraD(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, update_freq: int = 1, fisher: str = "empirical",
                  backend: str = "auto", kl_clip: float | None = None,
-                 generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26) -> None:
+                 generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
+                 grad_from_jacobian: bool = True) -> None:
         if lr <= 0 or damping <= 0:
             raise TENGraDError(f"lr and damping must be positive, got lr={lr}, damping={damping}")
         if fisher not in fisher_mod.FISHERS:
@@ -87,6 +95,7 @@ class TENGraD(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
+        self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical"
         self.backend = resolve_backend(model, backend)
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend)
         self._phase = GRADIENT
@@ -96,6 +105,8 @@ class TENGraD(torch.optim.Optimizer):
         for b in self.blocks:
             b.capture = LayerCapture(b.name, b.module, self._curvature_due, lambda: self._phase,
                                      keep_edges=fisher != "empirical")
+            b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
+            b.capture.on_fused_grad = partial(self._fused_grad, b)
         if self.fallback:
             names = ", ".join(n for n, _ in self.fallback)
             reasons = "; ".join(f"{k}: {v}" for k, v in self.fallback_why.items())
@@ -149,6 +160,21 @@ class TENGraD(torch.optim.Optimizer):
         return value.detach()
 
     # ------------------------------------------------------------------ the step
+    def _fused_grad(self, b: Block, record, grad: Tensor) -> None:
+        """Called during backward for a call whose parameters were detached (capture.py): forms
+        J / m = plan.jacobian(x, dL/dy), keeps it in the record and adds its column sums to p.grad."""
+        dtype = woodbury.compute_dtype(b.params[0].dtype)
+        with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
+            x = record.x.to(dtype) if record.x.is_floating_point() else record.x
+            jac = b.plan.jacobian(x, grad.to(dtype))
+            for p, j in zip(b.params, jac):
+                gp = j.sum(0).to(p.dtype)
+                if p.grad is None:
+                    p.grad = gp
+                else:
+                    p.grad.add_(gp)
+        record.jac = list(jac) if record.jac is None else [a + c for a, c in zip(record.jac, jac)]
+
     def _gradient(self, p: Tensor, wd: float, dtype: torch.dtype) -> Tensor:
         g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
         return g + wd * p.detach().to(dtype) if wd else g
@@ -181,7 +207,13 @@ class TENGraD(torch.optim.Optimizer):
         b.choice = b.choices[key]
         if self.update_freq > 1 and b.choice.path == paths.REUSE and x is rec.x:
             x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
-        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name)
+        fused = b.choice.path == paths.JACOBIAN and self.grad_from_jacobian
+        # next curvature step: detach this layer's parameters for inputs of this shape (capture.py)
+        b.capture.fuse_shape = tuple(rec.x.shape) if fused else None
+        jac = None
+        if fused and rec.jac is not None:
+            jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m
+        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, jac=jac)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -197,7 +229,7 @@ class TENGraD(torch.optim.Optimizer):
         lr, a, mom, wd = group["lr"], group["damping"], group["momentum"], group["weight_decay"]
         due = self._steps % self.update_freq == 0
         new_curv: dict[int, woodbury.BlockCurvature] = {}
-        directions: list[tuple[Tensor, Tensor, Tensor]] = []           # (param, d, g)
+        directions: list[tuple[Tensor, Tensor, Tensor, str]] = []      # (param, d, g, 'layer ...')
         device_type = self.param_groups[0]["params"][0].device.type
         try:
             with torch.autocast(device_type=device_type, enabled=False):
@@ -207,8 +239,6 @@ class TENGraD(torch.optim.Optimizer):
                         continue
                     dtype = woodbury.compute_dtype(b.params[0].dtype)
                     g = [self._gradient(p, wd, dtype) for p in b.params]
-                    if not all(torch.isfinite(t).all() for t in g):
-                        raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
                     if due or b.curv is None:
                         curv = self._curvature(b, a)
                     else:
@@ -216,35 +246,25 @@ class TENGraD(torch.optim.Optimizer):
                         curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
                     new_curv[i] = curv
                     d = woodbury.direction(curv, b.plan, g, b.name)
-                    directions += [(p, di, gi) for p, di, gi in zip(b.params, d, g) if p.grad is not None]
+                    directions += [(p, di, gi, f"layer {b.name!r}") for p, di, gi in zip(b.params, d, g)
+                                   if p.grad is not None]
                 for name, p in self.fallback:
                     if p.grad is None:
                         continue
                     g = self._gradient(p, wd, woodbury.compute_dtype(p.dtype))
-                    if not torch.isfinite(g).all():
-                        raise TENGraDError(f"parameter {name!r}: non-finite gradient")
-                    directions.append((p, g / a, g))
+                    directions.append((p, g / a, g, f"parameter {name!r}"))
+                stepctl.check_finite(directions)
         finally:
             self._opt_backward = False
         nu = 1.0
         if self.kl_clip is not None and directions:
-            dg = float(sum((d * g).sum() for _, d, g in directions))
+            dg = float(stepctl.inner(directions))
             if dg > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr * lr * dg)))
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
-        for p, d, _ in directions:
-            d = (nu * d).to(p.dtype) if nu != 1.0 else d.to(p.dtype)
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+        stepctl.apply(self, directions, lr, mom, nu)
         self._steps += 1
         return loss
 
