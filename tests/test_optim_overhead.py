@@ -39,8 +39,8 @@ def test_fused_grad_equals_autograd_grad_and_parameters_are_restored():
     batches = [(torch.randn(5, 2, 5, 5, generator=gen, dtype=torch.float64),
                 torch.randint(0, 3, (5,), generator=gen)) for _ in range(3)]
     fast, slow = copy.deepcopy(base), copy.deepcopy(base)
-    of = TENGraD(fast, 0.1, 0.5)
-    os_ = TENGraD(slow, 0.1, 0.5, grad_from_jacobian=False)
+    of = TENGraD(fast, 0.1, 0.5, update_freq=1)
+    os_ = TENGraD(slow, 0.1, 0.5, update_freq=1, grad_from_jacobian=False)
     for x, y in batches:
         for model, opt in ((fast, of), (slow, os_)):
             opt.zero_grad()
@@ -59,7 +59,7 @@ def test_fused_grad_equals_autograd_grad_and_parameters_are_restored():
 
 def test_parameters_restored_when_the_forward_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, max_jacobian_numel=10 ** 6)
+    opt = TENGraD(model, 0.1, 0.5, update_freq=1, max_jacobian_numel=10 ** 6)
     x = torch.randn(6, 3, dtype=torch.float64)
     for _ in range(2):
         opt.zero_grad()

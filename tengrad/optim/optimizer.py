@@ -4,7 +4,7 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, sqrt(kl_clip / (lr^2 sum_blocks <d, g>)))          (only when kl_clip is set)
+    nu   = min(1, sqrt(kl_clip / (lr^2 sum_blocks <d, g>)))   (KL clipping, stepctl.py; 1 if kl_clip=None)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 
@@ -36,7 +36,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from functools import partial
 from typing import Callable
@@ -62,18 +61,25 @@ class TENGraD(torch.optim.Optimizer):
 
         out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss="cross_entropy"); opt.step()
 
+    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 1e-2,
+    chosen from the lr x damping grid of benchmarks/robustness.py (README: "Choosing lr, damping and
+    update_freq").
+
     Args: ``lr``, ``damping`` (a), ``momentum``, ``weight_decay`` (coupled) live in the single param
     group and may be changed between steps. ``update_freq`` k: curvature every k steps. ``fisher``:
     "empirical", "mc" (one extra backward with sampled labels; ``generator`` makes them reproducible,
     ``opt.last_labels`` holds them) or "exact" (one extra backward per output unit). ``backend`` goes
-    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: KFAC-style step clipping.
+    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: K-FAC's KL clipping, the step's
+    squared damped-Fisher length lr^2 nu^2 <d, g> is kept <= kl_clip (stepctl.py); None: the exact step.
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
     """
 
-    def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, update_freq: int = 1, fisher: str = "empirical",
-                 backend: str = "auto", kl_clip: float | None = None,
+    def __init__(self, model: nn.Module, lr: float = stepctl.DEFAULT_LR,
+                 damping: float = stepctl.DEFAULT_DAMPING, momentum: float = 0.9,
+                 weight_decay: float = 0.0, update_freq: int = stepctl.DEFAULT_UPDATE_FREQ,
+                 fisher: str = "empirical", backend: str = "auto",
+                 kl_clip: float | None = stepctl.DEFAULT_KL_CLIP,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  grad_from_jacobian: bool = True) -> None:
         if lr <= 0 or damping <= 0:
@@ -101,6 +107,7 @@ class TENGraD(torch.optim.Optimizer):
         self._phase = GRADIENT
         self._steps = 0
         self._opt_backward = False
+        self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
         for b in self.blocks:
             b.capture = LayerCapture(b.name, b.module, self._curvature_due, lambda: self._phase,
@@ -256,11 +263,8 @@ class TENGraD(torch.optim.Optimizer):
                 stepctl.check_finite(directions)
         finally:
             self._opt_backward = False
-        nu = 1.0
-        if self.kl_clip is not None and directions:
-            dg = float(stepctl.inner(directions))
-            if dg > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / (lr * lr * dg)))
+        nu = stepctl.kl_scale(directions, lr, self.kl_clip)
+        self.last_nu = nu
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv

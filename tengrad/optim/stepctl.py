@@ -1,4 +1,17 @@
-"""The last part of a TENGraD step: one finiteness check, the step-size control and the update.
+"""The last part of a TENGraD step: one finiteness check, the step-size control and the update,
+and the optimizer's defaults (chosen from benchmarks/robustness.py; README "Choosing lr, damping and
+update_freq").
+
+Step-size control (K-FAC's KL clipping, on by default): with D = sum over all parameters of <d, g>
+(= sum_blocks g^T (F_b + a I)^-1 g >= 0),
+
+    nu = min(1, sqrt(kl_clip / (lr^2 D)))
+
+so the new contribution lr nu d to the update has squared length lr^2 nu^2 d^T (F + a I) d =
+lr^2 nu^2 D <= kl_clip in the damped-Fisher metric (a second-order bound on the KL divergence between
+the model's predictive distributions before and after the step). Steps already inside the bound are
+exact (nu = 1); ``kl_clip=None`` switches the control off and every step is the exact damped
+natural-gradient step.
 
 ``directions`` is a list of (param, d, g, label): d the preconditioned direction and g the gradient of
 one parameter (compute dtype), label "layer 'name'" or "parameter 'name'" for error messages.
@@ -18,6 +31,22 @@ from torch import Tensor
 from tengrad.optim.errors import TENGraDError
 
 Direction = tuple[Tensor, Tensor, Tensor, str]
+
+# Defaults of TENGraD(model): see benchmarks/README.md (robustness grid) and README.md.
+DEFAULT_LR = 0.3
+DEFAULT_DAMPING = 1.0
+DEFAULT_UPDATE_FREQ = 10
+DEFAULT_KL_CLIP = 1e-2
+
+
+def kl_scale(directions: Sequence[Direction], lr: float, kl_clip: float | None) -> float:
+    """nu = min(1, sqrt(kl_clip / (lr^2 sum <d, g>))); 1 when kl_clip is None or sum <d, g> <= 0."""
+    if kl_clip is None or not directions:
+        return 1.0
+    dg = float(inner(directions))
+    if not dg > 0:
+        return 1.0
+    return min(1.0, (kl_clip / (lr * lr * dg)) ** 0.5)
 
 
 def check_finite(directions: Sequence[Direction]) -> None:
