@@ -49,8 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join("runs", "robustness"))
-    p.add_argument("--quick", action="store_true", help="smoke run: digits, 2x2 grid, a few steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits, tiny model, one cell per method, 4 steps")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="only merge the robustness.json of several runs (e.g. one process per method) into "
+                        "--out: table and heat maps over the union of their grids")
     return p
+
+
+def merge(args, target: float) -> int:
+    results, metas = [], []
+    for d in args.merge:
+        with open(os.path.join(d, "robustness.json")) as f:
+            blob = json.load(f)
+        results += blob["results"]
+        metas.append(blob["meta"])
+    grid = [r for r in results if r["method"] in ("tengrad", "kfac")]
+    args.lrs = sorted({r["hp"]["lr"] for r in grid})
+    args.dampings = sorted({r["hp"]["damping"] for r in grid})
+    m = metas[0]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "robustness.json"), "w") as f:
+        json.dump(dict(meta=metas, results=results), f, indent=1)
+    title = (f"3C1F-{m['width']}, {m['dataset']} {m['train']} images, {m['epochs']:g} epochs, batch {m['batch']}, "
+             f"curvature every {m['update_freq']} steps")
+    png = heatmaps(results, args, os.path.join(args.out, "robustness.png"), target, title)
+    print(title)
+    for x in metas:
+        print(f"  part: {x['threads']} thread(s), {x['total_seconds']:.0f} s, load at end {x['load_end']}")
+    print(table(results, args, target))
+    print(f"\nWrote {png}")
+    return 0
 
 
 def tengrad_hp(args, lr: float, damping: float) -> dict:
@@ -77,7 +105,9 @@ def cells(args) -> list[tuple[str, dict]]:
     return out
 
 
-def cell_text(r: dict, target: float) -> str:
+def cell_text(r: dict | None, target: float) -> str:
+    if r is None:
+        return "·"
     acc = f"{100 * r['best_acc']:.1f}" if r["best_acc"] == r["best_acc"] else "-"
     mark = " **x**" if r["diverged"] else ""
     return f"{acc}{mark}" + (" ✓" if r["best_acc"] >= target else "")
@@ -97,8 +127,8 @@ def table(results: list[dict], args, target: float) -> str:
         lines.append("| damping \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
         lines.append("|---" * (len(args.lrs) + 1) + "|")
         for d in args.dampings:
-            row = [cell_text(next(r for r in rs if r["hp"]["lr"] == lr and r["hp"]["damping"] == d), target)
-                   for lr in args.lrs]
+            row = [cell_text(next((r for r in rs if r["hp"]["lr"] == lr and r["hp"]["damping"] == d), None),
+                             target) for lr in args.lrs]
             lines.append(f"| {d:g} | " + " | ".join(row) + " |")
     rs = [r for r in results if r["method"] == "sgd"]
     if rs:
@@ -125,11 +155,15 @@ def heatmaps(results: list[dict], args, path: str, target: float, title: str) ->
     axes = axes[0]
     for ax, (meth, name) in zip(axes, grids):
         rs = {(r["hp"]["damping"], r["hp"]["lr"]): r for r in results if r["method"] == meth}
-        z = np.array([[100 * rs[d, lr]["best_acc"] for lr in args.lrs] for d in args.dampings])
-        im = ax.imshow(np.nan_to_num(z, nan=0.0), vmin=50, vmax=95, cmap="viridis", origin="lower")
+        z = np.array([[100 * rs[d, lr]["best_acc"] if (d, lr) in rs else np.nan for lr in args.lrs]
+                      for d in args.dampings])
+        im = ax.imshow(np.ma.masked_invalid(z), vmin=50, vmax=95, cmap="viridis", origin="lower")
         for i, d in enumerate(args.dampings):
             for j, lr in enumerate(args.lrs):
-                r = rs[d, lr]
+                r = rs.get((d, lr))
+                if r is None:
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="gray")
+                    continue
                 txt = f"{z[i, j]:.1f}" + ("\nx" if r["diverged"] else "")
                 ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                         color="white" if z[i, j] < 80 or r["diverged"] else "black")
@@ -158,10 +192,12 @@ def heatmaps(results: list[dict], args, path: str, target: float, title: str) ->
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     target = 0.85
+    if args.merge:
+        return merge(args, target)
     if args.quick:
         args.dataset, args.train, args.test, args.epochs = "digits", 256, 128, 0.5
         args.width, args.hidden, args.batch = 4, 16, 32
-        args.lrs, args.dampings, args.sgd_lrs, args.update_freq = [0.1, 1.0], [0.1, 10.0], [0.1], 2
+        args.lrs, args.dampings, args.sgd_lrs, args.update_freq = [0.3], [1.0], [0.1], 2
         args.evals_per_epoch = 2
     torch.set_num_threads(args.threads)
     name, data = load_data(args.dataset, args.train, args.test, args.seed)
