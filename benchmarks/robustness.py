@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         results.append(s)
         print(f"  {meth:<8} {json.dumps(hp):<60} best {100 * s['best_acc']:5.1f}% "
               f"{s['seconds']:6.1f} s {s['diverged']}", flush=True)
+        with open(os.path.join(args.out, "partial.json"), "w") as f:   # every finished cell survives a kill
+            json.dump(dict(results=results), f)
     meta = dict(dataset=name, train=len(data[1]), test=len(data[3]), epochs=args.epochs, width=args.width,
                 hidden=args.hidden, batch=args.batch, update_freq=args.update_freq, kl_clip=args.kl_clip,
                 threads=torch.get_num_threads(), load_end=load_average(),
