@@ -2,10 +2,11 @@
 index-notation layer specs (see DESIGN.md and docs/api-contract.md)."""
 from tengrad_ir import LayerSpec
 
-from .compiled import CompiledLayer, ModulePlan
+from .compiled import CompiledLayer
+from .module_plan import ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
-from .optim import TENGraD
+from .optim import TENGraD, TENGraDError
 
 
 def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)
@@ -18,4 +19,4 @@ def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa
 
 
 __all__ = ["compile", "TENGraD", "CompiledLayer", "ModulePlan", "LayerSpec", "Term", "register_layer", "registered_layers",
-           "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError"]
+           "TengradError", "SpecError", "ShapeError", "UnsupportedLayerError", "TENGraDError"]

@@ -3,7 +3,8 @@
 ``bind_sizes`` solves ``prod(sizes of an axis's indices) == that dimension`` over the operands
 (a grouped axis ``(g ci)`` needs all but one of its sizes known from elsewhere, e.g. ``g`` from the
 spec's fixed sizes). ``to_indexed`` reshapes a tensor so that it has one dimension per index (a
-variadic axis ``*t`` flattens its dims into one, of size 1 when there are none).
+variadic axis ``*t`` flattens its dims into one, of size 1 when there are none). ``Shapes`` is a
+module's shape inference: its output shape, its terms' index sizes and the (x, gy) check.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from tengrad_ir import LayerSpec
+from tengrad_ir import LayerSpec, kind_of
 from tengrad_ir.notation import Axes, format_axes
 
 from .errors import ShapeError
@@ -66,3 +67,71 @@ def to_indexed(t: torch.Tensor, axes: Axes, sizes: dict[str, int], what: str) ->
     """``t`` reshaped to one dimension per index of ``axes`` (in order)."""
     dims = axis_dims(axes, tuple(t.shape), what)
     return t.reshape([sizes[n.lstrip("*")] for axis, _ in dims for n in axis])
+
+
+class Shapes:
+    """Shape inference for one module: the output shape of ``module(x)`` (on the meta device,
+    cached per input shape and dtype), index sizes per term, and the check of (x, gy)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, terms):
+        self.module, self.name, self.terms = module, name, terms
+        self.integer_ids = any(kind_of(t.spec).integer_ids for t in terms)
+        self._out: dict = {}
+
+    def output(self, x: torch.Tensor) -> tuple[int, ...]:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._out:
+            # floating tensors on meta in x's dtype (bf16 parameters meet the float32-upcast x);
+            # integer buffers (BatchNorm's num_batches_tracked, read by momentum=None) as real copies
+            dt = x.dtype if x.is_floating_point() else None
+            meta = {k: v.to("meta", dtype=dt) if v.is_floating_point() else v.clone()
+                    for k, v in [*self.module.named_parameters(recurse=False),
+                                 *self.module.named_buffers(recurse=False)]}
+            try:
+                with torch.no_grad():
+                    y = torch.func.functional_call(self.module, meta, (x.to("meta"),))
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise ShapeError(f"{self.name}: input of shape {tuple(x.shape)} is not valid for "
+                                 f"{self.module}: {exc}") from None
+            self._out[key] = tuple(y.shape)
+        return self._out[key]
+
+    def check(self, x: torch.Tensor, gy: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not isinstance(gy, torch.Tensor):
+            raise ShapeError(f"{self.name}: x and gy must be tensors")
+        if not gy.is_floating_point():
+            raise ShapeError(f"{self.name}: gy must be floating point, got {gy.dtype}")
+        if self.integer_ids and x.dtype not in (torch.int64, torch.int32):
+            raise ShapeError(f"{self.name}: input must hold integer ids, got {x.dtype}")
+        if not self.integer_ids and x.dtype != gy.dtype:
+            raise ShapeError(f"{self.name}: x has dtype {x.dtype} but gy has {gy.dtype}; pass both in one dtype")
+        if x.dim() == 0 or gy.dim() == 0 or x.shape[0] != gy.shape[0]:
+            raise ShapeError(f"{self.name}: x {tuple(x.shape)} and gy {tuple(gy.shape)} need the same "
+                             "leading batch dimension")
+        expected = self.output(x)
+        if tuple(gy.shape) != expected:
+            raise ShapeError(f"{self.name}: gy has shape {tuple(gy.shape)}, expected {expected} "
+                             f"(the shape of module(x) for x of shape {tuple(x.shape)})")
+
+    def term_sizes(self, term, x_shape, y_shape, param_shape) -> dict[str, int]:
+        """Index sizes of one term from the (pre-mapped) input, output and parameter shapes."""
+        s = term.spec
+        kind = kind_of(s)
+        ops = [(s.output_axes, y_shape, f"{self.name} output gradient"),
+               (s.param_axes, param_shape, f"{self.name}.{term.param}")]
+        x_axes = kind.x_axes(s)
+        if x_axes is not None:
+            if term.pre_map is not None and not kind.integer_ids:
+                x_shape = tuple(term.pre_map(torch.empty(x_shape, device="meta")).shape)
+            ops.append((x_axes, tuple(x_shape), f"{self.name} input" + (" (after pre-map)" if term.pre_map else "")))
+        return bind_sizes(s, ops)
+
+    def bind(self, term, sizes: dict[str, int], x: torch.Tensor, gy: torch.Tensor):
+        """(X, G) of one term: X pre-mapped with one dim per ``kind.x_indices`` (None: not read)."""
+        s = term.spec
+        x_axes = kind_of(s).x_axes(s)
+        xt = None
+        if x_axes is not None:
+            xt = term.pre_map(x) if term.pre_map is not None else x
+            xt = to_indexed(xt, x_axes, sizes, f"{self.name} input")
+        return xt, to_indexed(gy, s.output_axes, sizes, f"{self.name} output gradient")

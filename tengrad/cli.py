@@ -2,10 +2,14 @@
 
     tengrad explain "nn.Conv2d(128, 128, 3, padding=1)" --input 128,128,28,28
     tengrad explain "nn.Linear(1024, 1024)" --input 128,1024 --batch 8,32,128,512
+
+Errors (a bad argument, a module expression that does not build, a TengradError such as a wrong
+channel count or an unsupported module) print one line on stderr and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -14,35 +18,57 @@ from torch import nn
 import tengrad
 
 
+class CliError(Exception):
+    """A bad command line: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
 def build_module(text: str) -> nn.Module:
     """Evaluate a module expression such as ``"nn.Conv2d(3, 8, 3)"`` with only ``nn`` in scope."""
     try:
         module = eval(text, {"__builtins__": {}}, {"nn": nn, "torch": torch})  # noqa: S307 (the user's own CLI input)
     except Exception as exc:  # any error in the user's expression is reported, not raised
-        raise SystemExit(f"tengrad explain: cannot build {text!r}: {exc}") from None
+        raise CliError(f"cannot build {text!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
-        raise SystemExit(f"tengrad explain: {text!r} is not an nn.Module")
+        raise CliError(f"{text!r} is not an nn.Module")
     return module
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 128,3,28,28") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be a positive integer")
+    return dims
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the memory cap must be a positive number of GiB")
+    return value
 
 
 def explain(args) -> int:
     module = build_module(args.module)
     dtype = getattr(torch, args.dtype)
-    plan = tengrad.compile(module, backend="triton" if args.triton else "torch", memory_cap=int(args.memory_cap * 2**30))
-    is_ids = isinstance(module, nn.Embedding)
-    module.to(dtype if not is_ids else torch.float32)
+    backend = "triton" if args.triton else args.backend
+    plan = tengrad.compile(module, backend=backend, memory_cap=int(args.memory_cap * 2**30))
+    module.to(dtype if not plan.reads_ids else torch.float32)
 
     def sized(m: int):
         shape = (m, *args.input[1:])
-        x = torch.empty(shape, dtype=torch.long if is_ids else dtype, device="meta")
-        return plan.sized(shape, plan._expected_output_shape(x), dtype)
+        x = torch.empty(shape, dtype=torch.long if plan.reads_ids else dtype, device="meta")
+        return plan.sized(shape, plan.output_shape(x), dtype)
 
     batches = args.batch or [args.input[0]]
     if len(batches) > 1:
@@ -55,7 +81,7 @@ def explain(args) -> int:
                   + f"   {sp.choice['gram']}")
         print()
     print(sized(batches[-1] if args.batch else args.input[0]))
-    if args.triton:
+    if backend == "triton":
         print(plan.source())
     return 0
 
@@ -65,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own options (argparse.REMAINDER drops leading flags)
         from tengrad.demo import main as demo_main
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="tengrad", description=__doc__,
+    parser = _Parser(prog="tengrad", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("explain", help="print the plan of a layer: roles, equations, orders, costs, choice")
@@ -73,11 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--input", type=_shape, required=True, help="input shape with batch, e.g. 128,128,28,28")
     ex.add_argument("--batch", type=lambda s: list(_shape(s)), help="batch sizes to compare, e.g. 8,32,128")
     ex.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    ex.add_argument("--memory-cap", type=float, default=4.0, help="GiB of extra memory an order may use")
-    ex.add_argument("--triton", action="store_true", help="also print the generated Triton source")
+    ex.add_argument("--memory-cap", type=_gib, default=4.0, help="GiB of extra memory an order may use")
+    ex.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"],
+                    help="plan for this backend: its orders, and what it runs for each step (triton: also "
+                         "the generated source)")
+    ex.add_argument("--triton", action="store_true", help="same as --backend triton")
     sub.add_parser("demo", help="train 3C1F with SGD and TENGraD side by side (tengrad demo --help)")
-    args = parser.parse_args(argv)
-    return explain(args)
+    try:
+        args = parser.parse_args(argv)
+        return explain(args)
+    except (CliError, tengrad.TengradError) as exc:
+        where = "tengrad explain" if argv[:1] == ["explain"] else "tengrad"
+        line = " ".join(str(exc).split())        # one line, however the message was wrapped
+        print(f"{where}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,179 +5,122 @@ trainable parameters (in ``module.parameters()`` order). A module's parameters f
 
     K = sum_terms K_term,  J p = sum_terms J_term p_term,  J^T u = (J_term^T u for each term).
 
-An ``order`` passed to gram/jvp/vjp applies to every term that has it; other terms (a bias has no
-``factored_raw``) use their own choice.
+The jobs are split: ``terms.match_terms`` pairs parameters with spec terms, ``binding.Shapes``
+infers sizes and checks tensors, ``module_plan.ModulePlan`` holds the sized plans, and a backend
+(``codegen.backend``) runs the chosen orders' steps. ``CompiledLayer`` keeps the caches: the plan per
+(shapes, dtype, backend) and the last (x, gy) binding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from tengrad_ir import DEFAULT_MEMORY_CAP, SizedPlan
-from tengrad_ir.orders import QUANTITIES
-from tengrad_ir.plan import Cost
+from tengrad_ir import DEFAULT_MEMORY_CAP, PROGRAMS, Order, SizedPlan, kind_of
 
-from .binding import bind_sizes, to_indexed
-from .codegen.torch_backend import TermRun
+from .binding import Shapes
+from .checks import check_call
+from .codegen.backend import BACKENDS, Backend, backend_named
 from .errors import ShapeError, TengradError
-from .layers import factory_for
 from .layers.term import Term
+from .module_plan import ModulePlan
+from .terms import match_terms
 
-BACKENDS = ("torch", "triton", "auto")
 
-
-@dataclass(frozen=True)
-class ModulePlan:
-    """The sized plans of a module's terms; ``choice[q]`` is the choice of the costliest term."""
-
-    module_name: str
-    terms: tuple[tuple[str, SizedPlan], ...]
-
-    def _main(self, quantity: str) -> SizedPlan:
-        return max((p for _, p in self.terms), key=lambda p: p.cost(quantity, p.choice[quantity]).flops)
-
-    @property
-    def choice(self) -> dict[str, str]:
-        return {q: self._main(q).choice[q] for q in QUANTITIES}
-
-    def term_order(self, plan: SizedPlan, quantity: str, order: str | None) -> str:
-        names = [o.name for o in plan.orders[quantity]]
-        return order if order in names else plan.choice[quantity]
-
-    def cost(self, quantity: str, order: str | None = None) -> Cost:
-        """Total cost over terms of ``order`` (terms without it: their choice; None: the choice)."""
-        costs = [p.cost(quantity, self.term_order(p, quantity, order)) for _, p in self.terms]
-        return Cost(sum(c.flops for c in costs), sum(c.memory for c in costs))
-
-    def __repr__(self) -> str:
-        return "\n".join([f"tengrad plan for {self.module_name}"] + [repr(p) for _, p in self.terms])
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class CompiledLayer:
-    """The compiled per-layer quantities of one module (see module docstring)."""
+    """The compiled per-layer quantities of one module (see module docstring).
+
+    ``trace``: set to a list to record, per term and call, ``(param, quantity, order name, steps run)``.
+    """
 
     def __init__(self, module: nn.Module, backend: str = "torch", memory_cap: int = DEFAULT_MEMORY_CAP):
-        if backend not in BACKENDS:
-            raise TengradError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+        if backend not in BACKENDS + ("auto",):
+            raise TengradError(f"unknown backend {backend!r}; valid: {BACKENDS + ('auto',)}")
         self.module = module
         self.backend = backend
         self.memory_cap = memory_cap
         self.name = type(module).__name__
-        terms = {t.param: t for t in factory_for(module)(module)}
-        params = dict(module.named_parameters(recurse=False))
-        unknown = [t for t in terms if t not in params]
-        if unknown:
-            raise TengradError(f"{self.name}: spec term {unknown[0]!r} names no parameter of the module")
-        self.terms: tuple[Term, ...] = tuple(terms[name] for name, p in params.items()
-                                             if p.requires_grad and name in terms)
-        missing = [name for name, p in params.items() if p.requires_grad and name not in terms]
-        if missing:
-            raise TengradError(f"{self.name}: trainable parameter {missing[0]!r} has no spec term")
-        if not self.terms:
-            raise TengradError(f"{self.name}: no trainable parameters to precondition")
-        self.params = tuple((t.param, params[t.param]) for t in self.terms)
+        self.terms: tuple[Term, ...]
+        self.terms, self.params = match_terms(module, self.name)
+        self.shapes = Shapes(module, self.name, self.terms)
+        self.trace: list | None = None
         self._plans: dict = {}
-        self._out_shapes: dict = {}
         self._last: ModulePlan | None = None
         self._bound: tuple | None = None  # (x, gy, versions, plan, runs) of the last call
 
-    # ------------------------------------------------------------------ planning
-    def orders(self, quantity: str) -> tuple[str, ...]:
-        if quantity not in QUANTITIES:
-            raise TengradError(f"unknown quantity {quantity!r}; valid: {QUANTITIES}")
-        plan = self._last or self._plan_for_terms(None)
-        return tuple(dict.fromkeys(o.name for _, p in plan.terms for o in p.orders[quantity]))
+    # ------------------------------------------------------------------ backend choice
+    def planning_backend(self) -> Backend:
+        """The backend plans are made for when no tensor says: 'auto' is triton where CUDA and
+        triton are both present, else torch."""
+        if self.backend != "auto":
+            return backend_named(self.backend)
+        if torch.cuda.is_available():
+            try:
+                return backend_named("triton")
+            except TengradError:
+                pass
+        return backend_named("torch")
 
-    def _plan_for_terms(self, sizes_per_term, itemsize: int = 4) -> ModulePlan:
+    def backend_for(self, gy: torch.Tensor) -> Backend:
+        """The backend that runs tensors on ``gy``'s device: 'auto' runs triton for CUDA tensors only
+        (even under TRITON_INTERPRET=1), 'triton' refuses CPU tensors outside the interpreter."""
+        if self.backend == "torch":
+            return backend_named("torch")
+        if self.backend == "auto":
+            if not gy.is_cuda:
+                return backend_named("torch")
+            try:
+                return backend_named("triton")
+            except TengradError:
+                return backend_named("torch")
+        chosen = backend_named("triton")
+        if gy.is_cuda or _interpreting():
+            return chosen
+        raise TengradError(f"{self.name}: backend='triton' runs CUDA tensors (or any tensors under "
+                           f"TRITON_INTERPRET=1); got a tensor on {gy.device}. Use backend='torch' or 'auto'.")
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def reads_ids(self) -> bool:
+        """Whether the module input holds integer ids (a one-hot operand)."""
+        return self.shapes.integer_ids
+
+    def output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return self.shapes.output(x)
+
+    def orders(self, quantity: str) -> tuple[str, ...]:
+        """The order names of ``quantity`` that the backend runs (union over terms)."""
+        if quantity not in PROGRAMS:
+            raise TengradError(f"unknown quantity {quantity!r}; valid: {PROGRAMS}")
+        plan = self._last or self._plan_for_terms(None, backend=self.planning_backend())
+        return plan.names(quantity)
+
+    def _plan_for_terms(self, sizes_per_term, itemsize: int = 4, backend: Backend | None = None) -> ModulePlan:
         if sizes_per_term is None:  # size-free listing of orders
             sizes_per_term = [{i: 2 for i in t.spec.roles} | dict(t.spec.sizes) for t in self.terms]
         return ModulePlan(self.name, tuple(
-            (t.param, SizedPlan(t.spec, tuple(s.items()), itemsize, self.memory_cap))
-            for t, s in zip(self.terms, sizes_per_term)))
+            (t.param, SizedPlan(t.spec, tuple(s.items()), itemsize, self.memory_cap, backend=backend))
+            for t, s in zip(self.terms, sizes_per_term)), getattr(backend, "name", "any"))
 
-    def _expected_output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        key = (tuple(x.shape), x.dtype)
-        if key not in self._out_shapes:
-            meta = {k: v.to("meta") for k, v in self.module.named_parameters(recurse=False)}
-            meta |= {k: v.to("meta") for k, v in self.module.named_buffers(recurse=False)}
-            try:
-                with torch.no_grad():
-                    y = torch.func.functional_call(self.module, meta, (x.to("meta"),))
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                raise ShapeError(f"{self.name}: input of shape {tuple(x.shape)} is not valid for "
-                                 f"{self.module}: {exc}") from None
-            self._out_shapes[key] = tuple(y.shape)
-        return self._out_shapes[key]
-
-    def _term_sizes(self, term: Term, x_shape, y_shape, param_shape) -> dict[str, int]:
-        s = term.spec
-        ops = [(s.output_axes, y_shape, f"{self.name} output gradient"),
-               (s.param_axes, param_shape, f"{self.name}.{term.param}")]
-        if s.source == "input":
-            ops.append((s.input_axes, x_shape, f"{self.name} input (after pre-map)"))
-        elif s.source == "one_hot":
-            ops.append((s.input_axes[:-1], x_shape, f"{self.name} input ids"))
-        sizes = bind_sizes(s, ops)
-        if s.source == "one_hot":
-            sizes[s.one_hot] = param_shape[s.param_indices.index(s.one_hot)]
-        return sizes
-
-    def sized(self, x_shape, gy_shape, dtype: torch.dtype = torch.float32) -> ModulePlan:
-        """The plan at these sizes (cached): per term, every order's cost and the choice."""
-        key = (tuple(x_shape), tuple(gy_shape), dtype)
+    def sized(self, x_shape, gy_shape, dtype: torch.dtype = torch.float32, backend: Backend | None = None) -> ModulePlan:
+        """The plan at these sizes (cached): per term, every order's cost and the choice among the
+        orders ``backend`` runs (default: ``planning_backend()``)."""
+        backend = backend or self.planning_backend()
+        key = (tuple(x_shape), tuple(gy_shape), dtype, backend.name)
         if key not in self._plans:
-            sizes = []
-            for t in self.terms:
-                pre_shape = x_shape
-                if t.pre_map is not None and t.spec.source == "input":
-                    pre_shape = tuple(t.pre_map(torch.empty(x_shape, device="meta")).shape)
-                sizes.append(self._term_sizes(t, tuple(pre_shape), tuple(gy_shape),
-                                              tuple(dict(self.params)[t.param].shape)))
+            params = dict(self.params)
+            sizes = [self.shapes.term_sizes(t, tuple(x_shape), tuple(gy_shape), tuple(params[t.param].shape))
+                     for t in self.terms]
             itemsize = torch.empty((), dtype=dtype).element_size()
-            self._plans[key] = self._plan_for_terms(sizes, itemsize)
+            self._plans[key] = self._plan_for_terms(sizes, itemsize, backend)
         self._last = self._plans[key]
         return self._last
-
-    # ------------------------------------------------------------------ binding
-    def _check(self, x: torch.Tensor, gy: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or not isinstance(gy, torch.Tensor):
-            raise ShapeError(f"{self.name}: x and gy must be tensors")
-        if not gy.is_floating_point():
-            raise ShapeError(f"{self.name}: gy must be floating point, got {gy.dtype}")
-        ids = isinstance(self.module, nn.Embedding)
-        if ids and x.dtype not in (torch.int64, torch.int32):
-            raise ShapeError(f"{self.name}: input must hold integer ids, got {x.dtype}")
-        if not ids and x.dtype != gy.dtype:
-            raise ShapeError(f"{self.name}: x has dtype {x.dtype} but gy has {gy.dtype}; pass both in one dtype")
-        if x.dim() == 0 or gy.dim() == 0 or x.shape[0] != gy.shape[0]:
-            raise ShapeError(f"{self.name}: x {tuple(x.shape)} and gy {tuple(gy.shape)} need the same "
-                             "leading batch dimension")
-        expected = self._expected_output_shape(x)
-        if tuple(gy.shape) != expected:
-            raise ShapeError(f"{self.name}: gy has shape {tuple(gy.shape)}, expected {expected} "
-                             f"(the shape of module(x) for x of shape {tuple(x.shape)})")
-
-    def _run_class(self, gy: torch.Tensor):
-        """TermRun (torch) or TritonTermRun, per ``backend`` and the tensors' device."""
-        if self.backend == "torch":
-            return TermRun
-        try:
-            from .codegen.triton import TritonTermRun
-            from .codegen.triton.run import interpreting
-        except ImportError as exc:
-            if self.backend == "auto":
-                return TermRun
-            raise TengradError(f"{self.name}: backend='triton' needs the triton package "
-                               f"(pip install 'tengrad[triton]'): {exc}") from None
-        if gy.is_cuda or (self.backend == "triton" and interpreting()):
-            return TritonTermRun
-        if self.backend == "auto":  # triton for CUDA tensors only, even under TRITON_INTERPRET=1
-            return TermRun
-        raise TengradError(f"{self.name}: backend='triton' runs CUDA tensors (or any tensors under "
-                           f"TRITON_INTERPRET=1); got a tensor on {gy.device}. Use backend='torch' or 'auto'.")
 
     def source(self) -> str:
         """The generated Triton source of every term at the last planned sizes."""
@@ -188,15 +131,16 @@ class CompiledLayer:
         parts = []
         for t, (_, sp) in zip(self.terms, self._last.terms):
             sizes = dict(sp.sizes)
+            kind = kind_of(t.spec)
             g = torch.empty([sizes[i] for i in t.spec.output_indices], device="meta")
             x = None
-            if t.spec.source != "ones":
-                raw = [i for i in t.spec.raw_input_indices if i != t.spec.one_hot]
-                x = torch.empty([sizes[i] for i in raw], device="meta",
-                                dtype=torch.long if t.spec.source == "one_hot" else torch.float32)
+            if kind.x_axes(t.spec) is not None:
+                x = torch.empty([sizes[i] for i in kind.x_indices(t.spec)], device="meta",
+                                dtype=torch.long if kind.integer_ids else torch.float32)
             parts.append(f"# ===== term {t.param}: {t.spec.describe()}\n" + TritonTermRun(t.spec, sizes, x, g).source())
         return "\n".join(parts)
 
+    # ------------------------------------------------------------------ binding
     def _runs(self, x: torch.Tensor, gy: torch.Tensor):
         """The terms bound to (x, gy). The last binding is kept: the optimizer's reuse path calls
         gram, jvp and vjp on the same stored batch, which is then validated, pre-mapped and
@@ -204,21 +148,25 @@ class CompiledLayer:
         key = (x._version, gy._version, self.backend)
         if self._bound is not None and self._bound[0] is x and self._bound[1] is gy and self._bound[2] == key:
             return self._bound[3], self._bound[4]
-        self._check(x, gy)
-        run_class = self._run_class(gy)
-        plan = self.sized(x.shape, gy.shape, gy.dtype)
+        self.shapes.check(x, gy)
+        backend = self.backend_for(gy)
+        plan = self.sized(x.shape, gy.shape, gy.dtype, backend)
         runs = []
         for t, (_, sp) in zip(self.terms, plan.terms):
             sizes = dict(sp.sizes)
-            xt = None
-            if t.spec.source != "ones":
-                xt = t.pre_map(x) if t.pre_map is not None else x
-                axes = t.spec.input_axes[:-1] if t.spec.source == "one_hot" else t.spec.input_axes
-                xt = to_indexed(xt, axes, sizes, f"{self.name} input")
-            g = to_indexed(gy, t.spec.output_axes, sizes, f"{self.name} output gradient")
-            runs.append((run_class(t.spec, sizes, xt, g), sp))
+            runs.append((backend.bind(t.spec, sizes, *self.shapes.bind(t, sizes, x, gy)), sp))
         self._bound = (x, gy, key, plan, runs)
         return plan, runs
+
+    def _execute(self, param: str, run, order: Order, **inputs) -> torch.Tensor:
+        if self.trace is None:
+            return run.execute(order, **inputs)
+        run.trace = []
+        try:
+            return run.execute(order, **inputs)
+        finally:
+            self.trace.append((param, order.quantity, order.name, tuple(run.trace)))
+            run.trace = None
 
     def _check_like_params(self, p: Sequence[torch.Tensor], what: str, gy: torch.Tensor) -> list[torch.Tensor]:
         if isinstance(p, torch.Tensor) or len(p) != len(self.params):
@@ -232,30 +180,39 @@ class CompiledLayer:
     # ------------------------------------------------------------------ the quantities
     def gram(self, x: torch.Tensor, gy: torch.Tensor, order: str | None = None) -> torch.Tensor:
         """K = J J^T, [m, m]."""
+        check_call(self, "gram", x, gy, order=order)
         plan, runs = self._runs(x, gy)
-        return sum(r.gram(plan.term_order(sp, "gram", order)) for r, sp in runs)
+        plan.check("gram", order)
+        return sum(self._execute(t.param, r, plan.term_order(sp, "gram", order)) for t, (r, sp) in zip(self.terms, runs))
 
     def jvp(self, x, gy, p: Sequence[torch.Tensor], order: str | None = None) -> torch.Tensor:
         """J p, [m]; ``p`` shaped like ``self.params``."""
+        check_call(self, "jvp", x, gy, order=order, p=p)
         p = self._check_like_params(p, "p", gy)
         plan, runs = self._runs(x, gy)
-        return sum(r.jvp(pt, plan.term_order(sp, "jvp", order)) for (r, sp), pt in zip(runs, p))
+        plan.check("jvp", order)
+        return sum(self._execute(t.param, r, plan.term_order(sp, "jvp", order), p=pt)
+                   for t, (r, sp), pt in zip(self.terms, runs, p))
 
     def vjp(self, x, gy, u: torch.Tensor, order: str | None = None) -> tuple[torch.Tensor, ...]:
         """J^T u, a tuple shaped like ``self.params``; ``u``: [m]."""
+        check_call(self, "vjp", x, gy, order=order, u=u)
         if not isinstance(u, torch.Tensor) or tuple(u.shape) != (gy.shape[0],):
             raise ShapeError(f"{self.name}: u must have shape ({gy.shape[0]},), got "
                              f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
         plan, runs = self._runs(x, gy)
+        plan.check("vjp", order)
         u = u.to(gy.dtype)
-        return tuple(r.vjp(u, plan.term_order(sp, "vjp", order)).reshape(q.shape)
-                     for (r, sp), (_, q) in zip(runs, self.params))
+        return tuple(self._execute(name, r, plan.term_order(sp, "vjp", order), u=u).reshape(q.shape)
+                     for (r, sp), (name, q) in zip(runs, self.params))
 
     def jacobian(self, x, gy) -> tuple[torch.Tensor, ...]:
         """Per-sample gradients, a tuple of [m, *param.shape]."""
-        _, runs = self._runs(x, gy)
+        check_call(self, "jacobian", x, gy)
+        plan, runs = self._runs(x, gy)
         m = gy.shape[0]
-        return tuple(r.jacobian().reshape(m, *q.shape) for (r, _), (_, q) in zip(runs, self.params))
+        return tuple(self._execute(name, r, sp.chosen("jacobian")).reshape(m, *q.shape)
+                     for (r, sp), (name, q) in zip(runs, self.params))
 
     def __repr__(self) -> str:
         head = f"CompiledLayer({self.module}, backend={self.backend!r})"

@@ -1,4 +1,12 @@
-"""Errors of the PyTorch side; all derive from ``tengrad_ir.TengradError``."""
+"""The one error hierarchy; every error tengrad raises is a ``TengradError`` (defined in the IR so
+that it stays torch-free)::
+
+    TengradError
+      SpecError               a layer spec that contradicts itself        (tengrad_ir)
+      ShapeError              tensors of the wrong shape or dtype
+      UnsupportedLayerError   a module type with no registered spec
+      TENGraDError            the optimizer's errors                       (tengrad.optim.errors)
+"""
 from tengrad_ir.errors import SpecError, TengradError
 
 

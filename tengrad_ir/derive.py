@@ -30,7 +30,10 @@ def primed(indices, which) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Derivation:
-    """Index-level einsums of one term (operand names: G, U, P (= p), u, J, C1, C2, K, Y)."""
+    """Einsums of one term (operands G, U, p, u, J, C1, C2, K, Y, Gu; results Jp = J p, JTu = J^T u).
+
+    Index level: G, Y, p and J have the layouts of the real tensors (output, parameter, [n, param]).
+    """
 
     jacobian: Einsum
     cov_input: Einsum
@@ -41,6 +44,12 @@ class Derivation:
     vjp: Einsum
     forward: Einsum
     weight_grad: Einsum
+    forward_dot: Einsum   # Jp[n] = sum Y[n,...] G[n,...]
+    weight_scale: Einsum  # Gu[n,...] = u[n] G[n,...]
+    jvp_direct: Einsum    # Jp[n] = sum J[n,...] p[...]
+    vjp_direct: Einsum    # JTu[...] = sum_n u[n] J[n,...]
+    input_scale: Einsum   # Uu[n,...] = u[n] U[n,...]
+    scaled_grad: Einsum   # JTu[...] = sum_{n,C} G[n,...] Uu[n,...]
 
 
 def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
@@ -57,16 +66,23 @@ def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
         g, v = spec.indices("group"), spec.indices("free")
         ind, com = spec.indices("independent"), spec.indices("common")
     second = set(n) | set(com)
-    G = Tensor("G", n + g + v + com)
-    U = Tensor("U", n + g + com + ind) if collapse else Tensor("U", spec.unfolded_indices)
-    P = Tensor("p", g + v + ind)
-    J = Tensor("J", n + g + v + ind)
+    if collapse:
+        G = Tensor("G", n + g + v + com)
+        U = Tensor("U", n + g + com + ind)
+        P = Tensor("p", g + v + ind)
+        Y = Tensor("Y", n + g + v + com)
+    else:  # the layouts of the real tensors: G and Y as the output, p as the parameter
+        G = Tensor("G", spec.output_indices)
+        U = Tensor("U", spec.unfolded_indices)
+        P = Tensor("p", spec.param_indices)
+        Y = Tensor("Y", spec.output_indices)
+    J = Tensor("J", n + P.indices)
     G2, U2, J2 = (Tensor(t.name + "'", primed(t.indices, second)) for t in (G, U, J))
     C1 = Tensor("C1", n + primed(n, second) + g + com + primed(com, second))
     C2 = Tensor("C2", C1.indices)
     K = Tensor("K", n + primed(n, second))
     u = Tensor("u", n)
-    Y = Tensor("Y", n + g + v + com)
+    JTu = Tensor("JTu", P.indices)
     return Derivation(
         jacobian=Einsum((G, U), J),
         cov_input=Einsum((U, U2), C1),
@@ -74,7 +90,13 @@ def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
         gram_factored=Einsum((C1, C2), K),
         gram_direct=Einsum((J, J2), K),
         jvp=Einsum((G, U, P), Tensor("Jp", n)),
-        vjp=Einsum((u, G, U), P),
+        vjp=Einsum((u, G, U), JTu),
         forward=Einsum((U, P), Y),
-        weight_grad=Einsum((Tensor("Gu", G.indices), U), P),
+        weight_grad=Einsum((Tensor("Gu", G.indices), U), JTu),
+        forward_dot=Einsum((Y, G), Tensor("Jp", n)),
+        weight_scale=Einsum((u, G), Tensor("Gu", G.indices)),
+        jvp_direct=Einsum((J, P), Tensor("Jp", n)),
+        vjp_direct=Einsum((u, J), JTu),
+        input_scale=Einsum((u, U), Tensor("Uu", U.indices)),
+        scaled_grad=Einsum((G, Tensor("Uu", U.indices)), JTu),
     )

@@ -4,6 +4,9 @@ An input index that is not a tensor dimension of the unfolded input is given as 
 function of the indices that are: ``ih = s*oh + d*kh + c``. Positions outside ``[0, N_ih)`` read
 zero (zero padding). Coefficients must be positive integers so that the unfolded input is a
 strided view of the (padded) input; the offset is any integer.
+
+A map string is read by ``affine.parse`` (names, integers, +, -, *, parentheses) and never
+evaluated: sympy only receives the parsed tree (``affine.to_sympy``), never the string.
 """
 from __future__ import annotations
 
@@ -12,7 +15,22 @@ from functools import cached_property
 
 import sympy
 
+from . import affine
+from .affine import to_sympy
 from .errors import SpecError
+
+
+def _constants(constants: object, target: str) -> dict[str, int]:
+    """``{name: int}`` (bool is not an integer); anything else is a SpecError naming the map."""
+    if constants is None:
+        return {}
+    if not isinstance(constants, dict):
+        raise SpecError(f"index map for {target!r}: constants must be a dict of name -> int, "
+                        f"got {type(constants).__name__}")
+    for k, v in constants.items():
+        if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool):
+            raise SpecError(f"index map for {target!r}: constant {k!r} must be an int, got {v!r}")
+    return dict(constants)
 
 
 @dataclass(frozen=True)
@@ -25,16 +43,20 @@ class IndexMap:
     @staticmethod
     def parse(target: str, text: str | sympy.Expr, indices: set[str],
               constants: dict[str, int] | None = None) -> "IndexMap":
-        constants = dict(constants or {})
+        constants = _constants(constants, target)
         where = f"index map {target} = {text}"
         if isinstance(text, str):
-            local = {name: sympy.Symbol(name, integer=True) for name in indices | set(constants)}
-            try:
-                expr = sympy.sympify(text, locals=local)
-            except (sympy.SympifyError, SyntaxError, TypeError) as exc:
-                raise SpecError(f"{where}: cannot parse ({exc})") from None
+            try:                                    # never sympify a string: it would evaluate it
+                expr = to_sympy(affine.parse(text))
+            except SpecError as exc:
+                raise SpecError(f"{where[:120]}: {exc}") from None
+        elif isinstance(text, sympy.Expr):
+            expr = text
+        elif isinstance(text, int) and not isinstance(text, bool):
+            expr = sympy.Integer(text)
         else:
-            expr = sympy.sympify(text)
+            raise SpecError(f"index map for {target!r} must be a string or a sympy expression, "
+                            f"got {type(text).__name__}")
         unknown = sorted(str(s) for s in expr.free_symbols if str(s) not in indices | set(constants))
         if unknown:
             raise SpecError(f"{where}: unknown symbol {unknown[0]!r} (neither an index of the spec"

@@ -19,6 +19,8 @@ _NAME = re.compile(r"\*?[A-Za-z_][A-Za-z0-9_]*$")
 
 def parse_axes(text: str) -> Axes:
     """``"n (g ci) ih"`` -> ``(("n",), ("g", "ci"), ("ih",))``; a variadic axis keeps its ``*``."""
+    if not isinstance(text, str):
+        raise SpecError(f"axes must be a string like 'n (g ci) ih', got {type(text).__name__}")
     tokens = re.findall(r"\(|\)|[^\s()]+", text)
     axes: list[tuple[str, ...]] = []
     group: list[str] | None = None
@@ -52,6 +54,8 @@ def parse_axes(text: str) -> Axes:
 
 def parse_equation(text: str) -> tuple[list[Axes], Axes]:
     """``"a, b -> c"`` -> ``([axes(a), axes(b)], axes(c))``."""
+    if not isinstance(text, str):
+        raise SpecError(f"a layer equation must be a string like 'n i, o i -> n o', got {type(text).__name__}")
     if text.count("->") != 1:
         raise SpecError(f"a layer equation needs exactly one '->': {text!r}")
     lhs, rhs = text.split("->")

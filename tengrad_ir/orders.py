@@ -1,4 +1,5 @@
-"""Evaluation orders of the Gram, J p and J^T u, with closed-form costs in sympy.
+"""Evaluation orders: each quantity as a small program of steps (``tengrad_ir.steps``), with its
+closed-form cost summed over the steps (sympy, role-class symbols).
 
 Sizes are per role class (paper, Corollary 2): ``m`` samples, ``N_g`` group, ``N_v`` free,
 ``N_I`` independent and ``N_C`` common. The unfolding-aware order ``factored_raw`` splits the
@@ -19,158 +20,138 @@ Gram orders (K = J J^T):
 
 J p orders: ``direct`` (form J, then J p) and ``forward`` (the layer run with weights p, then a
 per-sample inner product with G). J^T u orders: ``direct`` (J^T u from J) and ``weight_grad`` (the
-layer's weight gradient with G scaled per sample by u).
+layer's weight gradient with G scaled per sample by u) and, for an input without index maps,
+``scaled_input`` (u scales X instead: m N_C N_I instead of m N_C N_v for the scaling, so it wins when
+N_I < N_v, e.g. a widening Linear). ``jacobian`` has one order, the steps that
+form J. The operand kind (``operand``) supplies the steps that read U.
 
-The direct Gram is the path ``[(0, 1), (0, 1), (0, 1)]`` and the factored Gram the path
-``[(0, 2), (0, 1), (0, 1)]`` of the 4-operand einsum ``U G U' G' -> K``; opt_einsum's count for those
-paths is ``einsum_flops``. opt_einsum sees four independent operands, so its direct count forms J
-twice; ``flops`` (what the choice uses) forms it once.
+An order's cost is the sum of its steps' flops; its memory is the sum of the results of all but its
+last step (views excluded). The direct Gram is the contraction path ``[(0, 1), (0, 1), (0, 1)]`` and
+the factored Gram ``[(0, 2), (0, 1), (0, 1)]`` of the 4-operand einsum ``U G U' G' -> K``;
+opt_einsum's count for those paths is ``einsum_flops``. opt_einsum sees four independent operands,
+so its direct count forms J twice; ``flops`` (what the choice uses) forms it once.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from functools import cached_property
 
 import sympy
 
-from .derive import derive
+from .derive import primed
 from .einsum import Einsum, Tensor
+from .geometry import ConvGeometry, conv_geometry, raw_factorable
+from .operand import (CLASS_SIZE, N_C, N_I, N_K, N_P, N_Cu, N_Ir, N_g, N_v, Term, class_size, kind_of, m)
 from .spec import LayerSpec
+from .steps import Contract, RawCovUnfold, Step, SymmetricGram
 
-m, N_g, N_v, N_I, N_C = sympy.symbols("m N_g N_v N_I N_C", positive=True, integer=True)
-N_Ir, N_K, N_P, N_Cu = sympy.symbols("N_Ir N_K N_P N_Cu", positive=True, integer=True)
-CLASS_SIZE = {"n": m, "n'": m, "g": N_g, "v": N_v, "I": N_I, "C": N_C, "C'": N_C,
-              "Ir": N_Ir, "K": N_K, "P": N_P, "P'": N_P, "Cu": N_Cu, "Cu'": N_Cu}
-QUANTITIES = ("gram", "jvp", "vjp")
+QUANTITIES = ("gram", "jvp", "vjp")   # the quantities an order is chosen for
+PROGRAMS = QUANTITIES + ("jacobian",)  # every program a backend runs
 
-
-def class_size(index: str) -> sympy.Symbol:
-    return CLASS_SIZE[index]
+__all__ = ["Order", "enumerate_orders", "QUANTITIES", "PROGRAMS", "ConvGeometry", "conv_geometry",
+           "raw_factorable", "class_size", "CLASS_SIZE", "m", "N_g", "N_v", "N_I", "N_C", "N_Ir", "N_K",
+           "N_P", "N_Cu"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Order:
-    """One evaluation order of one quantity, with its closed-form costs (class symbols)."""
+    """One evaluation order of one quantity: its steps, and costs computed from them."""
 
     quantity: str
     name: str
-    steps: tuple[str, ...]
-    flops: sympy.Expr
-    memory: sympy.Expr
-    einsum_flops: sympy.Expr | None = None
-    path: tuple[tuple[int, int], ...] | None = None
+    steps: tuple[Step, ...]
     note: str = ""
+    einsum_flops: sympy.Expr | None = None
+    einsum_path: tuple[tuple[int, int], ...] | None = None
 
+    @cached_property
+    def flops(self) -> sympy.Expr:
+        return sympy.Add(*[s.flops for s in self.steps])
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A spec whose maps are convolutions: ``target = stride*out + dilation*kernel + offset``."""
+    @cached_property
+    def formula(self) -> sympy.Expr:
+        """``flops`` factored, as printed."""
+        return sympy.factor(self.flops)
 
-    targets: tuple[str, ...]
-    outs: tuple[str, ...]
-    kernels: tuple[str, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    offset: tuple[int, ...]
-
-
-@functools.lru_cache(maxsize=None)
-def conv_geometry(spec: LayerSpec) -> ConvGeometry | None:
-    """The convolution form of the spec's maps, or None when they are not one (1 to 3 spatial dims,
-    each map ``s*o + d*k + c`` with o common and k independent, no common index outside the maps)."""
-    if spec.source != "input" or not 1 <= len(spec.maps) <= 3:
-        return None
-    rows = []
-    used: set[str] = set()
-    for mp in spec.maps:
-        common = [v for v in mp.variables if spec.roles[v] == "common"]
-        indep = [v for v in mp.variables if spec.roles[v] == "independent"]
-        if len(common) != 1 or len(indep) != 1 or len(mp.variables) != 2:
-            return None
-        o, k = common[0], indep[0]
-        if {o, k} & used:
-            return None
-        used |= {o, k}
-        rows.append((mp.target, o, k, mp.coeffs[o], mp.coeffs[k], mp.offset))
-    if set(spec.indices("common")) != {r[1] for r in rows}:
-        return None
-    if any(i in spec.raw_input_indices for r in rows for i in (r[1], r[2])):
-        return None
-    return ConvGeometry(*[tuple(col) for col in zip(*rows)])
-
-
-def raw_factorable(spec: LayerSpec) -> bool:
-    """Whether ``factored_raw`` applies: maps with an independent variable, disjoint from raw axes."""
-    if spec.source != "input" or not spec.maps:
-        return False
-    variables = {v for mp in spec.maps for v in mp.variables}
-    return (any(spec.roles[v] == "independent" for v in variables)
-            and not variables & set(spec.raw_input_indices))
+    @cached_property
+    def memory(self) -> sympy.Expr:
+        return sympy.Add(sympy.Integer(0), *[s.size for s in self.steps[:-1] if not s.view])
 
 
 def _flops(e: Einsum) -> sympy.Expr:
     return e.flops(class_size)
 
 
+def _factored_raw(t: Term) -> tuple[Step, ...]:
+    """R = X X' on the raw input (sample pair last), C1 its unfolding summed over the kernel indices,
+    C2 = G G' in the same layout, K = sum C1 * C2 (each kernel position streams m x m blocks)."""
+    s, d = t.spec, t.cls
+    n = s.batch
+    pair = (n, n + "'")
+    com = s.indices("common")
+    second = {n, *com, *(mp.target for mp in s.maps)}
+    x = Tensor("X", s.raw_input_indices)
+    kept = tuple(i for i in x.indices[1:] if s.roles.get(i) != "independent")
+    r = Tensor("R", kept + primed(tuple(i for i in kept if i in second), second) + pair)
+    layout = s.indices("group") + com + primed(com, second) + pair
+    c1, c2 = Tensor("C1", layout), Tensor("C2", layout)
+    g = t.tensor("cov_grad", "G")
+    # class-level R: the raw input's unmapped common (Cu) and independent (Ir) indices, mapped (P)
+    has_ir = any(s.roles.get(i) == "independent" for i in s.raw_input_indices)
+    has_cu = any(s.roles.get(i) == "common" for i in s.raw_input_indices)
+    gc = ("g",) if s.indices("group") else ()
+    cu, cu2 = (("Cu",), ("Cu'",)) if has_cu else ((), ())
+    ir = ("Ir",) if has_ir else ()
+    r_cls = Einsum((Tensor("X", ("n",) + gc + cu + ir + ("P",)), Tensor("X'", ("n'",) + gc + cu2 + ir + ("P'",))),
+                   Tensor("R", ("n", "n'") + gc + cu + cu2 + ("P", "P'")))
+    kernels = tuple(dict.fromkeys(v for mp in s.maps for v in mp.variables if s.roles[v] == "independent"))
+    return (
+        Contract(r, (x, Tensor("X'", primed(x.indices, second))), _flops(r_cls), r_cls.out_size(class_size)),
+        RawCovUnfold(c1, (r,), m**2 * N_g * N_C**2 * N_K, d.cov_input.out_size(class_size), kernels=kernels,
+                     maps=tuple(str(mp) for mp in s.maps)),
+        Contract(c2, (g, Tensor("G'", primed(g.indices, second))), _flops(d.cov_grad), d.cov_grad.out_size(class_size)),
+        Contract(t.tensor("gram_factored", "K"), (c1, c2), _flops(d.gram_factored), sympy.Integer(1)),
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
-    """Every valid evaluation order of each quantity, in a fixed order of preference for ties."""
-    d = derive(spec, collapse=True)
-    shown = derive(spec)
-    one_hot = spec.source == "one_hot"
+    """Every valid evaluation order of each program, in a fixed order of preference for ties."""
+    t = Term.of(spec)
+    kind = kind_of(spec)
+    d = t.cls
     conv = conv_geometry(spec) is not None
-    # One-hot input: contracting U over its one-hot index is a gather/scatter, not a product.
-    gather = {N_I: 1} if one_hot else {}
-    j_flops = _flops(d.jacobian).subs(gather)
-    j_mem = d.jacobian.out_size(class_size)
-    unfold = m * N_g * N_C * N_I if (spec.maps and not conv) else sympy.Integer(0)
-    raw_path_direct = _flops(d.jacobian) * 2 + _flops(d.gram_direct)
-    raw_path_factored = _flops(d.cov_input) + _flops(d.cov_grad) + _flops(d.gram_factored)
+    jac = tuple(kind.jacobian(t))
+    j = t.tensor("gram_direct", "J")
+    k = t.tensor("gram_direct", "K")
+    c1 = tuple(kind.cov_input(t))
+    direct_gram = SymmetricGram(k, (j,), _flops(d.gram_direct), sympy.Integer(1))
+    factored = c1 + (t.contract("cov_grad"), t.contract("gram_factored", {} if c1 else {"C1": None}))
     gram = [
-        Order("gram", "direct", (str(shown.jacobian), str(shown.gram_direct)),
-              j_flops + _flops(d.gram_direct), j_mem + unfold, raw_path_direct,
-              ((0, 1), (0, 1), (0, 1)),
-              "J formed once" + (" (the layer's per-sample weight gradient)" if conv else "")),
-        Order("gram", "factored", (str(shown.cov_input), str(shown.cov_grad), str(shown.gram_factored)),
-              _flops(d.cov_input).subs(gather) + _flops(d.cov_grad) + _flops(d.gram_factored),
-              2 * d.cov_input.out_size(class_size) + unfold, raw_path_factored,
-              ((0, 2), (0, 1), (0, 1)),
-              "the paper's covariance factorisation" + (" (one-hot: C1 is an equality mask)" if one_hot else "")),
+        Order("gram", "direct", jac + (direct_gram,),
+              "J formed once" + (" (the layer's per-sample weight gradient)" if conv else ""),
+              _flops(d.jacobian) * 2 + _flops(d.gram_direct), ((0, 1), (0, 1), (0, 1))),
+        Order("gram", "factored", factored,
+              "the paper's covariance factorisation" + (" (one-hot: C1 is an equality mask)"
+                                                        if kind.integer_ids else ""),
+              _flops(d.cov_input) + _flops(d.cov_grad) + _flops(d.gram_factored), ((0, 2), (0, 1), (0, 1))),
     ]
     if raw_factorable(spec):
-        has_ir = any(spec.roles.get(i) == "independent"
-                     for i in spec.raw_input_indices)
-        has_cu = any(spec.roles.get(i) == "common" for i in spec.raw_input_indices)
-        g = ("g",) if spec.indices("group") else ()
-        cu = ("Cu",) if has_cu else ()
-        cu2 = ("Cu'",) if has_cu else ()
-        ir = ("Ir",) if has_ir else ()
-        r = Einsum((Tensor("X", ("n",) + g + cu + ir + ("P",)), Tensor("X'", ("n'",) + g + cu2 + ir + ("P'",))),
-                   Tensor("R", ("n", "n'") + g + cu + cu2 + ("P", "P'")))
-        unfold_sum = m**2 * N_g * N_C**2 * N_K
-        gram.append(Order(
-            "gram", "factored_raw",
-            ("R[n,n',g,P,P'] = sum_Ir X[n,g,Ir,P] X[n',g,Ir,P']   (P: raw mapped indices "
-             + " ".join(mp.target for mp in spec.maps) + ")",
-             "C1[n,n',g,C,C'] = sum_K R[n,n',g,map(C,K),map(C',K)]", str(shown.cov_grad), str(shown.gram_factored)),
-            _flops(r) + unfold_sum + _flops(d.cov_grad) + _flops(d.gram_factored),
-            r.out_size(class_size) + 2 * d.cov_input.out_size(class_size), None, None,
-            "covariance of the raw input, unfolded after the contraction"))
-    fwd_mem = d.forward.out_size(class_size)
-    jp_direct = Einsum((d.jacobian.out, d.jvp.operands[2]), d.jvp.out)
+        gram.append(Order("gram", "factored_raw", _factored_raw(t),
+                          "covariance of the raw input, unfolded after the contraction"))
     jvp = [
-        Order("jvp", "direct", (str(shown.jacobian), "Jp[n] = sum J[n,...] p[...]"),
-              j_flops + _flops(jp_direct), j_mem + unfold, note="from the explicit Jacobian"),
-        Order("jvp", "forward", (str(shown.forward), "Jp[n] = sum Y[n,...] G[n,...]"),
-              _flops(d.forward).subs(gather) + _flops(Einsum((d.forward.out, d.jvp.operands[0]), d.jvp.out)),
-              fwd_mem + unfold, note="the layer's own forward with weights p"),
+        Order("jvp", "direct", jac + (t.contract("jvp_direct"),), "from the explicit Jacobian"),
+        Order("jvp", "forward", tuple(kind.forward(t)), "the layer's own forward with weights p"),
     ]
-    jtu_direct = Einsum((Tensor("u", ("n",)), d.jacobian.out), d.vjp.out)
     vjp = [
-        Order("vjp", "direct", (str(shown.jacobian), "p[...] = sum_n u[n] J[n,...]"),
-              j_flops + _flops(jtu_direct), j_mem + unfold, note="from the explicit Jacobian"),
-        Order("vjp", "weight_grad", ("Gu[n,...] = u[n] G[n,...]", str(shown.weight_grad)),
-              fwd_mem + _flops(d.weight_grad).subs(gather), fwd_mem + unfold,
-              note="the layer's weight gradient with G scaled per sample by u"),
+        Order("vjp", "direct", jac + (t.contract("vjp_direct"),), "from the explicit Jacobian"),
+        Order("vjp", "weight_grad", tuple(kind.weight_grad(t)),
+              "the layer's weight gradient with G scaled per sample by u"),
     ]
-    return {"gram": tuple(gram), "jvp": tuple(jvp), "vjp": tuple(vjp)}
+    scaled = tuple(kind.scaled_input(t))
+    if scaled:
+        vjp.append(Order("vjp", "scaled_input", scaled,
+                         "u scales the input instead of G: cheaper when the input is narrower than the output"))
+    return {"gram": tuple(gram), "jvp": tuple(jvp), "vjp": tuple(vjp),
+            "jacobian": (Order("jacobian", "direct", jac, "J[n, param...] (Lemma 1)"),)}

@@ -1,8 +1,13 @@
 """Plans for concrete sizes: evaluate every order's closed-form cost and choose the cheapest.
 
-The choice per quantity is the order with the fewest FLOPs among those whose peak extra memory
-fits ``memory_cap`` bytes (equal FLOPs: the one with less memory); when none fits, the one with the least memory (and the plan says so).
-``repr(plan)`` reads like opt_einsum's ``PathInfo``.
+The choice per quantity is made among the orders the backend runs (every step of the order is one
+the backend supports; no backend given: every order): the one with the fewest FLOPs among those
+whose peak extra memory fits ``memory_cap`` bytes (equal FLOPs: the one with less memory); when none
+fits, the one with the least memory (and the plan says so). ``repr(plan)`` reads like opt_einsum's
+``PathInfo``: the backend, every order's cost and steps, and what the backend runs for each step.
+
+A backend here is anything with ``name``, ``supports(step) -> bool`` and ``describe(step) -> str``
+(``tengrad.codegen.backend.Backend``); the IR never imports one.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from functools import cached_property
 import sympy
 
 from .errors import SpecError
-from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, QUANTITIES, Order, enumerate_orders, m)
+from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, PROGRAMS, Order, enumerate_orders, m)
 from .spec import LayerSpec
 
 DEFAULT_MEMORY_CAP = 4 * 2**30  # bytes
@@ -58,6 +63,7 @@ class SizedPlan:
     itemsize: int = 4
     memory_cap: int = DEFAULT_MEMORY_CAP
     orders: dict = field(default=None, compare=False, hash=False)  # type: ignore[assignment]
+    backend: object = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         if self.orders is None:
@@ -67,16 +73,40 @@ class SizedPlan:
     def values(self) -> dict[sympy.Symbol, int]:
         return class_sizes(self.spec, dict(self.sizes))
 
+    @property
+    def backend_name(self) -> str:
+        return getattr(self.backend, "name", "any")
+
+    def missing(self, o: Order) -> list[str]:
+        """The steps of ``o`` that the backend does not run (empty: it runs the order)."""
+        if self.backend is None:
+            return []
+        return [f"{s.op} -> {s.out.name}" for s in o.steps if not self.backend.supports(s)]
+
+    @cached_property
+    def _runnable(self) -> dict[str, tuple[Order, ...]]:
+        return {q: tuple(o for o in orders if not self.missing(o)) for q, orders in self.orders.items()}
+
+    def runnable(self, quantity: str) -> tuple[Order, ...]:
+        """The orders of ``quantity`` whose every step the backend supports."""
+        out = self._runnable[quantity]
+        if not out:
+            raise SpecError(f"{self.spec.name}: the {self.backend_name} backend runs no {quantity} order "
+                            f"(it lacks {sorted({x for o in self.orders[quantity] for x in self.missing(o)})})")
+        return out
+
     def order(self, quantity: str, name: str) -> Order:
+        if quantity not in self.orders:
+            raise SpecError(f"{self.spec.name}: unknown quantity {quantity!r}; valid: {list(self.orders)}")
         for o in self.orders[quantity]:
             if o.name == name:
                 return o
         raise SpecError(f"{self.spec.name}: no {quantity} order {name!r}; valid: "
                         f"{[o.name for o in self.orders[quantity]]}")
 
-    def cost(self, quantity: str, name: str) -> Cost:
-        o = self.order(quantity, name)
-        return Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+    def cost(self, quantity: str, name: str | None = None) -> Cost:
+        """The cost of order ``name`` (None: the chosen one)."""
+        return self._cost(self.order(quantity, self.choice[quantity] if name is None else name))
 
     def fits(self, cost: Cost) -> bool:
         return cost.memory * self.itemsize <= self.memory_cap
@@ -84,15 +114,27 @@ class SizedPlan:
     @cached_property
     def choice(self) -> dict[str, str]:
         out = {}
-        for q in QUANTITIES:
-            costs = {o.name: self.cost(q, o.name) for o in self.orders[q]}
+        for q in PROGRAMS:
+            costs = {o.name: self._cost(o) for o in self.runnable(q)}
             fitting = [n for n, c in costs.items() if self.fits(c)]
             pool = fitting or [min(costs, key=lambda n: costs[n].memory)]
             out[q] = min(pool, key=lambda n: (costs[n].flops, costs[n].memory))
         return out
 
+    @cached_property
+    def _costs(self) -> dict[int, Cost]:
+        """Every order's cost at these sizes, evaluated once (sympy stays out of repeated calls)."""
+        return {id(o): Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
+                for orders in self.orders.values() for o in orders}
+
+    def _cost(self, o: Order) -> Cost:
+        return self._costs[id(o)]
+
+    def chosen(self, quantity: str) -> Order:
+        return self.order(quantity, self.choice[quantity])
+
     def reason(self, quantity: str) -> str:
-        costs = {o.name: self.cost(quantity, o.name) for o in self.orders[quantity]}
+        costs = {o.name: self._cost(o) for o in self.runnable(quantity)}
         chosen = self.choice[quantity]
         over = [n for n, c in costs.items() if not self.fits(c)]
         if not self.fits(costs[chosen]):
@@ -108,15 +150,22 @@ class SizedPlan:
         lines = [f"term {s.name}:  {s.describe()}",
                  f"  roles   {s.roles_line()}",
                  "  sizes   " + "  ".join(f"{k}={v}" for k, v in self.sizes),
-                 "  classes " + "  ".join(f"{k}={vals[k]}" for k in (m, N_g, N_v, N_I, N_C))]
-        for q in QUANTITIES:
+                 "  classes " + "  ".join(f"{k}={vals[k]}" for k in (m, N_g, N_v, N_I, N_C)),
+                 f"  backend {self.backend_name}"]
+        describe = getattr(self.backend, "describe", None)
+        for q in PROGRAMS:
             lines.append(f"  {q}:")
             for o in self.orders[q]:
-                c = self.cost(q, o.name)
-                mark = "*" if self.choice[q] == o.name else " "
+                c = self._cost(o)
+                missing = self.missing(o)
+                mark = "*" if self.choice[q] == o.name else ("x" if missing else " ")
                 lines.append(f"   {mark} {o.name:<13} {c.flops:>11.3e} flop {c.memory * self.itemsize / 2**20:>10.1f} MiB"
-                             f"   = {sympy.factor(o.flops)}")
+                             f"   = {o.formula}")
+                if missing:
+                    lines.append(f"        (not run: the {self.backend_name} backend has no step {', '.join(missing)})")
                 for step in o.steps:
                     lines.append(f"        {step}")
+                    if describe is not None and not missing:
+                        lines.append(f"            -> {describe(step)}")
             lines.append(f"    chosen {self.reason(q)}")
         return "\n".join(lines)

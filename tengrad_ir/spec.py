@@ -206,11 +206,11 @@ class LayerSpec:
                 f"{format_axes(self.output_axes)}")
 
     def describe(self) -> str:
+        from .operand import kind_of  # the kind describes its own input
+
         parts = [self.equation()]
-        if self.source == "ones":
-            parts.append("(input: ones)")
-        if self.source == "one_hot":
-            parts.append(f"(input: one-hot ids along {self.one_hot})")
+        if kind_of(self).describe(self):
+            parts.append(kind_of(self).describe(self))
         if self.pre_map:
             parts.append(f"(pre-map: {self.pre_map})")
         parts += [f"{m}" for m in self.maps]

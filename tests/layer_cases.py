@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from oracle import batch_stat_view
+
 __all__ = ["Case", "CASES", "CASE_IDS", "make_setup_input", "frozen_weight"]
 
 
@@ -25,6 +27,9 @@ class Case:
     input_shape: Optional[tuple[int, ...]] = None
     make_input: Optional[Callable[[torch.Generator], torch.Tensor]] = None
     allow_error: bool = False
+    # (module, x) -> (oracle module, oracle input): for layers whose samples couple (BatchNorm in
+    # training mode), the oracle differentiates the affine with x_hat held fixed (oracle.batch_stat_view)
+    oracle_view: Optional[Callable] = None
 
     def __post_init__(self):
         if (self.input_shape is None) == (self.make_input is None):
@@ -54,6 +59,20 @@ def frozen_bias(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         mod = make()
         mod.bias.requires_grad_(False)
         return mod
+
+    return f
+
+
+def eval_mode(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """The module in eval mode with random (non-default) running statistics."""
+
+    def f():
+        mod = make()
+        gen = torch.Generator().manual_seed(11)
+        if getattr(mod, "running_mean", None) is not None:
+            mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=gen))
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=gen) + 0.5)
+        return mod.eval()
 
     return f
 
@@ -170,6 +189,48 @@ CASES: list[Case] = [
     C("embedding_padding_idx_neg", lambda: nn.Embedding(5, 3, padding_idx=-1), make_input=_ids(3, 4, 5, must=(4, 4))),
     C("embedding_padding_idx_1d", lambda: nn.Embedding(4, 2, padding_idx=1), make_input=_ids(5, None, 4, must=(1,))),
     C("embedding_frozen", frozen_weight(lambda: nn.Embedding(4, 2)), make_input=_ids(3, 2, 4), allow_error=True),
+    # ---------------------------------------------------------------- BatchNorm (training: x_hat fixed)
+    C("batchnorm1d_train_2d", lambda: nn.BatchNorm1d(3), (4, 3), oracle_view=batch_stat_view),
+    C("batchnorm1d_train_3d", lambda: nn.BatchNorm1d(3), (3, 3, 5), oracle_view=batch_stat_view),
+    C("batchnorm2d_train", lambda: nn.BatchNorm2d(3), (3, 3, 4, 4), oracle_view=batch_stat_view),
+    C("batchnorm3d_train", lambda: nn.BatchNorm3d(2), (3, 2, 3, 3, 2), oracle_view=batch_stat_view),
+    C("batchnorm2d_train_eps_mom_none", lambda: nn.BatchNorm2d(3, eps=0.1, momentum=None), (2, 3, 3, 3),
+      oracle_view=batch_stat_view),
+    C("batchnorm2d_untracked_train", lambda: nn.BatchNorm2d(3, track_running_stats=False), (3, 3, 3, 4),
+      oracle_view=batch_stat_view),
+    C("batchnorm2d_untracked_eval", eval_mode(lambda: nn.BatchNorm2d(3, track_running_stats=False)),
+      (3, 3, 3, 4), oracle_view=batch_stat_view),
+    C("batchnorm2d_train_frozen_w", frozen_weight(lambda: nn.BatchNorm2d(3)), (3, 3, 3, 3), oracle_view=batch_stat_view),
+    C("batchnorm1d_train_frozen_b", frozen_bias(lambda: nn.BatchNorm1d(4)), (5, 4), oracle_view=batch_stat_view),
+    C("batchnorm1d_eval_2d", eval_mode(lambda: nn.BatchNorm1d(3)), (4, 3)),
+    C("batchnorm1d_eval_3d", eval_mode(lambda: nn.BatchNorm1d(3)), (3, 3, 4)),
+    C("batchnorm2d_eval", eval_mode(lambda: nn.BatchNorm2d(3)), (3, 3, 4, 4)),
+    C("batchnorm3d_eval", eval_mode(lambda: nn.BatchNorm3d(2, eps=1e-3)), (2, 2, 3, 2, 3)),
+    C("batchnorm2d_eval_frozen_b", eval_mode(frozen_bias(lambda: nn.BatchNorm2d(3))), (3, 3, 3, 3)),
+    C("batchnorm2d_no_affine", lambda: nn.BatchNorm2d(3, affine=False), (3, 3, 3, 3), allow_error=True),
+    # ---------------------------------------------------------------- GroupNorm
+    C("groupnorm_1d", lambda: nn.GroupNorm(3, 6), (3, 6, 5)),
+    C("groupnorm_2d", lambda: nn.GroupNorm(2, 4), (3, 4, 3, 4)),
+    C("groupnorm_3d", lambda: nn.GroupNorm(2, 4, eps=1e-2), (2, 4, 2, 3, 2)),
+    C("groupnorm_flat", lambda: nn.GroupNorm(2, 4), (4, 4)),
+    C("groupnorm_one_group", lambda: nn.GroupNorm(1, 3), (3, 3, 4, 4)),
+    C("groupnorm_per_channel", lambda: nn.GroupNorm(3, 3), (3, 3, 4, 4)),
+    C("groupnorm_frozen_w", frozen_weight(lambda: nn.GroupNorm(2, 4)), (3, 4, 5)),
+    C("groupnorm_no_affine", lambda: nn.GroupNorm(2, 4, affine=False), (3, 4, 5), allow_error=True),
+    # ---------------------------------------------------------------- InstanceNorm
+    C("instancenorm1d_affine", lambda: nn.InstanceNorm1d(3, affine=True), (3, 3, 6)),
+    C("instancenorm2d_affine", lambda: nn.InstanceNorm2d(3, affine=True), (3, 3, 4, 4)),
+    C("instancenorm3d_affine", lambda: nn.InstanceNorm3d(2, affine=True, eps=1e-2), (2, 2, 3, 2, 3)),
+    C("instancenorm2d_tracked_eval", eval_mode(lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True)),
+      (3, 3, 4, 3)),
+    C("instancenorm1d_frozen_b", frozen_bias(lambda: nn.InstanceNorm1d(4, affine=True)), (3, 4, 5)),
+    C("instancenorm2d_no_affine", lambda: nn.InstanceNorm2d(3), (3, 3, 4, 4), allow_error=True),
+    # ---------------------------------------------------------------- RMSNorm
+    C("rmsnorm_1dim_2d", lambda: nn.RMSNorm(5), (3, 5)),
+    C("rmsnorm_1dim_3d", lambda: nn.RMSNorm(4, eps=1e-3), (3, 5, 4)),
+    C("rmsnorm_2dim_4d", lambda: nn.RMSNorm((2, 3)), (2, 4, 2, 3)),
+    C("rmsnorm_eps", lambda: nn.RMSNorm(4, eps=0.1), (4, 2, 4)),
+    C("rmsnorm_no_affine", lambda: nn.RMSNorm(4, elementwise_affine=False), (3, 4), allow_error=True),
 ]
 del C
 

@@ -36,6 +36,8 @@ __all__ = [
     "oracle_vjp",
     "split_rows",
     "rel_err",
+    "FixedAffine",
+    "batch_stat_view",
 ]
 
 
@@ -278,3 +280,45 @@ def compare_plan(plan, module: nn.Module, x: torch.Tensor, gy: torch.Tensor, J: 
     if not torch.equal(x, x0) or not torch.equal(gy, gy0):
         out.append("inputs x / gy were modified in place")
     return out
+
+
+# --------------------------------------------------------------------------- coupled samples
+class FixedAffine(nn.Module):
+    """``y[n, c, s..] = x_hat[n, c, s..] weight[c] + bias[c]``: a norm's affine with x_hat as its input."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                setattr(self, name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+            else:
+                setattr(self, name, None)
+
+    def forward(self, x_hat: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x_hat.dim() - 2)
+        y = x_hat
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return y
+
+
+def batch_stat_view(module: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The oracle for a norm whose forward couples the samples through batch statistics (BatchNorm in
+    training mode, or without running statistics): the module's affine with x_hat held fixed,
+    x_hat = (x - mean) / sqrt(var + eps) over every dim but the channel dim 1 (biased variance),
+    written out here in float64. Checks that the module's own forward equals that affine."""
+    x64 = x.detach().to(torch.float64)
+    dims = [0] + list(range(2, x64.dim()))
+    mean = x64.mean(dim=dims, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(dim=dims, keepdim=True)
+    x_hat = (x64 - mean) / torch.sqrt(var + module.eps)
+    view = FixedAffine(module.weight, module.bias).to(torch.float64)
+    probe = copy.deepcopy(module).to(torch.float64)
+    with torch.no_grad():
+        y = probe(x64)
+        want = view(x_hat)
+    if rel_err(y, want) > 1e-10:
+        raise AssertionError(f"batch_stat_view does not reproduce {module}: rel err {rel_err(y, want):.2e}")
+    return view, x_hat

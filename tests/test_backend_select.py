@@ -16,7 +16,7 @@ def test_auto_runs_the_torch_backend_on_cpu():
     expected = torch.einsum("no,ni->noi", gy, x).reshape(4, -1)
     expected = expected @ expected.T + gy @ gy.T  # weight and bias rows of J
     assert torch.allclose(plan.gram(x, gy), expected, rtol=1e-5, atol=1e-6)
-    assert plan._run_class(gy).__name__ == "TermRun"
+    assert plan.backend_for(gy).name == "torch"
 
 
 def test_triton_backend_refuses_cpu_tensors_by_name(monkeypatch):
@@ -39,3 +39,19 @@ def test_explain_triton_prints_the_index_maps_in_address_arithmetic(capsys):
     out = capsys.readouterr().out
     assert "i0 = 2*o0 + 2*k0 - 1" in out and "i1 = 2*o1 + 2*k1 - 1" in out
     assert "(i0 >= 0) & (i0 < 9)" in out
+
+
+def test_explain_backend_triton_prints_the_kernels_of_each_step(capsys):
+    """``--backend triton``: the plan is made for triton (factored_raw marked as not run, never chosen)
+    and under every step of the orders it runs, the generated kernel that runs it."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    assert main(["explain", "nn.Conv2d(16, 16, 3, padding=1, bias=False)", "--input", "8,16,3,3",
+                 "--backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "backend triton" in out
+    assert "x factored_raw" in out and "the triton backend has no step contract -> R, raw_cov_unfold -> C1" in out
+    assert "-> jacobian_kernel: implicit-unfold GEMM per sample" in out
+    assert "-> gram_factored_kernel" in out and "-> fused into gram_factored_kernel" in out
+    assert "chosen factored_raw" not in out and "@triton.jit" in out
+    assert main(["explain", "nn.Conv2d(16, 16, 3, padding=1, bias=False)", "--input", "8,16,3,3"]) == 0
+    assert "chosen factored_raw" in capsys.readouterr().out  # the torch plan at the same sizes

@@ -46,10 +46,10 @@ def test_gram_formulas_equal_opt_einsum(name, dims):
     plan = SizedPlan(spec, tuple(make(*dims).items()))
     checked = 0
     for order in plan.orders["gram"]:
-        if order.path is None:
+        if order.einsum_path is None:
             continue
         formula = int(order.einsum_flops.subs(plan.values))
-        assert formula == opt_einsum_count(spec, plan.values, order.path), order.name
+        assert formula == opt_einsum_count(spec, plan.values, order.einsum_path), order.name
         checked += 1
     assert checked == 2  # direct and factored are both einsum paths
 
@@ -110,3 +110,16 @@ def test_costs_are_positive_integers(m_):
         for q, o in itertools.product(("gram", "jvp", "vjp"), range(2)):
             c = plan.cost(q, plan.orders[q][o].name)
             assert c.flops > 0 and c.memory >= 0, (name, q, o)
+
+
+def test_scaled_input_vjp_wins_exactly_when_the_input_is_narrower():
+    """vjp 'scaled_input' (u X, then G^T (u X)) against 'weight_grad' ((u G)^T X): the products cost
+    the same; scaling costs m N_C N_I against m N_C N_v."""
+    spec = SPECS["linear_seq"][0]
+    for i, o, want in ((8, 64, "scaled_input"), (64, 8, "weight_grad")):
+        plan = SizedPlan(spec, tuple(dict(n=16, t=5, i=i, o=o).items()))
+        wg, si = plan.cost("vjp", "weight_grad").flops, plan.cost("vjp", "scaled_input").flops
+        assert wg - si == 16 * 5 * (o - i)
+        assert plan.choice["vjp"] == want
+    conv = SPECS["conv2d"][0]
+    assert "scaled_input" not in [o.name for o in SizedPlan(conv, tuple(SPECS["conv2d"][1](4, 3, 5).items())).orders["vjp"]]

@@ -1,9 +1,11 @@
-"""Hypothesis-generated Conv / Linear / LayerNorm configurations against the oracle (float64).
+"""Hypothesis-generated Conv / Linear / LayerNorm / BatchNorm / GroupNorm / InstanceNorm / RMSNorm configurations against the oracle (float64).
 
 Every order of gram / jvp / vjp (and order=None) plus the per-sample jacobian must agree with
 the torch.func oracle to rel err <= 1e-10. Runs are derandomized and bounded (25 examples each).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tengrad
-from oracle import compare_plan, per_sample_jacobian, trainable_params
+from oracle import batch_stat_view, compare_plan, per_sample_jacobian, trainable_params
 
 TOL = 1e-10
 SETTINGS = settings(
@@ -21,9 +23,11 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+INSTANCENORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-def _check(module: nn.Module, x: torch.Tensor, seed: int, desc: str) -> None:
+def _check(module: nn.Module, x: torch.Tensor, seed: int, desc: str, view=None) -> None:
     module = module.double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +37,7 @@ def _check(module: nn.Module, x: torch.Tensor, seed: int, desc: str) -> None:
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     p = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for _, t in trainable_params(module)]
     u = torch.randn(x.shape[0], generator=gen, dtype=torch.float64)
-    J = per_sample_jacobian(module, x, gy)
+    J = per_sample_jacobian(*(view(module, x) if view else (module, x)), gy)
     plan = tengrad.compile(module)
     failures = compare_plan(plan, module, x, gy, J, p, u, TOL)
     assert not failures, f"{desc} x{tuple(x.shape)}:\n  " + "\n  ".join(failures)
@@ -132,6 +136,83 @@ def layernorm_configs(draw):
 def test_layernorm_hypothesis(cfg):
     m, lead, norm_shape, bias, eps, seed = cfg
     mod = nn.LayerNorm(norm_shape, eps=eps, bias=bias)
+    x = torch.randn((m, *lead, *norm_shape), generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    _check(mod, x, seed + 2, repr(mod))
+
+
+@st.composite
+def channel_norm_configs(draw):
+    """(kind, d, channels, groups, spatial, m, eps, mode, tracked, frozen, seed) for the channel norms."""
+    kind = draw(st.sampled_from(["batch", "group", "instance"]))
+    d = draw(st.integers(0 if kind != "instance" else 1, 3))
+    groups = draw(st.integers(1, 3))
+    channels = groups * draw(st.integers(1, 2)) if kind == "group" else draw(st.integers(1, 4))
+    spatial = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    one_per_group = kind == "instance" or (kind == "group" and channels == groups)
+    if one_per_group and all(s == 1 for s in spatial):   # one element per statistic: torch refuses it
+        spatial = spatial[:-1] + (2,) if spatial else (2,)
+    m = draw(st.integers(2, 4))
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    mode = draw(st.sampled_from(["train", "eval"]))
+    tracked = draw(st.booleans())
+    frozen = draw(st.sampled_from([None, None, "weight", "bias"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return kind, d, channels, groups, spatial, m, eps, mode, tracked, frozen, seed
+
+
+@SETTINGS
+@given(channel_norm_configs())
+def test_channel_norm_hypothesis(cfg):
+    kind, d, channels, groups, spatial, m, eps, mode, tracked, frozen, seed = cfg
+    gen = torch.Generator().manual_seed(seed + 3)
+    if kind == "batch":
+        mod = BATCHNORM[max(d, 1)](channels, eps=eps, track_running_stats=tracked)   # d = 0: [N, C]
+    elif kind == "group":
+        mod = nn.GroupNorm(groups, channels, eps=eps)
+    else:
+        mod = INSTANCENORM[d](channels, eps=eps, affine=True, track_running_stats=tracked)
+    if getattr(mod, "running_mean", None) is not None:
+        mod.running_mean.copy_(torch.randn(channels, generator=gen))
+        mod.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+    mod.train(mode == "train")
+    if frozen is not None:
+        getattr(mod, frozen).requires_grad_(False)
+    x = torch.randn((m, channels, *spatial), generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    view = None
+    if kind == "batch" and (mode == "train" or not tracked):
+        view = batch_stat_view              # samples coupled: x_hat held fixed
+    elif kind == "instance" and mode == "train" and tracked:
+        view = _untracked                   # same output; vmap cannot update running stats in place
+    _check(mod, x, seed + 2, f"{mod!r} mode={mode} frozen={frozen}", view=view)
+
+
+def _untracked(module: nn.Module, x: torch.Tensor):
+    """A training InstanceNorm's oracle: a copy without running statistics (per-sample statistics
+    either way; the copy's forward only skips the running-statistics update)."""
+    twin = copy.deepcopy(module)
+    twin.running_mean = twin.running_var = None
+    return twin, x
+
+
+@st.composite
+def rmsnorm_configs(draw):
+    n_norm = draw(st.integers(1, 2))
+    n_lead = draw(st.integers(0, 2))
+    m = draw(st.integers(2, 4))
+    norm_shape = tuple(draw(st.integers(1, 4)) for _ in range(n_norm))
+    lead = tuple(draw(st.integers(1, 3)) for _ in range(n_lead))
+    eps = draw(st.sampled_from([None, 1e-5, 0.1]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return m, lead, norm_shape, eps, seed
+
+
+@SETTINGS
+@given(rmsnorm_configs())
+def test_rmsnorm_hypothesis(cfg):
+    m, lead, norm_shape, eps, seed = cfg
+    mod = nn.RMSNorm(norm_shape, eps=eps)
     x = torch.randn((m, *lead, *norm_shape), generator=torch.Generator().manual_seed(seed + 1),
                     dtype=torch.float64)
     _check(mod, x, seed + 2, repr(mod))

@@ -53,11 +53,13 @@ def test_no_clip_or_an_inactive_clip_is_the_exact_step(kl_clip):
 def test_kl_scale_formula_and_edge_cases():
     d = torch.tensor([1.0, 2.0], dtype=torch.float64)
     g = torch.tensor([3.0, 4.0], dtype=torch.float64)          # <d, g> = 11
-    dirs = [(torch.zeros(2), d, g, "layer 'x'")]
-    assert stepctl.kl_scale(dirs, 0.5, 1e-2) == pytest.approx((1e-2 / (0.25 * 11)) ** 0.5)
-    assert stepctl.kl_scale(dirs, 0.5, 100.0) == 1.0
-    assert stepctl.kl_scale(dirs, 0.5, None) == 1.0
-    assert stepctl.kl_scale([(torch.zeros(2), -d, g, "layer 'x'")], 0.5, 1e-2) == 1.0   # D <= 0: no clip
+    dirs = [(torch.zeros(2), d, g, {"lr": 0.5})]
+    assert stepctl.kl_scale(dirs, 1e-2) == pytest.approx((1e-2 / (0.25 * 11)) ** 0.5)
+    assert stepctl.kl_scale(dirs, 100.0) == 1.0
+    assert stepctl.kl_scale(dirs, None) == 1.0
+    assert stepctl.kl_scale([(torch.zeros(2), -d, g, {"lr": 0.5})], 1e-2) == 1.0   # D <= 0: no clip
+    two = dirs + [(torch.zeros(2), d, g, {"lr": 1.0})]             # each parameter with its group's lr
+    assert stepctl.kl_scale(two, 1e-2) == pytest.approx((1e-2 / (0.25 * 11 + 11)) ** 0.5)
 
 
 def test_defaults_are_documented_and_train():

@@ -29,6 +29,8 @@ def _setup(case, seed=0):
     with torch.no_grad():
         y = module(x)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    if case.oracle_view is not None:   # coupled samples: the oracle's module is the affine, x_hat fixed
+        module, x = case.oracle_view(module, x)
     return module, x, gy
 
 

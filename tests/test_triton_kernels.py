@@ -4,13 +4,13 @@ For every layer configuration of the battery and every term of its plan, ``Trito
 reproduce in float32 (rel err <= 1e-4) all four kernel kinds:
 
     jacobian()                      J (implicit-unfold GEMM)
-    gram("direct"), gram("factored") (and "factored_raw", which delegates to the factored kernel)
+    gram("direct"), gram("factored")   (factored_raw has no kernel: a triton plan never chooses it)
     jvp(p, "direct"), jvp(p, "forward")
     vjp(u, "direct"), vjp(u, "weight_grad")
 
 Sizes are tiny and deliberately not multiples of the block sizes (16/32). A user-declared spec
 (token mixing ``n s d, t s -> n t d``) and the end-to-end path (``tengrad.compile`` with
-``TritonTermRun`` patched in for ``TermRun``) are covered too.
+``backend="triton"``) are covered too.
 """
 from __future__ import annotations
 
@@ -125,12 +125,19 @@ def test_kernels_match_torch_backend(case):
     assert not bad, "\n".join(bad)
 
 
-def test_factored_raw_delegates_to_factored_kernel():
-    _, _, _, runs = term_runs(lambda: nn.Conv2d(2, 3, 3, padding=1, bias=False), (2, 2, 5, 4))
-    ref, sp = runs[0]
-    assert "factored_raw" in [o.name for o in sp.orders["gram"]]
-    t = TritonTermRun(ref.spec, ref.sizes, ref.x, ref.g)
-    assert rel(t.gram("factored_raw"), ref.gram("factored_raw")) <= TOL
+def test_triton_never_plans_factored_raw():
+    """The triton backend has no kernel for the raw covariance: its plan neither lists nor chooses
+    factored_raw (sizes where the torch plan does choose it), and asking for it is refused by name."""
+    mod = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    x, gy = torch.randn(8, 16, 3, 3), torch.randn(8, 16, 3, 3)
+    torch_plan = tengrad.compile(mod).sized(x.shape, gy.shape)
+    assert torch_plan.choice["gram"] == "factored_raw"
+    plan = tengrad.compile(mod, backend="triton")
+    sized = plan.sized(x.shape, gy.shape)
+    assert sized.choice["gram"] != "factored_raw" and "factored_raw" not in plan.orders("gram")
+    assert "the triton backend has no step contract -> R, raw_cov_unfold -> C1" in repr(sized)
+    with pytest.raises(tengrad.TengradError, match=r"'factored_raw'.*valid: \['direct', 'factored'\]"):
+        plan.gram(x, gy, order="factored_raw")
 
 
 def test_user_declared_token_mixing_spec():
@@ -145,17 +152,14 @@ def test_user_declared_token_mixing_spec():
     assert not bad, "\n".join(bad)
 
 
-def test_end_to_end_through_compile(monkeypatch):
-    """``tengrad.compile`` with TritonTermRun in place of TermRun: every order of every quantity."""
-    import tengrad.compiled as compiled
-
+def test_end_to_end_through_compile():
+    """``tengrad.compile(backend="triton")`` under the interpreter: every order of every quantity."""
     mod = nn.Conv2d(2, 3, 3, stride=2, padding=1)
     torch.manual_seed(0)
     x = torch.randn(3, 2, 6, 5)
     gy = torch.randn(mod(x).shape)
     ref = tengrad.compile(mod)
-    monkeypatch.setattr(compiled, "TermRun", TritonTermRun)
-    plan = tengrad.compile(mod)
+    plan = tengrad.compile(mod, backend="triton")
     p = [torch.randn_like(q) for _, q in plan.params]
     u = torch.randn(3)
     k_ref = ref.gram(x, gy, order="direct")

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
     o.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    p.add_argument("--distributed", action="store_true", help="data-parallel on torch.distributed (gloo, "
+                   "run under torchrun): SGD and TENGraD 'exact' on DDP, one table (demo/distributed.py)")
     return p
 
 
@@ -82,6 +84,9 @@ def _make_optimizer(name: str, model, args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        from .distributed import main_distributed
+        return main_distributed(args)
     names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:

@@ -5,11 +5,14 @@ are dropped later by ``tengrad.compile``). ``register_layer`` declares a user's 
 """
 from __future__ import annotations
 
+from functools import wraps
 from typing import Callable, Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedLayerError
+from tengrad_ir import LayerSpec
+
+from ..errors import TengradError, UnsupportedLayerError
 from .term import Term
 
 SpecFactory = Callable[[nn.Module], Sequence[Term]]
@@ -31,10 +34,46 @@ def registered_layers() -> tuple[type, ...]:
     return tuple(_REGISTRY)
 
 
+def _checked(factory: SpecFactory) -> SpecFactory:
+    """``factory`` whose output is checked: a list or tuple of ``Term`` with distinct string ``param``,
+    a ``LayerSpec`` and a callable or None ``pre_map``. Anything else, and any exception of the factory
+    that is not already a ``TengradError``, becomes a ``TengradError`` naming the module type."""
+
+    @wraps(factory)
+    def run(module: nn.Module) -> list[Term]:
+        kind = type(module).__name__
+        try:
+            terms = factory(module)
+        except TengradError:
+            raise
+        except Exception as exc:
+            raise TengradError(f"the spec factory for {kind} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(terms, (list, tuple)):
+            raise TengradError(f"the spec factory for {kind} returned {type(terms).__name__}; it must "
+                               "return a list of tengrad.Term")
+        seen = set()
+        for k, t in enumerate(terms):
+            if not isinstance(t, Term):
+                raise TengradError(f"the spec factory for {kind} returned {type(t).__name__} at position "
+                                   f"{k}; every item must be a tengrad.Term")
+            if not isinstance(t.param, str) or not isinstance(t.spec, LayerSpec):
+                raise TengradError(f"the spec factory for {kind}: Term {k} needs a parameter name (str) and "
+                                   f"a LayerSpec, got {type(t.param).__name__} and {type(t.spec).__name__}")
+            if t.pre_map is not None and not callable(t.pre_map):
+                raise TengradError(f"the spec factory for {kind}: pre_map of term {t.param!r} is not callable")
+            if t.param in seen:
+                raise TengradError(f"the spec factory for {kind} returned two terms for {t.param!r}")
+            seen.add(t.param)
+        return list(terms)
+
+    return run
+
+
 def factory_for(module: nn.Module) -> SpecFactory:
+    """The registered factory of ``module``'s type (or nearest base), its output checked (``_checked``)."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            return _checked(_REGISTRY[cls])
     names = ", ".join(sorted(t.__name__ for t in _REGISTRY))
     raise UnsupportedLayerError(
         f"no tengrad spec for module type {type(module).__name__}; registered: {names}. "

@@ -11,7 +11,14 @@ Files, one concept each:
     woodbury.py   the per-block curvature: K, its Cholesky factor, and the direction d
     paths.py      per-layer choice between keeping x/gy ("reuse") and an explicit Jacobian
     blocks.py     finding the blocks of a model (tengrad.compile per module)
+    hyperparams.py  the rules for every hyperparameter (construction, each step, checkpoints)
+    groups.py     param groups: which lr, damping, momentum, weight decay each block uses
+    usage.py      which blocks took part in this step's forward (the others are skipped)
+    checkpoint.py state_dict's extra entry and an all-or-nothing load_state_dict
+    report.py     the fallback warning, one line per layer type
     optimizer.py  the TENGraD torch.optim.Optimizer
+    distributed*.py  data-parallel steps on torch.distributed ("exact" global batch, "local"):
+                  the strategy, exchange/owner planning, rows, gradient reduction, collectives
 """
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.optimizer import TENGraD

@@ -1,10 +1,10 @@
 """Finding the Fisher blocks of a model: one per module that ``tengrad.compile`` accepts.
 
 A module becomes a block when it has trainable parameters of its own (``recurse=False``) and
-``tengrad.compile(module, backend=...)`` succeeds; the block holds the plan's trainable parameters
+compiling it (``CompiledLayer(module, backend=...)``) succeeds; the block holds the plan's trainable parameters
 (``plan.params``: weight and bias together, frozen ones left out). Every other trainable parameter is a
 *fallback* parameter, preconditioned by the damped identity d = g / a (the same scale as a block whose
-Jacobian vanishes). Fallback comes from ``tengrad.UnsupportedLayerError`` and from parameters shared
+Jacobian vanishes). Fallback comes from ``UnsupportedLayerError`` and from parameters shared
 between modules (tied weights): a parameter must belong to one block only, so every module touching a
 shared parameter falls back.
 """
@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from tengrad.compiled import CompiledLayer
+from tengrad.errors import UnsupportedLayerError
 from tengrad.optim.capture import LayerCapture
 from tengrad.optim.paths import PathChoice
 from tengrad.optim.woodbury import BlockCurvature
@@ -23,7 +25,7 @@ from tengrad.optim.woodbury import BlockCurvature
 class Block:
     name: str
     module: nn.Module
-    plan: object
+    plan: CompiledLayer
     params: list[nn.Parameter]
     param_names: list[str]
     capture: LayerCapture | None = None
@@ -37,7 +39,7 @@ class Block:
 
 
 def resolve_backend(model: nn.Module, backend: str) -> str:
-    """'auto' is 'torch' on CPU; elsewhere it is handed on to tengrad.compile."""
+    """'auto' is 'torch' on CPU; elsewhere it is handed on to the compiler."""
     if backend != "auto":
         return backend
     devices = {p.device.type for p in model.parameters()}
@@ -46,10 +48,6 @@ def resolve_backend(model: nn.Module, backend: str) -> str:
 
 def find_blocks(model: nn.Module, backend: str) -> tuple[list[Block], list[tuple[str, nn.Parameter]], dict[str, str]]:
     """(blocks, fallback (name, param) pairs, {module name: why it fell back})."""
-    import tengrad
-
-    unsupported = getattr(tengrad, "UnsupportedLayerError", None)
-    catch = (unsupported,) if isinstance(unsupported, type) else ()
     owners: dict[int, list[str]] = {}
     for mname, module in model.named_modules():
         for _, p in module.named_parameters(recurse=False):
@@ -67,8 +65,8 @@ def find_blocks(model: nn.Module, backend: str) -> tuple[list[Block], list[tuple
             why[label] = f"parameter(s) {shared} shared with {owners[id(dict(own)[shared[0]])]}"
             continue
         try:
-            plan = tengrad.compile(module, backend=backend)
-        except catch as err:
+            plan = CompiledLayer(module, backend=backend)
+        except UnsupportedLayerError as err:
             why[label] = f"unsupported ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
             continue
         plan_params = [p for _, p in plan.params if p.requires_grad]

@@ -7,9 +7,11 @@ with respect to the block's parameters, which is what ``plan.gram / jvp / vjp`` 
 
 Capture rules (documented in the optimizer too):
 
-* A forward call is recorded only when grad mode is on, ``module.training`` is true, the output requires
-  grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad forwards
-  between steps therefore never touch what is captured nor the stored curvature.
+* A forward call is recorded only when grad mode is on, the forward is a training forward (``training()``:
+  the optimizer passes the root model's ``training`` flag, so a module kept in eval mode inside a model
+  that trains, e.g. a frozen-statistics BatchNorm when fine-tuning, is still captured), the output
+  requires grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad
+  forwards between steps therefore never touch what is captured nor the stored curvature.
 * Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
 * The record holds ``x.detach()`` (no copy) and gets its gradients from a tensor hook on the output.
   A tensor hook sees the gradient of the output as the layer produced it, even if a later op modifies
@@ -80,11 +82,13 @@ class LayerCapture:
     """
 
     def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
-                 phase: Callable[[], str], keep_edges: bool = False) -> None:
+                 phase: Callable[[], str], keep_edges: bool = False,
+                 training: Callable[[], bool] | None = None) -> None:
         self.name = name
         self.module = module
         self._armed = armed
         self._phase = phase
+        self._training = training if training is not None else (lambda: module.training)
         self._keep_edges = keep_edges and get_gradient_edge is not None
         self._received: list[Record] = []
         self._edges: list = []
@@ -104,7 +108,7 @@ class LayerCapture:
         if not (args and isinstance(args[0], Tensor) and args[0].requires_grad
                 and tuple(args[0].shape) == self.fuse_shape):
             return
-        if not (torch.is_grad_enabled() and module.training and self._armed()) or _transformed(args[0]):
+        if not (torch.is_grad_enabled() and self._training() and self._armed()) or _transformed(args[0]):
             return
         own = module._parameters
         if any(own.get(name) is not p for name, p in self.fuse_params):
@@ -117,7 +121,7 @@ class LayerCapture:
         swapped, self._swapped = self._swapped, []
         for name, p in swapped:
             module._parameters[name] = p
-        if not (torch.is_grad_enabled() and module.training and self._armed()):
+        if not (torch.is_grad_enabled() and self._training() and self._armed()):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
             return

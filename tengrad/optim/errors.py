@@ -1,24 +1,19 @@
-"""The optimizer's error type.
+"""The optimizer's error type: a plain subclass of the project's one root, ``tengrad.TengradError``.
 
-Every error raised by ``tengrad.optim`` is a :class:`TENGraDError`, which derives from the project's
-domain error ``tengrad.TengradError`` when that is importable at the time this module is imported (the
-package ``__init__`` should define or import it before it imports ``tengrad.optim``); otherwise it
-falls back to ``RuntimeError`` so that this package also works on its own.
+The hierarchy (``tengrad.errors``)::
+
+    TengradError
+      SpecError               a layer spec that contradicts itself
+      ShapeError              tensors of the wrong shape or dtype
+      UnsupportedLayerError   a module type with no registered spec
+      TENGraDError            the optimizer: bad usage, non-finite values, failed factorisation
+
 Messages name the offending layer or parameter.
 """
 from __future__ import annotations
 
-
-def _domain_base() -> type[Exception]:
-    try:
-        import tengrad
-    except ImportError:  # pragma: no cover - tengrad is our own package
-        return RuntimeError
-    base = getattr(tengrad, "TengradError", None)
-    if isinstance(base, type) and issubclass(base, Exception):
-        return base
-    return RuntimeError
+from tengrad.errors import TengradError
 
 
-class TENGraDError(_domain_base()):
+class TENGraDError(TengradError):
     """A TENGraD optimizer error (bad usage, non-finite values, failed factorisation)."""

@@ -4,17 +4,19 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, sqrt(kl_clip / (lr^2 sum_blocks <d, g>)))   (KL clipping, stepctl.py; 1 if kl_clip=None)
+    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))   (KL clipping, stepctl.py; 1 if kl_clip=None)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 
-Parameters of modules without a layer plan use d = g / a.
+Parameters of modules without a layer plan use d = g / a. lr, a, momentum and weight_decay are those
+of the block's param group (groups.py); every hyperparameter is validated at construction and at each
+step (hyperparams.py).
 
 Decisions:
 
 * Weight decay is *coupled*: it is added to g before preconditioning, so the step is the damped natural
   gradient of loss + (weight_decay/2)||theta||^2 and the oracle (F + a I)^-1 (g + wd theta) holds exactly.
-* Capture (capture.py): only forwards with grad enabled, ``module.training`` true, and curvature due for
+* Capture (capture.py): only forwards with grad enabled, the model (not each module) in training mode, and curvature due for
   the next step are recorded; eval-mode or no_grad forwards never touch the captured batch or the stored
   curvature. Curvature comes from the backward passes since the last ``zero_grad()``/``step()``.
 * Weight sharing: a module called more than once in a forward is refused at the next curvature
@@ -23,15 +25,19 @@ Decisions:
 * update_freq k: steps 0, k, 2k, ... are curvature steps (K, its Cholesky factor and R from that batch are
   kept); the other steps apply the kept curvature to their fresh gradient. A change of the group's
   damping between curvature steps refactors the kept K.
+* A block whose module took no part in this forward (no gradient, or zero gradient and no capture) is
+  skipped, with the reason in ``opt.skipped`` and ``explain()`` (usage.py).
+* ``load_state_dict`` is all or nothing (checkpoint.py).
 * Every direction is computed (and checked finite, once for the whole step: one sum per tensor, and
   only if one of those is not finite an element-wise search for the culprit) before anything is
   written: a non-finite gradient, Gram matrix or direction raises an error naming the layer and leaves
   parameters, momentum buffers and the stored curvature untouched.
-* Gradient from the Jacobian (``grad_from_jacobian``, on by default): on a curvature step of the
-  empirical Fisher, a block that keeps an explicit Jacobian J (paths.py) gets ``param.grad`` = J^T 1/m
-  from that J, computed during ``backward()``; autograd's own weight gradient of that layer, which
-  would cost as much again, is skipped (capture.py). Autograd hooks registered on those parameters'
-  gradient accumulators do not fire on such steps; pass ``grad_from_jacobian=False`` if you rely on them.
+* Gradient from the Jacobian (``grad_from_jacobian``, on by default, single process only): on a
+  curvature step of the empirical Fisher, a block that keeps an explicit Jacobian J (paths.py) gets
+  ``param.grad`` = J^T 1/m from that J, computed during ``backward()``; autograd's own weight gradient
+  of that layer, which would cost as much again, is skipped (capture.py). Autograd hooks registered on
+  those parameters' gradient accumulators do not fire on such steps; pass ``grad_from_jacobian=False``
+  if you rely on them.
 * The batch is dimension 0 of every layer input and output, and the loss is mean-reduced over it.
 """
 from __future__ import annotations
@@ -43,11 +49,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from tengrad.optim import distributed as distributed_mod
 from tengrad.optim import fisher as fisher_mod
-from tengrad.optim import paths, stepctl, woodbury
+from tengrad.optim import checkpoint, groups, hyperparams, paths, stepctl, usage, woodbury
 from tengrad.optim.blocks import Block, find_blocks, resolve_backend
 from tengrad.optim.capture import CURVATURE, GRADIENT, LayerCapture
+from tengrad.optim.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim.report import fallback_warning
 
 
 class TENGraD(torch.optim.Optimizer):
@@ -61,18 +70,27 @@ class TENGraD(torch.optim.Optimizer):
 
         out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss="cross_entropy"); opt.step()
 
+    Args: ``lr``, ``damping`` (a), ``momentum``, ``weight_decay`` (coupled) are the defaults of the
+    param groups and may be changed between steps through ``opt.param_groups`` (LR schedulers work).
+    ``param_groups``: torch-style ``[{"params": [...], "lr": ..., "damping": ..., ...}, ...]`` after the
+    model; unlisted trainable parameters form a last group with the keyword values (groups.py).
+    ``update_freq`` k: curvature every k steps. ``fisher``: "empirical", "mc" (one extra backward
+    with sampled labels; ``generator`` makes them reproducible, ``opt.last_labels`` holds them) or
+    "exact" (one extra backward per output unit). ``backend`` goes
+    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: K-FAC's KL clipping, the step's
+    squared damped-Fisher length sum_b lr_b^2 nu^2 <d_b, g_b> is kept <= kl_clip (stepctl.py); None:
+    the exact step.
+
     Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 1e-2,
     chosen from the lr x damping grid of benchmarks/robustness.py (README: "Choosing lr, damping and
     update_freq").
-
-    Args: ``lr``, ``damping`` (a), ``momentum``, ``weight_decay`` (coupled) live in the single param
-    group and may be changed between steps. ``update_freq`` k: curvature every k steps. ``fisher``:
-    "empirical", "mc" (one extra backward with sampled labels; ``generator`` makes them reproducible,
-    ``opt.last_labels`` holds them) or "exact" (one extra backward per output unit). ``backend`` goes
-    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: K-FAC's KL clipping, the step's
-    squared damped-Fisher length lr^2 nu^2 <d, g> is kept <= kl_clip (stepctl.py); None: the exact step.
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
+    ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
+    vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
+    ``distributed``: "auto" ("exact" inside an initialised torch.distributed group of several ranks),
+    "exact" (the single-process step on the global batch), "local" (own-batch curvature, directions
+    averaged: an approximation) or None; see distributed.py.
     """
 
     def __init__(self, model: nn.Module, lr: float = stepctl.DEFAULT_LR,
@@ -81,48 +99,67 @@ class TENGraD(torch.optim.Optimizer):
                  fisher: str = "empirical", backend: str = "auto",
                  kl_clip: float | None = stepctl.DEFAULT_KL_CLIP,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
-                 grad_from_jacobian: bool = True) -> None:
-        if lr <= 0 or damping <= 0:
-            raise TENGraDError(f"lr and damping must be positive, got lr={lr}, damping={damping}")
-        if fisher not in fisher_mod.FISHERS:
-            raise TENGraDError(f"unknown fisher {fisher!r}; valid: {list(fisher_mod.FISHERS)}")
-        if int(update_freq) < 1:
-            raise TENGraDError(f"update_freq must be >= 1, got {update_freq}")
-        if kl_clip is not None and kl_clip <= 0:
-            raise TENGraDError(f"kl_clip must be positive or None, got {kl_clip}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise TENGraDError("the model has no trainable parameters")
+                 param_groups: list[dict] | None = None, check: bool | None = False,
+                 distributed: str | None = "auto", grad_from_jacobian: bool = True) -> None:
+        model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        for key, value in defaults.items():
+            hyperparams.check_value(key, value)
+        hyperparams.check_options(fisher, update_freq, kl_clip, max_jacobian_numel, generator)
+        self._dist = distributed_mod.resolve(distributed, model)   # None: single process
+        groups_given = groups.build(model, param_groups)
+        if not any(g["params"] for g in groups_given):
+            raise TENGraDError("the model has no trainable parameters")
+        super().__init__(groups_given, defaults)
         self.model = model
         self.fisher = fisher
         self.update_freq = int(update_freq)
         self.kl_clip = kl_clip
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
-        self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical"
+        # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
+        # gradients through their own hooks)
+        self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical" and self._dist is None
         self.backend = resolve_backend(model, backend)
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend)
+        where = groups.index_of(self.param_groups)
+        for b in self.blocks:          # a block straddling groups is refused now, not at step()
+            groups.group_of_block(b.name, b.param_names, b.params, where)
+        self._consistency = ConsistencyCheck(model, check)   # consistency.py: J^T 1/m == grad, batch dim
         self._phase = GRADIENT
         self._steps = 0
         self._opt_backward = False
-        self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
+        self.skipped: dict[str, str] = {}        # block name -> why the last step left it alone
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
-        for b in self.blocks:
-            b.capture = LayerCapture(b.name, b.module, self._curvature_due, lambda: self._phase,
-                                     keep_edges=fisher != "empirical")
+        self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
+        for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
+            b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
+                                     keep_edges=fisher != "empirical", training=lambda: model.training)
             b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
             b.capture.on_fused_grad = partial(self._fused_grad, b)
+        self._labels = {id(p): f"layer {b.name!r}" for b in self.blocks for p in b.params}
+        self._labels.update({id(p): f"parameter {n!r}" for n, p in self.fallback})
         if self.fallback:
-            names = ", ".join(n for n, _ in self.fallback)
-            reasons = "; ".join(f"{k}: {v}" for k, v in self.fallback_why.items())
-            warnings.warn(f"TENGraD: no layer plan for parameters [{names}] ({reasons or 'no plan'}); "
-                          "they use the damped identity d = g / damping", stacklevel=2)
+            warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups are fixed at construction (``param_groups=``): the blocks and hooks are built from the
+        model then, so a group added later would hold parameters that no block or fallback updates."""
+        if hasattr(self, "blocks"):
+            raise TENGraDError("add_param_group after construction is not supported: pass "
+                               "param_groups=[{'params': [...], ...}, ...] to TENGraD(model, ...)")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ when curvature is captured
     def _curvature_due(self) -> bool:
+        if self._dist is not None:
+            return self._dist.curvature_due(self)
         return self._steps % self.update_freq == 0 or any(b.curv is None for b in self.blocks)
+
+    def _block_due(self, b: Block) -> bool:
+        if self._dist is not None:
+            return self._dist.block_due(self, b)
+        return self._steps % self.update_freq == 0 or b.curv is None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the output gradients captured since the last step."""
@@ -184,17 +221,16 @@ class TENGraD(torch.optim.Optimizer):
 
     def _gradient(self, p: Tensor, wd: float, dtype: torch.dtype) -> Tensor:
         g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
+        g = g.to_dense() if g.is_sparse else g      # Embedding(sparse=True): the direction is dense
         return g + wd * p.detach().to(dtype) if wd else g
 
-    def _curvature(self, b: Block, damping: float) -> woodbury.BlockCurvature:
-        rec = b.capture.take()
+    def _curvature(self, b: Block, damping: float, rec) -> woodbury.BlockCurvature:
         if rec is None or (rec.grad is None and not rec.rows):
-            raise TENGraDError(
-                f"layer {b.name!r} ({type(b.module).__name__}) has gradients but no captured output "
-                "gradient: run the forward in training mode with grad enabled before the backward")
+            raise self._consistency.missing_capture(b)
         dtype = woodbury.compute_dtype(b.params[0].dtype)
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
+        self._consistency.verify(b, x, rec.grad)
         if self.fisher == "empirical":
             if rec.grad is None:
                 raise TENGraDError(f"layer {b.name!r}: no ordinary backward reached it")
@@ -228,98 +264,103 @@ class TENGraD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hyperparams.check_all(self)            # values a scheduler or the user changed count too
         if self.fisher != "empirical" and not self._opt_backward:
             raise TENGraDError(f"fisher={self.fisher!r} needs its own backward passes: use "
                                "out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss=...); "
                                "opt.step() instead of loss.backward()")
-        group = self.param_groups[0]
-        lr, a, mom, wd = group["lr"], group["damping"], group["momentum"], group["weight_decay"]
+        where = groups.index_of(self.param_groups)
         due = self._steps % self.update_freq == 0
         new_curv: dict[int, woodbury.BlockCurvature] = {}
-        directions: list[tuple[Tensor, Tensor, Tensor, str]] = []      # (param, d, g, 'layer ...')
-        device_type = self.param_groups[0]["params"][0].device.type
+        skipped: dict[str, str] = {}
+        directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
+        device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:
             with torch.autocast(device_type=device_type, enabled=False):
-                for i, b in enumerate(self.blocks):
-                    if all(p.grad is None for p in b.params):
-                        b.capture.clear()
+                if self._dist is not None:   # every rank gets the same directions, or every rank raises
+                    directions = self._dist.directions(self, where, skipped)
+                for i, b in enumerate(self.blocks if self._dist is None else ()):
+                    group = self.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
+                    a, wd = group["damping"], group["weight_decay"]
+                    curvature_step = due or b.curv is None
+                    rec = b.capture.take() if curvature_step else None
+                    b.capture.clear()
+                    why = usage.unused(b.params, rec)
+                    if why is not None:
+                        skipped[b.name] = why
                         continue
                     dtype = woodbury.compute_dtype(b.params[0].dtype)
                     g = [self._gradient(p, wd, dtype) for p in b.params]
-                    if due or b.curv is None:
-                        curv = self._curvature(b, a)
+                    if curvature_step:
+                        curv = self._curvature(b, a, rec)
                     else:
-                        b.capture.clear()
                         curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
                     new_curv[i] = curv
                     d = woodbury.direction(curv, b.plan, g, b.name)
-                    directions += [(p, di, gi, f"layer {b.name!r}") for p, di, gi in zip(b.params, d, g)
+                    directions += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g)
                                    if p.grad is not None]
-                for name, p in self.fallback:
+                for name, p in (self.fallback if self._dist is None else ()):
                     if p.grad is None:
                         continue
-                    g = self._gradient(p, wd, woodbury.compute_dtype(p.dtype))
-                    directions.append((p, g / a, g, f"parameter {name!r}"))
-                stepctl.check_finite(directions)
+                    group = self.param_groups[where[id(p)]]
+                    g = self._gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
+                    directions.append((p, g / group["damping"], g, group))
+                stepctl.check_finite(directions, self._labels)
         finally:
             self._opt_backward = False
-        nu = stepctl.kl_scale(directions, lr, self.kl_clip)
+        nu = stepctl.kl_scale(directions, self.kl_clip)
         self.last_nu = nu
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
-        stepctl.apply(self, directions, lr, mom, nu)
+        if self._dist is not None:
+            self._dist.commit()
+        self.skipped = skipped
+        stepctl.apply(self, directions, nu)
         self._steps += 1
         return loss
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """torch's state_dict plus ``sd["tengrad"]`` (steps, parameter names and shapes, kept
+        curvature, generator state): see checkpoint.py."""
         sd = super().state_dict()
-        blocks = {}
-        for b in self.blocks:
-            if b.curv is None:
-                continue
-            c = b.curv
-            blocks[b.name] = dict(c.tensors(), path=c.path, m=c.m, damping=c.damping,
-                                  requested=c.requested,
-                                  choice=None if b.choice is None else (b.choice.path, b.choice.note))
-        sd["tengrad"] = {"steps": self._steps, "blocks": blocks,
-                         "generator": None if self.generator is None else self.generator.get_state()}
+        sd["tengrad"] = checkpoint.extra(self)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("tengrad", None)
-        super().load_state_dict(state_dict)
-        if extra is None:
-            return
-        self._steps = int(extra["steps"])
-        by_name = {b.name: b for b in self.blocks}
-        for name, c in extra["blocks"].items():
-            if name not in by_name:
-                raise TENGraDError(f"state_dict has curvature for layer {name!r}, which this model lacks")
-            b = by_name[name]
-            dev = b.params[0].device
-            t = {k: None if c[k] is None else c[k].to(dev).clone()
-                 for k in ("x", "gy", "jac", "gram", "chol")}
-            b.curv = woodbury.BlockCurvature(c["path"], t["x"], t["gy"], t["jac"], t["gram"], t["chol"],
-                                             int(c["m"]), float(c["damping"]), float(c["requested"]))
-            if c.get("choice") is not None:
-                b.choice = paths.PathChoice(*c["choice"])
-        if extra.get("generator") is not None and self.generator is not None:
-            self.generator.set_state(extra["generator"])
+        """All or nothing: everything is checked against this optimizer first (checkpoint.py); the
+        first mismatch raises a TENGraDError naming it and leaves the optimizer exactly as it was."""
+        base, prepared = checkpoint.prepare(self, state_dict)
+        own_generator = None if self._dist is None else self._dist.before_load(self)
+        super().load_state_dict(base)
+        checkpoint.apply(self, prepared)
+        if self._dist is not None:
+            self._dist.after_load(self, own_generator)   # curvature recomputed next step; own MC stream
+        self.skipped = {}
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's forward hooks from the model (it can no longer capture curvature)."""
         for b in self.blocks:
             b.capture.remove()
+        if self._dist is not None:
+            self._dist.batch.remove()
+        self._consistency.remove()
 
     # ------------------------------------------------------------------ printing
     def explain(self) -> str:
-        g = self.param_groups[0]
-        lines = [f"TENGraD(lr={g['lr']}, damping={g['damping']}, momentum={g['momentum']}, "
-                 f"weight_decay={g['weight_decay']} (coupled), fisher={self.fisher!r}, "
-                 f"update_freq={self.update_freq}, kl_clip={self.kl_clip}, backend={self.backend!r})"]
+        gs = self.param_groups
+
+        def hp(g: dict) -> str:
+            return (f"lr={g['lr']}, damping={g['damping']}, momentum={g['momentum']}, "
+                    f"weight_decay={g['weight_decay']}")
+
+        head = hp(gs[0]) + " (coupled), " if len(gs) == 1 else f"{len(gs)} param groups, "
+        lines = [f"TENGraD({head}fisher={self.fisher!r}, update_freq={self.update_freq}, "
+                 f"kl_clip={self.kl_clip}, backend={self.backend!r})"]
+        if len(gs) > 1:
+            lines += [f"  group {i}: {hp(g)}, {len(g['params'])} tensors" for i, g in enumerate(gs)]
+        where = groups.index_of(gs)
         for b in self.blocks:
             kind = type(b.module).__name__
             if b.choice is None:
@@ -327,9 +368,15 @@ class TENGraD(torch.optim.Optimizer):
             else:
                 how = f"path={b.choice.path}: {b.choice.note}"
             rows = "" if b.curv is None else f", curvature from m={b.curv.m} (rows={b.curv.gram.shape[0]})"
-            lines.append(f"  block {b.name} ({kind}, {b.numel} params{rows}) {how}")
+            grp = f", group {where.get(id(b.params[0]))}" if len(gs) > 1 else ""
+            line = f"  block {b.name} ({kind}, {b.numel} params{rows}{grp}) {how}"
+            if b.name in self.skipped:
+                line += f"; skipped at the last step: {self.skipped[b.name]}"
+            lines.append(line)
         if self.fallback:
             lines.append("  fallback d = g / damping: " + ", ".join(n for n, _ in self.fallback))
+        if self._dist is not None:
+            lines += self._dist.explain_lines(self)
         return "\n".join(lines)
 
     def __repr__(self) -> str:

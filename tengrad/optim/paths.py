@@ -5,15 +5,17 @@ Over one curvature cycle of k = update_freq steps, a block with r rows and P par
     reuse:     gram + k (jvp + vjp)                       memory ~ x and gy
     jacobian:  J + r^2 P + 2 k r P                        memory r P  (J J^T, then mat-vecs)
 
-where gram, jvp, vjp are the flops of the orders the layer plan picks for these sizes
-(``plan.sized(x.shape, gy.shape).cost(q, sized.choice[q])``) and J is ``cost("jacobian", ...)`` when the
-plan prices it, else the vjp cost (forming the per-sample gradients is the vjp without the sum over
-samples). The cheaper path wins, unless r P exceeds ``max_jacobian_numel``. Without a cost model
-(a plan with no ``sized``, or any error from it) the layer keeps x/gy, the paper's reuse.
+where gram, jvp, vjp and J are the flops of the orders the layer's plan chooses for these sizes
+(``layer.sized(x.shape, gy.shape).cost(quantity)``). The cheaper path wins, unless r P exceeds
+``max_jacobian_numel``. A cost model that fails is an error (``TENGraDError`` naming the layer), never
+a silent fallback: a bug there would otherwise show only as a slowdown.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tengrad.errors import TengradError
+from tengrad.optim.errors import TENGraDError
 
 REUSE = "reuse"
 JACOBIAN = "jacobian"
@@ -22,35 +24,23 @@ JACOBIAN = "jacobian"
 @dataclass(frozen=True)
 class PathChoice:
     path: str
-    note: str   # one line for explain(): the costs compared, or why there was no comparison
+    note: str   # one line for explain(): the costs compared
 
 
-def _flops(cost) -> float:
-    return float(getattr(cost, "flops", cost))
-
-
-def _priced(sized, quantity: str) -> float:
-    choice = getattr(sized, "choice", {}) or {}
-    order = choice.get(quantity)
-    return _flops(sized.cost(quantity, order))
-
-
-def choose(plan, x_shape, gy_shape, n_params: int, update_freq: int,
+def choose(layer, x_shape, gy_shape, n_params: int, update_freq: int,
            max_jacobian_numel: int) -> PathChoice:
+    """``layer``: a ``CompiledLayer`` (anything with ``sized(x_shape, gy_shape).cost(quantity)``)."""
     r = int(gy_shape[0])
     k = int(update_freq)
-    sized_fn = getattr(plan, "sized", None)
-    if sized_fn is None:
-        return PathChoice(REUSE, "no cost model (plan.sized missing): keep x/gy")
     try:
-        sized = sized_fn(tuple(x_shape), tuple(gy_shape))
-        gram, jvp, vjp = (_priced(sized, q) for q in ("gram", "jvp", "vjp"))
-        try:
-            form = _priced(sized, "jacobian")
-        except Exception:
-            form = vjp
-    except Exception as err:  # a plan that cannot price these sizes still runs them
-        return PathChoice(REUSE, f"no cost model ({type(err).__name__}): keep x/gy")
+        sized = layer.sized(tuple(x_shape), tuple(gy_shape))
+        gram, jvp, vjp, form = (float(sized.cost(q).flops) for q in ("gram", "jvp", "vjp", "jacobian"))
+    except TengradError:
+        raise
+    except Exception as err:
+        name = getattr(layer, "name", type(layer).__name__)
+        raise TENGraDError(f"layer {name!r}: the cost model failed for x {tuple(x_shape)}, gy {tuple(gy_shape)}: "
+                           f"{type(err).__name__}: {err}") from err
     reuse = gram + k * (jvp + vjp)
     explicit = form + r * r * n_params + 2 * k * r * n_params
     costs = f"reuse {reuse:.3g} vs jacobian {explicit:.3g} flops per {k}-step cycle"

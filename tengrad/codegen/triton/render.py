@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from string import Template
 
-from tengrad_ir import LayerSpec
+from tengrad_ir import LayerSpec, kind_of
 
 from ...errors import TengradError
 from .templates import TEMPLATES
@@ -66,10 +66,7 @@ class TermLayout:
     @cached_property
     def x_idx(self) -> tuple[str, ...]:
         """Dims of the input tensor the kernels read (ids for one-hot, nothing for ones)."""
-        s = self.spec
-        if s.source == "ones":
-            return ()
-        return tuple(i for i in s.raw_input_indices if not (s.source == "one_hot" and i == s.one_hot))
+        return kind_of(self.spec).x_indices(self.spec)
 
     @property
     def g_idx(self) -> tuple[str, ...]:

@@ -1,17 +1,17 @@
-"""``TritonTermRun``: the torch backend's ``TermRun`` interface, executed by generated Triton kernels.
+"""``TritonTermRun``: a term bound to tensors, its steps run by generated Triton kernels.
 
-Same constructor and methods as ``tengrad.codegen.torch_backend.TermRun`` (the reference every
-kernel is tested against)::
+Same constructor and interface as ``tengrad.codegen.torch_backend.TermRun`` (the reference every
+kernel is tested against); ``backend.py`` maps each step the backend supports to a launcher::
 
-    jacobian()        J[n, param...]        jacobian_kernel (implicit-unfold GEMM per sample)
-    gram("direct")    K = J J^T             jacobian_kernel, then gemm_nt_kernel (split-K, upper tiles)
-    gram("factored")  K = sum C1 * C2       gram_factored_kernel (covariance tiles on chip)
-    gram("factored_raw")                    delegates to the factored kernel (same K; the raw-input
-                                            covariance order has no kernel of its own yet)
-    jvp(p, "direct")  J p from J            jacobian_kernel, then gemm_nt_kernel
-    jvp(p, "forward") sum G * (U p)         jvp_forward_kernel
-    vjp(u, "direct")  u^T J                 jacobian_kernel, then gemm_nt_kernel
-    vjp(u, "weight_grad") sum u G U         jacobian_kernel, WEIGHTED (samples split, atomic adds)
+    J (any kind)                 jacobian_kernel (implicit-unfold GEMM per sample)
+    K = J J^T                    gemm_nt_kernel (split-K, upper tiles)
+    C1, C2, K = sum C1 * C2      gram_factored_kernel (covariance tiles on chip)
+    Jp = J p, JTu = u J          gemm_nt_kernel
+    Y = U p, Jp = sum Y G        jvp_forward_kernel
+    Gu = u G, JTu = Gu U         jacobian_kernel, WEIGHTED (samples split, atomic adds)
+
+The raw-covariance order (factored_raw) has no kernel: the backend does not declare its steps, so
+a plan for triton never chooses it.
 
 Each launcher is thin (check, allocate, grid, launch). Inputs are made contiguous (a copy only if
 they were not: never larger than x or G); the only other allocations are the outputs (K, J p,
@@ -29,12 +29,11 @@ import triton
 
 from tengrad_ir import LayerSpec
 
+from ..backend import StepRun
 from . import cache
 from .render import TermLayout, render
 
 TRACE: list | None = None
-ORDERS = {"gram": ("direct", "factored", "factored_raw"), "jvp": ("direct", "forward"),
-          "vjp": ("direct", "weight_grad")}
 TARGET_PROGRAMS = 512  # the weight gradient splits its samples until about this many programs run
 
 
@@ -54,15 +53,14 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
-class TritonTermRun:
+class TritonTermRun(StepRun):
     """One term bound to tensors, as ``TermRun``: ``x`` one dim per raw input index (ids for one-hot,
     None for ones), ``g`` one dim per output index. ``precision``: tl.dot's input precision for
     float32 (``"ieee"`` exact, ``"tf32"`` faster on tensor cores)."""
 
     def __init__(self, spec: LayerSpec, sizes: dict[str, int], x: torch.Tensor | None, g: torch.Tensor,
                  precision: str = "ieee"):
-        self.spec, self.sizes, self.x, self.g = spec, sizes, x, g
-        self.m = g.shape[0]
+        super().__init__(spec, sizes, x, g)
         self.layout = TermLayout(spec, tuple(sorted((k, v) for k, v in sizes.items() if k != spec.batch)))
         self.dtype = g.dtype
         self.acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
@@ -130,38 +128,13 @@ class TritonTermRun:
         _launch(self.kernels.jvp_forward_kernel, grid, self._xk, self._gk, p, out, m)
         return out
 
-    # ------------------------------------------------------------------ TermRun's interface
-    def jacobian(self) -> torch.Tensor:
-        """J[n, param...] (Lemma 1), [m, *param]."""
-        return self._jacobian_acc().to(self.dtype).reshape([self.m] + self.param_shape)
+    # ------------------------------------------------------------------ the step interface
+    def handler(self, step):
+        from .backend import handler_for
+        return handler_for(self.spec, step)
 
-    def gram(self, order: str) -> torch.Tensor:
-        """K = J J^T, [m, m]."""
-        if order == "direct":
-            j = self._jacobian_acc()
-            return self._gemm_nt(j, j, self.m, self.m, self.n_params, (self.n_params, 1),
-                                 (self.n_params, 1), symmetric=True).to(self.dtype)
-        if order in ("factored", "factored_raw"):
-            return self._gram_factored().to(self.dtype)
-        raise KeyError(f"{self.spec.name}: unknown gram order {order!r}; valid: {ORDERS['gram']}")
-
-    def jvp(self, p: torch.Tensor, order: str) -> torch.Tensor:
-        """(J p)[n], [m]; p shaped like the parameter."""
-        p = p.reshape(-1).contiguous()
-        if order == "direct":
-            j = self._jacobian_acc()
-            return self._gemm_nt(j, p, self.m, 1, self.n_params, (self.n_params, 1), (0, 1))[:, 0].to(self.dtype)
-        if order == "forward":
-            return self._jvp_forward(p).to(self.dtype)
-        raise KeyError(f"{self.spec.name}: unknown jvp order {order!r}; valid: {ORDERS['jvp']}")
-
-    def vjp(self, u: torch.Tensor, order: str) -> torch.Tensor:
-        """(J^T u)[param...], shaped like the parameter; u: [m]."""
-        if order == "direct":
-            j = self._jacobian_acc()
-            out = self._gemm_nt(u.contiguous(), j, 1, self.n_params, self.m, (0, 1), (1, self.n_params))[0]
-        elif order == "weight_grad":
-            out = self._weight_grad_acc(u)
-        else:
-            raise KeyError(f"{self.spec.name}: unknown vjp order {order!r}; valid: {ORDERS['vjp']}")
-        return out.to(self.dtype).reshape(self.param_shape)
+    def finish(self, order, out: torch.Tensor) -> torch.Tensor:
+        """The last step's result (accumulator dtype, flat) in G's dtype and the result's layout."""
+        n = self.spec.batch
+        shape = [self.m if i.rstrip("'") == n else self.sizes[i] for i in order.steps[-1].out.indices]
+        return out.to(self.dtype).reshape(shape)

@@ -1,0 +1,207 @@
+"""TENGraD checkpoints: what ``state_dict`` adds, and a ``load_state_dict`` that is all or nothing.
+
+``opt.state_dict()`` is torch's (``state``: momentum buffers by parameter index, ``param_groups``)
+plus ``sd["tengrad"]``::
+
+    steps         int, the number of steps taken (decides which steps are curvature steps)
+    param_names   [str], parameter names in torch's index order (groups in order, params in order)
+    param_shapes  [[int]], their shapes
+    blocks        {block name: kept curvature: path, x, gy, jac, gram, chol, m, damping, requested,
+                   choice}  (woodbury.BlockCurvature; blocks without curvature are absent)
+    generator     the optimizer's generator state (fisher="mc") or None
+
+``prepare`` checks everything against this optimizer before anything changes: the structure, group
+count and sizes, each group's hyperparameters (hyperparams.py; an SGD state_dict has no 'damping'),
+parameter names and shapes, momentum buffer shapes, block names, path kinds and every curvature
+tensor's shape (x and gy through the block's own plan), the step count and the generator state.
+The first mismatch raises a TENGraDError naming it, and the optimizer is exactly as before.
+``apply`` then commits (torch's own load, which cannot fail after these checks, and the curvature).
+"""
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+
+from tengrad.optim import paths, woodbury
+from tengrad.optim.errors import TENGraDError
+from tengrad.optim.hyperparams import check_group
+
+_CURV_KEYS = ("path", "x", "gy", "jac", "gram", "chol", "m", "damping", "requested")
+
+
+def _fail(msg: str) -> TENGraDError:
+    return TENGraDError(f"load_state_dict: {msg}; the optimizer is unchanged")
+
+
+def param_names(opt) -> list[str]:
+    names = {}
+    for n, p in opt.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    return [names.get(id(p), "?") for g in opt.param_groups for p in g["params"]]
+
+
+def extra(opt) -> dict:
+    """The "tengrad" entry of ``opt.state_dict()``."""
+    blocks = {}
+    for b in opt.blocks:
+        if b.curv is None:
+            continue
+        c = b.curv
+        blocks[b.name] = dict(c.tensors(), path=c.path, m=c.m, damping=c.damping, requested=c.requested,
+                              choice=None if b.choice is None else (b.choice.path, b.choice.note))
+    return {"steps": opt._steps, "blocks": blocks,
+            "param_names": param_names(opt),
+            "param_shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
+            "generator": None if opt.generator is None else opt.generator.get_state()}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _tensor(c: dict, key: str, where: str, shape: tuple | None = None) -> torch.Tensor:
+    t = c.get(key)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise _fail(f"{where}: {key!r} must be a floating-point tensor, got "
+                    f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise _fail(f"{where}: {key!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice | None]:
+    where = f"curvature of block {b.name!r}"
+    if not isinstance(c, dict):
+        raise _fail(f"{where} must be a dict, got {type(c).__name__}")
+    missing = [k for k in _CURV_KEYS if k not in c]
+    if missing:
+        raise _fail(f"{where} has no {missing[0]!r}")
+    if c["path"] not in (paths.REUSE, paths.JACOBIAN):
+        raise _fail(f"{where}: unknown path kind {c['path']!r}; valid: {[paths.REUSE, paths.JACOBIAN]}")
+    m = c["m"]
+    if not _is_int(m) or m < 1:
+        raise _fail(f"{where}: 'm' must be a positive integer, got {m!r}")
+    for key in ("damping", "requested"):
+        v = c[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < float(v) < float("inf")):
+            raise _fail(f"{where}: {key!r} must be a finite number > 0, got {v!r}")
+    gram = _tensor(c, "gram", where)
+    r = gram.shape[0] if gram.dim() == 2 else -1
+    if gram.dim() != 2 or gram.shape[1] != r or r % m:
+        raise _fail(f"{where}: 'gram' has shape {tuple(gram.shape)}, expected [r, r] with r a multiple "
+                    f"of m={m}")
+    chol = _tensor(c, "chol", where, (r, r))
+    dev = b.params[0].device
+    dtype = woodbury.compute_dtype(b.params[0].dtype)
+    if gram.dtype != dtype or chol.dtype != dtype:
+        raise _fail(f"{where}: curvature in {gram.dtype}, this block computes in {dtype}")
+    x = gy = jac = None
+    if c["path"] == paths.JACOBIAN:
+        jac = _tensor(c, "jac", where, (r, b.numel)).to(dev).clone()
+    else:
+        gy = _tensor(c, "gy", where).to(dev).clone()
+        xs = c["x"]
+        if not isinstance(xs, torch.Tensor):
+            raise _fail(f"{where}: 'x' must be a tensor, got {type(xs).__name__}")
+        x = xs.to(dev).clone()
+        if gy.dim() == 0 or gy.shape[0] != r or x.dim() == 0 or x.shape[0] != r:
+            raise _fail(f"{where}: x {tuple(x.shape)} and gy {tuple(gy.shape)} need {r} rows (the Gram is "
+                        f"{r} x {r})")
+        try:   # the block's own plan checks x and gy against this model's layer
+            zeros = [torch.zeros_like(p, dtype=gy.dtype) for p in b.params]
+            b.plan.jvp(x, gy, zeros)
+        except Exception as exc:  # noqa: BLE001 - any refusal of the plan is a mismatch
+            raise _fail(f"{where} does not fit this model's layer {b.name!r}: {exc}") from None
+    choice = c.get("choice")
+    if choice is not None:
+        if (not isinstance(choice, (tuple, list)) or len(choice) != 2
+                or choice[0] not in (paths.REUSE, paths.JACOBIAN) or not isinstance(choice[1], str)):
+            raise _fail(f"{where}: 'choice' must be (path, note), got {choice!r}")
+        choice = paths.PathChoice(choice[0], choice[1])
+    curv = woodbury.BlockCurvature(c["path"], x, gy, jac, gram.to(dev).clone(), chol.to(dev).clone(),
+                                   int(m), float(c["damping"]), float(c["requested"]))
+    return curv, choice
+
+
+def prepare(opt, state_dict: object) -> tuple[dict, dict]:
+    """(torch's part of the state_dict, our prepared part); raises before anything changes."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise _fail(f"expected an optimizer state_dict with 'state' and 'param_groups', got "
+                    f"{type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))[:6]}"
+                                                      if isinstance(state_dict, dict) else ""))
+    saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, dict):
+        raise _fail("'param_groups' must be a list and 'state' a dict")
+    if len(saved_groups) != len(opt.param_groups):
+        raise _fail(f"the state_dict has {len(saved_groups)} param group(s), this optimizer "
+                    f"{len(opt.param_groups)}")
+    index_to_param = {}
+    for i, (sg, g) in enumerate(zip(saved_groups, opt.param_groups)):
+        if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+            raise _fail(f"param_groups[{i}] must be a dict with a 'params' list")
+        if len(sg["params"]) != len(g["params"]):
+            raise _fail(f"param_groups[{i}] has {len(sg['params'])} parameters in the state_dict, "
+                        f"{len(g['params'])} here")
+        try:
+            check_group(sg, i)
+        except TENGraDError as exc:
+            raise _fail(f"{exc} (is this a TENGraD state_dict?)") from None
+        index_to_param.update(zip(sg["params"], g["params"]))
+    ours = state_dict.get("tengrad")
+    if not isinstance(ours, dict):
+        raise _fail("the state_dict has no 'tengrad' entry: it was not saved by TENGraD")
+    steps = ours.get("steps")
+    if not _is_int(steps) or steps < 0:
+        raise _fail(f"'steps' must be an integer >= 0, got {steps!r}")
+    names = param_names(opt)
+    shapes = [tuple(p.shape) for g in opt.param_groups for p in g["params"]]
+    saved_names, saved_shapes = ours.get("param_names"), ours.get("param_shapes")
+    if saved_names is not None:
+        for k, (a, b) in enumerate(zip(saved_names, names)):
+            if a != b:
+                raise _fail(f"parameter {k} is {a!r} in the state_dict but {b!r} here")
+    if saved_shapes is not None:
+        for k, (a, b) in enumerate(zip(saved_shapes, shapes)):
+            if tuple(a) != b:
+                raise _fail(f"parameter {k} ({names[k]!r}) has shape {tuple(a)} in the state_dict, {b} here")
+    name_of = dict(zip((id(p) for g in opt.param_groups for p in g["params"]), names))
+    for idx, s in state.items():
+        if idx not in index_to_param:
+            raise _fail(f"'state' has an entry for parameter index {idx!r}, which no group lists")
+        p = index_to_param[idx]
+        where = f"state of parameter {name_of[id(p)]!r}"
+        if not isinstance(s, dict):
+            raise _fail(f"{where} must be a dict")
+        unknown = [k for k in s if k != "momentum_buffer"]
+        if unknown:
+            raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer')")
+        if "momentum_buffer" in s:
+            _tensor(s, "momentum_buffer", where, tuple(p.shape))
+    blocks = ours.get("blocks", {})
+    if not isinstance(blocks, dict):
+        raise _fail("'blocks' must be a dict of block name -> curvature")
+    by_name = {b.name: b for b in opt.blocks}
+    prepared = {}
+    for name, c in blocks.items():
+        if name not in by_name:
+            raise _fail(f"the state_dict has curvature for layer {name!r}, which this model lacks "
+                        f"(blocks: {list(by_name)})")
+        prepared[name] = _curvature(opt, by_name[name], c)
+    gen = ours.get("generator")
+    if gen is not None and opt.generator is not None:
+        try:
+            torch.Generator(device=opt.generator.device).set_state(gen)
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(f"the generator state does not fit this optimizer's generator: {exc}") from None
+    base = {k: v for k, v in state_dict.items() if k != "tengrad"}
+    return base, {"steps": int(steps), "curv": prepared, "generator": gen}
+
+
+def apply(opt, prepared: dict) -> None:
+    """Commit what ``prepare`` checked: steps, each block's curvature (absent: none), the generator."""
+    opt._steps = prepared["steps"]
+    for b in opt.blocks:
+        b.curv, b.choice = prepared["curv"].get(b.name, (None, None))
+    if prepared["generator"] is not None and opt.generator is not None:
+        opt.generator.set_state(prepared["generator"])

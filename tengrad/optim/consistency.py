@@ -1,0 +1,182 @@
+"""Checks that a block's captured curvature describes the gradient autograd computed.
+
+For a block with per-sample output gradients gy_i = m * grad_i (capture.py) the rows J_i of its
+Jacobian sum to the mean gradient: g = (1/m) J^T 1. A spec that contradicts the module's forward
+(a transposed weight that still binds the shapes), or a parameter that is also used outside the
+module's forward (a tied weight: ``F.linear(h, emb.weight)``), breaks that identity silently: the
+curvature is built from J, the step from ``param.grad``. So, on the first curvature step of each
+block (every curvature step with ``TENGraD(..., check=True)``; never with ``check=None``):
+
+    e = || s (J^T 1 / m) - param.grad || / max(||J^T 1 / m||, ||param.grad||),
+    s = <J^T 1 / m, param.grad> / ||J^T 1 / m||^2          (over the block's parameters together)
+
+must not exceed a tolerance for the dtypes (1e-6 float64, 1e-3 float32, 0.1 when the parameters or
+the captured output gradient are bf16/fp16, e.g. under autocast: the forward and backward round) and s must be positive. The best positive factor s
+lets gradient clipping or loss scaling between backward and step (a common factor per block)
+through; a spec or use that disagrees with the forward gives a different direction.
+
+The sum hides how the rows are split, so the check also compares the leading dimension of every
+block's captured input (its rows) with the batch of the forward: the leading dimension of the
+model's input in the last training forward whose output received a gradient. A Linear on a
+sequence-first ``[T, N, d]`` tensor (rows = T) or on tokens flattened to ``[N*T, d]`` fails it.
+
+With several ranks (an initialised process group) ``param.grad`` is the all-reduced mean while the
+capture is local, so only the batch-dimension check runs there.
+
+Cost: one ``plan.vjp`` per block (and one binding of its input and output gradient) on the first
+curvature step; with ``check=True`` one per block on every curvature step. A failure raises before
+anything is written, so parameters, momentum buffers and stored curvature stay untouched.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tengrad.optim.capture import _transformed
+from tengrad.optim.errors import TENGraDError
+
+TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+LOW_PRECISION_TOL = 0.1
+
+CAUSES = ("likely causes: (1) a parameter of this module is also used outside its forward, e.g. a "
+          "tied output head logits = F.linear(h, emb.weight); (2) the batch is not dimension 0 of "
+          "the layer's input and output, e.g. a Linear on a sequence-first [T, N, d] tensor; (3) a "
+          "spec registered with tengrad.register_layer that binds the shapes but contradicts the "
+          "module's forward (e.g. a transposed weight). Gradients changed per element between "
+          "backward and step (clip_grad_value_) also fail this check: pass TENGraD(..., check=None).")
+
+
+class ConsistencyError(TENGraDError):
+    """A block's curvature contradicts its gradient (spec, batch dimension or a use outside forward)."""
+
+
+class SpecMismatchError(ConsistencyError):
+    """J^T 1 / m of a block differs from its param.grad."""
+
+
+class BatchDimensionError(ConsistencyError):
+    """A block's captured input has a leading dimension other than the batch of the forward."""
+
+
+class MissingCaptureError(ConsistencyError):
+    """A block's parameters received gradients, but no output of its forward did."""
+
+
+def _describe(b) -> str:
+    terms = getattr(b.plan, "terms", ())
+    specs = "; ".join(f"{t.param}: {t.spec.describe()}" for t in terms)
+    return f"layer {b.name!r} ({type(b.module).__name__}, spec {specs or 'unknown'})"
+
+
+class ConsistencyCheck:
+    """Watches the model's forwards for the batch size and checks blocks (see module docstring).
+
+    ``mode``: False (default) checks each block on its first curvature step, True on every curvature
+    step, None never.
+    """
+
+    def __init__(self, model: nn.Module, mode: bool | None = False) -> None:
+        if mode not in (True, False, None):
+            raise TENGraDError(f"check must be True, False or None, got {mode!r}")
+        self.mode = mode
+        self.checked: set[str] = set()
+        self.batch: int | None = None            # leading dim of the input of the differentiated forward
+        self.last_forward_training: bool | None = None
+        self._handle = model.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.is_grad_enabled() or (isinstance(output, Tensor) and _transformed(output)):
+            return
+        self.last_forward_training = module.training
+        if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)
+                and args[0].dim() > 0):
+            return
+        batch = int(args[0].shape[0])
+
+        def seen(grad: Tensor) -> None:
+            self.batch = batch
+
+        output.register_hook(seen)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    # ------------------------------------------------------------------ the checks
+    def due(self, name: str) -> bool:
+        return self.mode is True or (self.mode is False and name not in self.checked)
+
+    def verify(self, b, x: Tensor, grad: Tensor | None) -> None:
+        """Raise a ConsistencyError naming the block if its capture contradicts its gradient.
+
+        ``x``: the captured input [m, ...] (compute dtype, or ids); ``grad``: the captured dL/dy."""
+        if grad is None or not self.due(b.name):
+            return
+        m = int(x.shape[0])
+        if self.batch is not None and m != self.batch:
+            raise BatchDimensionError(
+                f"{_describe(b)}: its input has leading dimension {m} but the model's input has batch "
+                f"{self.batch}. TENGraD takes dimension 0 of every layer input and output as the sample "
+                "dimension, so this block's curvature would be built from rows that are not samples "
+                "(e.g. a Linear on a sequence-first [T, N, d] tensor, or on tokens flattened to [N*T, d]). "
+                "Keep the batch first at this layer (batch_first=True, or transpose before it).")
+        grads = [p.grad for p in b.params]
+        if all(g is None for g in grads) or _multi_rank():
+            return    # several ranks: param.grad is the all-reduced mean, the capture is local
+        dtype = torch.promote_types(b.params[0].dtype, torch.float32)
+        gy = m * grad.to(dtype)
+        got = b.plan.vjp(x, gy, torch.ones(m, dtype=dtype, device=gy.device))
+        a = torch.cat([t.reshape(-1).to(torch.float64) / m for t, g in zip(got, grads) if g is not None])
+        w = torch.cat([_dense(g).reshape(-1).to(torch.float64) for g in grads if g is not None])
+        if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
+            return    # non-finite values: the step's own checks name them
+        err, scale = _mismatch(a, w)
+        tol = max(TOL.get(b.params[0].dtype, LOW_PRECISION_TOL), TOL.get(grad.dtype, LOW_PRECISION_TOL))
+        if not (err <= tol and scale > 0):
+            raise SpecMismatchError(
+                f"{_describe(b)}: J^T 1 / m from the captured input and output gradient does not match "
+                f"param.grad (relative error {err:.3g} after the best factor {scale:.3g}; tolerance {tol:g}), "
+                f"so its curvature would describe a different function than the one trained. {CAUSES}")
+        self.checked.add(b.name)
+
+    def missing_capture(self, b) -> ConsistencyError:
+        """The error for a block whose parameters have a non-zero gradient but whose forward output
+        received none."""
+        head = (f"layer {b.name!r} ({type(b.module).__name__}) has a non-zero gradient but no captured "
+                "output gradient")
+        if self.last_forward_training is False:
+            return MissingCaptureError(
+                f"{head}: the model ran its last forward with grad in eval mode; call model.train() "
+                "before the training forward (TENGraD captures forwards of a model in training mode)")
+        return MissingCaptureError(
+            f"{head}: a parameter of this module is used outside the module's forward (e.g. "
+            "nn.MultiheadAttention applies out_proj.weight through F.linear without calling out_proj, "
+            "or a tied head uses F.linear(h, emb.weight)). TENGraD captures curvature at module forwards; "
+            "capturing the functional ops that use a parameter is future work. Call the module itself, "
+            "freeze the parameter, or precondition this model with another optimizer. (Other causes: "
+            "the forward ran under no_grad or inside a torch.func transform, or the hooks were removed.)")
+
+
+def _multi_rank() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _dense(g: Tensor) -> Tensor:
+    return g.to_dense() if g.is_sparse else g
+
+
+def _mismatch(a: Tensor, w: Tensor) -> tuple[float, float]:
+    """(relative error after the best positive factor, that factor) between a and w."""
+    na, nw = float(a.norm()), float(w.norm())
+    if max(na, nw) == 0.0:
+        return 0.0, 1.0
+    if na == 0.0 or nw == 0.0:
+        return 1.0, 0.0
+    scale = float(a @ w) / (na * na)
+    return float((scale * a - w).norm()) / nw, scale      # the sine of the angle between a and w
+
+
+__all__: Sequence[str] = ("ConsistencyCheck", "ConsistencyError", "SpecMismatchError",
+                          "BatchDimensionError", "MissingCaptureError")

@@ -1,0 +1,274 @@
+"""Data-parallel TENGraD on torch.distributed: the exact global-batch step, spread over the ranks.
+
+R ranks, rank r with m_r samples, global batch M = sum_r m_r. Per block, with the global gradient g
+(distributed_grad.py) and J = [J_1; ...; J_R] the ranks' rows stacked (DESIGN.md):
+
+    d = (1/a) (g - J^T (K + M a I)^-1 J g),     K = J J^T  [M_rows, M_rows]
+
+``mode="exact"`` computes exactly that, i.e. the step of one process on the concatenated batch:
+
+1. status: one all-gather of [failed, m_r, per block (active, |x_i|, |gy_i|, reps)]; any local error
+   (capture, non-finite gradient, missing forward) makes every rank raise the same error here.
+2. gradient: one all-reduce of [m_r g_r, m_r] (plain model), or nothing (DDP: its comm hook did it).
+3. curvature steps: each block's factors or rows (distributed_plan.py) are gathered to its owner
+   (async, launched for every block before any is waited on).
+4. J g is local: J_r g with the global g, gathered to the owner (async).
+5. the owner factors K + M a I (woodbury.factor: one retry with 10 a) and broadcasts
+   [u = (K + M a I)^-1 J g, a used, failed] (async; owners work through their blocks in block order,
+   so ranks owning different blocks compute at the same time).
+6. J^T u = sum_r J_r^T u_r: one all-reduce of every block's J_r^T u_r plus a status element; an
+   owner's failure (non-finite K, failed Cholesky) makes every rank raise the same error here.
+   Every rank then has the same bits of d: no direction is broadcast.
+Reuse steps (update_freq k) skip 1's capture and 3: the factor stays on the owner, the rows stay on
+their ranks, and a step costs 4-6 only. The commit (parameters, momentum, kept curvature) happens only
+after 6 succeeded on every rank, so parameters stay identical on all ranks.
+
+``mode="local"``: every rank preconditions the global g with its *own* batch's curvature
+(F_r = J_r^T J_r / m_r, the single-process step on its m_r samples) and the directions are averaged,
+d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status element). This is an approximation
+of the global step (it is not (F + a I)^-1 g), cheaper in bytes and with no owner; parameters stay
+bit-identical because the all-reduce hands every rank the same sum.
+
+As in the single-process step, each block uses its param group's damping and weight decay, and a
+block that took no part in the forward (usage.py) is skipped; every rank must agree on which blocks
+took part and on the per-sample shapes (checked in step 1's all-gather: a disagreement raises the same
+error everywhere).
+
+Checkpoints: ``state_dict`` keeps parameters, momentum and the step count (identical on every rank)
+but no distributed curvature; after ``load_state_dict`` the next step is a curvature step on every rank
+(the owners' factors are recomputed from that step's batch). Each rank keeps its own Monte-Carlo
+generator (rank 0's would make every rank draw the same labels).
+
+NCCL: the collectives used (all_gather, all_reduce, gather, broadcast, async handles) exist for NCCL,
+but only gloo on CPU is tested here; NCCL needs the tensors on the rank's CUDA device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tengrad.optim import groups, usage, woodbury
+from tengrad.optim.distributed_comm import Failure, Traffic, raise_if_any, world
+from tengrad.optim.distributed_exact import Kept, exact_directions
+from tengrad.optim.distributed_grad import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
+                                            reduce_gradients, split_gradients)
+from tengrad.optim.distributed_local import local_directions
+from tengrad.optim.errors import TENGraDError
+
+MODES = ("exact", "local")
+
+
+def resolve(distributed, model: nn.Module):
+    """The strategy for ``TENGraD(..., distributed=...)``, or None for a single-process optimizer.
+
+    "auto" (the default): "exact" inside an initialised process group of more than one rank, else off.
+    "exact"/"local": need an initialised group. None/"off": never distributed.
+    """
+    if distributed in (None, False, "off"):
+        return None
+    if distributed not in ("auto",) + MODES:
+        raise TENGraDError(f"distributed must be 'auto', 'exact', 'local' or None, got {distributed!r}")
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed == "auto":
+        if not ready or dist.get_world_size() == 1:
+            return None
+        distributed = "exact"
+    elif not ready:
+        raise TENGraDError(f"distributed={distributed!r} needs an initialised torch.distributed process "
+                           "group (torch.distributed.init_process_group, e.g. under torchrun)")
+    return Strategy(distributed, model)
+
+
+class Strategy:
+    """The distributed part of ``TENGraD.step``: ``directions`` (all ranks raise or none), ``commit``."""
+
+    def __init__(self, mode: str, model: nn.Module, group=None) -> None:
+        self.mode = mode
+        self.group = group
+        self.ddp = is_ddp(model)
+        self.batch = BatchSize(model)
+        if self.ddp:
+            install_ddp_hook(model, self.batch, group)
+        self.kept: dict[str, object] = {}     # block name -> Kept ("exact") or BlockCurvature ("local")
+        self._pending: dict[str, object] = {}
+        self.traffic = Traffic()              # this rank's bytes in the last step
+        self.bytes_sent = 0                   # ... and since construction
+        self.steps_seen = 0
+
+    # ------------------------------------------------------------------ seams called by TENGraD
+    def curvature_due(self, opt) -> bool:
+        return any(self.block_due(opt, b) for b in opt.blocks)
+
+    def block_due(self, opt, b) -> bool:
+        """Capture armed for block b: a curvature step, or no kept curvature for it (same on all ranks)."""
+        return opt._steps % opt.update_freq == 0 or b.name not in self.kept
+
+    def before_load(self, opt):
+        """This rank's generator state: each rank keeps its own Monte-Carlo stream over a load."""
+        return None if opt.generator is None else opt.generator.get_state()
+
+    def after_load(self, opt, generator_state) -> None:
+        self.reset()
+        if generator_state is not None:
+            opt.generator.set_state(generator_state)
+
+    def reset(self) -> None:
+        """Forget the kept curvature (after load_state_dict): the next step recomputes it everywhere."""
+        self.kept.clear()
+        self._pending.clear()
+
+    def commit(self) -> None:
+        self.kept.update(self._pending)
+        self._pending = {}
+
+    def directions(self, opt, where: dict[int, int], skipped: dict[str, str]) -> list[tuple]:
+        """[(param, d, g, param group)], the same on every rank, or the same error raised on every rank.
+        ``where``: {id(param): group index}; ``skipped`` gets the blocks that took no part (usage.py)."""
+        self.traffic.reset()
+        self._pending = {}
+        try:
+            grp = [opt.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
+                   for b in opt.blocks]
+            run = exact_directions if self.mode == "exact" else local_directions
+            return run(self, opt, grp, where, skipped)
+        finally:
+            self.batch.next_step()
+            self.bytes_sent += self.traffic.total
+            self.steps_seen += 1
+
+    def batch_size(self, ms: list[int]) -> int:
+        """m_r: the captured layers' batch on curvature steps (they must agree), else the model's."""
+        if ms:
+            if len(set(ms)) > 1:
+                raise TENGraDError(f"the captured layers saw different batch sizes {sorted(set(ms))}")
+            return ms[0]
+        return self.batch.get()
+
+    # ------------------------------------------------------------------ shared phases
+    def records(self, opt, fail: Failure, skipped: dict[str, str]):
+        """This rank's capture records ({block index: record} on curvature blocks), the blocks taking
+        part (usage.unused, like the single-process step) and the curvature blocks; errors go to fail."""
+        recs, active, cur = {}, [False] * len(opt.blocks), [False] * len(opt.blocks)
+        try:
+            for i, b in enumerate(opt.blocks):
+                due = self.block_due(opt, b)
+                rec = b.capture.take() if due else None
+                b.capture.clear()
+                why = usage.unused(b.params, rec)
+                if why is not None:
+                    skipped[b.name] = why
+                    continue
+                active[i], cur[i] = True, due
+                if due:
+                    recs[i] = rec
+        except Exception as err:   # noqa: BLE001 - raised on every rank at the status all-gather
+            fail.record(err)
+        return recs, active, cur
+
+    def status(self, opt, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
+        """Step 1: all-gather [failed, m_r, signature]; raises everywhere on any failure/mismatch."""
+        rank, R = world(self.group)
+        device = opt.param_groups[0]["params"][0].device     # NCCL needs CUDA tensors; gloo takes any
+        status = torch.tensor([fail.flag, float(m_r)] + sig, dtype=torch.float64, device=device)
+        table = [torch.empty_like(status) for _ in range(R)]
+        dist.all_gather(table, status, group=self.group)
+        self.traffic.add("(status)", "status all-gather", status)
+        table = torch.stack(table)
+        raise_if_any(bool(table[:, 0].any()), fail, self.group, opt._steps)
+        for i, b in enumerate(opt.blocks):
+            cols = table[:, 2 + 4 * i:6 + 4 * i]
+            if not bool((cols == cols[0]).all()):
+                raise TENGraDError(
+                    f"rank disagreement at step {opt._steps}: layer {b.name!r} has (active, per-sample "
+                    f"input numel, per-row output numel, rows per sample) = {cols.long().tolist()} by rank; "
+                    "every rank must run the same model on batches with the same per-sample shape")
+        return [int(v) for v in table[:, 1].tolist()]
+
+    def gradients(self, opt, m_r: int, where: dict[int, int]):
+        """Step 2 started: returns a function giving {id(param): global g + wd theta} when called."""
+        params = [p for group in opt.param_groups for p in group["params"]]
+        dtype = torch.float32
+        for p in params:
+            dtype = torch.promote_types(dtype, woodbury.compute_dtype(p.dtype))
+        if self.ddp:
+            grads = [dense_grad(p).to(dtype) for p in params]
+            work = None
+        else:
+            work, flat = reduce_gradients(params, m_r, dtype, self.group)
+            self.traffic.add("(gradient)", "all-reduce", flat)
+
+        def finish() -> dict[int, Tensor]:
+            nonlocal grads
+            if work is not None:
+                work.wait()
+                grads = split_gradients(flat, params)
+            out = {}
+            for p, g in zip(params, grads):
+                cd = woodbury.compute_dtype(p.dtype)
+                g = g.to(cd)
+                wd = opt.param_groups[where[id(p)]]["weight_decay"]
+                out[id(p)] = g + wd * p.detach().to(cd) if wd else g
+            return out
+
+        return finish
+
+    @staticmethod
+    def check_finite(opt, grads: dict[int, Tensor]) -> None:
+        """Same data on every rank, so every rank raises the same error here."""
+        for b in opt.blocks:
+            for n, p in zip(b.param_names, b.params):
+                if p.grad is not None and not torch.isfinite(grads[id(p)]).all():
+                    raise TENGraDError(f"layer {b.name!r}: non-finite gradient ({n})")
+        for n, p in opt.fallback:
+            if p.grad is not None and not torch.isfinite(grads[id(p)]).all():
+                raise TENGraDError(f"parameter {n!r}: non-finite gradient")
+
+    @staticmethod
+    def local_checks(opt) -> None:
+        for b in opt.blocks:
+            for p in b.params:
+                if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
+                    raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
+        for n, p in opt.fallback:
+            if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
+                raise TENGraDError(f"parameter {n!r}: non-finite gradient")
+
+    @staticmethod
+    def fallback_directions(opt, grads, where):
+        out = []
+        for _, p in opt.fallback:
+            if p.grad is not None:
+                group = opt.param_groups[where[id(p)]]
+                out.append((p, grads[id(p)] / group["damping"], grads[id(p)], group))
+        return out
+
+    # ------------------------------------------------------------------ printing
+    def explain_lines(self, opt) -> list[str]:
+        rank, R = world(self.group)
+        grad = ("DDP model: gradients reduced in backward by TENGraD's DDP comm hook as "
+                "sum_r m_r g_r / M (exact for uneven batches), none sent in the step") if self.ddp else \
+            ("plain model: the step all-reduces [m_r g_r, m_r] (sum_r m_r g_r / M, exact for uneven batches)")
+        lines = [f"  distributed={self.mode!r} over {R} ranks ({dist.get_backend(self.group)}), this is rank "
+                 f"{rank}; {grad}"]
+        if self.mode == "local":
+            lines.append("    approximation: each rank preconditions with its own batch's curvature, "
+                         "directions averaged in one all-reduce")
+        by_layer = self.traffic.by_layer
+        for b in opt.blocks:
+            k = self.kept.get(b.name)
+            sent = by_layer.get(b.name, {})
+            last = ", ".join(f"{kind} {n} B" for kind, n in sent.items()) or "nothing"
+            if self.mode == "exact" and isinstance(k, Kept):
+                ex = k.exchange
+                lines.append(f"    {b.name}: owner rank {k.owner}; curvature steps exchange {ex.form} "
+                             f"({ex.bytes_factors} B factors vs {ex.bytes_rows} B rows per rank); "
+                             f"last step sent {last}")
+            else:
+                lines.append(f"    {b.name}: last step sent {last}")
+        for name in ("(status)", "(gradient)", "(all blocks)"):
+            if name in by_layer:
+                lines.append(f"    {name}: " + ", ".join(f"{kind} {n} B" for kind, n in by_layer[name].items()))
+        lines.append(f"    this rank sent {self.traffic.total} B in the last step, {self.bytes_sent} B in "
+                     f"{self.steps_seen} steps")
+        return lines
