@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tengrad_kwargs(args) -> dict:
+    """Only the TENGraD settings the user gave (lr, damping, update_freq, kl_clip): everything else is
+    TENGraD(model)'s defaults."""
+    given = dict(lr=args.tengrad_lr, damping=args.tengrad_damping, update_freq=args.update_freq)
+    kw = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "kl_clip", None) is not None:
+        kw["kl_clip"] = None if str(args.kl_clip).lower() == "none" else float(args.kl_clip)
+    return kw
+
+
 def _make_optimizer(name: str, model, args):
     import torch
 
@@ -69,11 +79,7 @@ def _make_optimizer(name: str, model, args):
         return "SGD", opt, f"lr={args.sgd_lr:g}"
     from tengrad import TENGraD
 
-    # only what the user set is passed: everything else is TENGraD(model)'s defaults
-    given = dict(lr=args.tengrad_lr, damping=args.tengrad_damping, update_freq=args.update_freq)
-    kw = {k: v for k, v in given.items() if v is not None}
-    if args.kl_clip is not None:
-        kw["kl_clip"] = None if str(args.kl_clip).lower() == "none" else float(args.kl_clip)
+    kw = tengrad_kwargs(args)
     opt = TENGraD(model, momentum=args.momentum, weight_decay=args.weight_decay, fisher=args.fisher,
                   backend=args.backend, **kw)
     g = opt.param_groups[0]
