@@ -9,6 +9,7 @@ one 2048^3 matmul.
 
     python benchmarks/gram.py                # the table of benchmarks/README.md
     python benchmarks/gram.py --quick        # tiny smoke run
+    python benchmarks/gram.py --set convt --batch 32   # transposed convolutions (output maps)
 """
 from __future__ import annotations
 
@@ -34,7 +35,13 @@ def torch_func_gram(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tor
     return j @ j.T
 
 
-def rows(quick: bool):
+def rows(quick: bool, which: str = "paper"):
+    if which == "convt":   # DCGAN-style upsampling layers and a stride-1 one
+        return [("ConvTranspose2d(32,16,4,s=2,p=1) 8x8", lambda: nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+                 (32, 8, 8)),
+                ("ConvTranspose2d(16,8,3,p=1) 16x16", lambda: nn.ConvTranspose2d(16, 8, 3, padding=1), (16, 16, 16)),
+                ("ConvTranspose1d(64,64,4,s=2,p=1) 32", lambda: nn.ConvTranspose1d(64, 64, 4, stride=2, padding=1),
+                 (64, 32))]
     if quick:
         return [("Conv2d(8,8,3,p=1) 8x8", lambda: nn.Conv2d(8, 8, 3, padding=1), (8, 8, 8)),
                 ("Linear(32,32) seq 6", lambda: nn.Linear(32, 32), (6, 32))]
@@ -50,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-gib", type=float, default=6.0)
+    ap.add_argument("--set", choices=("paper", "convt"), default="paper", help="which layers to time")
     args = ap.parse_args(argv)
     batches = args.batch or ([4] if args.quick else [32, 128])
     torch.manual_seed(0)
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
             "| vs torch.func | chosen / best fixed | chosen GFLOP/s (% of matmul) |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
-    for name, make, shape in rows(args.quick):
+    for name, make, shape in rows(args.quick, args.set):
         module = make()
         for m in batches:
             x = torch.randn(m, *shape)

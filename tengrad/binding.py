@@ -109,9 +109,24 @@ class Shapes:
             raise ShapeError(f"{self.name}: x {tuple(x.shape)} and gy {tuple(gy.shape)} need the same "
                              "leading batch dimension")
         expected = self.output(x)
-        if tuple(gy.shape) != expected:
+        if tuple(gy.shape) != expected and not self._output_map_sizes_only(tuple(gy.shape), expected):
             raise ShapeError(f"{self.name}: gy has shape {tuple(gy.shape)}, expected {expected} "
                              f"(the shape of module(x) for x of shape {tuple(x.shape)})")
+
+    def _output_map_sizes_only(self, got: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+        """Whether ``got`` differs from ``expected`` only along output dims that carry an output-map
+        target (a transposed convolution's spatial dims, which ``output_size=`` in its forward sets):
+        the maps read G wherever it lies, so any size of those dims gives the layer of that output
+        size. Batch, channels and every other dim must still match."""
+        if len(got) != len(expected):
+            return False
+        free: set[int] = set()
+        for t in self.terms:
+            axes = t.spec.output_axes
+            if not t.spec.out_maps or any(a[0].startswith("*") for a in axes) or len(axes) != len(got):
+                continue
+            free |= {d for d, axis in enumerate(axes) if set(axis) & set(t.spec.out_map_of)}
+        return bool(free) and all(g == e or (d in free and g >= 1) for d, (g, e) in enumerate(zip(got, expected)))
 
     def term_sizes(self, term, x_shape, y_shape, param_shape) -> dict[str, int]:
         """Index sizes of one term from the (pre-mapped) input, output and parameter shapes."""

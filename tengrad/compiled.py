@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tengrad_ir import DEFAULT_MEMORY_CAP, PROGRAMS, Order, SizedPlan, kind_of
+from tengrad_ir import DEFAULT_MEMORY_CAP, PROGRAMS, Order, SizedPlan, enumerate_orders, kind_of
 
 from .binding import Shapes
 from .checks import check_call
@@ -62,10 +62,19 @@ class CompiledLayer:
             return backend_named(self.backend)
         if torch.cuda.is_available():
             try:
-                return backend_named("triton")
+                return self._auto(backend_named("triton"))
             except TengradError:
                 pass
         return backend_named("torch")
+
+    def _auto(self, triton: Backend) -> Backend:
+        """'auto' on CUDA: triton when it runs some order of every program of every term, else torch
+        for this whole layer (e.g. a transposed convolution: triton has no output-map steps)."""
+        for t in self.terms:
+            for orders in enumerate_orders(t.spec).values():
+                if not any(all(triton.supports(st) for st in o.steps) for o in orders):
+                    return backend_named("torch")
+        return triton
 
     def backend_for(self, gy: torch.Tensor) -> Backend:
         """The backend that runs tensors on ``gy``'s device: 'auto' runs triton for CUDA tensors only
@@ -76,7 +85,7 @@ class CompiledLayer:
             if not gy.is_cuda:
                 return backend_named("torch")
             try:
-                return backend_named("triton")
+                return self._auto(backend_named("triton"))
             except TengradError:
                 return backend_named("torch")
         chosen = backend_named("triton")
@@ -103,7 +112,8 @@ class CompiledLayer:
 
     def _plan_for_terms(self, sizes_per_term, itemsize: int = 4, backend: Backend | None = None) -> ModulePlan:
         if sizes_per_term is None:  # size-free listing of orders
-            sizes_per_term = [{i: 2 for i in t.spec.roles} | dict(t.spec.sizes) for t in self.terms]
+            sizes_per_term = [{i: 2 for i in (*t.spec.roles, *t.spec.out_map_of)} | dict(t.spec.sizes)
+                              for t in self.terms]
         return ModulePlan(self.name, tuple(
             (t.param, SizedPlan(t.spec, tuple(s.items()), itemsize, self.memory_cap, backend=backend))
             for t, s in zip(self.terms, sizes_per_term)), getattr(backend, "name", "any"))

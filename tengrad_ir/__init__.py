@@ -10,7 +10,7 @@ from .einsum import Einsum, Tensor
 from .errors import SpecError, TengradError
 from .index_map import IndexMap
 from .notation import format_axes, parse_axes, parse_equation
-from .geometry import ConvGeometry, conv_geometry, raw_factorable
+from .geometry import ConvGeometry, TransposedGeometry, conv_geometry, raw_factorable, transposed_geometry
 from .operand import KINDS, OperandKind, kind_of
 from .orders import PROGRAMS, QUANTITIES, Order, enumerate_orders
 from .steps import Step
@@ -18,6 +18,7 @@ from .plan import DEFAULT_MEMORY_CAP, Cost, SizedPlan, class_sizes
 from .spec import ROLES, LayerSpec
 
 __all__ = ["LayerSpec", "IndexMap", "Einsum", "Tensor", "Derivation", "derive", "Order", "ConvGeometry",
-           "conv_geometry", "raw_factorable", "enumerate_orders", "SizedPlan", "Cost", "class_sizes",
+           "conv_geometry", "raw_factorable", "TransposedGeometry", "transposed_geometry", "enumerate_orders",
+           "SizedPlan", "Cost", "class_sizes",
            "DEFAULT_MEMORY_CAP", "SpecError", "TengradError", "ROLES", "parse_axes", "parse_equation",
            "format_axes", "Step", "OperandKind", "KINDS", "kind_of", "QUANTITIES", "PROGRAMS"]

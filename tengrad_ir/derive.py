@@ -11,6 +11,9 @@ common ``C``:
     (J p)[n]          = sum_{g,v,C,I} G[n,g,v,C] U[n,g,C,I] p[g,v,I]
     (J^T u)[g,v,I]    = sum_{n,C}     u[n] G[n,g,v,C] U[n,g,C,I]
 
+With output maps (a transposed convolution) G and Y stand for the *unfolded* output
+``GU[n, .., C, K] = G[n, .., map(C, K)]``, so every formula above holds as written.
+
 The index-level einsums name every index of the spec (for printing and for the backends); the
 class-level ones collapse each role to one index (``g v I C``) so that closed-form costs read like
 the paper's Corollary 2.
@@ -71,11 +74,12 @@ def derive(spec: LayerSpec, collapse: bool = False) -> Derivation:
         U = Tensor("U", n + g + com + ind)
         P = Tensor("p", g + v + ind)
         Y = Tensor("Y", n + g + v + com)
-    else:  # the layouts of the real tensors: G and Y as the output, p as the parameter
-        G = Tensor("G", spec.output_indices)
+    else:  # the layouts of the real tensors: G and Y as the output (unfolded through the output
+        # maps, if any: then the kind renames G to the unfolded GU), p as the parameter
+        G = Tensor("G", spec.unfolded_output_indices)
         U = Tensor("U", spec.unfolded_indices)
         P = Tensor("p", spec.param_indices)
-        Y = Tensor("Y", spec.output_indices)
+        Y = Tensor("Y", spec.unfolded_output_indices)
     J = Tensor("J", n + P.indices)
     G2, U2, J2 = (Tensor(t.name + "'", primed(t.indices, second)) for t in (G, U, J))
     C1 = Tensor("C1", n + primed(n, second) + g + com + primed(com, second))

@@ -16,7 +16,9 @@ Gram orders (K = J J^T):
 * ``factored_raw`` (layers with index maps) computes the input covariance on the *raw* input,
   R = X X^T over the unmapped independent indices, then C1[n,k,C,C'] = sum_K R[n,k,map(C,K),map(C',K)]
   (the covariance of the unfolded input is the unfolding of the covariance of the input):
-  2 m^2 N_g N_Cu^2 N_Ir N_P^2 + m^2 N_g N_C^2 N_K instead of 2 m^2 N_g N_C^2 N_I.
+  2 m^2 N_g N_Cu^2 N_Ir N_P^2 + m^2 N_g N_C^2 N_K instead of 2 m^2 N_g N_C^2 N_I. With output maps
+  (a transposed conv) the roles swap: R = G G^T on the raw output gradient over the free indices
+  outside the maps (N_Vr), C2 its unfolding, C1 = X X^T as in ``factored``.
 
 J p orders: ``direct`` (form J, then J p) and ``forward`` (the layer run with weights p, then a
 per-sample inner product with G). J^T u orders: ``direct`` (J^T u from J) and ``weight_grad`` (the
@@ -42,7 +44,8 @@ import sympy
 from .derive import primed
 from .einsum import Einsum, Tensor
 from .geometry import ConvGeometry, conv_geometry, raw_factorable
-from .operand import (CLASS_SIZE, N_C, N_I, N_K, N_P, N_Cu, N_Ir, N_g, N_v, Term, class_size, kind_of, m)
+from .operand import (CLASS_SIZE, N_C, N_I, N_K, N_O, N_P, N_Cu, N_Ir, N_Vr, N_g, N_v, Term, class_size, kind_of,
+                      m)
 from .spec import LayerSpec
 from .steps import Contract, RawCovUnfold, Step, SymmetricGram
 
@@ -51,7 +54,7 @@ PROGRAMS = QUANTITIES + ("jacobian",)  # every program a backend runs
 
 __all__ = ["Order", "enumerate_orders", "QUANTITIES", "PROGRAMS", "ConvGeometry", "conv_geometry",
            "raw_factorable", "class_size", "CLASS_SIZE", "m", "N_g", "N_v", "N_I", "N_C", "N_Ir", "N_K",
-           "N_P", "N_Cu"]
+           "N_P", "N_Cu", "N_Vr", "N_O"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +118,39 @@ def _factored_raw(t: Term) -> tuple[Step, ...]:
     )
 
 
+def _factored_raw_grad(t: Term) -> tuple[Step, ...]:
+    """Output maps (a transposed conv): roles swapped. C1 = X X' over the independent indices, laid
+    out like C2; R = G G' on the raw output gradient over the free indices outside the maps (Vr),
+    C2[n,n',g,C,C'] = sum_K R[n,n',g,map(C,K),map(C',K)]; K = sum C1 * C2.
+    Cost: 2 m^2 N_g N_C^2 N_I + 2 m^2 N_g N_Cu^2 N_Vr N_P^2 + m^2 N_g N_C^2 N_K + 2 m^2 N_g N_C^2."""
+    s, d = t.spec, t.cls
+    n = s.batch
+    pair = (n, n + "'")
+    com = s.indices("common")
+    second = {n, *com, *(mp.target for mp in s.out_maps)}
+    layout = s.indices("group") + com + primed(com, second) + pair
+    c1, c2 = Tensor("C1", layout), Tensor("C2", layout)
+    x = Tensor("X", s.raw_input_indices)
+    g = Tensor("G", s.output_indices)
+    kept = tuple(i for i in g.indices[1:] if s.roles.get(i) != "free")
+    r = Tensor("R", kept + primed(tuple(i for i in kept if i in second), second) + pair)
+    has_cu = any(s.roles.get(i) == "common" for i in s.output_indices)
+    gc = ("g",) if s.indices("group") else ()
+    cu, cu2 = (("Cu",), ("Cu'",)) if has_cu else ((), ())
+    vr = ("Vr",) if any(s.roles.get(i) == "free" for i in s.output_indices) else ()
+    r_cls = Einsum((Tensor("G", ("n",) + gc + cu + vr + ("P",)), Tensor("G'", ("n'",) + gc + cu2 + vr + ("P'",))),
+                   Tensor("R", ("n", "n'") + gc + cu + cu2 + ("P", "P'")))
+    kernels = tuple(dict.fromkeys(v for mp in s.out_maps for v in mp.variables if s.roles[v] == "free"))
+    return (
+        Contract(c1, (x, Tensor("X'", primed(x.indices, second))), _flops(d.cov_input),
+                 d.cov_input.out_size(class_size)),
+        Contract(r, (g, Tensor("G'", primed(g.indices, second))), _flops(r_cls), r_cls.out_size(class_size)),
+        RawCovUnfold(c2, (r,), m**2 * N_g * N_C**2 * N_K, d.cov_grad.out_size(class_size), kernels=kernels,
+                     maps=tuple(str(mp) for mp in s.out_maps)),
+        Contract(t.tensor("gram_factored", "K"), (c1, c2), _flops(d.gram_factored), sympy.Integer(1)),
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
     """Every valid evaluation order of each program, in a fixed order of preference for ties."""
@@ -127,7 +163,8 @@ def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
     k = t.tensor("gram_direct", "K")
     c1 = tuple(kind.cov_input(t))
     direct_gram = SymmetricGram(k, (j,), _flops(d.gram_direct), sympy.Integer(1))
-    factored = c1 + (t.contract("cov_grad"), t.contract("gram_factored", {} if c1 else {"C1": None}))
+    factored = c1 + tuple(kind.unfold_grad(t)) + (t.contract("cov_grad", kind.grad_table()),
+                                                  t.contract("gram_factored", {} if c1 else {"C1": None}))
     gram = [
         Order("gram", "direct", jac + (direct_gram,),
               "J formed once" + (" (the layer's per-sample weight gradient)" if conv else ""),
@@ -137,7 +174,10 @@ def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
                                                         if kind.integer_ids else ""),
               _flops(d.cov_input) + _flops(d.cov_grad) + _flops(d.gram_factored), ((0, 2), (0, 1), (0, 1))),
     ]
-    if raw_factorable(spec):
+    if raw_factorable(spec) and spec.out_maps:
+        gram.append(Order("gram", "factored_raw", _factored_raw_grad(t),
+                          "covariance of the raw output gradient, unfolded after the contraction"))
+    elif raw_factorable(spec):
         gram.append(Order("gram", "factored_raw", _factored_raw(t),
                           "covariance of the raw input, unfolded after the contraction"))
     jvp = [

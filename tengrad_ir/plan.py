@@ -18,7 +18,7 @@ from functools import cached_property
 import sympy
 
 from .errors import SpecError
-from .orders import (N_C, N_Cu, N_I, N_Ir, N_K, N_P, N_g, N_v, PROGRAMS, Order, enumerate_orders, m)
+from .orders import (N_C, N_O, N_Cu, N_I, N_Ir, N_K, N_P, N_Vr, N_g, N_v, PROGRAMS, Order, enumerate_orders, m)
 from .spec import LayerSpec
 
 DEFAULT_MEMORY_CAP = 4 * 2**30  # bytes
@@ -34,23 +34,31 @@ class Cost:
 
 
 def class_sizes(spec: LayerSpec, sizes: dict[str, int]) -> dict[sympy.Symbol, int]:
-    """Role-class sizes ``{m, N_g, N_v, N_I, N_C, N_Ir, N_K, N_P, N_Cu}`` from index sizes."""
+    """Role-class sizes ``{m, N_g, N_v, N_I, N_C, N_Ir, N_K, N_P, N_Cu, N_Vr, N_O}`` from index sizes.
+
+    With output maps (``spec.out_maps``) the kernel indices ``N_K`` are free, ``N_P`` counts the
+    output positions the maps read, ``N_Vr`` is the free size outside the maps and ``N_O`` the
+    mapped output positions (both 1-or-N_v-valued and unused without output maps)."""
     missing = [i for i in spec.roles if i not in sizes]
+    missing += [mp.target for mp in spec.out_maps if mp.target not in sizes]
     if missing:
         raise SpecError(f"{spec.name}: no size for index {missing[0]!r}")
     prod = lambda idx: math.prod(sizes[i] for i in idx)  # noqa: E731
-    mapped_vars = {v for mp in spec.maps for v in mp.variables}
+    maps = spec.maps + spec.out_maps
+    mapped_vars = {v for mp in maps for v in mp.variables}
     read = 1  # raw positions the maps read inside [0, N): R is computed there, padding is free
-    for mp in spec.maps:
+    for mp in maps:
         low, high = mp.extent(sizes)
         read *= max(0, min(high, sizes[mp.target] - 1) - max(low, 0) + 1)
     return {
         m: sizes[spec.batch], N_g: prod(spec.indices("group")), N_v: prod(spec.indices("free")),
         N_I: prod(spec.indices("independent")), N_C: prod(spec.indices("common")),
         N_Ir: prod(i for i in spec.indices("independent") if i not in mapped_vars),
-        N_K: prod(i for i in spec.indices("independent") if i in mapped_vars),
+        N_K: prod(i for i in spec.indices("independent") + spec.indices("free") if i in mapped_vars),
         N_Cu: prod(i for i in spec.indices("common") if i not in mapped_vars),
         N_P: max(read, 1),
+        N_Vr: prod(i for i in spec.indices("free") if i not in mapped_vars),
+        N_O: prod(mp.target for mp in spec.out_maps),
     }
 
 

@@ -5,6 +5,10 @@
 ``U`` is the *unfolded* input: the layer's input (after an optional pre-map that touches the input
 only, paper Remark 1) read through the affine index maps, e.g. for conv2d
 ``U[n, g, ci, kh, kw, oh, ow] = X[n, g, ci, sh*oh + dh*kh - ph, sw*ow + dw*kw - pw]``.
+The An index map may instead sit on an *output* index (a transposed convolution,
+``o = s*i + d*k - p`` with i an input index and k a parameter index): then the output gradient is
+read through the map, ``GU[n, .., i, k] = G[n, .., s*i + d*k - p]`` (zero outside ``[0, N_o)``), and the
+roles follow from the *unfolded output* indices (i common, k free: it sits with the parameter).
 The ``source`` says where the input comes from: ``"input"`` (the module input), ``"ones"`` (a bias:
 U is all ones) or ``"one_hot"`` (an embedding: the input holds integer ids and U is their one-hot
 code along the index ``one_hot``, never materialised).
@@ -42,6 +46,8 @@ class LayerSpec:
         name: label used in messages and plans (e.g. ``"Conv2d.weight"``).
         input_axes, param_axes, output_axes: the three operands' axes (see ``notation``).
         maps: the unfolding maps ``target = affine(indices)`` for input indices.
+        out_maps: maps ``target = affine(indices)`` for output indices (the output gradient is
+            unfolded through them; a transposed convolution). A spec has maps or out_maps, not both.
         batch: the batch index (must be the first input and output axis).
         sizes: sizes fixed by the layer rather than by tensor shapes (e.g. the group count).
         source: ``"input"``, ``"ones"`` or ``"one_hot"``.
@@ -61,6 +67,7 @@ class LayerSpec:
     one_hot: str | None = None
     pre_map: str | None = None
     roles_declared: tuple[tuple[str, str], ...] = field(default=(), compare=True)
+    out_maps: tuple[IndexMap, ...] = ()
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -81,13 +88,21 @@ class LayerSpec:
                 "parameter contracts exactly one input with one parameter (input, param -> output)")
         input_axes, param_axes = operands
         known = set(indices_of(input_axes)) | set(indices_of(param_axes)) | set(indices_of(output))
-        parsed_maps = []
+        parsed_maps, out_maps = [], []
         for target, text in (maps or {}).items():
-            if target not in indices_of(input_axes):
-                raise SpecError(f"{name}: index map target {target!r} is not an input index of {equation!r}")
-            parsed_maps.append(IndexMap.parse(target, text, known - {target}, constants))
+            if target in indices_of(input_axes):
+                parsed_maps.append(IndexMap.parse(target, text, known - {target}, constants))
+            elif target in indices_of(output) and target not in indices_of(param_axes):
+                out_maps.append(IndexMap.parse(target, text, known - {target}, constants))
+            else:
+                raise SpecError(f"{name}: index map target {target!r} is not an input index of {equation!r} "
+                                "(nor an output-only index)")
+        if parsed_maps and out_maps:
+            raise SpecError(f"{name}: index maps on both input ({parsed_maps[0].target!r}) and output "
+                            f"({out_maps[0].target!r}) indices are not supported")
         spec = LayerSpec(name=name, input_axes=input_axes, param_axes=param_axes, output_axes=output,
-                         maps=tuple(parsed_maps), batch=batch, sizes=tuple(sorted((sizes or {}).items())),
+                         maps=tuple(parsed_maps), out_maps=tuple(out_maps), batch=batch,
+                         sizes=tuple(sorted((sizes or {}).items())),
                          source=source, one_hot=one_hot, pre_map=pre_map,
                          roles_declared=tuple(sorted((roles or {}).items())))
         spec.validate()
@@ -114,6 +129,21 @@ class LayerSpec:
         return tuple(out)
 
     @cached_property
+    def out_map_of(self) -> dict[str, IndexMap]:
+        return {m.target: m for m in self.out_maps}
+
+    @cached_property
+    def unfolded_output_indices(self) -> tuple[str, ...]:
+        """Indices of the unfolded output GU: output indices with every mapped one replaced by its
+        map's variables (the output indices themselves when there are no output maps)."""
+        out: list[str] = []
+        for idx in self.output_indices:
+            for name in (self.out_map_of[idx].variables if idx in self.out_map_of else (idx,)):
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
+    @cached_property
     def param_indices(self) -> tuple[str, ...]:
         return indices_of(self.param_axes)
 
@@ -127,10 +157,11 @@ class LayerSpec:
 
     @cached_property
     def roles(self) -> dict[str, str]:
-        """``{index: role}`` derived from where each index of U, W, Y appears."""
-        u, w, y = set(self.unfolded_indices), set(self.param_indices), set(self.output_indices)
+        """``{index: role}`` derived from where each index of U, W, Y appears (Y unfolded through
+        the output maps: a mapped output index has no role, its map's variables do)."""
+        u, w, y = set(self.unfolded_indices), set(self.param_indices), set(self.unfolded_output_indices)
         roles = {}
-        for idx in dict.fromkeys(self.unfolded_indices + self.param_indices + self.output_indices):
+        for idx in dict.fromkeys(self.unfolded_indices + self.param_indices + self.unfolded_output_indices):
             where = (idx in u, idx in w, idx in y)
             if idx == self.batch:
                 roles[idx] = "batch"
@@ -177,7 +208,22 @@ class LayerSpec:
                 if var not in self.param_indices and var not in self.output_indices:
                     raise SpecError(f"{n}: index {var!r} of map {m} appears in neither the parameter "
                                     "nor the output")
-        u, w, y = set(self.unfolded_indices), set(self.param_indices), set(self.output_indices)
+        if self.out_maps and self.source != "input":
+            raise SpecError(f"{n}: output maps need source='input' (got {self.source!r})")
+        for m in self.out_maps:
+            if m.target in self.raw_input_indices or m.target in self.param_indices:
+                raise SpecError(f"{n}: mapped output index {m.target!r} must appear in the output only")
+            for var in m.variables:
+                if var in self.out_map_of:
+                    raise SpecError(f"{n}: map {m} uses the mapped index {var!r}")
+                if var == self.batch:
+                    raise SpecError(f"{n}: map {m} uses the batch index {var!r}")
+                if var in self.output_indices:
+                    raise SpecError(f"{n}: index {var!r} of output map {m} is itself an output index")
+                if var not in self.raw_input_indices and var not in self.param_indices:
+                    raise SpecError(f"{n}: index {var!r} of output map {m} appears in neither the input "
+                                    "nor the parameter")
+        u, w, y = set(self.unfolded_indices), set(self.param_indices), set(self.unfolded_output_indices)
         for idx, role in self.roles.items():
             if role != "invalid":
                 continue
@@ -214,6 +260,7 @@ class LayerSpec:
         if self.pre_map:
             parts.append(f"(pre-map: {self.pre_map})")
         parts += [f"{m}" for m in self.maps]
+        parts += [f"{m}  (output map: G read there)" for m in self.out_maps]
         return "   ".join(parts)
 
     def roles_line(self) -> str:

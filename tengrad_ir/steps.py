@@ -13,6 +13,10 @@ of its result; ``view``: the result is a view that costs no memory).
     ConvWeightGrad  J[n, param] = conv_weight(X_n, G_n) per sample, or
                     JTu[param] = conv_weight(X, Gu) summed (the layer's weight gradient)
     RawCovUnfold    C1[C, C', n, n'] = sum_K R[map(C, K), map(C', K), n, n']
+    UnfoldOutput    GU[n,..,C,K] = G[n,.., map(C, K)]  (output maps: zero outside [0, N_o); strided view)
+    ConvTransposeForward     Y = conv_transpose(X, p)   the layer's own transposed convolution
+    ConvTransposeWeightGrad  JTu[param] = the transposed convolution's weight gradient, summed over
+                    samples (a convolution weight gradient with the windowed G as its input)
     SymmetricGram   K = J J^T over the flattened parameter (upper blocks only)
     OneHotEqual     C1[n, n', t, t'] = [X[n, t] == X[n', t']]                  (ids: U U'^T)
     OneHotGather    Y[n, t, ..] = p[.., X[n, t], ..]                           (ids: U p)
@@ -96,6 +100,34 @@ class ConvWeightGrad(Step):
         per = ("per sample, the batch folded into the groups" if self.inputs[1].indices[0] in self.out.indices
                else "summed over samples")
         return f"conv_weight({x}, {g})  (the layer's weight gradient, {per})"
+
+
+@dataclass(frozen=True)
+class UnfoldOutput(Step):
+    maps: tuple[str, ...] = ()
+    op: ClassVar[str] = "unfold_output"
+
+    def formula(self) -> str:
+        return (f"{self.inputs[0].name} read at {', '.join(self.maps)}  (output gradient unfolded, zero outside"
+                " the output; strided view)")
+
+
+@dataclass(frozen=True)
+class ConvTransposeForward(Step):
+    op: ClassVar[str] = "conv_transpose_forward"
+
+    def formula(self) -> str:
+        return (f"conv_transpose({self.inputs[0].name}, {self.inputs[1].name})  (the layer's own transposed "
+                "convolution, weights p)")
+
+
+@dataclass(frozen=True)
+class ConvTransposeWeightGrad(Step):
+    op: ClassVar[str] = "conv_transpose_weight_grad"
+
+    def formula(self) -> str:
+        x, g = (t.name for t in self.inputs)
+        return f"conv_transpose_weight({x}, {g})  (the transposed convolution's weight gradient, summed over samples)"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ SPECS = {
     "grouped": (LayerSpec.parse("n (g ci) ih, (g co) ci kh -> n (g co) oh",
                                 maps={"ih": "2*oh + kh"}, sizes={"g": 4}),
                 lambda m_, c, h: dict(n=m_, g=4, ci=c, co=2 * c, kh=3, oh=h, ih=2 * h + 2)),
+    "conv_transpose": (LayerSpec.parse("n (g ci) i0, (g ci) co k0 -> n (g co) o0",
+                                       maps={"o0": "2*i0 + k0 - 1"}, sizes={"g": 2}),   # an output map
+                       lambda m_, c, h: dict(n=m_, g=2, ci=c, co=c, k0=3, i0=h, o0=2 * h)),
     "linear_seq": (LayerSpec.parse("n t i, o i -> n t o"), lambda m_, c, h: dict(n=m_, t=h, i=c, o=2 * c)),
     "linear_2d": (LayerSpec.parse("n i, o i -> n o"), lambda m_, c, h: dict(n=m_, i=c, o=c + 3)),
     "layernorm": (LayerSpec.parse("n t d, d -> n t d"), lambda m_, c, h: dict(n=m_, t=h, d=c)),

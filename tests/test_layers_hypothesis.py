@@ -1,4 +1,4 @@
-"""Hypothesis-generated Conv / Linear / LayerNorm / BatchNorm / GroupNorm / InstanceNorm / RMSNorm configurations against the oracle (float64).
+"""Hypothesis-generated Conv / ConvTranspose / Linear / LayerNorm / BatchNorm / GroupNorm / InstanceNorm / RMSNorm configurations against the oracle (float64).
 
 Every order of gram / jvp / vjp (and order=None) plus the per-sample jacobian must agree with
 the torch.func oracle to rel err <= 1e-10. Runs are derandomized and bounded (25 examples each).
@@ -23,6 +23,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 INSTANCENORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
@@ -84,6 +85,43 @@ def test_conv_hypothesis(cfg):
     torch.manual_seed(seed)
     mod = CONV[d](ci, co, kernel, stride=stride, padding=padding, dilation=dilation,
                   groups=groups, bias=bias)
+    x = torch.randn((m, ci, *spatial), generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    _check(mod, x, seed + 2, repr(mod))
+
+
+@st.composite
+def conv_transpose_configs(draw):
+    """Stride, dilation, padding (up to more than the kernel covers: cropped outputs), output_padding
+    (< max(stride, dilation), as torch requires), groups incl. depthwise, bias on/off."""
+    d = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    ci = groups * draw(st.integers(1, 2))
+    co = groups * draw(st.integers(1, 2))
+    max_k = 3 if d < 3 else 2
+    kernel = tuple(draw(st.integers(1, max_k)) for _ in range(d))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    spatial = tuple(draw(st.integers(1, 4 if d < 3 else 2)) for _ in range(d))
+    out_pad, pads = [], []
+    for k, s_, dl, n in zip(kernel, stride, dilation, spatial):
+        op = draw(st.integers(0, max(s_, dl) - 1))
+        full = (n - 1) * s_ + dl * (k - 1) + op + 1        # the output size at padding 0
+        pads.append(draw(st.integers(0, min(2, (full - 1) // 2))))
+        out_pad.append(op)
+    bias = draw(st.booleans())
+    m = draw(st.integers(2, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return d, ci, co, kernel, stride, dilation, tuple(pads), tuple(out_pad), groups, bias, m, spatial, seed
+
+
+@SETTINGS
+@given(conv_transpose_configs())
+def test_conv_transpose_hypothesis(cfg):
+    d, ci, co, kernel, stride, dilation, padding, out_pad, groups, bias, m, spatial, seed = cfg
+    torch.manual_seed(seed)
+    mod = CONVT[d](ci, co, kernel, stride=stride, padding=padding, output_padding=out_pad, dilation=dilation,
+                   groups=groups, bias=bias)
     x = torch.randn((m, ci, *spatial), generator=torch.Generator().manual_seed(seed + 1),
                     dtype=torch.float64)
     _check(mod, x, seed + 2, repr(mod))

@@ -259,5 +259,5 @@ def test_registered_layers_cover_the_cases():
     reg = set(tengrad.registered_layers())
     for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding, nn.BatchNorm1d,
               nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-              nn.InstanceNorm3d, nn.RMSNorm):
+              nn.InstanceNorm3d, nn.RMSNorm, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         assert t in reg, f"{t.__name__} is not registered"

@@ -10,7 +10,8 @@ int / tuple / 'same' / 'valid', groups, depthwise), with
   patterns (plain einsum, no strides, zero padding falls out of the range check).
 
 Non-convolution maps (a map of one common index only, a map with a unit-coefficient offset that
-crops) are checked against the dense pattern as well.
+crops) are checked against the dense pattern as well, and so is the output gradient unfolded through
+a transposed convolution's output maps (GU).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tengrad
 from tengrad.binding import bind_sizes, to_indexed
 from tengrad.codegen.unfold import strided_unfold, window
 from tengrad.layers.conv import conv_terms
@@ -109,3 +111,46 @@ def test_general_maps_equal_the_dense_pattern(equation, maps, x_shape, w_shape, 
     u = strided_unfold(window(xt, spec.raw_input_indices, spec, sizes), spec.raw_input_indices,
                        spec.unfolded_indices, spec, sizes)
     assert torch.equal(u, unfold_dense(spec, x, sizes))
+
+
+CONV_TRANSPOSES = [
+    ("t1d_stride2_pad1", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1), (2, 2, 5)),
+    ("t1d_dil2_bigpad", lambda: nn.ConvTranspose1d(2, 2, 3, dilation=2, padding=3), (2, 2, 6)),
+    ("t2d_groups2_rect", lambda: nn.ConvTranspose2d(4, 2, (3, 2), stride=(1, 3), padding=(1, 0), groups=2), (2, 4, 4, 3)),
+    ("t3d_stride2", lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, padding=1, output_padding=1), (1, 2, 3, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_TRANSPOSES, ids=[c[0] for c in CONV_TRANSPOSES])
+def test_output_map_unfold_equals_dense_pattern(case):
+    """GU (the output gradient read through a transposed conv's output maps, as the torch backend's
+    UnfoldOutput builds it) against G contracted with dense 0/1 patterns P[i, k, o] = [o == s*i + d*k - p
+    and 0 <= o < N_o]."""
+    _, make, shape = case
+    torch.manual_seed(0)
+    mod = make()
+    spec = tengrad.compile(mod).terms[0].spec
+    x = torch.randn(shape, dtype=torch.float64)
+    y_shape = mod.double()(x).shape
+    sizes = bind_sizes(spec, [(spec.input_axes, tuple(x.shape), "x"), (spec.output_axes, tuple(y_shape), "y"),
+                              (spec.param_axes, tuple(mod.weight.shape), "w")])
+    g = torch.randn(y_shape, dtype=torch.float64)
+    gt = to_indexed(g, spec.output_axes, sizes, "g")
+    gw = window(gt, spec.output_indices, spec, sizes, maps=spec.out_maps)
+    got = strided_unfold(gw, spec.output_indices, spec.unfolded_output_indices, spec, sizes, maps=spec.out_maps)
+    letters = {}
+
+    def letter(i):
+        return letters.setdefault(i, chr(ord("a") + len(letters)))
+
+    operands, subs = [gt], ["".join(letter(i) for i in spec.output_indices)]
+    for mp in spec.out_maps:
+        pat = torch.zeros([sizes[v] for v in mp.variables] + [sizes[mp.target]], dtype=torch.float64)
+        for point in itertools.product(*(range(sizes[v]) for v in mp.variables)):
+            target = mp.offset + sum(mp.coeffs[v] * point[k] for k, v in enumerate(mp.variables))
+            if 0 <= target < sizes[mp.target]:
+                pat[point + (target,)] = 1.0
+        operands.append(pat)
+        subs.append("".join(letter(v) for v in mp.variables) + letter(mp.target))
+    want = torch.einsum(",".join(subs) + "->" + "".join(letter(i) for i in spec.unfolded_output_indices), *operands)
+    assert got.shape == want.shape and torch.equal(got, want)

@@ -11,6 +11,9 @@ output index. Each step kind has one handler (see ``tengrad_ir.steps`` for the m
     ConvForward     torch's convolution with weights p; ConvWeightGrad its weight gradient (per
                     sample: the batch folded into the groups)
     RawCovUnfold    windowed R read through the maps as a strided view, summed over kernel positions
+    UnfoldOutput    strided view of G windowed along the output maps (zero outside the output)
+    ConvTranspose*  torch's transposed convolution with weights p, and its weight gradient summed
+                    over samples (a convolution weight gradient with the windowed G as input)
     SymmetricGram   ``symmetric_gram`` (blocks on and above the diagonal)
     OneHot*         gathers, index_add scatters and an equality mask on the ids
 """
@@ -22,11 +25,13 @@ import math
 import torch
 
 from tengrad_ir import LayerSpec, Step, conv_geometry, kind_of
+from tengrad_ir.geometry import transposed_geometry
 from tengrad_ir import steps as S
 
 from ..errors import TengradError
 from .backend import StepRun
 from .conv_kernels import ConvLayout
+from .conv_transpose_kernels import ConvTransposeLayout
 from .einsum import contract
 from .unfold import strided_unfold, window
 
@@ -82,14 +87,34 @@ def _conv_weight_grad(run: "TermRun", step: S.ConvWeightGrad, env: dict) -> torc
     return c.w_back(c.weight_grad(xc, gc))
 
 
+def _unfold_output(run: "TermRun", step: S.UnfoldOutput, env: dict) -> torch.Tensor:
+    g_t = step.inputs[0]
+    s = run.spec
+    gw = window(env[g_t.name], g_t.indices, s, run.sizes, maps=s.out_maps)
+    return strided_unfold(gw, g_t.indices, step.out.indices, s, run.sizes, maps=s.out_maps)
+
+
+def _conv_transpose_forward(run: "TermRun", step: S.ConvTransposeForward, env: dict) -> torch.Tensor:
+    c = run.convt
+    return c.forward(c.x(run.x, run.x_idx), c.w(env["p"]), step.out.indices)
+
+
+def _conv_transpose_weight_grad(run: "TermRun", step: S.ConvTransposeWeightGrad, env: dict) -> torch.Tensor:
+    c = run.convt
+    xin, gin = step.inputs   # X (or Xu = u X) and G (or Gu = u G)
+    return c.w_back(c.weight_grad(c.x(env[xin.name], xin.indices), c.gw(env[gin.name], gin.indices)))
+
+
 def _raw_cov_unfold(run: "TermRun", step: S.RawCovUnfold, env: dict) -> torch.Tensor:
-    """C1 = sum_K R[map(C,K), map(C',K)]: R windowed along P and P', then one strided view per
+    """C1 (or C2, output maps) = sum_K R[map(C,K), map(C',K)]: R windowed along P and P', then one strided view per
     kernel position, each a run of contiguous m x m blocks (R is laid out with the pair last)."""
     s, sizes = run.spec, run.sizes
     r_t = step.inputs[0]
     r_idx = r_t.indices
-    rw = window(window(env[r_t.name], r_idx, s, sizes), r_idx, s, sizes, primed=True)
-    view = strided_unfold(rw, r_idx, step.out.indices + step.kernels, s, sizes, pairs=(("", ""), ("'", "'")))
+    maps = s.out_maps or s.maps   # output maps: R is the raw output gradient's covariance
+    rw = window(window(env[r_t.name], r_idx, s, sizes, maps=maps), r_idx, s, sizes, primed=True, maps=maps)
+    view = strided_unfold(rw, r_idx, step.out.indices + step.kernels, s, sizes, pairs=(("", ""), ("'", "'")),
+                          maps=maps)
     c1 = torch.zeros(view.shape[:len(step.out.indices)], dtype=view.dtype, device=view.device)
     for k in itertools.product(*(range(sizes[i]) for i in step.kernels)):
         c1 += view[(Ellipsis,) + k]
@@ -150,12 +175,17 @@ def _one_hot_scatter(run: "TermRun", step: S.OneHotScatter, env: dict) -> torch.
 HANDLERS = {S.Contract: _contract, S.Unfold: _unfold, S.ConvForward: _conv_forward,
             S.ConvWeightGrad: _conv_weight_grad, S.RawCovUnfold: _raw_cov_unfold,
             S.SymmetricGram: _symmetric_gram, S.OneHotEqual: _one_hot_equal,
-            S.OneHotGather: _one_hot_gather, S.OneHotScatter: _one_hot_scatter}
+            S.OneHotGather: _one_hot_gather, S.OneHotScatter: _one_hot_scatter,
+            S.UnfoldOutput: _unfold_output, S.ConvTransposeForward: _conv_transpose_forward,
+            S.ConvTransposeWeightGrad: _conv_transpose_weight_grad}
 
 _WHAT = {S.Contract: "torch.einsum (opt_einsum path beyond two operands)", S.Unfold: "as_strided view",
          S.ConvForward: "F.conv1d/2d/3d", S.ConvWeightGrad: "torch.nn.grad.conv1d/2d/3d_weight",
          S.RawCovUnfold: "strided views of R, summed", S.SymmetricGram: "symmetric_gram (upper blocks)",
-         S.OneHotEqual: "equality mask", S.OneHotGather: "index gather", S.OneHotScatter: "index_add_"}
+         S.OneHotEqual: "equality mask", S.OneHotGather: "index gather", S.OneHotScatter: "index_add_",
+         S.UnfoldOutput: "as_strided view of the windowed G",
+         S.ConvTransposeForward: "F.conv_transpose1d/2d/3d (full extent, placed at the map offset)",
+         S.ConvTransposeWeightGrad: "torch.nn.grad.conv1d/2d/3d_weight (input: windowed G, output grad: X)"}
 
 
 class TermRun(StepRun):
@@ -166,6 +196,8 @@ class TermRun(StepRun):
         self.x_idx = kind_of(spec).x_indices(spec)
         geo = conv_geometry(spec)
         self.conv = ConvLayout(spec, geo, sizes) if geo is not None else None
+        tgeo = transposed_geometry(spec)
+        self.convt = ConvTransposeLayout(spec, tgeo, sizes) if tgeo is not None else None
         self._xw = None
 
     @property

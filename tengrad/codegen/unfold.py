@@ -13,13 +13,14 @@ from tengrad_ir import LayerSpec
 
 
 def window(x: torch.Tensor, indices: tuple[str, ...], spec: LayerSpec, sizes: dict[str, int],
-           primed: bool = False) -> torch.Tensor:
+           primed: bool = False, maps=None) -> torch.Tensor:
     """``x`` (one dim per index) padded or cropped along every mapped index to its map's extent.
 
     One allocation and one copy: the part of ``x`` inside every window is copied into zeros.
+    ``maps``: the maps to window along (None: the spec's input maps; ``spec.out_maps`` for G).
     """
     shape, dst, src = list(x.shape), [slice(None)] * x.dim(), [slice(None)] * x.dim()
-    for mp in spec.maps:
+    for mp in (spec.maps if maps is None else maps):
         dim = indices.index(mp.target + ("'" if primed else ""))
         low, high = mp.extent(sizes)
         n = x.shape[dim]
@@ -38,13 +39,15 @@ def window(x: torch.Tensor, indices: tuple[str, ...], spec: LayerSpec, sizes: di
 
 
 def strided_unfold(xw: torch.Tensor, indices: tuple[str, ...], out_indices: tuple[str, ...],
-                   spec: LayerSpec, sizes: dict[str, int], pairs: tuple[tuple[str, str], ...] = ()) -> torch.Tensor:
+                   spec: LayerSpec, sizes: dict[str, int], pairs: tuple[tuple[str, str], ...] = (),
+                   maps=None) -> torch.Tensor:
     """A view of the windowed ``xw`` with one dim per index of ``out_indices``.
 
     Unmapped indices keep their stride; each map ``target = sum c_k k + offset`` adds ``c_k *
     stride(target)`` to index ``k`` and ``(offset - lo) * stride(target)`` to the storage offset.
     ``pairs`` lists ``(target, variable_suffix)`` copies of the maps to apply as well (used for the
     primed copy in the raw covariance, where ``R[..., P, P']`` is read at ``map(C,K), map(C',K)``).
+    ``maps``: as for ``window`` (``spec.out_maps`` unfolds the output gradient).
     """
     strides = {i: 0 for i in out_indices}
     for d, idx in enumerate(indices):
@@ -52,7 +55,7 @@ def strided_unfold(xw: torch.Tensor, indices: tuple[str, ...], out_indices: tupl
             strides[idx] += xw.stride(d)
     offset = xw.storage_offset()
     copies = pairs or ((None, ""),)
-    for mp in spec.maps:
+    for mp in (spec.maps if maps is None else maps):
         low, _ = mp.extent(sizes)
         for target_suffix, var_suffix in copies:
             target = mp.target + (target_suffix or "")

@@ -3,6 +3,7 @@ from torch import nn
 
 from .channel_norm import batch_norm_terms, group_norm_terms, instance_norm_terms
 from .conv import conv_terms
+from .conv_transpose import conv_transpose_module_terms, conv_transpose_terms
 from .embedding import embedding_terms
 from .linear import linear_terms
 from .norm import layer_norm_terms
@@ -12,6 +13,8 @@ from .term import Term
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_cls, conv_terms)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(_cls, conv_transpose_module_terms)
 register_layer(nn.Linear, linear_terms)
 register_layer(nn.LayerNorm, layer_norm_terms)
 register_layer(nn.Embedding, embedding_terms)
@@ -22,4 +25,4 @@ for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
 register_layer(nn.GroupNorm, group_norm_terms)
 register_layer(nn.RMSNorm, rms_norm_terms)
 
-__all__ = ["Term", "register_layer", "registered_layers", "factory_for"]
+__all__ = ["Term", "register_layer", "registered_layers", "factory_for", "conv_transpose_terms"]
