@@ -39,7 +39,7 @@ def test_empirical_mse_equals_the_sum_convention_with_rescaled_damping_and_lr():
     runs = []
     for loss, damping, step in ((F.mse_loss, a, lr), (sum_loss, C * C * a, C * lr)):
         m = copy.deepcopy(model)
-        opt = TENGraD(m, step, damping, momentum=0.0)
+        opt = TENGraD(m, step, damping, momentum=0.0, update_freq=1, kl_clip=None)
         opt.zero_grad()
         loss(m(x), y).backward()
         opt.step()
@@ -61,7 +61,7 @@ def test_exact_mse_is_the_sum_convention_gauss_newton_with_c_times_damping():
     out = model(x).detach()
     g_sum = {n: sum(2 * jac[i][n].reshape(C, -1).T @ (out[i] - y[i]) for i in range(m)).reshape(before[n].shape) / m
              for n in names}
-    opt = TENGraD(model, lr, a, momentum=0.0, fisher="exact")
+    opt = TENGraD(model, lr, a, momentum=0.0, fisher="exact", update_freq=1, kl_clip=None)
     o = model(x)
     opt.zero_grad()
     opt.backward(o, y, loss="mse")

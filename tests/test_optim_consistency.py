@@ -160,7 +160,7 @@ def test_check_true_rechecks_every_curvature_step(check):
     """A gradient edited per element at the second curvature step is caught only with check=True."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, check=check)
+    opt = TENGraD(model, 0.1, 0.5, check=check, update_freq=1)
     gen = torch.Generator().manual_seed(1)
     for s in range(2):
         x = torch.randn(5, 3, generator=gen, dtype=torch.float64)

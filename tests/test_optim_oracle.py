@@ -154,6 +154,7 @@ def run_against_oracle(kind, fisher, loss, k, sizes, lr=0.3, damping=0.5, tol=1e
                        **opt_kwargs):
     """Run len(sizes) steps and check each parameter change against the oracle; returns the optimizer."""
     model = make_model(kind) if model is None else model
+    opt_kwargs.setdefault("kl_clip", None)      # the exact step: no KL clipping
     opt_kwargs.setdefault("check", True)     # J^T 1/m == param.grad on every curvature step
     gen = torch.Generator().manual_seed(1)
     with warnings.catch_warnings():

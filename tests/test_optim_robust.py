@@ -294,7 +294,7 @@ def test_state_dict_resumes_bit_for_bit(fisher, path):
 def test_momentum_coupled_weight_decay_and_kl_clip_follow_their_formulas():
     lr, a, mu, wd, kl = 0.3, 0.5, 0.9, 0.05, 1e-4
     model = make_model("tokens")
-    opt = TENGraD(model, lr, a, momentum=mu, weight_decay=wd, kl_clip=kl)
+    opt = TENGraD(model, lr, a, momentum=mu, weight_decay=wd, kl_clip=kl, update_freq=1)
     gen = torch.Generator().manual_seed(0)
     buf = None
     nus = []

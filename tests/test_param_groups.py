@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from test_optim_oracle import flat, make_batch, make_model, oracle_fisher, per_sample_grads, rel_err
 from tengrad.optim import TENGraD, TENGraDError
 
+EXACT = dict(update_freq=1, kl_clip=None)   # curvature every step, no KL clipping (defaults since issue 11)
+
 
 def quiet(fn, *a, **k):
     with warnings.catch_warnings():
@@ -87,7 +89,7 @@ def run_groups(model, opt, kind, sizes, k=1, scheduler=None, before_step=None, t
 
 def test_two_groups_step_equals_the_dense_per_block_oracle():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model), **EXACT)
     assert len(opt.param_groups) == 3                      # lin2 goes to the default group, last
     assert [p for p in opt.param_groups[2]["params"]] == list(model.lin2.parameters())
     assert opt.param_groups[2]["lr"] == 0.2 and opt.param_groups[1]["weight_decay"] == 0.0
@@ -97,7 +99,7 @@ def test_two_groups_step_equals_the_dense_per_block_oracle():
 
 def test_group_changes_between_steps_are_read_each_step_with_kept_curvature():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, param_groups=tokens_groups(model), kl_clip=None)
 
     def change(s, opt):
         if s == 1:                       # a reuse step: group 1's kept K is refactored for the new damping
@@ -110,14 +112,14 @@ def test_fallback_parameters_use_their_own_group():
     model = make_model("conv")                               # act (PReLU) has no plan: fallback
     groups = [{"params": [model.act.weight], "lr": 0.05, "damping": 2.0, "weight_decay": 0.1},
               {"params": model.lin.parameters(), "lr": 0.4, "damping": 0.3}]
-    opt = quiet(TENGraD, model, 0.2, 0.5, momentum=0.0, param_groups=groups)
+    opt = quiet(TENGraD, model, 0.2, 0.5, momentum=0.0, param_groups=groups, **EXACT)
     assert [n for n, _ in opt.fallback] == ["act.weight"]
     run_groups(model, opt, "conv", [4, 3])
 
 
 def test_step_lr_halves_each_group():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model), **EXACT)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     seen = run_groups(model, opt, "tokens", [4, 3, 5], scheduler=sched)
     assert [h[1]["lr"] for h in seen] == pytest.approx([0.3, 0.15, 0.075])
@@ -126,7 +128,7 @@ def test_step_lr_halves_each_group():
 
 def test_lambda_lr_warmup_from_zero():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.9, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.9, param_groups=tokens_groups(model), **EXACT)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))   # lr 0 at the first step
     seen = run_groups(model, opt, "tokens", [4, 3, 5, 4], scheduler=sched)
     assert [h[2]["lr"] for h in seen] == pytest.approx([0.0, 0.1, 0.2, 0.2])
@@ -134,7 +136,7 @@ def test_lambda_lr_warmup_from_zero():
 
 def test_one_cycle_lr_cycles_lr_and_momentum():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.9, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.9, param_groups=tokens_groups(model), **EXACT)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.2, 0.4, 0.3], total_steps=5,
                                                 cycle_momentum=True, base_momentum=0.6, max_momentum=0.9)
     seen = run_groups(model, opt, "tokens", [4, 3, 5, 4], scheduler=sched)
@@ -171,7 +173,7 @@ def test_bad_param_groups_are_refused_by_name(groups, needle):
 def test_frozen_parameters_listed_in_a_group_are_dropped():
     model = make_model("tokens")
     model.norm.bias.requires_grad_(False)
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, param_groups=tokens_groups(model), **EXACT)
     assert all(p is not model.norm.bias for g in opt.param_groups for p in g["params"])
     before = model.norm.bias.detach().clone()
     run_groups(model, opt, "tokens", [4])
@@ -180,7 +182,7 @@ def test_frozen_parameters_listed_in_a_group_are_dropped():
 
 def test_add_param_group_after_construction_is_refused():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, param_groups=tokens_groups(model))
+    opt = TENGraD(model, 0.2, 0.5, param_groups=tokens_groups(model), **EXACT)
     with pytest.raises(TENGraDError, match="add_param_group after construction"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     assert len(opt.param_groups) == 3

@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--sgd-lr", type=float, default=0.05)
-    t.add_argument("--tengrad-lr", type=float, default=0.3)
-    t.add_argument("--tengrad-damping", type=float, default=3.0)
-    t.add_argument("--update-freq", type=int, default=1, help="TENGraD curvature update interval (steps)")
+    t.add_argument("--tengrad-lr", type=float, default=None, help="TENGraD lr (default: TENGraD's, 0.3)")
+    t.add_argument("--tengrad-damping", type=float, default=None,
+                   help="TENGraD damping (default: TENGraD's, 1)")
+    t.add_argument("--update-freq", type=int, default=None,
+                   help="TENGraD curvature update interval in steps (default: TENGraD's, 10)")
+    t.add_argument("--kl-clip", default=None,
+                   help="TENGraD KL clip: a number, or 'none' for the exact step (default: TENGraD's, 1e-2)")
     t.add_argument("--fisher", choices=("empirical", "mc", "exact"), default="empirical", help="TENGraD Fisher")
     t.add_argument("--backend", default="auto", help="TENGraD backend")
     t.add_argument("--seed", type=int, default=0)
@@ -56,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tengrad_kwargs(args) -> dict:
+    """Only the TENGraD settings the user gave (lr, damping, update_freq, kl_clip): everything else is
+    TENGraD(model)'s defaults."""
+    given = dict(lr=args.tengrad_lr, damping=args.tengrad_damping, update_freq=args.update_freq)
+    kw = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "kl_clip", None) is not None:
+        kw["kl_clip"] = None if str(args.kl_clip).lower() == "none" else float(args.kl_clip)
+    return kw
+
+
 def _make_optimizer(name: str, model, args):
     import torch
 
@@ -65,10 +79,12 @@ def _make_optimizer(name: str, model, args):
         return "SGD", opt, f"lr={args.sgd_lr:g}"
     from tengrad import TENGraD
 
-    settings = f"lr={args.tengrad_lr:g}, damping={args.tengrad_damping:g}, update_freq={args.update_freq}"
-    opt = TENGraD(model, args.tengrad_lr, args.tengrad_damping, momentum=args.momentum,
-                  weight_decay=args.weight_decay, update_freq=args.update_freq, fisher=args.fisher,
-                  backend=args.backend)
+    kw = tengrad_kwargs(args)
+    opt = TENGraD(model, momentum=args.momentum, weight_decay=args.weight_decay, fisher=args.fisher,
+                  backend=args.backend, **kw)
+    g = opt.param_groups[0]
+    settings = (f"lr={g['lr']:g}, damping={g['damping']:g}, update_freq={opt.update_freq}, "
+                f"kl_clip={opt.kl_clip}" + ("" if kw else " (defaults)"))
     return "TENGraD", opt, settings
 
 

@@ -85,10 +85,12 @@ def main_distributed(args) -> int:
             settings = f"lr={args.sgd_lr:g}"
         else:
             mode = "local" if name == "tengrad-local" else "exact"
-            opt = TENGraD(net, args.tengrad_lr, args.tengrad_damping, momentum=args.momentum,
-                          weight_decay=args.weight_decay, update_freq=args.update_freq, fisher=args.fisher,
-                          backend=args.backend, distributed=mode)
-            settings = f"lr={args.tengrad_lr:g}, damping={args.tengrad_damping:g}, {mode}"
+            from tengrad.demo import tengrad_kwargs   # the settings given; the rest: TENGraD's defaults
+
+            opt = TENGraD(net, momentum=args.momentum, weight_decay=args.weight_decay, fisher=args.fisher,
+                          backend=args.backend, distributed=mode, **tengrad_kwargs(args))
+            g = opt.param_groups[0]
+            settings = f"lr={g['lr']:g}, damping={g['damping']:g}, {mode}"
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())   # DDP's all-reduce
         gen = torch.Generator().manual_seed(args.seed)
         steps, train_time, loss_sum, count = 0, 0.0, 0.0, 0

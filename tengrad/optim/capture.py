@@ -24,6 +24,16 @@ Capture rules (documented in the optimizer too):
   called twice in one forward (weight sharing) or gradients were accumulated over several backward
   passes; ``take`` refuses both with an error naming the module, because one block's curvature needs
   exactly one (x, gy) pair per sample.
+
+Gradient from the Jacobian (``fuse_shape`` / ``on_fused_grad``, set by the optimizer for a block that keeps
+an explicit Jacobian, on curvature steps of the empirical Fisher): the curvature step forms the per-sample
+Jacobian J anyway, and g = J^T 1 / m is its column mean, so computing the ordinary weight gradient as
+well is redundant (for a 3x3 conv on 28x28 it costs as much as J itself). When the input of an armed
+call has shape ``fuse_shape`` and requires grad, a forward pre-hook hands the module *detached* views of
+the block's parameters for that one call (restored by the forward hook, which runs even when the
+forward raises); autograd then skips those weight gradients, and the output hook calls
+``on_fused_grad(record, grad)``, which forms J, keeps it in ``record.jac`` and accumulates its column sums
+into ``param.grad`` (so ``param.grad`` is there after ``backward()`` as usual).
 """
 from __future__ import annotations
 
@@ -54,13 +64,15 @@ class Record:
     """One forward call of a layer: input ``x`` [m, ...], ``grad`` (= dL/dy, [m, ...]) and ``rows``
     (per-sample output gradients of the curvature passes, each [m, ...])."""
 
-    __slots__ = ("x", "grad", "rows", "fwd")
+    __slots__ = ("x", "grad", "rows", "fwd", "fused", "jac")
 
     def __init__(self, x: Tensor, fwd: int = 0) -> None:
         self.x = x
         self.fwd = fwd      # which root forward made it (several: accumulation, refused)
         self.grad: Tensor | None = None
         self.rows: list[Tensor] = []
+        self.fused = False                    # the block's parameters were detached for this call
+        self.jac: list[Tensor] | None = None  # J / m per parameter ([m, *p.shape]) when fused
 
 
 class LayerCapture:
@@ -83,9 +95,35 @@ class LayerCapture:
         self._keep_edges = keep_edges and get_gradient_edge is not None
         self._received: list[Record] = []
         self._edges: list = []
-        self._handle = module.register_forward_hook(self._forward)
+        # gradient from the Jacobian (module docstring): set by the optimizer
+        self.fuse_shape: tuple[int, ...] | None = None
+        self.fuse_params: list[tuple[str, Tensor]] = []
+        self.on_fused_grad: Callable[[Record, Tensor], None] | None = None
+        self.fused_calls = 0
+        self._swapped: list[tuple[str, Tensor]] = []
+        self._pre_handle = module.register_forward_pre_hook(self._pre)
+        self._handle = module.register_forward_hook(self._forward, always_call=True)
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        self._swapped = []
+        if self.fuse_shape is None or self.on_fused_grad is None or not self.fuse_params:
+            return
+        if not (args and isinstance(args[0], Tensor) and args[0].requires_grad
+                and tuple(args[0].shape) == self.fuse_shape):
+            return
+        if not (torch.is_grad_enabled() and self._training() and self._armed()) or _transformed(args[0]):
+            return
+        own = module._parameters
+        if any(own.get(name) is not p for name, p in self.fuse_params):
+            return   # the module's parameters were replaced: leave this call alone
+        for name, p in self.fuse_params:
+            own[name] = p.detach()
+        self._swapped = list(self.fuse_params)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        swapped, self._swapped = self._swapped, []
+        for name, p in swapped:
+            module._parameters[name] = p
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
@@ -94,6 +132,7 @@ class LayerCapture:
             raise TENGraDError(f"layer {self.name!r} ({type(module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
         record = Record(args[0].detach(), self._forward_id())
+        record.fused = bool(swapped)
         output.register_hook(partial(self._backward, record))
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
@@ -101,7 +140,13 @@ class LayerCapture:
     def _backward(self, record: Record, grad: Tensor) -> None:
         if self._phase() == CURVATURE:
             record.rows.append(grad.detach())
-        elif record.grad is None:
+            if not any(r is record for r in self._received):
+                self._received.append(record)
+            return
+        if record.fused:
+            self.fused_calls += 1
+            self.on_fused_grad(record, grad.detach())
+        if record.grad is None:
             record.grad = grad.detach()
         else:  # a second ordinary backward through the same graph (retain_graph): accumulate
             record.grad = record.grad + grad.detach()
@@ -139,3 +184,4 @@ class LayerCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+        self._pre_handle.remove()

@@ -4,7 +4,7 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))         (only when kl_clip is set)
+    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))   (KL clipping, stepctl.py; 1 if kl_clip=None)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 
@@ -30,16 +30,22 @@ Decisions:
 * A block whose module took no part in this forward (no gradient, or zero gradient and no capture) is
   skipped, with the reason in ``opt.skipped`` and ``explain()`` (usage.py).
 * ``load_state_dict`` is all or nothing (checkpoint.py).
-* Every direction is computed (and checked finite) before anything is written: a non-finite gradient,
-  Gram matrix or direction raises an error naming the layer and leaves parameters, momentum buffers and
-  the stored curvature untouched.
+* Every direction is computed (and checked finite, once for the whole step: one sum per tensor, and
+  only if one of those is not finite an element-wise search for the culprit) before anything is
+  written: a non-finite gradient, Gram matrix or direction raises an error naming the layer and leaves
+  parameters, momentum buffers and the stored curvature untouched.
+* Gradient from the Jacobian (``grad_from_jacobian``, on by default, single process only): on a
+  curvature step of the empirical Fisher, a block that keeps an explicit Jacobian J (paths.py) gets
+  ``param.grad`` = J^T 1/m from that J, computed during ``backward()``; autograd's own weight gradient
+  of that layer, which would cost as much again, is skipped (capture.py). Autograd hooks registered on
+  those parameters' gradient accumulators do not fire on such steps; pass ``grad_from_jacobian=False``
+  if you rely on them.
 * The batch m is dimension ``batch_dim`` of the model's first input; each use's sample dimension is
   the one of size m (shared.sample_first; ambiguous or absent raises), and the loss is mean-reduced
   over the batch. ``batch_dim={"": d, layer: d_layer}`` declares dims per layer.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from functools import partial
 from typing import Callable
@@ -49,7 +55,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import distributed as distributed_mod
 from tengrad.optim import fisher as fisher_mod
-from tengrad.optim import checkpoint, groups, hyperparams, paths, shared, usage, woodbury
+from tengrad.optim import checkpoint, groups, hyperparams, paths, shared, stepctl, usage, woodbury
 from tengrad.optim.blocks import Block, find_blocks, promote, resolve_backend
 from tengrad.optim.op_capture import OpCapture
 from tengrad.optim.op_specs import module_leading_dims
@@ -77,7 +83,13 @@ class TENGraD(torch.optim.Optimizer):
     ``update_freq`` k: curvature every k steps. ``fisher``: "empirical", "mc" (one extra backward
     with sampled labels; ``generator`` makes them reproducible, ``opt.last_labels`` holds them) or
     "exact" (one extra backward per output unit). ``backend`` goes
-    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: KFAC-style step clipping.
+    to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: K-FAC's KL clipping, the step's
+    squared damped-Fisher length sum_b lr_b^2 nu^2 <d_b, g_b> is kept <= kl_clip (stepctl.py); None:
+    the exact step.
+
+    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 1e-2,
+    chosen from the lr x damping grid of benchmarks/robustness.py (README: "Choosing lr, damping and
+    update_freq").
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
     vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
@@ -87,12 +99,15 @@ class TENGraD(torch.optim.Optimizer):
     averaged: an approximation) or None; see distributed.py.
     """
 
-    def __init__(self, model: nn.Module, lr: float, damping: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, update_freq: int = 1, fisher: str = "empirical",
-                 backend: str = "auto", kl_clip: float | None = None,
+    def __init__(self, model: nn.Module, lr: float = stepctl.DEFAULT_LR,
+                 damping: float = stepctl.DEFAULT_DAMPING, momentum: float = 0.9,
+                 weight_decay: float = 0.0, update_freq: int = stepctl.DEFAULT_UPDATE_FREQ,
+                 fisher: str = "empirical", backend: str = "auto",
+                 kl_clip: float | None = stepctl.DEFAULT_KL_CLIP,
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
-                 distributed: str | None = "auto", batch_dim: int | dict = 0) -> None:
+                 distributed: str | None = "auto", batch_dim: int | dict = 0,
+                 grad_from_jacobian: bool = True) -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -109,6 +124,9 @@ class TENGraD(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
+        # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
+        # gradients through their own hooks)
+        self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical" and self._dist is None
         self.backend = resolve_backend(model, backend)
         # op-only blocks (MultiheadAttention's projections) are single-process only: the distributed
         # step needs a module plan per block
@@ -126,15 +144,20 @@ class TENGraD(torch.optim.Optimizer):
         tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
         self._ops = OpCapture(model, lambda: tracked, self._curvature_due, lambda: self._phase,
                               self.batch_dim, keep_edges=fisher != "empirical")
+        self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
         for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
             if b.plan is None:         # captured at its ops only
                 continue
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
                                      forward_id=lambda: self._ops.fwd)
+            b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
+            b.capture.on_fused_grad = partial(self._fused_grad, b)
             self._ops.cover(b.module, b.params)
         self._ops.skip_builtin_subtrees(model, {id(p) for b in self.blocks if b.capture is not None
                                                 for p in b.params})
+        self._labels = {id(p): f"layer {b.name!r}" for b in self.blocks for p in b.params}
+        self._labels.update({id(p): f"parameter {n!r}" for n, p in self.fallback})
         if self.fallback:
             warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
 
@@ -205,6 +228,21 @@ class TENGraD(torch.optim.Optimizer):
         return value.detach()
 
     # ------------------------------------------------------------------ the step
+    def _fused_grad(self, b: Block, record, grad: Tensor) -> None:
+        """Called during backward for a call whose parameters were detached (capture.py): forms
+        J / m = plan.jacobian(x, dL/dy), keeps it in the record and adds its column sums to p.grad."""
+        dtype = woodbury.compute_dtype(b.params[0].dtype)
+        with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
+            x = record.x.to(dtype) if record.x.is_floating_point() else record.x
+            jac = b.plan.jacobian(x, grad.to(dtype))
+            for p, j in zip(b.params, jac):
+                gp = j.sum(0).to(p.dtype)
+                if p.grad is None:
+                    p.grad = gp
+                else:
+                    p.grad.add_(gp)
+        record.jac = list(jac) if record.jac is None else [a + c for a, c in zip(record.jac, jac)]
+
     def _gradient(self, p: Tensor, wd: float, dtype: torch.dtype) -> Tensor:
         g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
         g = g.to_dense() if g.is_sparse else g      # Embedding(sparse=True): the direction is dense
@@ -237,7 +275,13 @@ class TENGraD(torch.optim.Optimizer):
         b.choice = b.choices[key]
         if self.update_freq > 1 and b.choice.path == paths.REUSE and x is rec.x:
             x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
-        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name)
+        fused = b.choice.path == paths.JACOBIAN and self.grad_from_jacobian
+        # next curvature step: detach this layer's parameters for inputs of this shape (capture.py)
+        b.capture.fuse_shape = tuple(rec.x.shape) if fused else None
+        jac = None
+        if fused and rec.jac is not None:
+            jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m
+        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, jac=jac)
 
     def _sample_first(self, b: Block, rec):
         """The record with the sample moved to dimension 0 (shared.sample_first); same object if so."""
@@ -343,8 +387,6 @@ class TENGraD(torch.optim.Optimizer):
                         continue
                     dtype = woodbury.compute_dtype(b.params[0].dtype)
                     g = [self._gradient(p, wd, dtype) for p in b.params]
-                    if not all(torch.isfinite(t).all() for t in g):
-                        raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
                     plain = (b.plan is not None and len(recs) == 1 and not uses
                              and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
                     if curvature_step and (plain or rec is None):
@@ -362,35 +404,19 @@ class TENGraD(torch.optim.Optimizer):
                         continue
                     group = self.param_groups[where[id(p)]]
                     g = self._gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
-                    if not torch.isfinite(g).all():
-                        raise TENGraDError(f"parameter {name!r}: non-finite gradient")
                     directions.append((p, g / group["damping"], g, group))
+                stepctl.check_finite(directions, self._labels)
         finally:
             self._opt_backward = False
-        nu = 1.0
-        if self.kl_clip is not None and directions:
-            # sum over blocks of lr_b^2 <d_b, g_b>, each block with its group's lr
-            dg = float(sum((d * g).sum() * group["lr"] ** 2 for _, d, g, group in directions))
-            if dg > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / dg))
+        nu = stepctl.kl_scale(directions, self.kl_clip)
+        self.last_nu = nu
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
         if self._dist is not None:
             self._dist.commit()
         self.skipped = skipped
-        for p, d, _, group in directions:
-            d = (nu * d).to(p.dtype) if nu != 1.0 else d.to(p.dtype)
-            mom = group["momentum"]
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-group["lr"])
+        stepctl.apply(self, directions, nu)
         self._steps += 1
         return loss
 

@@ -73,10 +73,15 @@ def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, fl
                        f"(damping={damping}, m={m}); increase the damping")
 
 
-def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer: str) -> BlockCurvature:
-    """The curvature of one block from x [m, ...] (already repeated to r rows) and gy [r, ...]."""
+def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer: str,
+          jac: Tensor | None = None) -> BlockCurvature:
+    """The curvature of one block from x [m, ...] (already repeated to r rows) and gy [r, ...].
+
+    ``jac``: R [r, P] when the caller already formed it (the jacobian path; x and gy are then unused).
+    """
     if path == "jacobian":
-        jac = torch.cat([j.reshape(j.shape[0], -1) for j in plan.jacobian(x, gy)], dim=1)
+        if jac is None:
+            jac = flatten_jacobian(plan.jacobian(x, gy))
         gram = jac @ jac.T
         x, gy = None, None
     else:
@@ -86,6 +91,16 @@ def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer:
     return BlockCurvature(path, x, gy, jac, gram, chol, m, a, damping)
 
 
+def flatten_jacobian(pieces: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """R [r, P] from per-parameter Jacobians [r, *p.shape] (one copy; ``scale`` applied in place)."""
+    r = pieces[0].shape[0]
+    if len(pieces) == 1:
+        jac = pieces[0].reshape(r, -1)
+        return jac * scale if scale != 1.0 else jac
+    jac = torch.cat([j.reshape(r, -1) for j in pieces], dim=1)
+    return jac.mul_(scale) if scale != 1.0 else jac
+
+
 def redamp(curv: BlockCurvature, damping: float, layer: str) -> BlockCurvature:
     """The same curvature refactored for a new damping (an r x r Cholesky, no pass over the layer)."""
     chol, a = factor(curv.gram, curv.m, damping, layer)
@@ -93,22 +108,25 @@ def redamp(curv: BlockCurvature, damping: float, layer: str) -> BlockCurvature:
 
 
 def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> list[Tensor]:
-    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype)."""
+    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype).
+
+    Finiteness is not checked here: the optimizer checks every direction of a step at once.
+    """
     if curv.path == "jacobian":
-        flat = torch.cat([t.reshape(-1) for t in g])
-        rg = curv.jac @ flat                                         # [r]
+        if len(g) == 1:
+            rg = curv.jac @ g[0].reshape(-1)
+        else:
+            rg = curv.jac @ torch.cat([t.reshape(-1) for t in g])    # [r]
     else:
         rg = plan.jvp(curv.x, curv.gy, list(g))                      # [r]
     u = torch.cholesky_solve(rg.reshape(-1, 1).to(curv.chol.dtype), curv.chol).reshape(-1)
     if curv.path == "jacobian":
-        flat_back = curv.jac.T @ u
+        flat_back = curv.jac.T @ u.to(curv.jac.dtype)
         back, start = [], 0
         for t in g:
-            back.append(flat_back[start:start + t.numel()].reshape(t.shape))
+            back.append(flat_back[start:start + t.numel()].view(t.shape))
             start += t.numel()
     else:
         back = plan.vjp(curv.x, curv.gy, u)
-    d = [(gi - bi.to(gi.dtype)) / curv.damping for gi, bi in zip(g, back)]
-    if not all(torch.isfinite(t).all() for t in d):
-        raise TENGraDError(f"layer {layer!r}: the preconditioned direction has non-finite entries")
-    return d
+    # (g - b) / a computed as (b - g) / (-a) in place on b: the same rounding, one pass, no allocation
+    return [bi.to(gi.dtype).sub_(gi).div_(-curv.damping) for gi, bi in zip(g, back)]

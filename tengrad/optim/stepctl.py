@@ -1,0 +1,105 @@
+"""The last part of a TENGraD step: one finiteness check, the step-size control and the update,
+and the optimizer's defaults (chosen from benchmarks/robustness.py; README "Choosing lr, damping and
+update_freq").
+
+Step-size control (K-FAC's KL clipping, on by default): with D = sum over all parameters of
+lr_b^2 <d, g> (lr_b the lr of the parameter's group; <d, g> = g^T (F_b + a I)^-1 g >= 0 per block),
+
+    nu = min(1, sqrt(kl_clip / D))
+
+so the new contribution lr_b nu d to the update has squared length nu^2 D <= kl_clip in the
+damped-Fisher metric (a second-order bound on the KL divergence between the model's predictive
+distributions before and after the step). Steps already inside the bound are exact (nu = 1);
+``kl_clip=None`` switches the control off and every step is the exact damped natural-gradient step.
+
+``directions`` is a list of (param, d, g, group): d the preconditioned direction and g the gradient of
+one parameter (compute dtype), group its param group (lr, momentum).
+
+Update (heavy ball, like torch.optim.SGD, per group)::
+
+    buf  = momentum * buf + nu d          (buf = nu d on the first step)
+    theta <- theta - lr * buf
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tengrad.optim.errors import TENGraDError
+
+Direction = tuple[Tensor, Tensor, Tensor, dict]
+
+# Defaults of TENGraD(model): see benchmarks/README.md (robustness grid) and README.md.
+DEFAULT_LR = 0.3
+DEFAULT_DAMPING = 1.0
+DEFAULT_UPDATE_FREQ = 10
+DEFAULT_KL_CLIP = 1e-2
+
+
+def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
+    """Raise naming the first layer with a non-finite gradient, else the first non-finite direction
+    (``labels``: id(param) -> "layer 'name'" or "parameter 'name'").
+
+    Fast path: one sum per direction and a single host sync (a non-finite g makes d non-finite, since
+    d = (g - R^T u) / a). Only when a sum is not finite (a non-finite entry, or a finite overflow of the
+    sum) are the tensors searched element-wise; a sum that merely overflowed raises nothing.
+    """
+    if not directions:
+        return
+    sums = torch.stack([d.sum().to(torch.float64) for _, d, _, _ in directions])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for p, _, g, _ in directions:
+        if not bool(torch.isfinite(g).all()):
+            raise TENGraDError(f"{labels.get(id(p), 'a parameter')}: non-finite gradient")
+    for p, d, _, _ in directions:
+        if not bool(torch.isfinite(d).all()):
+            raise TENGraDError(f"{labels.get(id(p), 'a parameter')}: the preconditioned direction "
+                               "has non-finite entries")
+
+
+def inner(directions: Sequence[Direction]) -> Tensor:
+    """D = sum over parameters of lr^2 <d, g> (float64 scalar tensor; lr of each parameter's group)."""
+    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) * group["lr"] ** 2
+                        for _, d, g, group in directions]).sum()
+
+
+def kl_scale(directions: Sequence[Direction], kl_clip: float | None) -> float:
+    """nu = min(1, sqrt(kl_clip / D)); 1 when kl_clip is None or D <= 0."""
+    if kl_clip is None or not directions:
+        return 1.0
+    dg = float(inner(directions))
+    if not dg > 0:
+        return 1.0
+    return min(1.0, (kl_clip / dg) ** 0.5)
+
+
+def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float = 1.0) -> None:
+    """Momentum update of every parameter with multi-tensor (foreach) ops, group by group. The
+    directions are owned by the step and are scaled or kept as momentum buffers in place."""
+    by_group: dict[int, tuple[dict, list, list]] = {}
+    for p, d, _, group in directions:
+        entry = by_group.setdefault(id(group), (group, [], []))
+        entry[1].append(p)
+        entry[2].append(d if d.dtype == p.dtype else d.to(p.dtype))
+    for group, params, ds in by_group.values():
+        if nu != 1.0:
+            torch._foreach_mul_(ds, nu)
+        momentum = group["momentum"]
+        if momentum:
+            old, new = [], []
+            for p, d in zip(params, ds):
+                state = opt.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    state["momentum_buffer"] = d      # first step: buf = nu d (d is owned by this step)
+                else:
+                    old.append(buf)
+                    new.append(d)
+            if old:
+                torch._foreach_mul_(old, momentum)
+                torch._foreach_add_(old, new)
+            ds = [opt.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_add_(params, ds, alpha=-group["lr"])

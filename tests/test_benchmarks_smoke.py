@@ -1,0 +1,57 @@
+"""Smoke runs of benchmarks/robustness.py and benchmarks/tta.py (--quick: sklearn digits, a tiny 3C1F,
+a few steps per method): the scripts parse their arguments, run every method, write their JSON and PNG,
+and report a diverging configuration instead of raising. The benchmarks themselves are not run here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+pytest.importorskip("sklearn", reason="the smoke runs use scikit-learn's digits")
+pytest.importorskip("matplotlib", reason="the benchmarks plot with matplotlib")
+HAVE_ASDL = importlib.util.find_spec("asdl") is not None
+
+
+def test_robustness_quick_reports_every_cell(tmp_path, capsys):
+    import robustness
+
+    methods = "tengrad,kfac,sgd" if HAVE_ASDL else "tengrad,sgd"
+    assert robustness.main(["--quick", "--methods", methods, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "robustness.json") as f:
+        res = json.load(f)["results"]
+    assert sorted({r["method"] for r in res}) == sorted(methods.split(","))
+    assert all(0.0 <= r["best_acc"] <= 1.0 for r in res)
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+    assert "damping \\ lr" in capsys.readouterr().out
+
+
+def test_a_diverging_cell_is_reported_not_raised(tmp_path):
+    from runner import Run, load_data
+
+    _, data = load_data("digits", 128, 64)
+    r = Run("sgd huge lr", "sgd", dict(lr=1e30), data, epochs=2, batch=32, width=2, hidden=8)
+    while not r.done:
+        r.advance()
+    assert r.diverged and r.steps < 8
+    bad = Run("tengrad refused", "tengrad", dict(lr=-1.0), data, epochs=1, batch=32, width=2, hidden=8)
+    assert bad.done and bad.diverged.startswith("refused")
+
+
+def test_tta_quick_writes_the_report(tmp_path, capsys):
+    import tta
+
+    methods = "sgd,tengrad,kfac" if HAVE_ASDL else "sgd,tengrad"
+    assert tta.main(["--quick", "--seeds", "0", "--methods", methods, "--out", str(tmp_path),
+                     "--tuning", str(tmp_path / "none.json")]) == 0
+    out = capsys.readouterr().out
+    assert "time to 88%" in out and "TENGraD (defaults)" in out
+    assert (tmp_path / "tta.png").stat().st_size > 0
+    with open(tmp_path / "tta_seed0.json") as f:
+        runs = json.load(f)["runs"]
+    assert [r["method"] for r in runs] == methods.split(",")

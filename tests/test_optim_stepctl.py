@@ -1,0 +1,83 @@
+"""Step-size control (KL clipping, on by default) and TENGraD(model)'s defaults.
+
+The clipped step is checked against the dense float64 oracle direction d = (F_b + a I)^-1 g_b:
+with D = sum <d, g>, the step is -lr nu d with nu = min(1, sqrt(kl_clip / (lr^2 D))), so its squared
+damped-Fisher length lr^2 nu^2 D never exceeds kl_clip; kl_clip=None (and any step inside the bound)
+is the exact step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_optim_oracle import (expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
+                               rel_err)
+from tengrad.optim import TENGraD, stepctl
+
+
+def one_step(kl_clip, lr=0.3, damping=0.5, **kw):
+    model = make_model("tokens")
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, **kw)
+    x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    exact = expected_steps(opt, model, Fd, names, g, lr, damping)          # -lr d
+    dg = sum(float((exact[n] / -lr * g[n]).sum()) for n in names)          # D = sum <d, g>
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    return opt, moved, exact, dg, lr
+
+
+def test_clip_bounds_the_step_in_the_damped_fisher_metric():
+    kl = 1e-5
+    opt, moved, exact, dg, lr = one_step(kl)
+    nu = (kl / (lr * lr * dg)) ** 0.5
+    assert nu < 1.0 and opt.last_nu == pytest.approx(nu, rel=1e-10)
+    for n in moved:
+        assert rel_err(moved[n], nu * exact[n]) < 1e-8, n
+    assert lr * lr * opt.last_nu ** 2 * dg == pytest.approx(kl, rel=1e-8)   # on the bound, not past it
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e6])
+def test_no_clip_or_an_inactive_clip_is_the_exact_step(kl_clip):
+    opt, moved, exact, _, _ = one_step(kl_clip)
+    assert opt.last_nu == 1.0
+    for n in moved:
+        assert rel_err(moved[n], exact[n]) < 1e-8, n
+
+
+def test_kl_scale_formula_and_edge_cases():
+    d = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)          # <d, g> = 11
+    dirs = [(torch.zeros(2), d, g, {"lr": 0.5})]
+    assert stepctl.kl_scale(dirs, 1e-2) == pytest.approx((1e-2 / (0.25 * 11)) ** 0.5)
+    assert stepctl.kl_scale(dirs, 100.0) == 1.0
+    assert stepctl.kl_scale(dirs, None) == 1.0
+    assert stepctl.kl_scale([(torch.zeros(2), -d, g, {"lr": 0.5})], 1e-2) == 1.0   # D <= 0: no clip
+    two = dirs + [(torch.zeros(2), d, g, {"lr": 1.0})]             # each parameter with its group's lr
+    assert stepctl.kl_scale(two, 1e-2) == pytest.approx((1e-2 / (0.25 * 11 + 11)) ** 0.5)
+
+
+def test_defaults_are_documented_and_train():
+    model = make_model("mlp")
+    opt = TENGraD(model)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["damping"], group["momentum"]) == (stepctl.DEFAULT_LR, stepctl.DEFAULT_DAMPING, 0.9)
+    assert opt.update_freq == stepctl.DEFAULT_UPDATE_FREQ and opt.kl_clip == stepctl.DEFAULT_KL_CLIP
+    text = opt.explain()
+    assert f"lr={stepctl.DEFAULT_LR}" in text and f"kl_clip={stepctl.DEFAULT_KL_CLIP}" in text
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()                 # 3 classes, learnable
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
