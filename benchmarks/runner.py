@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tengrad.demo.model import three_c_one_f  # noqa: E402
+from tengrad.demo.train import evaluate  # noqa: E402
 
 METHODS = ("sgd", "tengrad", "kfac")
 
@@ -50,21 +51,11 @@ def make_step(method: str, model, hp: dict, batch: int):
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp.get("momentum", 0.9),
                               weight_decay=hp.get("weight_decay", 0.0))
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            lv = loss.item()
-            if math.isfinite(lv):
-                opt.step()
-            return lv
-        return step, opt
-    if method == "tengrad":
+    elif method == "tengrad":
         import tengrad
 
         opt = tengrad.TENGraD(model, **hp)
-
+    if method in ("sgd", "tengrad"):
         def step(x, y):
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
@@ -95,18 +86,6 @@ def make_step(method: str, model, hp: dict, batch: int):
             return lv
         return step, opt
     raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
-
-
-@torch.no_grad()
-def evaluate(model, x, y, batch_size: int = 1000) -> tuple[float, float]:
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        out = model(x[i:i + batch_size])
-        loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").item()
-        correct += (out.argmax(1) == y[i:i + batch_size]).sum().item()
-    model.train()
-    return loss / len(y), correct / len(y)
 
 
 @dataclass
