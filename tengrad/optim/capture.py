@@ -54,10 +54,36 @@ GRADIENT = "gradient"
 CURVATURE = "curvature"
 
 
+_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _transformed(t: Tensor) -> bool:
     """True inside torch.func transforms (vmap/grad): those calls are not the training forward."""
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+    return bool(_WRAPPED(t)) if _WRAPPED is not None else False
+
+
+def on_grad(out: Tensor, fn: Callable[[Tensor], None], node: bool = True) -> None:
+    """Call ``fn(grad)`` with the gradient of ``out`` in every backward pass through it, as
+    ``out.register_hook(fn)`` does (``fn`` returns None: the gradient is not changed).
+
+    With ``node`` (and ``out`` made by an op) the hook is a pre-hook of ``out.grad_fn`` reading the
+    output's slot: the node a tensor hook would be bound to, so the same gradient (the output as the
+    op produced it, even after later in-place ops), at a third of the Python cost of
+    ``Tensor.register_hook`` (no handle dict). Node pre-hooks do not run when a backward stops at the
+    node (``torch.autograd.grad`` with gradient edges as inputs, the curvature passes of
+    ``keep_edges``), so callers that capture edges pass ``node=False`` and get a tensor hook."""
+    grad_fn = out.grad_fn if node else None
+    if grad_fn is None:
+        out.register_hook(fn)
+        return
+    i = out.output_nr
+
+    def pre(grads):
+        g = grads[i]
+        if g is not None:
+            fn(g)
+
+    grad_fn.register_prehook(pre)
 
 
 class Record:
@@ -93,6 +119,7 @@ class LayerCapture:
         self._phase = phase
         self._training = training if training is not None else (lambda: module.training)
         self._keep_edges = keep_edges and get_gradient_edge is not None
+        self._keep_edges_asked = keep_edges
         self._received: list[Record] = []
         self._edges: list = []
         # gradient from the Jacobian (module docstring): set by the optimizer
@@ -133,7 +160,7 @@ class LayerCapture:
                                "layer input as the first positional argument of its forward")
         record = Record(args[0].detach(), self._forward_id())
         record.fused = bool(swapped)
-        output.register_hook(partial(self._backward, record))
+        on_grad(output, partial(self._backward, record), node=not self._keep_edges_asked)
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from tengrad.compiled import CompiledLayer
 from tengrad.errors import TengradError
 from tengrad.optim import op_specs
-from tengrad.optim.capture import CURVATURE, _transformed
+from tengrad.optim.capture import CURVATURE, _transformed, on_grad
 
 try:
     from torch.autograd.graph import get_gradient_edge
@@ -61,13 +61,14 @@ class _Mode(TorchFunctionMode):
         self.cap = cap
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         cap = self.cap
-        if func in SEQ_FIRST_COMPOSITES and cap._mha_depth == 0:
-            return cap.composite(self, func, args, kwargs)
         if func in cap.ops:
-            return cap.call(func, args, kwargs)
-        return func(*args, **kwargs)
+            return cap.call(func, args, kwargs or {})
+        if func in SEQ_FIRST_COMPOSITES and cap._mha_depth == 0:
+            return cap.composite(self, func, args, kwargs or {})
+        if kwargs:
+            return func(*args, **kwargs)
+        return func(*args)
 
 
 class OpCapture:
@@ -82,6 +83,7 @@ class OpCapture:
         self._phase = phase
         self.batch_dim = batch_dim
         self.keep_edges = keep_edges and get_gradient_edge is not None
+        self._node_hooks = not keep_edges      # capture.on_grad: node pre-hooks unless edges are kept
         self.ops = op_specs._OPS
         self.covered: dict[int, int] = {}
         self.uses: list[Use] = []
@@ -97,6 +99,7 @@ class OpCapture:
         self._plans: dict = {}
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
+        self._cover_handles: dict[int, list] = {}
         self._handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
                          model.register_forward_hook(self._exit, always_call=True)]
 
@@ -139,16 +142,28 @@ class OpCapture:
         """Suspend the mode inside torch.nn modules whose whole subtree is torch.nn modules and whose
         trainable parameters are all captured otherwise (module-level blocks, MultiheadAttention's
         hooks): torch.nn's own forwards read a parameter only through its owner's forward or inside
-        F.multi_head_attention_forward, so the mode would see nothing there (and costs per op)."""
+        F.multi_head_attention_forward, so the mode would see nothing there (and costs per op).
+
+        Only the outermost such subtrees get the suspending hooks, and the ``cover`` hooks of blocks
+        strictly inside them are removed: the mode is already off there, and no op call inside can
+        read those blocks' parameters (the only recording inside, MultiheadAttention's ``linear``,
+        reads its own parameters, whose owners' forwards never run). Every hooked module costs a
+        Python call per forward (and torch's slow ``_call_impl`` path), so this keeps the per-step
+        cost to a few calls per subtree."""
         def builtin(mod):
             return type(mod).__module__.startswith("torch.nn.")
 
+        inside: set[int] = set()     # modules strictly inside a suspended subtree
         for name, mod in model.named_modules():
             if mod is model:
                 continue
             if isinstance(mod, nn.MultiheadAttention):
                 self._handles += [mod.register_forward_pre_hook(lambda m, a: self._enter_mha()),
                                   mod.register_forward_hook(lambda m, a, o: self._exit_mha(), always_call=True)]
+            if id(mod) in inside:
+                for h in self._cover_handles.pop(id(mod), []):
+                    h.remove()
+                continue
             subtree = list(mod.modules())
             if not all(builtin(s) for s in subtree):
                 continue
@@ -157,6 +172,7 @@ class OpCapture:
             if all(id(p) in handled for p in mod.parameters() if p.requires_grad):
                 self._handles += [mod.register_forward_pre_hook(lambda m, a: self._suspend()),
                                   mod.register_forward_hook(lambda m, a, o: self._resume(), always_call=True)]
+                inside.update(id(s) for s in subtree if s is not mod)
 
     def _enter_mha(self) -> None:
         """MultiheadAttention's forward in a captured forward: record its projections (``linear``
@@ -193,7 +209,9 @@ class OpCapture:
                 self.covered[i] -= 1
             self._resume()
 
-        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+        self._cover_handles.setdefault(id(module), []).extend(handles)
+        self._handles += handles
 
     # ------------------------------------------------------------------ inside the mode
     def composite(self, mode: _Mode, func, args, kwargs):
@@ -262,7 +280,7 @@ class OpCapture:
         k = self._count[label + fname] = self._count.get(label + fname, 0) + 1
         use = Use(f"{fname}({label})#{k}", plan, parts, x.detach(), self.fwd, self.m, self._seq > 0,
                   op_specs.leading_dims(func, x, args, kwargs), fname)
-        out.register_hook(lambda grad, use=use: self._backward(use, grad))
+        on_grad(out, lambda grad, use=use: self._backward(use, grad), self._node_hooks)
         if self.keep_edges:
             self.edges.append(get_gradient_edge(out))
         return out
