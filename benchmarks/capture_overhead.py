@@ -9,7 +9,10 @@ The two steps alternate (round robin, so load drifts of a shared machine hit bot
 medians are reported with the machine. On a shared machine use one thread and the thread's CPU clock
 (the defaults: ``--threads 1 --clock cpu``; ``--clock wall`` for wall time).
 
-    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16]
+A third step times a reuse step: a copy whose TENGraD has taken one step with update_freq 10**9, so
+curvature is not due and nothing is captured (the module hooks still run and return at once).
+
+    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16] [--d-model 16]
 """
 from __future__ import annotations
 
@@ -38,24 +41,32 @@ _spec.loader.exec_module(transformer_lm)
 
 def sgd_step(model, x, loss_fn, y, hooked=None):
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    zero = (hooked or sgd).zero_grad   # TENGraD's zero_grad zeroes the same gradients and drops the
+    #                                    captured records (as opt.step() would): one zero_grad per step
 
     def step():
-        sgd.zero_grad()
-        if hooked is not None:
-            hooked.zero_grad()                 # drop the captured records (as opt.step() would)
+        zero()
         loss_fn(model(x), y).backward()
         sgd.step()
     return step
 
 
-def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, float]:
+def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, float, float]:
     torch.manual_seed(0)
     plain = make()
     armed = copy.deepcopy(plain)
+    idle = copy.deepcopy(plain)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0)   # never steps: capture stays armed
-    steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt)}
+        # one TENGraD step, then curvature is not due again (update_freq huge): a reuse step's capture
+        reuse = tengrad.TENGraD(idle, lr=1e-3, damping=1.0, update_freq=10 ** 9, kl_clip=None)
+        reuse.zero_grad()
+        loss_fn(idle(x), y).backward()
+        reuse.step()
+    assert not reuse._curvature_due(), "the reuse optimizer would capture"
+    steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt),
+             "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse)}
     times = {k: [] for k in steps}
     for _ in range(warmup):
         for f in steps.values():
@@ -66,14 +77,16 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
             f()
             times[k].append(clock() - t)
     assert opt._ops.fwd > 0, "the capture never armed"
-    return statistics.median(times["sgd"]), statistics.median(times["sgd+capture"])
+    assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
+    return tuple(statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width", type=int, default=16, help="3C1F's conv width")
+    ap.add_argument("--d-model", type=int, default=16, help="the Transformer's d_model (the example's 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
@@ -86,13 +99,13 @@ def main() -> None:
     rows.append((f"3C1F width {args.width}, batch {args.batch}",
                  *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats, clock=clock)))
     ids, tgt = transformer_lm.batch(g, n=args.batch)
-    rows.append((f"Transformer LM (examples/transformer_lm.py), batch {args.batch}",
-                 *compare(transformer_lm.TinyLM, ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
+    rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {args.d_model}, batch {args.batch}",
+                 *compare(lambda: transformer_lm.TinyLM(d_model=args.d_model), ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
     print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock")
-    print("| model | SGD step (ms) | SGD step with capture armed (ms) | capture overhead |")
-    print("|---|---|---|---|")
-    for name, a, b in rows:
-        print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (b / a - 1):+.1f}% |")
+    print("| model | SGD step (ms) | with capture armed (ms) | armed overhead | reuse step, capture idle (ms) | idle overhead |")
+    print("|---|---|---|---|---|---|")
+    for name, a, b, c in rows:
+        print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (b / a - 1):+.1f}% | {c * 1e3:.2f} | {100 * (c / a - 1):+.1f}% |")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ class TENGraD(torch.optim.Optimizer):
             self._ops.cover(b.module, b.params)
         self._ops.skip_builtin_subtrees(model, {id(p) for b in self.blocks if b.capture is not None
                                                 for p in b.params})
+        self._consistency.names = {b.name for b in self.blocks}
         self._labels = {id(p): f"layer {b.name!r}" for b in self.blocks for p in b.params}
         self._labels.update({id(p): f"parameter {n!r}" for n, p in self.fallback})
         if self.fallback:
