@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tengrad.optim import woodbury
-from tengrad.optim.errors import TENGraDError
+from tengrad.optim.fisher import output_rows
 
 
 @dataclass(eq=False)
@@ -71,15 +71,7 @@ def rows_from(opt, b, rec) -> Rows:
     x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
     m = x.shape[0]
     opt._consistency.verify(b, x, rec.grad)     # with several ranks: the batch-dimension check only
-    if opt.fisher == "empirical":
-        if rec.grad is None:
-            raise TENGraDError(f"layer {b.name!r}: no ordinary backward reached it")
-        gy = m * rec.grad.to(dtype)
-    else:
-        if not rec.rows:
-            raise TENGraDError(f"layer {b.name!r}: fisher={opt.fisher!r} has no curvature rows; "
-                               "use out = model(x); loss = opt.backward(out, y, loss=...)")
-        gy = torch.cat([r.to(dtype) for r in rec.rows], dim=0)
+    gy = output_rows(f"layer {b.name!r}", opt.fisher, rec.grad, rec.rows, m, dtype)
     reps = gy.shape[0] // m
     if x is rec.x:
         x = x.clone()   # kept for update_freq steps: must not alias a batch buffer the caller refills

@@ -101,3 +101,20 @@ def exact_grad_outputs(out: Tensor, loss: str) -> list[Tensor]:
         eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
         return [(p[:, c:c + 1].sqrt() * (eye[c] - p)).to(out.dtype) for c in range(p.shape[1])]
     raise TENGraDError(f"fisher='exact' needs loss 'cross_entropy' or 'mse', got {loss!r}")
+
+
+def output_rows(label: str, fisher: str, grad: Tensor | None, rows: list[Tensor], m: int,
+                dtype: torch.dtype) -> Tensor:
+    """The per-sample output gradients gy [r, ...] of one captured call (r = m, or m*C for "exact").
+
+    empirical: ``m * grad`` (autograd hands the layer dL/dy = (1/m) dl_i/dy_i); mc / exact: the rows of
+    the curvature passes, concatenated (row c*m + i). ``label`` names the layer or use in errors.
+    """
+    if fisher == "empirical":
+        if grad is None:
+            raise TENGraDError(f"{label}: no ordinary backward reached it")
+        return m * grad.to(dtype)
+    if not rows:
+        raise TENGraDError(f"{label}: fisher={fisher!r} has no curvature rows; "
+                           "use out = model(x); loss = opt.backward(out, y, loss=...)")
+    return torch.cat([r.to(dtype) for r in rows], dim=0)

@@ -257,18 +257,10 @@ class TENGraD(torch.optim.Optimizer):
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
         self._consistency.verify(b, x, rec.grad)
-        if self.fisher == "empirical":
-            if rec.grad is None:
-                raise TENGraDError(f"layer {b.name!r}: no ordinary backward reached it")
-            gy = m * rec.grad.to(dtype)
-        else:
-            if not rec.rows:
-                raise TENGraDError(f"layer {b.name!r}: fisher={self.fisher!r} has no curvature rows; "
-                                   "use out = model(x); loss = opt.backward(out, y, loss=...)")
-            gy = torch.cat([r.to(dtype) for r in rec.rows], dim=0)       # [C*m, ...], row c*m + i
-            reps = gy.shape[0] // m
-            if reps > 1:
-                x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
+        gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
+        reps = gy.shape[0] // m                                          # [C*m, ...], row c*m + i
+        if reps > 1:
+            x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
         key = (tuple(x.shape), tuple(gy.shape))
         if key not in b.choices:          # pricing runs the cost model: once per block and sizes
             b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, self.update_freq,

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from tengrad.optim import woodbury
+from tengrad.optim.fisher import output_rows
 from tengrad.optim.consistency import TOL, LOW_PRECISION_TOL, BatchDimensionError, SpecMismatchError, _mismatch
 from tengrad.optim.errors import TENGraDError
 
@@ -90,18 +91,11 @@ def jacobian(params: Sequence[Tensor], calls: Sequence[Part], m: int, dtype, emp
     J = None
     for c in calls:
         x = c.x.to(dtype) if c.x.is_floating_point() else c.x
-        if empirical:
-            if c.grad is None:
-                raise TENGraDError(f"use {c.name!r}: no ordinary backward reached it")
-            gy = m * c.grad.to(dtype)
-        else:
-            if not c.rows:
-                raise TENGraDError(f"use {c.name!r}: no curvature rows; use out = model(x); "
-                                   "loss = opt.backward(out, y, loss=...)")
-            gy = torch.cat([r.to(dtype) for r in c.rows], dim=0)
-            reps = gy.shape[0] // m
-            if reps > 1:
-                x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
+        gy = output_rows(f"use {c.name!r}", "empirical" if empirical else "mc/exact", c.grad,
+                         c.rows, m, dtype)
+        reps = gy.shape[0] // m
+        if reps > 1:
+            x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
         r = gy.shape[0]
         if J is None:
             J = torch.zeros(r, total, dtype=dtype, device=gy.device)
