@@ -68,6 +68,12 @@ BATTERY = [
     ("embedding_2d_ids", lambda: nn.Embedding(6, 4), _ids(2, 5, 6)),
     ("embedding_padding_idx", lambda: nn.Embedding(5, 3, padding_idx=2), _ids(3, 4, 5, pad=2)),
     ("embedding_1d_ids", lambda: nn.Embedding(5, 3), _ids(4, None, 5)),
+    # the norms: all channel norms share one spec pair (n c *s, c -> n c *s and the ones-bias), so one
+    # BatchNorm per form of *s and a GroupNorm stand for them; RMSNorm shares LayerNorm's
+    ("batchnorm1d_2d", lambda: nn.BatchNorm1d(3), (4, 3)),
+    ("batchnorm2d_eval", lambda: nn.BatchNorm2d(3).eval(), (2, 3, 4, 5)),
+    ("groupnorm_2d", lambda: nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+    ("rmsnorm_2dim", lambda: nn.RMSNorm((2, 3)), (2, 4, 2, 3)),
 ]
 
 

@@ -101,6 +101,20 @@ class Record:
         self.jac: list[Tensor] | None = None  # J / m per parameter ([m, *p.shape]) when fused
 
 
+def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
+    """Keep a captured output gradient on ``record`` (a Record or an op-level use: ``grad``, ``rows``):
+    appended to ``rows`` in the CURVATURE phase, else stored as ``grad`` (a second ordinary backward
+    through the same graph, retain_graph, accumulates); the record joins ``received`` once."""
+    if phase == CURVATURE:
+        record.rows.append(grad.detach())
+    elif record.grad is None:
+        record.grad = grad.detach()
+    else:
+        record.grad = record.grad + grad.detach()
+    if not any(r is record for r in received):
+        received.append(record)
+
+
 class LayerCapture:
     """Forward hook plus output tensor hook on one module; see the module docstring for the rules.
 
@@ -165,20 +179,10 @@ class LayerCapture:
             self._edges.append(get_gradient_edge(output))
 
     def _backward(self, record: Record, grad: Tensor) -> None:
-        if self._phase() == CURVATURE:
-            record.rows.append(grad.detach())
-            if not any(r is record for r in self._received):
-                self._received.append(record)
-            return
-        if record.fused:
+        if record.fused and self._phase() != CURVATURE:
             self.fused_calls += 1
             self.on_fused_grad(record, grad.detach())
-        if record.grad is None:
-            record.grad = grad.detach()
-        else:  # a second ordinary backward through the same graph (retain_graph): accumulate
-            record.grad = record.grad + grad.detach()
-        if not any(r is record for r in self._received):
-            self._received.append(record)
+        store_grad(record, grad, self._phase(), self._received)
 
     def take(self) -> Record | None:
         """The record of the one call that received gradients since the last take/clear, or None."""

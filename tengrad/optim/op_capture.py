@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from tengrad.compiled import CompiledLayer
 from tengrad.errors import TengradError
 from tengrad.optim import op_specs
-from tengrad.optim.capture import CURVATURE, _transformed, on_grad
+from tengrad.optim.capture import _transformed, on_grad, store_grad
 
 try:
     from torch.autograd.graph import get_gradient_edge
@@ -342,14 +342,7 @@ class OpCapture:
         return plan, tensors
 
     def _backward(self, use: Use, grad: Tensor) -> None:
-        if self._phase() == CURVATURE:
-            use.rows.append(grad.detach())
-        elif use.grad is None:
-            use.grad = grad.detach()
-        else:   # a second ordinary backward through the same graph (retain_graph): accumulate
-            use.grad = use.grad + grad.detach()
-        if not any(u is use for u in self.uses):
-            self.uses.append(use)
+        store_grad(use, grad, self._phase(), self.uses)
 
     # ------------------------------------------------------------------ the optimizer's side
     def take(self) -> list[Use]:
