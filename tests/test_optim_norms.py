@@ -78,7 +78,7 @@ def test_training_batchnorm_uses_the_batch_it_normalised():
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     block = next(b for b in opt.blocks if b.name == "1")
-    rec = block.capture._received[0]
+    rec = block.capture.peek()[0]
     h = model[0](x).detach()
     assert torch.equal(rec.x, h)
     x_hat = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model[1].eps)

@@ -13,12 +13,15 @@ Capture rules (documented in the optimizer too):
   requires grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad
   forwards between steps therefore never touch what is captured nor the stored curvature.
 * Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
-* The record holds ``x.detach()`` (no copy) and gets its gradients from a tensor hook on the output.
+* The record holds ``x.detach()`` (no copy) and gets its gradients from a hook on the output.
   A tensor hook sees the gradient of the output as the layer produced it, even if a later op modifies
   it in place (e.g. ``ReLU(inplace=True)``).
 * In the "gradient" phase (the ordinary ``loss.backward()``) the hook stores ``grad``; in the
   "curvature" phase (extra backward passes run by ``TENGraD.backward`` for the Monte-Carlo or exact
   Fisher, already per-sample) it appends ``grad`` to ``rows``.
+* ``out.retain_grad()`` (a C++ hook, no Python call in the backward) was measured and rejected: it
+  clones every gradient (contiguous), which cost 4x a Python hook per layer and 1500 page faults per
+  step of the d_model 128 Transformer (benchmarks/README.md, capture_overhead.py).
 * Only forward calls whose output received a gradient count. If more than one call of the same module
   received gradients since the last ``take`` (``opt.zero_grad()`` or ``opt.step()``), the module was
   called twice in one forward (weight sharing) or gradients were accumulated over several backward
@@ -76,12 +79,36 @@ def on_grad(out: Tensor, fn: Callable[[Tensor], None], node: bool = True) -> Non
     if grad_fn is None:
         out.register_hook(fn)
         return
-    i = out.output_nr
+    on_node(grad_fn, out.output_nr, fn)
 
+
+def on_node(node, i: int, fn: Callable[[Tensor], None]) -> None:
+    """Call ``fn(grad)`` with the gradient of output ``i`` of autograd node ``node``."""
     def pre(grads):
         g = grads[i]
         if g is not None:
             fn(g)
+
+    node.register_prehook(pre)
+
+
+def keep_grad(out: Tensor, record, received: list) -> None:
+    """``store_grad`` in the GRADIENT phase as one node pre-hook on ``out.grad_fn`` (the empirical
+    Fisher's capture: no curvature passes run through these nodes), without the dispatch through
+    ``on_grad``/``partial``/``phase()``: each Python call in the backward costs, ~10 us per node here."""
+    grad_fn = out.grad_fn
+    if grad_fn is None:
+        out.register_hook(lambda g: store_grad(record, g, GRADIENT, received))
+        return
+    i = out.output_nr
+
+    def pre(grads):
+        g = grads[i]
+        if g is None:
+            return
+        record.grad = g.detach() if record.grad is None else record.grad + g.detach()
+        if record not in received:      # identity: records define no __eq__
+            received.append(record)
 
     grad_fn.register_prehook(pre)
 
@@ -125,7 +152,7 @@ class LayerCapture:
     def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
                  phase: Callable[[], str], keep_edges: bool = False,
                  training: Callable[[], bool] | None = None,
-                 forward_id: Callable[[], int] | None = None) -> None:
+                 forward_id: Callable[[], int] | None = None, hooks=None) -> None:
         self._forward_id = forward_id or (lambda: 0)
         self.name = name
         self.module = module
@@ -142,8 +169,25 @@ class LayerCapture:
         self.on_fused_grad: Callable[[Record, Tensor], None] | None = None
         self.fused_calls = 0
         self._swapped: list[tuple[str, Tensor]] = []
-        self._pre_handle = module.register_forward_pre_hook(self._pre)
-        self._handle = module.register_forward_hook(self._forward, always_call=True)
+        self._hooks = hooks
+        self._pre_handle = None
+        self._handle = self._track(module.register_forward_hook(self._forward, always_call=True))
+
+    def _track(self, handle):
+        return handle if self._hooks is None else self._hooks.add(handle)
+
+    def set_fuse(self, shape: tuple[int, ...] | None) -> None:
+        """Detach the block's parameters for armed calls with inputs of ``shape`` (None: never); the
+        forward pre-hook exists only while a shape is set (a hook costs every call)."""
+        self.fuse_shape = shape
+        if shape is not None and self._pre_handle is None:
+            self._pre_handle = self._track(self.module.register_forward_pre_hook(self._pre))
+        elif shape is None and self._pre_handle is not None:
+            if self._hooks is None:
+                self._pre_handle.remove()
+            else:
+                self._hooks.discard(self._pre_handle)
+            self._pre_handle = None
 
     def _pre(self, module: nn.Module, args: tuple) -> None:
         self._swapped = []
@@ -162,9 +206,11 @@ class LayerCapture:
         self._swapped = list(self.fuse_params)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        swapped, self._swapped = self._swapped, []
-        for name, p in swapped:
-            module._parameters[name] = p
+        swapped = self._swapped
+        if swapped:
+            self._swapped = []
+            for name, p in swapped:
+                module._parameters[name] = p
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
@@ -173,6 +219,9 @@ class LayerCapture:
             raise TENGraDError(f"layer {self.name!r} ({type(module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
         record = Record(args[0].detach(), self._forward_id())
+        if not (swapped or self._keep_edges_asked):
+            keep_grad(output, record, self._received)
+            return
         record.fused = bool(swapped)
         on_grad(output, partial(self._backward, record), node=not self._keep_edges_asked)
         if self._keep_edges:
@@ -184,9 +233,14 @@ class LayerCapture:
             self.on_fused_grad(record, grad.detach())
         store_grad(record, grad, self._phase(), self._received)
 
+    def peek(self) -> list[Record]:
+        """The records that received gradients since the last take/clear (not taken)."""
+        return list(self._received)
+
     def take(self) -> Record | None:
         """The record of the one call that received gradients since the last take/clear, or None."""
-        received, self._received, self._edges = self._received, [], []
+        received, self._edges = list(self._received), []
+        self._received.clear()        # the same list: the gradient hooks (keep_grad) append to it
         if len(received) > 1:
             raise TENGraDError(
                 f"layer {self.name!r} ({type(self.module).__name__}) received output gradients from "
@@ -198,7 +252,8 @@ class LayerCapture:
     def take_all(self) -> list[Record]:
         """Every record that received gradients since the last take/clear (several calls of the
         module in one forward are uses of one block, shared.py)."""
-        received, self._received, self._edges = self._received, [], []
+        received, self._edges = list(self._received), []
+        self._received.clear()        # the same list: the gradient hooks (keep_grad) append to it
         return received
 
     def edges(self) -> list:
@@ -207,7 +262,7 @@ class LayerCapture:
         return list(self._edges)
 
     def clear(self) -> None:
-        self._received = []
+        self._received.clear()
         self._edges = []
 
     def clear_edges(self) -> None:
@@ -215,4 +270,5 @@ class LayerCapture:
 
     def remove(self) -> None:
         self._handle.remove()
-        self._pre_handle.remove()
+        if self._pre_handle is not None:
+            self._pre_handle.remove()

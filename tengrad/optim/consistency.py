@@ -77,7 +77,7 @@ class ConsistencyCheck:
     step, None never.
     """
 
-    def __init__(self, model: nn.Module, mode: bool | None = False, batch_dim: int = 0) -> None:
+    def __init__(self, model: nn.Module, mode: bool | None = False, batch_dim: int = 0, hooks=None) -> None:
         if mode not in (True, False, None):
             raise TENGraDError(f"check must be True, False or None, got {mode!r}")
         self.mode = mode
@@ -87,6 +87,8 @@ class ConsistencyCheck:
         self.last_forward_training: bool | None = None
         self.names: set[str] | None = None       # the blocks (set by the optimizer): None, not known
         self._handle = model.register_forward_hook(self._forward)
+        if hooks is not None:       # the optimizer's capture hooks (hookset.py): off on reuse steps
+            hooks.add(self._handle)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
         if not torch.is_grad_enabled() or (isinstance(output, Tensor) and _transformed(output)):

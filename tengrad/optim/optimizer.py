@@ -135,7 +135,6 @@ class TENGraD(torch.optim.Optimizer):
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
             groups.group_of_block(b.name, b.param_names, b.params, where)
         self.batch_dim, self.layer_dims = _batch_dims(batch_dim)
-        self._consistency = ConsistencyCheck(model, check, self.batch_dim)   # J^T 1/m == grad, batch dim
         self._phase = GRADIENT
         self._steps = 0
         self._opt_backward = False
@@ -144,13 +143,15 @@ class TENGraD(torch.optim.Optimizer):
         tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
         self._ops = OpCapture(model, lambda: tracked, self._curvature_due, lambda: self._phase,
                               self.batch_dim, keep_edges=fisher != "empirical")
+        # J^T 1/m == grad, batch dim; its forward hook is a capture hook (off on reuse steps)
+        self._consistency = ConsistencyCheck(model, check, self.batch_dim, hooks=self._ops.hooks)
         self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
         for b in self.blocks:          # armed per block: a block without curvature yet arms only itself
             if b.plan is None:         # captured at its ops only
                 continue
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
-                                     forward_id=lambda: self._ops.fwd)
+                                     forward_id=lambda: self._ops.fwd, hooks=self._ops.hooks)
             b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
             b.capture.on_fused_grad = partial(self._fused_grad, b)
             self._ops.cover(b.module, b.params)
@@ -270,7 +271,7 @@ class TENGraD(torch.optim.Optimizer):
             x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
         fused = b.choice.path == paths.JACOBIAN and self.grad_from_jacobian
         # next curvature step: detach this layer's parameters for inputs of this shape (capture.py)
-        b.capture.fuse_shape = tuple(rec.x.shape) if fused else None
+        b.capture.set_fuse(tuple(rec.x.shape) if fused else None)
         jac = None
         if fused and rec.jac is not None:
             jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m

@@ -1,0 +1,66 @@
+"""Capture hooks exist only while curvature is due (hookset.py): reuse steps run the model on torch's
+fast call path, and hooks come back in their old place among the user's hooks."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tengrad.optim import TENGraD
+from tengrad.optim.hookset import HookSet
+
+
+def test_hooks_return_to_their_place_among_user_hooks():
+    lin = nn.Linear(2, 2)
+    calls = []
+
+    def hook(tag):
+        return lambda m, a, o: calls.append(tag)
+
+    lin.register_forward_hook(hook("user-before"))
+    hs = HookSet()
+    hs.add(lin.register_forward_hook(hook("ours"), always_call=True))
+    lin.register_forward_hook(hook("user-after"))
+    hs.off()
+    assert len(lin._forward_hooks) == 2 and not lin._forward_hooks_always_called
+    lin.register_forward_hook(hook("added-while-off"))
+    lin.register_forward_hook(hook("prepended-while-off"), prepend=True)
+    lin(torch.zeros(1, 2))
+    assert calls == ["prepended-while-off", "user-before", "user-after", "added-while-off"]
+    calls.clear()
+    hs.on()
+    assert len(lin._forward_hooks_always_called) == 1
+    lin(torch.zeros(1, 2))
+    assert calls == ["prepended-while-off", "user-before", "ours", "user-after", "added-while-off"]
+    hs.remove()
+    calls.clear()
+    lin(torch.zeros(1, 2))
+    assert "ours" not in calls and len(calls) == 4
+
+
+def _hooked(model):
+    return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+def test_reuse_steps_run_without_capture_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, 0.1, 1.0, update_freq=3)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen.append((_hooked(model), len(model._forward_hooks), len(model._forward_pre_hooks)))
+        opt.step()
+    for step, (hooked, post, pre) in enumerate(seen):
+        if step % 3 == 0:     # curvature steps: the blocks' capture hooks and the root's
+            assert {"", "0", "2"} <= set(hooked) and post >= 1, (step, hooked)
+        else:                 # reuse steps: only the root's gate (one pre-hook)
+            assert hooked == [""] and post == 0 and pre == 1, (step, hooked, post, pre)
+    assert opt.blocks[0].curv is not None and opt.blocks[0].curv.m == 5
