@@ -27,6 +27,14 @@ first warm-up step alone exceeds the budget is reported from that single step (m
 
     .venv/bin/python benchmarks/step.py            # channels 32 and 128 (tens of minutes on 2 cores)
     .venv/bin/python benchmarks/step.py --quick    # smoke run: channels 8, few repeats
+
+Real architectures (issue 8; benchmarks/step_models.py): ``--models transformer resnet`` times the
+Transformer LM of examples/transformer_lm.py and the ResNet with BatchNorm of examples/resnet_bn.py
+(SGD, TENGraD update and reuse step, ASDL K-FAC where it runs; the table says what ASDL did when it
+raised or left layers alone). ``--clock cpu`` times the thread's CPU clock (use with ``--threads 1``
+on a shared machine).
+
+    .venv/bin/python benchmarks/step.py --models transformer resnet --threads 1 --clock cpu
 """
 from __future__ import annotations
 
@@ -61,6 +69,9 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+CLOCK = time.perf_counter
+
+
 class Timer:
     """Times one configuration's steps; many Timers are run round-robin (see ``run_round_robin``)."""
 
@@ -70,9 +81,9 @@ class Timer:
         self.single = False
 
     def warm(self) -> None:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         self.step()
-        first = time.perf_counter() - t0
+        first = CLOCK() - t0
         if first > self.budget_s:  # too slow to repeat: the warm-up step is the measurement
             self.times, self.single = [first], True
             return
@@ -84,9 +95,9 @@ class Timer:
         return len(self.times) >= self.repeats or (bool(self.times) and sum(self.times) >= self.budget_s)
 
     def once(self) -> None:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         self.step()
-        self.times.append(time.perf_counter() - t0)
+        self.times.append(CLOCK() - t0)
 
     def result(self) -> tuple[float, int, bool]:
         return statistics.median(self.times), len(self.times), self.single
@@ -196,7 +207,15 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["sgd", "tengrad", "kfac", "smw"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: channels 8, 1 warm-up, 2 repeats")
+    p.add_argument("--models", nargs="+", default=["3c1f"], choices=["3c1f", "transformer", "resnet"])
+    p.add_argument("--d-model", type=int, default=64, help="the Transformer's d_model (--models transformer)")
+    p.add_argument("--width", type=int, default=16, help="the ResNet's width (--models resnet)")
+    p.add_argument("--model-batch", type=int, default=64, help="batch of the transformer/resnet rows")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the thread's CPU clock (time.thread_time), for a shared machine")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
         args.channels, args.warmup, args.repeats, args.budget_s = [8], 1, 2, 10.0
     if args.threads:
@@ -217,6 +236,11 @@ def main(argv=None) -> int:
         print(f"skipped (not installed): {', '.join(skipped)}", file=sys.stderr)
 
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start", file=sys.stderr)
+    real = [m for m in args.models if m != "3c1f"]
+    if real:
+        run_models(args, real, methods)
+    if "3c1f" not in args.models:
+        return 0
     results = {}  # (method, width) -> {kind: (median, n, single)}
     t_all = time.perf_counter()
     for w in args.channels:
@@ -275,6 +299,53 @@ def main(argv=None) -> int:
     if any(v[2] for res in results.values() for v in res.values()):
         print("\n* one step only: its warm-up step exceeded the per-configuration budget.")
     return 0
+
+
+def run_models(args, names: list[str], methods: list[str]) -> None:
+    """The real-architecture rows (step_models.py): one table per model, per-step costs at k = 1,
+    reuse and k = 10 composed as for 3C1F."""
+    from step_models import ModelBench
+
+    labels = {"sgd": "SGD (momentum)", "tengrad": "TENGraD, empirical Fisher",
+              "kfac": "ASDL K-FAC, empirical Fisher, as is",
+              "kfac_ignoring": "ASDL K-FAC, refused modules ignored"}
+    for name in names:
+        b = ModelBench(name, args.model_batch, args.damping, d_model=args.d_model, width=args.width)
+        meths = [m for m in methods if m in ("sgd", "tengrad", "kfac")]
+        if "kfac" in meths:
+            meths.append("kfac_ignoring")
+        t0 = time.perf_counter()
+        timers = {(meth, kind): Timer(step, args.warmup, args.repeats, args.budget_s)
+                  for meth in meths for kind, step in getattr(b, meth)().items()}
+        res: dict = {}
+        for (meth, kind), r in run_round_robin(timers).items():
+            res.setdefault(meth, {})[kind] = r
+        base = per_step(res["sgd"], 1)[0] if "sgd" in res else float("nan")
+        print(f"\n{name}: {b.size}, {b.n_params:,} parameters in {b.n_tensors} tensors, batch {b.batch}, "
+              f"damping {b.damping:g}; median of up to {args.repeats} timed steps ({args.clock} clock) after "
+              f"{args.warmup} warm-up, interleaved round-robin; k = 10: (update + 9 reuse) / 10.")
+        print(f"Machine: {machine()}. Load average {os.getloadavg()[0]:.2f} at the end; "
+              f"{time.perf_counter() - t0:.0f} s.\n")
+        print("| method | update step ms (vs SGD) | reuse step ms (vs SGD) | k = 10 ms/step (vs SGD) | notes |")
+        print("|---|---|---|---|---|")
+        for meth in meths:
+            note = b.notes.get(meth, "")
+            if meth not in res:
+                if note:
+                    print(f"| {labels[meth]} | - | - | - | {note} |")
+                continue
+            r = res[meth]
+
+            def cell(s, single=False):
+                return f"{s * 1e3:.2f}{'*' if single else ''} ({s / base:.2f}x)"
+            if "every" in r:
+                e = r["every"]
+                print(f"| {labels[meth]} | {cell(e[0], e[2])} | same | same | n={e[1]} {note} |")
+            else:
+                u, rr = r["update"], r["reuse"]
+                k10 = (u[0] + 9 * rr[0]) / 10
+                print(f"| {labels[meth]} | {cell(u[0], u[2])} | {cell(rr[0], rr[2])} | {cell(k10)} | "
+                      f"n={u[1]}/{rr[1]}; {note} |")
 
 
 if __name__ == "__main__":
