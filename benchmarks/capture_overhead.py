@@ -6,11 +6,15 @@ curvature work is not timed: the armed optimizer never steps, ``opt.zero_grad()`
 Models: the paper's 3C1F (tengrad.demo.model.three_c_one_f) on [batch, 1, 28, 28], and the Transformer
 LM of examples/transformer_lm.py (2 encoder layers, d_model 16, tied head) on [batch, 12] token ids.
 The two steps alternate (round robin, so load drifts of a shared machine hit both), after a warm-up;
-medians are reported with the machine. On a shared machine use one thread and the thread's CPU clock
+medians are reported with the machine; the overheads are medians over rounds of each round's
+ratio to that round's SGD step. On a shared machine use one thread and the thread's CPU clock
 (the defaults: ``--threads 1 --clock cpu``; ``--clock wall`` for wall time).
 
 A third step times a reuse step: a copy whose TENGraD has taken one step with update_freq 10**9, so
-curvature is not due and nothing is captured (the module hooks still run and return at once).
+curvature is not due and nothing is captured (the capture hooks are switched off: only the root's
+gate pre-hook runs, tengrad/optim/hookset.py). The last column is the overhead per step averaged
+over a cycle of TENGraD's default update_freq k = 10 (one armed step, nine reuse steps):
+(armed + 9 reuse) / (10 SGD) - 1.
 
     .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16] [--d-model 16]
 """
@@ -51,7 +55,7 @@ def sgd_step(model, x, loss_fn, y, hooked=None):
     return step
 
 
-def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, float, float]:
+def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, ...]:
     torch.manual_seed(0)
     plain = make()
     armed = copy.deepcopy(plain)
@@ -78,7 +82,11 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
             times[k].append(clock() - t)
     assert opt._ops.fwd > 0, "the capture never armed"
     assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
-    return tuple(statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle"))
+    med = [statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle")]
+    # overheads: median over rounds of each round's ratio to that round's SGD step (the steps of a
+    # round run back to back, so a load change between rounds cancels)
+    ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
+    return (*med, *ratios)
 
 
 def main() -> None:
@@ -87,6 +95,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--width", type=int, default=16, help="3C1F's conv width")
     ap.add_argument("--d-model", type=int, default=16, help="the Transformer's d_model (the example's 16)")
+    ap.add_argument("--models", nargs="+", choices=("3c1f", "transformer"), default=["3c1f", "transformer"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
@@ -96,16 +105,22 @@ def main() -> None:
     rows = []
     x = torch.randn(args.batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    rows.append((f"3C1F width {args.width}, batch {args.batch}",
-                 *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats, clock=clock)))
+    if "3c1f" in args.models:
+        rows.append((f"3C1F width {args.width}, batch {args.batch}",
+                     *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats, clock=clock)))
     ids, tgt = transformer_lm.batch(g, n=args.batch)
-    rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {args.d_model}, batch {args.batch}",
-                 *compare(lambda: transformer_lm.TinyLM(d_model=args.d_model), ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
-    print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock")
-    print("| model | SGD step (ms) | with capture armed (ms) | armed overhead | reuse step, capture idle (ms) | idle overhead |")
-    print("|---|---|---|---|---|---|")
-    for name, a, b, c in rows:
-        print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (b / a - 1):+.1f}% | {c * 1e3:.2f} | {100 * (c / a - 1):+.1f}% |")
+    if "transformer" in args.models:
+        rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {args.d_model}, batch {args.batch}",
+                     *compare(lambda: transformer_lm.TinyLM(d_model=args.d_model), ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
+    print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock; "
+          f"load average {os.getloadavg()[0]:.2f} at the end")
+    print("| model | SGD step (ms) | with capture armed (ms) | armed overhead | reuse step, capture idle (ms) "
+          "| idle overhead | per step at k = 10 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, b, c, rb, rc in rows:
+        k10 = (rb + 9 * rc) / 10 - 1
+        print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (rb - 1):+.1f}% | {c * 1e3:.2f} "
+              f"| {100 * (rc - 1):+.1f}% | {100 * k10:+.1f}% |")
 
 
 if __name__ == "__main__":
