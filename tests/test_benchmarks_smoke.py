@@ -1,6 +1,7 @@
-"""Smoke runs of benchmarks/robustness.py and benchmarks/tta.py (--quick: sklearn digits, a tiny 3C1F,
-a few steps per method): the scripts parse their arguments, run every method, write their JSON and PNG,
-and report a diverging configuration instead of raising. The benchmarks themselves are not run here."""
+"""Smoke runs of benchmarks/robustness.py, benchmarks/tta.py (--quick: sklearn digits, a tiny 3C1F,
+a few steps per method) and benchmarks/step.py --models (tiny examples, one timed step): the scripts
+parse their arguments, run every method, write their JSON and PNG, and report a diverging
+configuration or a baseline that raises instead of raising. The benchmarks themselves are not run here."""
 from __future__ import annotations
 
 import importlib.util
@@ -55,3 +56,20 @@ def test_tta_quick_writes_the_report(tmp_path, capsys):
     with open(tmp_path / "tta_seed0.json") as f:
         runs = json.load(f)["runs"]
     assert [r["method"] for r in runs] == methods.split(",")
+
+
+def test_step_real_architectures_report_every_method(capsys):
+    """benchmarks/step.py --models transformer resnet: SGD, TENGraD and ASDL rows for both examples;
+    ASDL's refusal of the Transformer is a row of the table, not an exception."""
+    import step
+
+    methods = ["sgd", "tengrad", "kfac"] if HAVE_ASDL else ["sgd", "tengrad"]
+    assert step.main(["--models", "transformer", "resnet", "--clock", "cpu",
+                      "--repeats", "1", "--warmup", "1", "--d-model", "8", "--width", "4",
+                      "--model-batch", "8", "--methods", *methods]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| TENGraD, empirical Fisher |") == 2
+    assert "28 of 28 parameter tensors preconditioned" in out and "20 of 20 parameter" in out
+    if HAVE_ASDL:
+        assert "raised AssertionError: Not supported module: NonDynamicallyQuantizableLinear" in out
+        assert "preconditions 18 of 28 tensors" in out and "preconditions 20 of 20 tensors" in out
