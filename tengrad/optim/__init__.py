@@ -7,6 +7,8 @@ The paper's update (equation 4), per Fisher block (one module's trainable parame
 Files, one concept each:
 
     capture.py    hooks keeping each layer's input x and per-sample output gradient gy
+    op_capture.py the same at the ops that read parameters (a TorchFunctionMode in captured forwards)
+    hookset.py    the capture hooks switched off on reuse steps and on again in their old place
     fisher.py     losses, Monte-Carlo labels and exact Gauss-Newton rows (which gy rows J is built from)
     woodbury.py   the per-block curvature: K, its Cholesky factor, and the direction d
     paths.py      per-layer choice between keeping x/gy ("reuse") and an explicit Jacobian
