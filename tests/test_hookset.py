@@ -64,3 +64,46 @@ def test_reuse_steps_run_without_capture_hooks():
         else:                 # reuse steps: only the root's gate (one pre-hook)
             assert hooked == [""] and post == 0 and pre == 1, (step, hooked, post, pre)
     assert opt.blocks[0].curv is not None and opt.blocks[0].curv.m == 5
+
+
+class _NoCache(dict):
+    def __setitem__(self, key, value):      # the op fast path never finds an entry
+        pass
+
+
+def test_op_fast_path_gives_the_general_paths_steps():
+    """Op calls answered from the fast cache (op_capture.OpCapture.call) record the same uses as the
+    general path: equal parameters after several curvature steps of a tied-head model."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.lin = nn.Linear(5, 5)
+
+        def forward(self, ids):
+            h = torch.tanh(self.lin(self.emb(ids)))
+            return F.linear(F.layer_norm(h, (5,)), self.emb.weight)     # ops at the root
+
+    models, opts = [], []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model = Tied().double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = TENGraD(model, 0.1, 0.5, update_freq=1)
+        if not cached:
+            opt._ops._fast = _NoCache()
+        models.append(model)
+        opts.append(opt)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, 7, (6,), generator=gen)
+        y = torch.randint(0, 7, (6,), generator=gen)
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            F.cross_entropy(model(ids), y).backward()
+            opt.step()
+    assert opts[0]._ops._fast and not opts[1]._ops._fast
+    assert opts[0].blocks[0].uses == opts[1].blocks[0].uses and len(opts[0].blocks[0].uses) == 2
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
