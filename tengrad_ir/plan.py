@@ -6,7 +6,7 @@ whose peak extra memory fits ``memory_cap`` bytes (equal FLOPs: the one with les
 fits, the one with the least memory (and the plan says so). ``repr(plan)`` reads like opt_einsum's
 ``PathInfo``: the backend, every order's cost and steps, and what the backend runs for each step.
 
-A backend here is anything with ``name``, ``supports(step) -> bool`` and ``describe(step) -> str``
+A backend here is anything with ``name``, ``supports(step) -> bool`` and ``describe(step, classes) -> str``
 (``tengrad.codegen.backend.Backend``); the IR never imports one.
 """
 from __future__ import annotations
@@ -80,6 +80,11 @@ class SizedPlan:
     @cached_property
     def values(self) -> dict[sympy.Symbol, int]:
         return class_sizes(self.spec, dict(self.sizes))
+
+    @property
+    def classes(self) -> dict[str, int]:
+        """The class sizes by name (``{"m": 128, "N_g": 1, ...}``), what ``backend.describe`` may read."""
+        return {str(k): int(v) for k, v in self.values.items()}
 
     @property
     def backend_name(self) -> str:
@@ -161,6 +166,7 @@ class SizedPlan:
                  "  classes " + "  ".join(f"{k}={vals[k]}" for k in (m, N_g, N_v, N_I, N_C)),
                  f"  backend {self.backend_name}"]
         describe = getattr(self.backend, "describe", None)
+        classes = self.classes
         for q in PROGRAMS:
             lines.append(f"  {q}:")
             for o in self.orders[q]:
@@ -174,6 +180,6 @@ class SizedPlan:
                 for step in o.steps:
                     lines.append(f"        {step}")
                     if describe is not None and not missing:
-                        lines.append(f"            -> {describe(step)}")
+                        lines.append(f"            -> {describe(step, classes)}")
             lines.append(f"    chosen {self.reason(q)}")
         return "\n".join(lines)

@@ -97,8 +97,7 @@ class ConvWeightGrad(Step):
 
     def formula(self) -> str:
         x, g = (t.name for t in self.inputs)
-        per = ("per sample, the batch folded into the groups" if self.inputs[1].indices[0] in self.out.indices
-               else "summed over samples")
+        per = "per sample" if self.inputs[1].indices[0] in self.out.indices else "summed over samples"
         return f"conv_weight({x}, {g})  (the layer's weight gradient, {per})"
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def printed_block(step_list, backend) -> str:
-    return "\n".join(f"        {s}\n            -> {backend.describe(s)}" for s in step_list)
+def printed_block(step_list, backend, classes=None) -> str:
+    return "\n".join(f"        {s}\n            -> {backend.describe(s, classes)}" for s in step_list)
 
 
 def check_layer(plan, x: torch.Tensor, gy: torch.Tensor, gen: torch.Generator) -> list[str]:
@@ -41,6 +41,6 @@ def check_layer(plan, x: torch.Tensor, gy: torch.Tensor, gen: torch.Generator) -
             order = sp.order(q, name)
             if steps != order.steps:
                 bad.append(f"{label}: ran {[str(s) for s in steps]}, printed {[str(s) for s in order.steps]}")
-            if printed_block(steps, backend) not in text:
+            if printed_block(steps, backend, sp.classes) not in text:
                 bad.append(f"{label}: the steps it ran are not printed in repr(plan)")
     return bad

@@ -3,7 +3,8 @@ kind it supports, and says which those are, so a plan never asks for a step a ba
 
     backend.name                      "torch", "triton"
     backend.supports(step) -> bool    whether it has a handler for the step (``step.key``)
-    backend.describe(step) -> str     what runs the step (printed under it by ``print(plan)``)
+    backend.describe(step, classes)   what runs the step (printed under it by ``print(plan)``; classes:
+                                      the plan's class sizes {"m", "N_g", ...}, for a size-dependent kernel)
     backend.bind(spec, sizes, x, g)   a ``Run``: the term bound to X (one dim per ``kind.x_indices``;
                                       None for ones) and G (one dim per output index)
     run.execute(order, p=, u=)        the order's steps in turn; returns the last step's result
@@ -37,7 +38,7 @@ class Backend(Protocol):
 
     def supports(self, step: Step) -> bool: ...
 
-    def describe(self, step: Step) -> str: ...
+    def describe(self, step: Step, classes: dict[str, int] | None = None) -> str: ...
 
     def bind(self, spec: LayerSpec, sizes: dict[str, int], x: torch.Tensor | None, g: torch.Tensor) -> Run: ...
 

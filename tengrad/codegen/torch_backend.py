@@ -9,7 +9,8 @@ output index. Each step kind has one handler (see ``tengrad_ir.steps`` for the m
                     product and a sum over the leading dims (the factored_raw layout)
     Unfold          strided view of the windowed input (``unfold``), no im2col copy
     ConvForward     torch's convolution with weights p; ConvWeightGrad its weight gradient (per
-                    sample: the batch folded into the groups)
+                    sample: im2col + bmm for an ungrouped conv, else the batch folded into the groups;
+                    ``conv_kernels.per_sample_kernel``, printed with the plan's sizes)
     RawCovUnfold    windowed R read through the maps as a strided view, summed over kernel positions
     UnfoldOutput    strided view of G windowed along the output maps (zero outside the output)
     ConvTranspose*  torch's transposed convolution with weights p, and its weight gradient summed
@@ -30,6 +31,7 @@ from tengrad_ir import steps as S
 
 from ..errors import TengradError
 from .backend import StepRun
+from . import conv_kernels
 from .conv_kernels import ConvLayout
 from .conv_transpose_kernels import ConvTransposeLayout
 from .einsum import contract
@@ -224,7 +226,13 @@ class TorchBackend:
     def supports(self, step: Step) -> bool:
         return type(step) in HANDLERS
 
-    def describe(self, step: Step) -> str:
+    def describe(self, step: Step, classes: dict[str, int] | None = None) -> str:
+        """What runs ``step``; ``classes`` (class sizes such as ``N_g``) resolves a size-dependent kernel."""
+        if isinstance(step, S.ConvWeightGrad) and step.inputs[1].indices[0] in step.out.indices:
+            text, rule = conv_kernels.KERNEL_TEXT, conv_kernels.per_sample_kernel   # looked up per call
+            if classes is None:
+                return f"per sample: {text[rule(1)]} if N_g = 1, else {text[rule(2)]}"
+            return f"per sample (N_g = {classes['N_g']}): {text[rule(classes['N_g'])]}"
         return _WHAT[type(step)]
 
     def bind(self, spec, sizes, x, g) -> TermRun:

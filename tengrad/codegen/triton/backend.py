@@ -92,7 +92,7 @@ class TritonBackend:
     def supports(self, step: Step) -> bool:
         return step.key in TABLE
 
-    def describe(self, step: Step) -> str:
+    def describe(self, step: Step, classes: dict[str, int] | None = None) -> str:
         return TABLE[step.key][1]
 
     def bind(self, spec, sizes, x, g):

@@ -1,0 +1,114 @@
+"""Both per-sample conv Jacobian kernels (``conv_kernels.per_sample_kernel``) against the torch.func oracle.
+
+The torch backend computes J[n, param] of a convolution by im2col + bmm (ungrouped convs) or by
+torch's grouped weight gradient with the batch folded into the groups (N_g > 1). Each kernel is
+forced here on every convolution case of ``layer_cases`` (both run on every case, whatever the rule
+would pick), in float64, and J, K = J J^T (direct order) and J^T u are compared with the float64
+oracle (rel err <= 1e-10); im2col + bmm also runs with a chunk smaller than one sample's unfolded
+input (one sample per bmm; a chunk of several samples with a short last one: test_chunk_remainder);
+the float64 oracle J is computed once per case. The rule and the printed plan are
+checked on a grouped and an ungrouped conv.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import tengrad
+from tengrad.codegen import conv_kernels
+from layer_cases import CASES, make_setup_input
+from oracle import per_sample_jacobian, rel_err, trainable_params
+
+BY_ID = {c.id: c for c in CASES}
+CONV_CASES = [c for c in CASES if not c.allow_error and c.id.startswith("conv") and not c.id.startswith("convt")]
+TOL = 1e-10
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(case_id: str):
+    """(module, x, gy, J, plan): float64, random parameters, J the torch.func oracle [m, P]; the
+    kernel is looked up at each call, so one compiled plan serves every variant."""
+    case = BY_ID[case_id]
+    torch.manual_seed(0)
+    mod = case.make_module().double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = make_setup_input(case, gen, torch.float64)
+    with torch.no_grad():
+        gy = torch.randn(mod(x).shape, generator=gen, dtype=torch.float64)
+    return mod, x, gy, per_sample_jacobian(mod, x, gy), tengrad.compile(mod)
+
+
+def test_the_cases_cover_both_rule_branches():
+    ids = {c.id for c in CONV_CASES}
+    assert {"conv2d_basic", "conv2d_groups2", "conv1d_depthwise"} <= ids, sorted(ids)
+    assert len(CONV_CASES) >= 20
+
+
+VARIANTS = [(conv_kernels.IM2COL, None), (conv_kernels.IM2COL, 1),
+            (conv_kernels.GROUPED, None)]   # chunk bytes: default (whole batch here), one sample per bmm
+
+
+@pytest.mark.parametrize("kernel, chunk_bytes", VARIANTS, ids=[f"{k}-{c}" for k, c in VARIANTS])
+@pytest.mark.parametrize("case_id", [c.id for c in CONV_CASES])
+def test_per_sample_kernel_against_oracle(case_id, kernel, chunk_bytes, monkeypatch):
+    mod, x, gy, J, plan = _setup(case_id)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(conv_kernels, "IM2COL_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(conv_kernels, "per_sample_kernel", lambda n_g: kernel)
+    plan.trace = []
+    pieces = plan.jacobian(x, gy)
+    got = torch.cat([j.reshape(x.shape[0], -1) for j in pieces], dim=1)
+    assert rel_err(got, J) <= TOL, (case_id, kernel, rel_err(got, J))
+    assert rel_err(plan.gram(x, gy, order="direct"), J @ J.T) <= TOL
+    u = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    vjp = torch.cat([t.reshape(-1) for t in plan.vjp(x, gy, u, order="direct")])
+    assert rel_err(vjp, J.T @ u) <= TOL
+    assert len(pieces) == len(trainable_params(mod))
+    ran = {s.op for _, _, _, steps in plan.trace for s in steps}
+    plan.trace = None
+    if mod.weight.requires_grad:                 # the per-sample conv kernel ran (not some other order)
+        assert "conv_weight_grad" in ran, ran
+
+
+def test_chunk_remainder_is_exercised():
+    """m = 5 samples with a chunk of 2: chunks 2, 2, 1 (the last one short) match the grouped kernel."""
+    torch.manual_seed(1)
+    mod = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    gy = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    plan = tengrad.compile(mod)
+    _, runs = plan._runs(x, gy)
+    run = runs[0][0]
+    c = run.conv
+    xc, gc = c.x(run.xw, run.x_idx), c.y(run.g, run.spec.output_indices)
+    per_sample = 3 * 9 * 36 * 8
+    old = conv_kernels.IM2COL_CHUNK_BYTES
+    try:
+        conv_kernels.IM2COL_CHUNK_BYTES = 2 * per_sample
+        a = c.per_sample_weight_grad(xc, gc, kernel=conv_kernels.IM2COL)
+    finally:
+        conv_kernels.IM2COL_CHUNK_BYTES = old
+    b = c.per_sample_weight_grad(xc, gc, kernel=conv_kernels.GROUPED)
+    assert rel_err(a, b) <= TOL
+    J = per_sample_jacobian(mod, x, gy)[:, :mod.weight.numel()]
+    assert rel_err(a.reshape(5, -1), J) <= TOL
+
+
+@pytest.mark.parametrize("groups, want", [(1, conv_kernels.IM2COL), (2, conv_kernels.GROUPED)])
+def test_rule_and_plan_print_the_kernel(groups, want):
+    mod = nn.Conv2d(4, 6, 3, groups=groups, padding=1)
+    plan = tengrad.compile(mod)
+    x, gy = torch.randn(8, 4, 5, 5), torch.randn(8, 6, 5, 5)
+    _, runs = plan._runs(x, gy)
+    assert runs[0][0].conv.kernel == want
+    plan.jacobian(x, gy)
+    text = repr(plan)
+    assert f"per sample (N_g = {groups}): {conv_kernels.KERNEL_TEXT[want]}" in text, text
+    other = conv_kernels.GROUPED if want == conv_kernels.IM2COL else conv_kernels.IM2COL
+    assert conv_kernels.KERNEL_TEXT[other] not in text
