@@ -5,7 +5,7 @@ torch's grouped weight gradient with the batch folded into the groups (N_g > 1).
 forced here on every convolution case of ``layer_cases`` (both run on every case, whatever the rule
 would pick), in float64, and J, K = J J^T (direct order) and J^T u are compared with the float64
 oracle (rel err <= 1e-10); im2col + bmm also runs with a chunk smaller than one sample's unfolded
-input (one sample per bmm; a chunk of several samples with a short last one: test_chunk_remainder);
+input (one sample per bmm; several samples with a short last chunk: test_chunk_remainder_and_chunk_windowing);
 the float64 oracle J is computed once per case. The rule and the printed plan are
 checked on a grouped and an ungrouped conv.
 """
@@ -76,28 +76,32 @@ def test_per_sample_kernel_against_oracle(case_id, kernel, chunk_bytes, monkeypa
         assert "conv_weight_grad" in ran, ran
 
 
-def test_chunk_remainder_is_exercised():
-    """m = 5 samples with a chunk of 2: chunks 2, 2, 1 (the last one short) match the grouped kernel."""
+def test_chunk_remainder_and_chunk_windowing():
+    """m = 5 samples with a chunk of 2: chunks 2, 2, 1 (the last one short), each windowed alone (padding 1,
+    stride 2) and, once the binding has the windowed X, sliced from it: both match the oracle."""
     torch.manual_seed(1)
-    mod = nn.Conv2d(3, 4, 3, padding=1).double()
-    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
-    gy = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    mod = nn.Conv2d(3, 4, 3, padding=1, stride=2).double()
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    gy = torch.randn(5, 4, 4, 4, dtype=torch.float64)
+    J = per_sample_jacobian(mod, x, gy)[:, :mod.weight.numel()]
     plan = tengrad.compile(mod)
-    _, runs = plan._runs(x, gy)
-    run = runs[0][0]
+    run = plan._runs(x, gy)[1][0][0]
     c = run.conv
-    xc, gc = c.x(run.xw, run.x_idx), c.y(run.g, run.spec.output_indices)
-    per_sample = 3 * 9 * 36 * 8
+    gc = c.y(run.g, run.spec.output_indices)
     old = conv_kernels.IM2COL_CHUNK_BYTES
     try:
-        conv_kernels.IM2COL_CHUNK_BYTES = 2 * per_sample
-        a = c.per_sample_weight_grad(xc, gc, kernel=conv_kernels.IM2COL)
+        conv_kernels.IM2COL_CHUNK_BYTES = 2 * 3 * 9 * 16 * 8 + 7   # two samples of unfolded input
+        assert run._xw is None
+        a = c.per_sample_im2col_bmm(run.x_chunk, gc)                  # chunks windowed alone
+        assert run._xw is None
+        _ = run.xw
+        b = c.per_sample_im2col_bmm(run.x_chunk, gc)                  # chunks sliced from xw
     finally:
         conv_kernels.IM2COL_CHUNK_BYTES = old
-    b = c.per_sample_weight_grad(xc, gc, kernel=conv_kernels.GROUPED)
-    assert rel_err(a, b) <= TOL
-    J = per_sample_jacobian(mod, x, gy)[:, :mod.weight.numel()]
     assert rel_err(a.reshape(5, -1), J) <= TOL
+    assert rel_err(b.reshape(5, -1), J) <= TOL
+    grouped = c.per_sample_weight_grad(c.x(run.xw, run.x_idx), gc, kernel=conv_kernels.GROUPED)
+    assert rel_err(grouped.reshape(5, -1), J) <= TOL
 
 
 @pytest.mark.parametrize("groups, want", [(1, conv_kernels.IM2COL), (2, conv_kernels.GROUPED)])

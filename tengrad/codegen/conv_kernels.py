@@ -16,6 +16,7 @@ per-sample J: im2col of X in chunks of samples and one batched matmul per chunk 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,32 +100,34 @@ class ConvLayout:
     def per_sample_weight_grad(self, xc: torch.Tensor, gc: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """J [(m N_g N_v), N_Ir, K...]: one weight gradient per sample (``kernel`` None: ``self.kernel``)."""
         if (kernel or self.kernel) == IM2COL:
-            return self.per_sample_im2col_bmm(xc, gc)
+            return self.per_sample_im2col_bmm(lambda a, b: xc[a:b], gc)
         return self.per_sample_grouped(xc, gc)
 
-    def per_sample_im2col_bmm(self, xc: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
+    def per_sample_im2col_bmm(self, x_chunk: Callable[[int, int], torch.Tensor], gc: torch.Tensor) -> torch.Tensor:
         """J by im2col + bmm, ``IM2COL_CHUNK_BYTES`` of unfolded input at a time.
 
-        xc [m, (g Ir), P...] windowed, so that ``P = s*O + d*K`` (no offset); gc [m, (g v), O...].
-        The unfolded chunk is the only copy; G and J are read and written in place (J preallocated).
+        ``x_chunk(a, b)``: samples a..b-1 of the windowed input in conv layout [b - a, (g Ir), P...], so
+        that ``P = s*O + d*K`` (the caller may window each chunk: no full padded copy); gc [m, (g v), O...].
+        Per chunk the unfolded input is the only copy; G is read in place and J written in place.
         """
-        m, ng, nv, nir = xc.shape[0], self.n_g, self.n_v, self.n_ir
+        m, ng, nv, nir = gc.shape[0], self.n_g, self.n_v, self.n_ir
         ks = [self.sizes[k] for k in self.geo.kernels]
         outs = list(gc.shape[2:])
         nk, no = math.prod(ks), math.prod(outs)
-        st = xc.stride()
-        sp = st[2:]
-        u = xc.as_strided((m, ng, nir, *ks, *outs),
-                          (st[0], nir * st[1], st[1], *[d * s for d, s in zip(self.geo.dilation, sp)],
-                           *[s_ * s for s_, s in zip(self.geo.stride, sp)]), xc.storage_offset())
         g3 = gc.reshape(m, ng, nv, no)
-        out = xc.new_empty(m, ng, nv, nir * nk)
-        per_sample = ng * nir * nk * no * xc.element_size()
+        out = gc.new_empty(m, ng, nv, nir * nk)
+        per_sample = ng * nir * nk * no * gc.element_size()
         chunk = max(1, min(m, IM2COL_CHUNK_BYTES // max(per_sample, 1)))
         for a in range(0, m, chunk):
             b = min(m, a + chunk)
+            xc = x_chunk(a, b)
+            st = xc.stride()
+            sp = st[2:]
+            u = xc.as_strided((b - a, ng, nir, *ks, *outs),
+                              (st[0], nir * st[1], st[1], *[d * s for d, s in zip(self.geo.dilation, sp)],
+                               *[s_ * s for s_, s in zip(self.geo.stride, sp)]), xc.storage_offset())
             rows = (b - a) * ng
-            cols = u[a:b].reshape(rows, nir * nk, no)                    # the im2col copy of this chunk
+            cols = u.reshape(rows, nir * nk, no)                          # the im2col copy of this chunk
             torch.bmm(g3[a:b].reshape(rows, nv, no), cols.transpose(1, 2),
                       out=out[a:b].view(rows, nv, nir * nk))
         return out.view(m * ng * nv, nir, *ks)

@@ -83,8 +83,11 @@ def _conv_forward(run: "TermRun", step: S.ConvForward, env: dict) -> torch.Tenso
 def _conv_weight_grad(run: "TermRun", step: S.ConvWeightGrad, env: dict) -> torch.Tensor:
     c = run.conv
     gin = step.inputs[1]
-    xc, gc = c.x(run.xw, run.x_idx), c.y(env[gin.name], gin.indices)
-    if gin.indices[0] in step.out.indices:  # per sample: J
+    gc = c.y(env[gin.name], gin.indices)
+    if gin.indices[0] in step.out.indices and c.kernel == conv_kernels.IM2COL:   # per sample: J
+        return c.w_back(c.per_sample_im2col_bmm(run.x_chunk, gc), batch=True)
+    xc = c.x(run.xw, run.x_idx)
+    if gin.indices[0] in step.out.indices:
         return c.w_back(c.per_sample_weight_grad(xc, gc), batch=True)
     return c.w_back(c.weight_grad(xc, gc))
 
@@ -208,6 +211,15 @@ class TermRun(StepRun):
         if self._xw is None:
             self._xw = window(self.x, self.x_idx, self.spec, self.sizes)
         return self._xw
+
+    def x_chunk(self, a: int, b: int) -> torch.Tensor:
+        """Samples a..b-1 of the windowed X in conv layout: a slice of ``xw`` once that exists, else
+        the chunk windowed alone (small buffers the allocator reuses, no full padded copy)."""
+        c = self.conv
+        if self._xw is not None:
+            return c.x(self._xw, self.x_idx)[a:b]
+        dim = self.x_idx.index(self.spec.batch)
+        return c.x(window(self.x.narrow(dim, a, b - a), self.x_idx, self.spec, self.sizes), self.x_idx)
 
     def handler(self, step: Step):
         try:

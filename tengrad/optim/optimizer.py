@@ -258,11 +258,15 @@ class TENGraD(torch.optim.Optimizer):
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
         self._consistency.verify(b, x, rec.grad)
-        gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
-        reps = gy.shape[0] // m                                          # [C*m, ...], row c*m + i
+        if rec.jac is not None and self.fisher == "empirical":   # J formed in backward: m * grad not needed
+            gy, gy_shape = None, tuple(rec.grad.shape)
+        else:
+            gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
+            gy_shape = tuple(gy.shape)
+        reps = gy_shape[0] // m                                          # [C*m, ...], row c*m + i
         if reps > 1:
             x = x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * m, *x.shape[1:])
-        key = (tuple(x.shape), tuple(gy.shape))
+        key = (tuple(x.shape), gy_shape)
         if key not in b.choices:          # pricing runs the cost model: once per block and sizes
             b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, self.update_freq,
                                           self.max_jacobian_numel)
@@ -275,6 +279,8 @@ class TENGraD(torch.optim.Optimizer):
         jac = None
         if fused and rec.jac is not None:
             jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m
+        elif gy is None:
+            gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
         return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, jac=jac)
 
     def _sample_first(self, b: Block, rec):
