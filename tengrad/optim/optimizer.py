@@ -258,7 +258,7 @@ class TENGraD(torch.optim.Optimizer):
         x = rec.x.to(dtype) if rec.x.is_floating_point() else rec.x
         m = x.shape[0]
         self._consistency.verify(b, x, rec.grad)
-        if rec.jac is not None and self.fisher == "empirical":   # J formed in backward: m * grad not needed
+        if self.fisher == "empirical" and rec.grad is not None:   # gy = m * grad, formed below if needed
             gy, gy_shape = None, tuple(rec.grad.shape)
         else:
             gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
@@ -279,6 +279,9 @@ class TENGraD(torch.optim.Optimizer):
         jac = None
         if fused and rec.jac is not None:
             jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m
+        elif gy is None and b.choice.path == paths.JACOBIAN and m * b.numel < rec.grad.numel():
+            # J from dL/dy = gy / m, then scaled by m: J is smaller than gy (a conv on the raw input)
+            jac = woodbury.flatten_jacobian(b.plan.jacobian(x, rec.grad.to(dtype)), scale=float(m))
         elif gy is None:
             gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
         return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, jac=jac)

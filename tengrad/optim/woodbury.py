@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tengrad.codegen.torch_backend import symmetric_gram
 from tengrad.optim.errors import TENGraDError
 
 
@@ -82,7 +83,7 @@ def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer:
     if path == "jacobian":
         if jac is None:
             jac = flatten_jacobian(plan.jacobian(x, gy))
-        gram = jac @ jac.T
+        gram = symmetric_gram(jac)      # the blocks on and above the diagonal: 3/4 of J J^T's flops at r = 128
         x, gy = None, None
     else:
         jac = None
