@@ -7,7 +7,9 @@ plus ``sd["tengrad"]``::
     param_names   [str], parameter names in torch's index order (groups in order, params in order)
     param_shapes  [[int]], their shapes
     blocks        {block name: kept curvature: path, x, gy, jac, gram, chol, m, damping, requested,
-                   choice}  (woodbury.BlockCurvature; blocks without curvature are absent)
+                   choice, jac_split, jac_scale}  (woodbury.BlockCurvature; blocks without curvature are
+                   absent; jac_split: the column counts of R's pieces or None, R = jac_scale * jac;
+                   both optional on load: a whole R with scale 1)
     generator     the optimizer's generator state (fisher="mc") or None
 
 ``prepare`` checks everything against this optimizer before anything changes: the structure, group
@@ -49,7 +51,8 @@ def extra(opt) -> dict:
             continue
         c = b.curv
         blocks[b.name] = dict(c.tensors(), path=c.path, m=c.m, damping=c.damping, requested=c.requested,
-                              choice=None if b.choice is None else (b.choice.path, b.choice.note))
+                              choice=None if b.choice is None else (b.choice.path, b.choice.note),
+                              jac_split=c.split(), jac_scale=c.scale)
     return {"steps": opt._steps, "blocks": blocks,
             "param_names": param_names(opt),
             "param_shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
@@ -96,9 +99,19 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
     dtype = woodbury.compute_dtype(b.params[0].dtype)
     if gram.dtype != dtype or chol.dtype != dtype:
         raise _fail(f"{where}: curvature in {gram.dtype}, this block computes in {dtype}")
-    x = gy = jac = None
+    x = gy = jac = pieces = None
+    scale = 1.0
     if c["path"] == paths.JACOBIAN:
         jac = _tensor(c, "jac", where, (r, b.numel)).to(dev).clone()
+        split, scale = c.get("jac_split"), c.get("jac_scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (0 < float(scale) < float("inf")):
+            raise _fail(f"{where}: 'jac_scale' must be a finite number > 0, got {scale!r}")
+        if split is not None:
+            if (not isinstance(split, (list, tuple)) or not all(_is_int(n) and n > 0 for n in split)
+                    or sum(split) != b.numel):
+                raise _fail(f"{where}: 'jac_split' must be column counts summing to {b.numel}, got {split!r}")
+            pieces = tuple(p.contiguous() for p in torch.split(jac, list(split), dim=1))
+            jac = None
     else:
         gy = _tensor(c, "gy", where).to(dev).clone()
         xs = c["x"]
@@ -120,7 +133,7 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
             raise _fail(f"{where}: 'choice' must be (path, note), got {choice!r}")
         choice = paths.PathChoice(choice[0], choice[1])
     curv = woodbury.BlockCurvature(c["path"], x, gy, jac, gram.to(dev).clone(), chol.to(dev).clone(),
-                                   int(m), float(c["damping"]), float(c["requested"]))
+                                   int(m), float(c["damping"]), float(c["requested"]), pieces, float(scale))
     return curv, choice
 
 

@@ -276,15 +276,14 @@ class TENGraD(torch.optim.Optimizer):
         fused = b.choice.path == paths.JACOBIAN and self.grad_from_jacobian
         # next curvature step: detach this layer's parameters for inputs of this shape (capture.py)
         b.capture.set_fuse(tuple(rec.x.shape) if fused else None)
-        jac = None
+        pieces = None
         if fused and rec.jac is not None:
-            jac = woodbury.flatten_jacobian(rec.jac, scale=float(m))    # the record holds J / m
-        elif gy is None and b.choice.path == paths.JACOBIAN and m * b.numel < rec.grad.numel():
-            # J from dL/dy = gy / m, then scaled by m: J is smaller than gy (a conv on the raw input)
-            jac = woodbury.flatten_jacobian(b.plan.jacobian(x, rec.grad.to(dtype)), scale=float(m))
+            pieces = rec.jac                                        # the record holds J / m: R = m pieces
+        elif gy is None and b.choice.path == paths.JACOBIAN:
+            pieces = b.plan.jacobian(x, rec.grad.to(dtype))          # J / m from dL/dy = gy / m
         elif gy is None:
             gy = fisher_mod.output_rows(f"layer {b.name!r}", self.fisher, rec.grad, rec.rows, m, dtype)
-        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, jac=jac)
+        return woodbury.build(b.plan, x, gy, m, damping, b.choice.path, b.name, pieces=pieces, scale=float(m))
 
     def _sample_first(self, b: Block, rec):
         """The record with the sample moved to dimension 0 (shared.sample_first); same object if so."""

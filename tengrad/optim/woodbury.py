@@ -45,6 +45,9 @@ class BlockCurvature:
     jac: R [r, P] (jacobian path) or None; gram: K [r, r]; chol: L with L L^T = K + m a I;
     m: batch size; damping: the a in ``chol`` (10x ``requested`` after a retry); requested: the
     damping asked for when ``chol`` was made (a later change of the group's damping refactors K).
+    pieces, scale: R held as its column blocks instead (jacobian path, ``jac`` None):
+    R = scale * [pieces[0] | pieces[1] | ...], each [r, P_i] (the per-parameter Jacobians as formed,
+    e.g. J / m from the backward pass: no concatenated or rescaled copy of R is made).
     """
 
     path: str
@@ -56,9 +59,17 @@ class BlockCurvature:
     m: int
     damping: float
     requested: float
+    pieces: tuple[Tensor, ...] | None = None
+    scale: float = 1.0
 
     def tensors(self) -> dict[str, Tensor | None]:
-        return {"x": self.x, "gy": self.gy, "jac": self.jac, "gram": self.gram, "chol": self.chol}
+        """The tensors a checkpoint keeps; "jac" is R, or R / scale (the pieces side by side) when split."""
+        jac = self.jac if self.pieces is None else flatten_jacobian(self.pieces)
+        return {"x": self.x, "gy": self.gy, "jac": jac, "gram": self.gram, "chol": self.chol}
+
+    def split(self) -> list[int] | None:
+        """The pieces' column counts (None: R is held whole)."""
+        return None if self.pieces is None else [p.shape[1] for p in self.pieces]
 
 
 def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, float]:
@@ -75,21 +86,35 @@ def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, fl
 
 
 def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer: str,
-          jac: Tensor | None = None) -> BlockCurvature:
+          jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> BlockCurvature:
     """The curvature of one block from x [m, ...] (already repeated to r rows) and gy [r, ...].
 
-    ``jac``: R [r, P] when the caller already formed it (the jacobian path; x and gy are then unused).
+    ``jac``: R [r, P] when the caller already formed it; ``pieces``: R = scale * [pieces...] from
+    per-parameter Jacobians [r, *p.shape] (the jacobian path; x and gy are then unused).
+    K = scale^2 sum_i P_i P_i^T, each from its blocks on and above the diagonal (symmetric_gram: 3/4
+    of the flops at r = 128).
     """
     if path == "jacobian":
-        if jac is None:
-            jac = flatten_jacobian(plan.jacobian(x, gy))
-        gram = symmetric_gram(jac)      # the blocks on and above the diagonal: 3/4 of J J^T's flops at r = 128
+        if pieces is None and jac is None:
+            pieces, scale = plan.jacobian(x, gy), 1.0
+        if pieces is not None:
+            r = pieces[0].shape[0]
+            pieces = tuple(p.reshape(r, -1) for p in pieces)
+            gram = symmetric_gram(pieces[0])
+            for p in pieces[1:]:
+                gram += symmetric_gram(p)
+            if scale != 1.0:
+                gram *= scale * scale
+            jac = None
+        else:
+            gram = symmetric_gram(jac)
         x, gy = None, None
     else:
-        jac = None
+        jac, pieces = None, None
         gram = plan.gram(x, gy)
     chol, a = factor(gram, m, damping, layer)
-    return BlockCurvature(path, x, gy, jac, gram, chol, m, a, damping)
+    return BlockCurvature(path, x, gy, jac, gram, chol, m, a, damping,
+                          None if pieces is None else tuple(pieces), float(scale) if pieces is not None else 1.0)
 
 
 def flatten_jacobian(pieces: Sequence[Tensor], scale: float = 1.0) -> Tensor:
@@ -121,7 +146,13 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
 
     Finiteness is not checked here: the optimizer checks every direction of a step at once.
     """
-    if curv.path == "jacobian":
+    if curv.pieces is not None:     # R = scale [P_0 | P_1 | ...]: R g = scale sum_i P_i g_i
+        rg = curv.pieces[0] @ g[0].reshape(-1).to(curv.pieces[0].dtype)
+        for p, t in zip(curv.pieces[1:], g[1:]):
+            rg += p @ t.reshape(-1).to(p.dtype)
+        if curv.scale != 1.0:
+            rg *= curv.scale
+    elif curv.path == "jacobian":
         if len(g) == 1:
             rg = curv.jac @ g[0].reshape(-1)
         else:
@@ -129,7 +160,10 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
     else:
         rg = plan.jvp(curv.x, curv.gy, list(g))                      # [r]
     u = torch.cholesky_solve(rg.reshape(-1, 1).to(curv.chol.dtype), curv.chol).reshape(-1)
-    if curv.path == "jacobian":
+    if curv.pieces is not None:     # R^T u = [P_i^T (scale u)]_i
+        us = u * curv.scale if curv.scale != 1.0 else u
+        back = [(p.T @ us.to(p.dtype)).view(t.shape) for p, t in zip(curv.pieces, g)]
+    elif curv.path == "jacobian":
         flat_back = curv.jac.T @ u.to(curv.jac.dtype)
         back, start = [], 0
         for t in g:
