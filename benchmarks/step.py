@@ -78,6 +78,7 @@ class Timer:
     def __init__(self, step, warmup: int, repeats: int, budget_s: float):
         self.step, self.warmup, self.repeats, self.budget_s = step, warmup, repeats, budget_s
         self.times: list[float] = []
+        self.cpu: list[float] = []     # process CPU time of the same steps (all threads; not preempted time)
         self.single = False
 
     def warm(self) -> None:
@@ -95,12 +96,16 @@ class Timer:
         return len(self.times) >= self.repeats or (bool(self.times) and sum(self.times) >= self.budget_s)
 
     def once(self) -> None:
-        t0 = CLOCK()
+        c0, t0 = time.process_time(), CLOCK()
         self.step()
         self.times.append(CLOCK() - t0)
+        self.cpu.append(time.process_time() - c0)
 
     def result(self) -> tuple[float, int, bool]:
         return statistics.median(self.times), len(self.times), self.single
+
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
 
 
 def run_round_robin(timers: dict) -> dict:
@@ -115,6 +120,14 @@ def run_round_robin(timers: dict) -> dict:
             if not t.done:
                 t.once()
     return {key: t.result() for key, t in timers.items()}
+
+
+def cpu_ratios(timers: dict, width: int) -> list[str]:
+    """Lines "C=w method kind: cpu ms (x SGD)" from the timers' process CPU times (a loaded machine
+    preempts a process; its CPU time counts only what it ran)."""
+    base = timers[("sgd", "every")].cpu_median() if ("sgd", "every") in timers else float("nan")
+    return [f"  C={width:<4} {meth:<8} {kind:<6} cpu {1000 * t.cpu_median():,.0f} ms ({t.cpu_median() / base:.3f}x SGD)"
+            for (meth, kind), t in timers.items()]
 
 
 class Bench:
@@ -242,6 +255,7 @@ def main(argv=None) -> int:
     if "3c1f" not in args.models:
         return 0
     results = {}  # (method, width) -> {kind: (median, n, single)}
+    cpu_lines: dict[int, list[str]] = {}
     t_all = time.perf_counter()
     for w in args.channels:
         b = Bench(w, args.hidden, args.batch, args.damping)
@@ -250,9 +264,14 @@ def main(argv=None) -> int:
                   for meth in methods for kind, step in getattr(b, meth)().items()}
         for (meth, kind), res in run_round_robin(timers).items():
             results.setdefault((meth, w), {})[kind] = res
+        base = results["sgd", w]["every"][0] if "sgd" in methods else float("nan")
         for meth in methods:
-            detail = ", ".join(f"{k} {fmt_ms(v[0], v[2])} ms (n={v[1]})" for k, v in results[meth, w].items())
+            detail = ", ".join(f"{k} {fmt_ms(v[0], v[2])} ms (n={v[1]}, {v[0] / base:.3f}x SGD)"
+                               for k, v in results[meth, w].items())
             print(f"  C={w:<4} {meth:<8} {detail}", file=sys.stderr)
+        cpu_lines[w] = cpu_ratios(timers, w)
+        print("\n".join(cpu_lines[w]), file=sys.stderr)
+        print(f"  load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
         print(f"  C={w}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         del timers, b
 
@@ -296,6 +315,9 @@ def main(argv=None) -> int:
         else:
             u, r = res["update"], res["reuse"]
             print(f"| {labels[meth]} | {w} | {fmt_ms(u[0], u[2])} (n={u[1]}) | {fmt_ms(r[0], r[2])} (n={r[1]}) |")
+    print("\nMedian process CPU time of the same steps (all threads; time the process was preempted does not count):")
+    for w in args.channels:
+        print("\n".join(cpu_lines[w]))
     if any(v[2] for res in results.values() for v in res.values()):
         print("\n* one step only: its warm-up step exceeded the per-configuration budget.")
     return 0
