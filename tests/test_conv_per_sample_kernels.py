@@ -7,7 +7,7 @@ would pick), in float64, and J, K = J J^T (direct order) and J^T u are compared 
 oracle (rel err <= 1e-10); im2col + bmm also runs with a chunk smaller than one sample's unfolded
 input (one sample per bmm; several samples with a short last chunk: test_chunk_remainder_and_chunk_windowing);
 the float64 oracle J is computed once per case. The rule and the printed plan are
-checked on a grouped and an ungrouped conv.
+checked on a grouped and an ungrouped conv, with 1 and 2 threads and a small and a large batch.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_per_sample_kernel_against_oracle(case_id, kernel, chunk_bytes, monkeypa
     mod, x, gy, J, plan = _setup(case_id)
     if chunk_bytes is not None:
         monkeypatch.setattr(conv_kernels, "IM2COL_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(conv_kernels, "per_sample_kernel", lambda n_g: kernel)
+    monkeypatch.setattr(conv_kernels, "per_sample_kernel", lambda *args: kernel)
     plan.trace = []
     pieces = plan.jacobian(x, gy)
     got = torch.cat([j.reshape(x.shape[0], -1) for j in pieces], dim=1)
@@ -104,15 +104,23 @@ def test_chunk_remainder_and_chunk_windowing():
     assert rel_err(grouped.reshape(5, -1), J) <= TOL
 
 
-@pytest.mark.parametrize("groups, want", [(1, conv_kernels.IM2COL), (2, conv_kernels.GROUPED)])
-def test_rule_and_plan_print_the_kernel(groups, want):
+RULE = [(1, 1, 8, conv_kernels.IM2COL), (2, 1, 8, conv_kernels.GROUPED),
+        (1, 2, 8, conv_kernels.IM2COL),                    # 8 x 36 x 25 unfolded elements: a small batch
+        (1, 2, 4096, conv_kernels.GROUPED),                # 4096 x 900 > 2^21: many chunks, > 1 thread
+        (1, 1, 4096, conv_kernels.IM2COL)]
+
+
+@pytest.mark.parametrize("groups, threads, m, want", RULE, ids=[f"g{g}-t{t}-m{m}" for g, t, m, _ in RULE])
+def test_rule_and_plan_print_the_kernel(groups, threads, m, want, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     mod = nn.Conv2d(4, 6, 3, groups=groups, padding=1)
     plan = tengrad.compile(mod)
-    x, gy = torch.randn(8, 4, 5, 5), torch.randn(8, 6, 5, 5)
+    x, gy = torch.randn(m, 4, 5, 5), torch.randn(m, 6, 5, 5)
     _, runs = plan._runs(x, gy)
     assert runs[0][0].conv.kernel == want
     plan.jacobian(x, gy)
     text = repr(plan)
-    assert f"per sample (N_g = {groups}): {conv_kernels.KERNEL_TEXT[want]}" in text, text
+    s = "s" if threads > 1 else ""
+    assert f"per sample (N_g = {groups}, {threads} thread{s}): {conv_kernels.KERNEL_TEXT[want]}" in text, text
     other = conv_kernels.GROUPED if want == conv_kernels.IM2COL else conv_kernels.IM2COL
     assert conv_kernels.KERNEL_TEXT[other] not in text

@@ -32,18 +32,27 @@ KERNEL_TEXT = {IM2COL: "im2col (as_strided view, copied 2 MiB of samples at a ti
                GROUPED: "torch.nn.grad.conv1d/2d/3d_weight, the batch folded into the groups"}
 
 
-def per_sample_kernel(n_g: int) -> str:
-    """The per-sample J kernel for N_g convolution groups: im2col + bmm for an ungrouped conv, torch's
-    grouped weight gradient otherwise.
+IM2COL_MANY_THREADS_MAX = 2 ** 21   # unfolded elements of the whole batch im2col may take with > 1 thread
 
-    Measured (1 thread, AMD EPYC, float32; grouped / im2col_bmm ms): 3C1F's 32->32 conv at m = 128
+
+def per_sample_kernel(n_g: int, unfolded: int = 0, threads: int = 1) -> str:
+    """The per-sample J kernel for N_g convolution groups, ``unfolded`` = m N_g N_I N_C elements of
+    unfolded input for the whole batch and ``threads`` intra-op threads: im2col + bmm for an ungrouped
+    conv with 1 thread, or with more threads when the batch's unfolded input is at most
+    IM2COL_MANY_THREADS_MAX elements (4 chunks); torch's grouped weight gradient otherwise.
+
+    Measured (AMD EPYC, float32, m = 128; grouped / im2col_bmm ms). 1 thread: 3C1F's 32->32 conv
     52.7 / 33.6, 128->128 989 / 436, 64->64 stride 2 on 14x14 44.0 / 11.0, 3->16 on 64x64 12.0 / 10.5,
     1->128 8.2 / 10.7 (the one ungrouped loss), Conv1d and Conv3d even or better; grouped convs lose
-    with bmm (depthwise 64 groups 2.6 / 8.3, 4 groups 3.0 / 6.3): one small matmul per sample and
-    group. With 2 threads on a loaded machine the grouped kernel of the 1 -> C conv took 2-2.5 s
-    (im2col_bmm 16-24 ms).
+    with bmm (depthwise 64 groups 2.6 / 8.3, 4 groups 3.0 / 6.3): one small matmul per sample and group.
+    2 threads on the loaded 2 cores (load 5-7): every chunk is two parallel regions, and a region waits
+    for a descheduled thread, so 64-128 chunks took 1.0-3.1 s (32->32: 1020 ms at 2 MiB chunks vs 64 ms
+    grouped; 128->128: 3098 vs 677), while the 1 -> C conv (2 chunks) took 16-24 ms against 2.0-2.5 s
+    for the grouped kernel.
     """
-    return IM2COL if n_g == 1 else GROUPED
+    if n_g != 1:
+        return GROUPED
+    return IM2COL if threads <= 1 or unfolded <= IM2COL_MANY_THREADS_MAX else GROUPED
 
 
 class ConvLayout:
@@ -94,8 +103,14 @@ class ConvLayout:
 
     @property
     def kernel(self) -> str:
-        """The per-sample J kernel at these sizes (``per_sample_kernel``)."""
-        return per_sample_kernel(self.n_g)
+        """The per-sample J kernel at these sizes and torch's thread count (``per_sample_kernel``)."""
+        return per_sample_kernel(self.n_g, self.unfolded_elements(), torch.get_num_threads())
+
+    def unfolded_elements(self) -> int:
+        """m N_g N_I N_C: the unfolded input of the whole batch."""
+        nk = math.prod(self.sizes[k] for k in self.geo.kernels)
+        no = math.prod(self.sizes[o] for o in self.geo.outs)
+        return self.sizes[self.spec.batch] * self.n_g * self.n_ir * nk * no
 
     def per_sample_weight_grad(self, xc: torch.Tensor, gc: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """J [(m N_g N_v), N_Ir, K...]: one weight gradient per sample (``kernel`` None: ``self.kernel``)."""

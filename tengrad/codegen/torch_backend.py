@@ -243,8 +243,12 @@ class TorchBackend:
         if isinstance(step, S.ConvWeightGrad) and step.inputs[1].indices[0] in step.out.indices:
             text, rule = conv_kernels.KERNEL_TEXT, conv_kernels.per_sample_kernel   # looked up per call
             if classes is None:
-                return f"per sample: {text[rule(1)]} if N_g = 1, else {text[rule(2)]}"
-            return f"per sample (N_g = {classes['N_g']}): {text[rule(classes['N_g'])]}"
+                return (f"per sample: {text[rule(1)]} if N_g = 1 (and 1 thread or a small batch), "
+                        f"else {text[rule(2)]}")
+            threads = torch.get_num_threads()
+            unfolded = classes["m"] * classes["N_g"] * classes["N_I"] * classes["N_C"]
+            return (f"per sample (N_g = {classes['N_g']}, {threads} thread{'s' if threads > 1 else ''}): "
+                    f"{text[rule(classes['N_g'], unfolded, threads)]}")
         return _WHAT[type(step)]
 
     def bind(self, spec, sizes, x, g) -> TermRun:
