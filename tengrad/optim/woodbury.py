@@ -91,8 +91,8 @@ def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer:
 
     ``jac``: R [r, P] when the caller already formed it; ``pieces``: R = scale * [pieces...] from
     per-parameter Jacobians [r, *p.shape] (the jacobian path; x and gy are then unused).
-    K = scale^2 sum_i P_i P_i^T, each from its blocks on and above the diagonal (symmetric_gram: 3/4
-    of the flops at r = 128).
+    K = scale^2 sum_i P_i P_i^T, a large P_i's product from its blocks on and above the diagonal
+    (``_gram``: 3/4 of the flops at r = 128).
     """
     if path == "jacobian":
         if pieces is None and jac is None:
@@ -100,14 +100,14 @@ def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer:
         if pieces is not None:
             r = pieces[0].shape[0]
             pieces = tuple(p.reshape(r, -1) for p in pieces)
-            gram = symmetric_gram(pieces[0])
+            gram = _gram(pieces[0])
             for p in pieces[1:]:
-                gram += symmetric_gram(p)
+                gram += _gram(p)
             if scale != 1.0:
                 gram *= scale * scale
             jac = None
         else:
-            gram = symmetric_gram(jac)
+            gram = _gram(jac)
         x, gy = None, None
     else:
         jac, pieces = None, None
@@ -115,6 +115,13 @@ def build(plan, x: Tensor, gy: Tensor, m: int, damping: float, path: str, layer:
     chol, a = factor(gram, m, damping, layer)
     return BlockCurvature(path, x, gy, jac, gram, chol, m, a, damping,
                           None if pieces is None else tuple(pieces), float(scale) if pieces is not None else 1.0)
+
+
+def _gram(j: Tensor) -> Tensor:
+    """j j^T; from the blocks on and above the diagonal when j is large (below 2^18 elements one
+    product: every extra op costs a parallel region, which waits for a descheduled thread on a
+    loaded machine)."""
+    return symmetric_gram(j) if j.numel() >= 2 ** 18 else j @ j.T
 
 
 def flatten_jacobian(pieces: Sequence[Tensor], scale: float = 1.0) -> Tensor:
