@@ -167,6 +167,8 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
     else:
         rg = plan.jvp(curv.x, curv.gy, list(g))                      # [r]
     u = torch.cholesky_solve(rg.reshape(-1, 1).to(curv.chol.dtype), curv.chol).reshape(-1)
+    # d = g / a + R^T (-u / a): the -1/a rides on the r-vector u, so d is one pass over the parameters
+    u = u * (-1.0 / curv.damping)
     if curv.pieces is not None:     # R^T u = [P_i^T (scale u)]_i
         us = u * curv.scale if curv.scale != 1.0 else u
         back = [(p.T @ us.to(p.dtype)).view(t.shape) for p, t in zip(curv.pieces, g)]
@@ -178,5 +180,5 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
             start += t.numel()
     else:
         back = plan.vjp(curv.x, curv.gy, u)
-    # (g - b) / a computed as (b - g) / (-a) in place on b: the same rounding, one pass, no allocation
-    return [bi.to(gi.dtype).sub_(gi).div_(-curv.damping) for gi, bi in zip(g, back)]
+    inv_a = 1.0 / curv.damping
+    return [bi.to(gi.dtype).add_(gi, alpha=inv_a) for gi, bi in zip(g, back)]   # in place on b: no allocation
