@@ -21,7 +21,8 @@ again after its first (warm-up) step.
 
 Method: every configuration of one width gets its own copy of the same initial model and the same
 fixed random batch; each is warmed up (``--warmup`` steps), then the configurations are timed one step
-each in turn (round-robin, so drifts of a shared machine's load hit all alike) until each has
+each in turn (round-robin in an order shuffled every round, so drifts of a shared machine's load and
+what one step leaves for the next hit all alike) until each has
 ``--repeats`` steps or has spent ``--budget-s`` seconds; the median is reported. A configuration whose
 first warm-up step alone exceeds the budget is reported from that single step (marked *).
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -108,15 +110,22 @@ class Timer:
         return statistics.median(self.cpu) if self.cpu else float("nan")
 
 
-def run_round_robin(timers: dict) -> dict:
-    """Warm every timer up, then time one step of each in turn until all are done.
+def run_round_robin(timers: dict, seed: int = 0) -> dict:
+    """Warm every timer up, then time one step of each in turn until all are done, in an order
+    shuffled every round.
 
-    Interleaving spreads slow drifts of a shared machine's load over all configurations alike.
+    Interleaving spreads slow drifts of a shared machine's load over all configurations alike; the
+    shuffle spreads what a step leaves behind for the next one (a curvature step's large buffers
+    freed to the OS, evicted caches: measured 10-15 ms on the step after it at C=32) instead of
+    charging it to whichever configuration always follows.
     """
-    for t in timers.values():
+    order = list(timers.values())
+    for t in order:
         t.warm()
-    while not all(t.done for t in timers.values()):
-        for t in timers.values():
+    rng = random.Random(seed)
+    while not all(t.done for t in order):
+        rng.shuffle(order)
+        for t in order:
             if not t.done:
                 t.once()
     return {key: t.result() for key, t in timers.items()}
@@ -297,7 +306,7 @@ def main(argv=None) -> int:
         head += [f"C={w} ({n_params / 1e6:.2f}M params) ms/step", "vs SGD"]
     print(f"\n3C1F (three 3x3 convs of C channels on 28x28, 3x3 max-pool, FC 81C->{args.hidden}, FC->10), "
           f"batch {args.batch}, damping {args.damping:g}; median of up to {args.repeats} timed steps after "
-          f"{args.warmup} warm-up, configurations interleaved round-robin; "
+          f"{args.warmup} warm-up, configurations interleaved round-robin (order shuffled per round); "
           f"per step at interval k = (update + (k-1) reuse) / k.")
     print(f"Machine: {machine()}. Load average {os.getloadavg()[0]:.2f} at the end; "
           f"total {time.perf_counter() - t_all:.0f} s.\n")
