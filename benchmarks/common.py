@@ -37,3 +37,27 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def torch_step(model, opt, x, y, loss):
+    """One training step of a torch optimizer (SGD, TENGraD): ``zero_grad(); loss(model(x), y).backward();
+    step()``."""
+    def step():
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def asdl_step(model, gm, x, y, loss):
+    """One training step of an ASDL gradient maker ``gm`` (K-FAC, SMW): its forward and backward, which
+    leave the preconditioned gradient in ``p.grad``, then a plain SGD step (lr 1e-3, momentum 0.9)."""
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        sgd.zero_grad()
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(loss, dummy, y)
+        gm.forward_and_backward()
+        sgd.step()
+    return step

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tengrad.demo.model import three_c_one_f  # noqa: E402
+from benchmarks.common import asdl_step, torch_step  # noqa: E402
 
 NEVER = 10 ** 9  # an interval no benchmark reaches: after the first step only reuse steps follow
 
@@ -154,22 +155,10 @@ class Bench:
         return three_c_one_f(width=self.width, hidden=self.hidden)
 
     def torch_step(self, model, opt):
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(model(self.x), self.y).backward()
-            opt.step()
-        return step
+        return torch_step(model, opt, self.x, self.y, F.cross_entropy)
 
     def asdl_step(self, model, gm):
-        sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def step():
-            sgd.zero_grad()
-            dummy = gm.setup_model_call(model, self.x)
-            gm.setup_loss_call(F.cross_entropy, dummy, self.y)
-            gm.forward_and_backward()
-            sgd.step()
-        return step
+        return asdl_step(model, gm, self.x, self.y, F.cross_entropy)
 
     # Each returns {kind: step}, kind "every" (no interval), or "update" and "reuse".
     def sgd(self):

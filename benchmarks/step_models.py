@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import asdl_step, torch_step
+
 NEVER = 10 ** 9
 _EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 
@@ -81,22 +83,10 @@ class ModelBench:
         return self._build().train()
 
     def torch_step(self, model, opt):
-        def step():
-            opt.zero_grad()
-            self.loss(model(self.x), self.y).backward()
-            opt.step()
-        return step
+        return torch_step(model, opt, self.x, self.y, self.loss)
 
     def asdl_step(self, model, gm, loss):
-        sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def step():
-            sgd.zero_grad()
-            dummy = gm.setup_model_call(model, self.x)
-            gm.setup_loss_call(loss, dummy, self.y)
-            gm.forward_and_backward()
-            sgd.step()
-        return step
+        return asdl_step(model, gm, self.x, self.y, loss)
 
     # each returns {kind: step}; "every" or "update"/"reuse" as in step.py's Bench
     def sgd(self):
