@@ -175,11 +175,15 @@ class Run:
                     points=[p.__dict__ for p in self.points])
 
 
-def round_robin(runs: list[Run]) -> None:
-    """Advance every run one step at a time in turn until all are done."""
+def round_robin(runs: list[Run], on_point=None) -> None:
+    """Advance every run one step at a time in turn until all are done; ``on_point()`` is called after
+    each round in which some run took an evaluation (e.g. to save partial results)."""
     while not all(r.done for r in runs):
+        n = sum(len(r.points) for r in runs)
         for r in runs:
             r.advance()
+        if on_point is not None and sum(len(r.points) for r in runs) != n:
+            on_point()
 
 
 def load_data(dataset: str, train: int, test: int, seed: int = 0):

@@ -48,6 +48,15 @@ def tuned(path: str | None, method: str, fallback: dict) -> tuple[dict, str]:
     return dict(fallback), "fallback (no tuning file)"
 
 
+def save_seed(out: str, seed: int, runs: list, meta: dict) -> None:
+    """tta_seed<seed>.json; written after every evaluation too (meta {"partial": true}), so that a run
+    stopped early keeps its curves (``--merge`` reports such a seed as partial)."""
+    path = os.path.join(out, f"tta_seed{seed}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(meta=meta, runs=[r.summary() for r in runs]), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "digits", "auto"))
@@ -223,13 +232,12 @@ def main(argv=None) -> int:
         runs = [Run(LABELS.get(m, m), m, hps[m], data, epochs=args.epochs, seed=seed, batch=args.batch,
                     width=args.width, hidden=args.hidden, evals_per_epoch=args.evals_per_epoch)
                 for m in methods]
-        round_robin(runs)
+        round_robin(runs, on_point=lambda: save_seed(args.out, seed, runs, dict(partial=True)))
         meta = dict(seed=seed, dataset=name, train=len(data[1]), test=len(data[3]), epochs=args.epochs,
                     width=args.width, hidden=args.hidden, batch=args.batch, threads=torch.get_num_threads(),
                     load_start=load0, load_end=load_average(), wall_seconds=time.perf_counter() - t0,
                     tuning=notes)
-        with open(os.path.join(args.out, f"tta_seed{seed}.json"), "w") as f:
-            json.dump(dict(meta=meta, runs=[r.summary() for r in runs]), f, indent=1)
+        save_seed(args.out, seed, runs, meta)
         for r in runs:
             print(f"seed {seed} {r.label:<20} best {100 * r.best_acc():.2f}% "
                   + " ".join(f"t{int(100 * t)}={r.time_to(t)}" for t in TARGETS)
