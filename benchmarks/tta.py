@@ -185,16 +185,22 @@ def report(out: str, methods: list[str]) -> int:
         runs += d["runs"]
         metas.append(d["meta"])
     text, stats = summarize(runs, methods)
-    m = metas[0]
+    m = next((x for x in metas if "width" in x), None)
+    if m is None:
+        print("no seed file with its settings", file=sys.stderr)
+        return 1
     title = (f"3C1F-{m['width']} on {m['dataset']} ({m['train']}/{m['test']}), batch {m['batch']}, "
-             f"seeds {sorted(x['seed'] for x in metas)}, {m['threads']} thread(s)")
+             f"seeds {sorted(x['seed'] for x in metas if 'seed' in x)}, {m['threads']} thread(s)")
     png = plot(runs, os.path.join(out, "tta.png"), title)
     with open(os.path.join(out, "tta.json"), "w") as f:
         json.dump(dict(metas=metas, runs=runs), f, indent=1)
     print(title)
     for x in metas:
+        if "seed" not in x:
+            print("  a seed stopped early (partial, saved by an older tta.py without its settings)")
+            continue
         print(f"  seed {x['seed']}: load average {x['load_start']} at start, {x['load_end']} at end; "
-              f"{x['wall_seconds']:.0f} s wall")
+              f"{x['wall_seconds']:.0f} s wall" + (" (PARTIAL: stopped before its last step)" if x.get("partial") else ""))
     for meth in methods:
         note = next((x["tuning"].get(meth) for x in metas if meth in x.get("tuning", {})), None)
         if note:
@@ -232,11 +238,15 @@ def main(argv=None) -> int:
         runs = [Run(LABELS.get(m, m), m, hps[m], data, epochs=args.epochs, seed=seed, batch=args.batch,
                     width=args.width, hidden=args.hidden, evals_per_epoch=args.evals_per_epoch)
                 for m in methods]
-        round_robin(runs, on_point=lambda: save_seed(args.out, seed, runs, dict(partial=True)))
         meta = dict(seed=seed, dataset=name, train=len(data[1]), test=len(data[3]), epochs=args.epochs,
                     width=args.width, hidden=args.hidden, batch=args.batch, threads=torch.get_num_threads(),
-                    load_start=load0, load_end=load_average(), wall_seconds=time.perf_counter() - t0,
-                    tuning=notes)
+                    load_start=load0, tuning=notes)
+
+        def partial():
+            save_seed(args.out, seed, runs, dict(meta, partial=True, load_end=load_average(),
+                                                 wall_seconds=time.perf_counter() - t0))
+        round_robin(runs, on_point=partial)
+        meta.update(load_end=load_average(), wall_seconds=time.perf_counter() - t0)
         save_seed(args.out, seed, runs, meta)
         for r in runs:
             print(f"seed {seed} {r.label:<20} best {100 * r.best_acc():.2f}% "
