@@ -59,14 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
 def merge(args, target: float) -> int:
     results, metas = [], []
     for d in args.merge:
-        with open(os.path.join(d, "robustness.json")) as f:
-            blob = json.load(f)
-        results += blob["results"]
-        metas.append(blob["meta"])
+        full = os.path.join(d, "robustness.json")
+        if os.path.exists(full):
+            with open(full) as f:
+                blob = json.load(f)
+            results += blob["results"]
+            metas += blob["meta"] if isinstance(blob["meta"], list) else [blob["meta"]]
+        else:    # a run stopped before its last cell: its finished cells (partial.json), reported as such
+            with open(os.path.join(d, "partial.json")) as f:
+                part = json.load(f)["results"]
+            results += part
+            print(f"  {d}: stopped early, {len(part)} finished cells from partial.json")
     grid = [r for r in results if r["method"] in ("tengrad", "kfac")]
     args.lrs = sorted({r["hp"]["lr"] for r in grid})
     args.dampings = sorted({r["hp"]["damping"] for r in grid})
-    m = metas[0]
+    m = metas[0] if metas else dict(width=args.width, dataset=args.dataset, train=args.train, epochs=args.epochs,
+                                    batch=args.batch, update_freq=args.update_freq)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "robustness.json"), "w") as f:
         json.dump(dict(meta=metas, results=results), f, indent=1)
@@ -76,6 +84,13 @@ def merge(args, target: float) -> int:
     print(title)
     for x in metas:
         print(f"  part: {x['threads']} thread(s), {x['total_seconds']:.0f} s, load at end {x['load_end']}")
+    seen, dup = set(), 0
+    for r in results:
+        key = (r["method"], json.dumps(r["hp"], sort_keys=True))
+        dup += key in seen
+        seen.add(key)
+    if dup:
+        raise SystemExit(f"{dup} cells appear in more than one merged run")
     print(table(results, args, target))
     print(f"\nWrote {png}")
     return 0
@@ -105,11 +120,17 @@ def cells(args) -> list[tuple[str, dict]]:
     return out
 
 
+def collapsed(r: dict) -> bool:
+    """Finished without a non-finite loss but ended at chance level (last test accuracy < 20%, e.g. the
+    loss blew up and the ReLUs died): a failed run, though not a diverged one."""
+    return not r["diverged"] and bool(r["points"]) and r["points"][-1]["test_acc"] < 0.2
+
+
 def cell_text(r: dict | None, target: float) -> str:
     if r is None:
         return "·"
     acc = f"{100 * r['best_acc']:.1f}" if r["best_acc"] == r["best_acc"] else "-"
-    mark = " **x**" if r["diverged"] else ""
+    mark = " **x**" if r["diverged"] else (" **c**" if collapsed(r) else "")
     return f"{acc}{mark}" + (" ✓" if r["best_acc"] >= target else "")
 
 
@@ -121,9 +142,10 @@ def table(results: list[dict], args, target: float) -> str:
             continue
         n_ok = sum(r["best_acc"] >= target for r in rs)
         n_div = sum(bool(r["diverged"]) for r in rs)
+        n_col = sum(collapsed(r) for r in rs)
         lines.append(f"\n{title}: best test accuracy (%) per cell; rows damping, columns lr; "
-                     f"x = diverged, ✓ = reached {100 * target:.0f}%. "
-                     f"{n_ok}/{len(rs)} cells reach {100 * target:.0f}%, {n_div} diverged.\n")
+                     f"x = diverged, c = collapsed to chance, ✓ = reached {100 * target:.0f}%. "
+                     f"{n_ok}/{len(rs)} cells reach {100 * target:.0f}%, {n_div} diverged, {n_col} collapsed.\n")
         lines.append("| damping \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
         lines.append("|---" * (len(args.lrs) + 1) + "|")
         for d in args.dampings:
@@ -164,7 +186,7 @@ def heatmaps(results: list[dict], args, path: str, target: float, title: str) ->
                 if r is None:
                     ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="gray")
                     continue
-                txt = f"{z[i, j]:.1f}" + ("\nx" if r["diverged"] else "")
+                txt = f"{z[i, j]:.1f}" + ("\nx" if r["diverged"] else ("\nc" if collapsed(r) else ""))
                 ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                         color="white" if z[i, j] < 80 or r["diverged"] else "black")
                 if r["best_acc"] >= target:
@@ -178,12 +200,12 @@ def heatmaps(results: list[dict], args, path: str, target: float, title: str) ->
         ax.bar(range(len(sgd)), np.nan_to_num(accs, nan=0.0), color="gray")
         for j, r in enumerate(sgd):
             ax.text(j, max(np.nan_to_num(accs[j], nan=0.0), 50) + 0.5,
-                    f"{accs[j]:.1f}" + (" x" if r["diverged"] else ""), ha="center", fontsize=8)
+                    f"{accs[j]:.1f}" + (" x" if r["diverged"] else (" c" if collapsed(r) else "")), ha="center", fontsize=8)
         ax.axhline(100 * target, color="red", lw=1)
         ax.set_xticks(range(len(sgd)), [f"{r['hp']['lr']:g}" for r in sgd])
         ax.set(xlabel="lr", ylabel="best test accuracy (%)", title="SGD (momentum 0.9)", ylim=(50, 95))
     fig.colorbar(im, ax=list(axes[:len(grids)]), shrink=0.8, label="best test accuracy (%)") if grids else None
-    fig.suptitle(title + f" (red box: reached {100 * target:.0f}%)")
+    fig.suptitle(title + f" (red box: reached {100 * target:.0f}%; x diverged, c collapsed to chance)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
