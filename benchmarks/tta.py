@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join("runs", "tta"))
     p.add_argument("--merge", action="store_true", help="only merge tta_seed*.json under --out into the report")
+    p.add_argument("--upto-epoch", type=float, default=None,
+                   help="with --merge: report every run over its first N epochs only (one budget for seeds that "
+                        "ran for different lengths)")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, tiny model, a few steps")
     return p
 
@@ -173,7 +176,16 @@ def plot(runs: list[dict], path: str, title: str) -> str:
     return path
 
 
-def report(out: str, methods: list[str]) -> int:
+def truncate(run: dict, upto: float | None) -> dict:
+    """The run over its first ``upto`` epochs: later points dropped, best accuracy and time recomputed."""
+    if upto is None:
+        return run
+    pts = [p for p in run["points"] if p["epoch"] <= upto + 1e-9]
+    return dict(run, points=pts, best_acc=max(p["test_acc"] for p in pts), seconds=pts[-1]["seconds"],
+                truncated_at=upto)
+
+
+def report(out: str, methods: list[str], upto: float | None = None) -> int:
     files = sorted(glob.glob(os.path.join(out, "tta_seed*.json")))
     if not files:
         print(f"no tta_seed*.json under {out}", file=sys.stderr)
@@ -182,7 +194,7 @@ def report(out: str, methods: list[str]) -> int:
     for fn in files:
         with open(fn) as f:
             d = json.load(f)
-        runs += d["runs"]
+        runs += [truncate(r, upto) for r in d["runs"]]
         metas.append(d["meta"])
     text, stats = summarize(runs, methods)
     m = next((x for x in metas if "width" in x), None)
@@ -190,7 +202,8 @@ def report(out: str, methods: list[str]) -> int:
         print("no seed file with its settings", file=sys.stderr)
         return 1
     title = (f"3C1F-{m['width']} on {m['dataset']} ({m['train']}/{m['test']}), batch {m['batch']}, "
-             f"seeds {sorted(x['seed'] for x in metas if 'seed' in x)}, {m['threads']} thread(s)")
+             f"seeds {sorted(x['seed'] for x in metas if 'seed' in x)}"
+             + (f", first {upto:g} epoch(s)" if upto is not None else "") + f", {m['threads']} thread(s)")
     png = plot(runs, os.path.join(out, "tta.png"), title)
     with open(os.path.join(out, "tta.json"), "w") as f:
         json.dump(dict(metas=metas, runs=runs), f, indent=1)
@@ -221,7 +234,7 @@ def main(argv=None) -> int:
         args.width, args.hidden, args.batch, args.evals_per_epoch = 4, 16, 32, 2
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
-        return report(args.out, methods)
+        return report(args.out, methods, args.upto_epoch)
     torch.set_num_threads(args.threads)
     name, data = load_data(args.dataset, args.train, args.test, 0)
     hps, notes = {}, {}
