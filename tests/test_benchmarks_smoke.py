@@ -73,3 +73,40 @@ def test_step_real_architectures_report_every_method(capsys):
     if HAVE_ASDL:
         assert "raised AssertionError: Not supported module: NonDynamicallyQuantizableLinear" in out
         assert "preconditions 18 of 28 tensors" in out and "preconditions 20 of 20 tensors" in out
+
+
+def _cell(method, lr, damping, accs, diverged=""):
+    return dict(method=method, hp=dict(lr=lr, damping=damping), best_acc=max(accs), diverged=diverged, seconds=1.0,
+                points=[dict(epoch=i / 4, seconds=float(i), train_loss=1.0, test_loss=1.0, test_acc=a)
+                        for i, a in enumerate(accs)])
+
+
+def test_robustness_marks_collapse_and_merges_partial_runs(tmp_path, capsys):
+    """A finite run ending at chance is 'collapsed' (not diverged); --merge takes a stopped run's
+    partial.json and refuses a cell that two merged runs both hold."""
+    import robustness
+
+    ok, dead, div = _cell("tengrad", 0.1, 1.0, [0.1, 0.86]), _cell("tengrad", 0.1, 0.01, [0.118, 0.09]), \
+        _cell("kfac", 0.1, 1.0, [0.118], diverged="step 3: non-finite loss")
+    assert not robustness.collapsed(ok) and robustness.collapsed(dead) and not robustness.collapsed(div)
+    assert robustness.cell_text(dead, 0.85) == "11.8 **c**" and robustness.cell_text(ok, 0.85) == "86.0 ✓"
+    for name, cells in (("a", [ok, div]), ("b", [dead])):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "partial.json", "w") as f:
+            json.dump(dict(results=cells), f)
+    assert robustness.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "1/2 cells reach 85%, 0 diverged, 1 collapsed" in out and "0/1 cells reach 85%, 1 diverged" in out
+    with open(tmp_path / "b" / "partial.json", "w") as f:
+        json.dump(dict(results=[ok]), f)
+    with pytest.raises(SystemExit, match="1 cells appear in more than one merged run"):
+        robustness.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+
+
+def test_tta_truncate_reports_the_first_epochs_only():
+    import tta
+
+    run = _cell("sgd", 0.03, 0.0, [0.5, 0.86, 0.89, 0.91])
+    cut = tta.truncate(run, 0.5)
+    assert [p["test_acc"] for p in cut["points"]] == [0.5, 0.86, 0.89]
+    assert cut["best_acc"] == 0.89 and cut["seconds"] == 2.0 and tta.truncate(run, None) is run
