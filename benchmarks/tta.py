@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgd-hp", type=json.loads, default=None, help='override the tuned SGD point, e.g. \'{"lr": 0.03}\'')
     p.add_argument("--kfac-hp", type=json.loads, default=None,
                    help='override the tuned K-FAC point, e.g. \'{"lr": 0.003, "damping": 0.1, "update_freq": 10}\'')
+    p.add_argument("--tengrad-hp", type=json.loads, default=None,
+                   help='run TENGraD at a given point instead of its defaults (exploration), e.g. \'{"damping": 0.3}\'')
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join("runs", "tta"))
     p.add_argument("--merge", action="store_true", help="only merge tta_seed*.json under --out into the report")
@@ -246,6 +248,8 @@ def main(argv=None) -> int:
     hps["tengrad"], notes["tengrad"] = {}, "TENGraD(model) defaults"
     if args.quick:
         hps["tengrad"] = dict(update_freq=2)
+    if args.tengrad_hp is not None:
+        hps["tengrad"], notes["tengrad"] = dict(args.tengrad_hp), "given on the command line (not the defaults)"
     for seed in args.seeds:
         t0, load0 = time.perf_counter(), load_average()
         runs = [Run(LABELS.get(m, m), m, hps[m], data, epochs=args.epochs, seed=seed, batch=args.batch,
