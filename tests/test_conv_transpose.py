@@ -19,7 +19,7 @@ from tengrad.layers import conv_transpose_terms
 from tengrad_ir import LayerSpec, SizedPlan, SpecError, enumerate_orders
 from tengrad_ir.geometry import transposed_geometry
 from tengrad_ir.orders import N_C, N_I, N_K, N_O, N_P, N_Vr, N_g, N_v, m
-from test_optim_oracle import run_against_oracle
+from test_optim_oracle import perturb_parameters, run_against_oracle
 
 EQ = "n (g ci) i0 i1, (g ci) co k0 k1 -> n (g co) o0 o1"
 MAPS = {"o0": "2*i0 + k0 - 1", "o1": "i1 + 3*k1"}
@@ -148,9 +148,7 @@ def test_convtranspose_groupnorm_cnn_matches_dense_oracle(fisher, path):
     torch.manual_seed(0)
     model = UpNet().double()
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_parameters(model, gen)
     extra = {"max_jacobian_numel": 0} if path == "reuse" else {}
     opt = run_against_oracle("conv", fisher, "cross_entropy", k=1, sizes=[5, 3], model=model, **extra)
     assert {b.name for b in opt.blocks} == {"down", "gn1", "up", "gn2", "dw", "head"}

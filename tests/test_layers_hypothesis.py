@@ -44,8 +44,9 @@ def _check(module: nn.Module, x: torch.Tensor, seed: int, desc: str, view=None) 
     assert not failures, f"{desc} x{tuple(x.shape)}:\n  " + "\n  ".join(failures)
 
 
-@st.composite
-def conv_configs(draw):
+def _conv_shape(draw):
+    """Dimension count, groups, channels (multiples of groups), kernel, stride and dilation of a
+    (transposed) convolution."""
     d = draw(st.integers(1, 3))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     ci = groups * draw(st.integers(1, 2))
@@ -54,6 +55,16 @@ def conv_configs(draw):
     kernel = tuple(draw(st.integers(1, max_k)) for _ in range(d))
     stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    return d, groups, ci, co, kernel, stride, dilation
+
+
+def _bias_batch_seed(draw):
+    return draw(st.booleans()), draw(st.integers(2, 4)), draw(st.integers(0, 2**31 - 1))
+
+
+@st.composite
+def conv_configs(draw):
+    d, groups, ci, co, kernel, stride, dilation = _conv_shape(draw)
     kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
     if kind == "same" and any(s != 1 for s in stride):
         kind = "tuple"  # torch: padding='same' requires stride 1
@@ -72,9 +83,7 @@ def conv_configs(draw):
         eff = dl * (k - 1) + 1
         lo = 1 if kind == "same" else max(1, eff - 2 * pd)
         spatial.append(draw(st.integers(lo, lo + max_extra)))
-    bias = draw(st.booleans())
-    m = draw(st.integers(2, 4))
-    seed = draw(st.integers(0, 2**31 - 1))
+    bias, m, seed = _bias_batch_seed(draw)
     return d, ci, co, kernel, stride, dilation, padding, groups, bias, m, tuple(spatial), seed
 
 
@@ -94,14 +103,7 @@ def test_conv_hypothesis(cfg):
 def conv_transpose_configs(draw):
     """Stride, dilation, padding (up to more than the kernel covers: cropped outputs), output_padding
     (< max(stride, dilation), as torch requires), groups incl. depthwise, bias on/off."""
-    d = draw(st.integers(1, 3))
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    ci = groups * draw(st.integers(1, 2))
-    co = groups * draw(st.integers(1, 2))
-    max_k = 3 if d < 3 else 2
-    kernel = tuple(draw(st.integers(1, max_k)) for _ in range(d))
-    stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    d, groups, ci, co, kernel, stride, dilation = _conv_shape(draw)
     spatial = tuple(draw(st.integers(1, 4 if d < 3 else 2)) for _ in range(d))
     out_pad, pads = [], []
     for k, s_, dl, n in zip(kernel, stride, dilation, spatial):
@@ -109,9 +111,7 @@ def conv_transpose_configs(draw):
         full = (n - 1) * s_ + dl * (k - 1) + op + 1        # the output size at padding 0
         pads.append(draw(st.integers(0, min(2, (full - 1) // 2))))
         out_pad.append(op)
-    bias = draw(st.booleans())
-    m = draw(st.integers(2, 4))
-    seed = draw(st.integers(0, 2**31 - 1))
+    bias, m, seed = _bias_batch_seed(draw)
     return d, ci, co, kernel, stride, dilation, tuple(pads), tuple(out_pad), groups, bias, m, spatial, seed
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_optim_oracle import run_against_oracle
+from test_optim_oracle import perturb_parameters, run_against_oracle
 from tengrad.optim import TENGraD
 
 
@@ -44,9 +44,8 @@ def norm_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = NormNet().double()
     gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():   # non-default affine parameters and running statistics
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_parameters(model, gen)
+    with torch.no_grad():   # non-default running statistics
         model.bn.running_mean.copy_(torch.randn(6, generator=gen))
         model.bn.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
     model.train()
@@ -117,9 +116,8 @@ def test_mobilenet_block_with_eval_batchnorm_matches_dense_oracle(fisher):
     torch.manual_seed(0)
     model = InvertedResidual().double()
     gen = torch.Generator().manual_seed(1)
+    perturb_parameters(model, gen)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         for bn in (model.bn1, model.bn2, model.bn3):
             bn.running_mean.copy_(0.5 * torch.randn(bn.num_features, generator=gen))
             bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)

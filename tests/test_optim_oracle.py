@@ -150,6 +150,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def perturb_parameters(model: nn.Module, gen: torch.Generator, scale: float = 0.3) -> None:
+    """Move every parameter by scale * N(0, 1) (seeded): no layer keeps torch's default init (norm
+    weights of exactly 1 and zero biases would hide index mistakes)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 def run_against_oracle(kind, fisher, loss, k, sizes, lr=0.3, damping=0.5, tol=1e-8, model=None,
                        **opt_kwargs):
     """Run len(sizes) steps and check each parameter change against the oracle; returns the optimizer."""
