@@ -16,7 +16,13 @@ gate pre-hook runs, tengrad/optim/hookset.py). The last column is the overhead p
 over a cycle of TENGraD's default update_freq k = 10 (one armed step, nine reuse steps):
 (armed + 9 reuse) / (10 SGD) - 1.
 
-    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64] [--width 16] [--d-model 16]
+A fourth step is the floor under the armed step (benchmarks/capture_floor.py): the same models' ops
+wrapped for the forward with the least a Python capture does per parameter use (one wrapper call,
+one identity lookup, ``x.detach()``, one tensor hook keeping gy until the step) and nothing else.
+What TENGraD's armed step costs above that row is its own bookkeeping; the floor itself is what
+any capture built from Python hooks pays (its last column gives the number of uses per step).
+
+    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64 ...] [--width 16] [--d-model 16 ...]
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tengrad  # noqa: E402
+from benchmarks.capture_floor import FloorCapture  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from tengrad.demo.model import three_c_one_f  # noqa: E402
 
@@ -43,14 +50,15 @@ transformer_lm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(transformer_lm)
 
 
-def sgd_step(model, x, loss_fn, y, hooked=None):
+def sgd_step(model, x, loss_fn, y, hooked=None, forward=None):
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     zero = (hooked or sgd).zero_grad   # TENGraD's zero_grad zeroes the same gradients and drops the
     #                                    captured records (as opt.step() would): one zero_grad per step
+    forward = forward or model
 
     def step():
         zero()
-        loss_fn(model(x), y).backward()
+        loss_fn(forward(x), y).backward()
         sgd.step()
     return step
 
@@ -60,6 +68,7 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     plain = make()
     armed = copy.deepcopy(plain)
     idle = copy.deepcopy(plain)
+    floor = FloorCapture(copy.deepcopy(plain))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0)   # never steps: capture stays armed
@@ -70,7 +79,8 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
         reuse.step()
     assert not reuse._curvature_due(), "the reuse optimizer would capture"
     steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt),
-             "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse)}
+             "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse),
+             "sgd+floor": sgd_step(floor.model, x, loss_fn, y, floor, floor.forward)}
     times = {k: [] for k in steps}
     for _ in range(warmup):
         for f in steps.values():
@@ -82,45 +92,51 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
             times[k].append(clock() - t)
     assert opt._ops.fwd > 0, "the capture never armed"
     assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
+    assert floor.uses and all(gy is not None for _, gy in floor.uses), "the floor arm captured nothing"
     med = [statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle")]
     # overheads: median over rounds of each round's ratio to that round's SGD step (the steps of a
     # round run back to back, so a load change between rounds cancels)
-    ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
-    return (*med, *ratios)
+    ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"]))
+              for k in ("sgd+capture", "sgd+idle", "sgd+floor")]
+    return (*med, *ratios, len(floor.uses))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64], help="one row per batch size")
     ap.add_argument("--width", type=int, default=16, help="3C1F's conv width")
-    ap.add_argument("--d-model", type=int, default=16, help="the Transformer's d_model (the example's 16)")
+    ap.add_argument("--d-model", type=int, nargs="+", default=[16],
+                    help="the Transformer's d_model (the example's 16); one row per value")
     ap.add_argument("--models", nargs="+", choices=("3c1f", "transformer"), default=["3c1f", "transformer"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     g = torch.Generator().manual_seed(0)
     rows = []
-    x = torch.randn(args.batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    if "3c1f" in args.models:
-        rows.append((f"3C1F width {args.width}, batch {args.batch}",
-                     *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy, args.repeats, clock=clock)))
-    ids, tgt = transformer_lm.batch(g, n=args.batch)
-    if "transformer" in args.models:
-        rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {args.d_model}, batch {args.batch}",
-                     *compare(lambda: transformer_lm.TinyLM(d_model=args.d_model), ids, tgt, transformer_lm.loss_fn, args.repeats, clock=clock)))
+    for batch in args.batch:
+        x = torch.randn(batch, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        if "3c1f" in args.models:
+            rows.append((f"3C1F width {args.width}, batch {batch}",
+                         *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy,
+                                  args.repeats, clock=clock)))
+        ids, tgt = transformer_lm.batch(g, n=batch)
+        for d_model in args.d_model if "transformer" in args.models else ():
+            rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {d_model}, batch {batch}",
+                         *compare(lambda: transformer_lm.TinyLM(d_model=d_model), ids, tgt, transformer_lm.loss_fn,
+                                  args.repeats, clock=clock)))
     print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
     print("| model | SGD step (ms) | with capture armed (ms) | armed overhead | reuse step, capture idle (ms) "
-          "| idle overhead | per step at k = 10 |")
-    print("|---|---|---|---|---|---|---|")
-    for name, a, b, c, rb, rc in rows:
+          "| idle overhead | per step at k = 10 | floor: Python capture minimum (uses) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, a, b, c, rb, rc, rf, uses in rows:
         k10 = (rb + 9 * rc) / 10 - 1
         print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (rb - 1):+.1f}% | {c * 1e3:.2f} "
-              f"| {100 * (rc - 1):+.1f}% | {100 * k10:+.1f}% |")
+              f"| {100 * (rc - 1):+.1f}% | {100 * k10:+.1f}% | {100 * (rf - 1):+.1f}% ({uses}) |")
 
 
 if __name__ == "__main__":

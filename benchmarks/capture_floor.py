@@ -1,0 +1,64 @@
+"""The least a Python-level capture can do per use: a reference arm for capture_overhead.py, not part
+of tengrad.
+
+TENGraD's capture (tengrad/optim/op_capture.py, capture.py) needs, per call of a parameter-reading op
+in a curvature-due training forward, the op's input x [m, ...] and its output gradient
+gy = dL/dy [m, ...] kept until the step. Done from Python, whatever the bookkeeping, that is at least
+
+* forward: one Python call around the op (here: the functional op replaced by a wrapper for the
+  duration of the forward: no TorchFunctionMode, no module hooks), one identity lookup of the weight
+  in the parameter dict, ``x.detach()`` and one tensor hook registered on the output;
+* backward: one Python call per captured output (the hook storing gy);
+* memory: x and gy alive from the forward/backward until the step (the allocator sees a higher peak).
+
+``FloorCapture(model)`` does exactly that for ``F.linear``, ``F.layer_norm``, ``F.embedding`` and
+``F.conv2d`` (every parameter use of the 3C1F and Transformer benchmark models; inside
+``F.multi_head_attention_forward`` too, which calls functional's module-level ``linear``). It builds
+no plan, no Gram, checks nothing; it only shows the floor under TENGraD's armed-step overhead.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: functional op -> position of its weight argument
+OPS = {"linear": 1, "layer_norm": 2, "embedding": 1, "conv2d": 1}
+
+
+class FloorCapture:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ids = {id(p) for p in model.parameters() if p.requires_grad}
+        self.uses: list[list] = []           # [x, gy] per captured call
+        self._orig = {name: getattr(F, name) for name in OPS}
+        self._wrapped = {name: self._wrap(self._orig[name], pos) for name, pos in OPS.items()}
+
+    def _wrap(self, op, pos: int):
+        ids, uses = self.ids, self.uses
+
+        def call(*args, **kwargs):
+            out = op(*args, **kwargs)
+            w = args[pos] if len(args) > pos else kwargs.get("weight")
+            if isinstance(w, Tensor) and (id(w) in ids or (w._base is not None and id(w._base) in ids)):
+                use = [args[0].detach(), None]
+                uses.append(use)
+
+                def keep(g, use=use):
+                    use[1] = g
+                out.register_hook(keep)
+            return out
+        return call
+
+    def forward(self, *args, **kwargs):
+        """The model's forward with the wrapped ops in place (restored even if it raises)."""
+        for name, fn in self._wrapped.items():
+            setattr(F, name, fn)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for name, fn in self._orig.items():
+                setattr(F, name, fn)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.uses.clear()
