@@ -17,8 +17,9 @@ over a cycle of TENGraD's default update_freq k = 10 (one armed step, nine reuse
 (armed + 9 reuse) / (10 SGD) - 1.
 
 A fourth step is the floor under the armed step (benchmarks/capture_floor.py): the same models' ops
-wrapped for the forward with the least a Python capture does per parameter use (one wrapper call,
-one identity lookup, ``x.detach()``, one tensor hook keeping gy until the step) and nothing else.
+wrapped with the least a Python capture does per parameter use (one wrapper call, one identity
+lookup, ``x.detach()``, one tensor hook keeping gy until the step) and nothing else; it runs in a
+second round robin against its own SGD arm, its wrappers installed for that round robin only.
 What TENGraD's armed step costs above that row is its own bookkeeping; the floor itself is what
 any capture built from Python hooks pays (its last column gives the number of uses per step).
 
@@ -68,7 +69,6 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     plain = make()
     armed = copy.deepcopy(plain)
     idle = copy.deepcopy(plain)
-    floor = FloorCapture(copy.deepcopy(plain))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0)   # never steps: capture stays armed
@@ -79,26 +79,40 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
         reuse.step()
     assert not reuse._curvature_due(), "the reuse optimizer would capture"
     steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt),
-             "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse),
-             "sgd+floor": sgd_step(floor.model, x, loss_fn, y, floor, floor.forward)}
+             "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse)}
+    times = interleave(steps, repeats, warmup, clock)
+    assert opt._ops.fwd > 0, "the capture never armed"
+    assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
+    # the floor: a second round robin, its own SGD arm, the floor's wrappers installed only for it
+    floor = FloorCapture(copy.deepcopy(plain))
+    floor.install()
+    try:
+        ftimes = interleave({"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y),
+                             "sgd+floor": sgd_step(floor.model, x, loss_fn, y, floor, floor.forward)},
+                            repeats, warmup, clock)
+    finally:
+        floor.uninstall()
+    assert floor.uses and all(gy is not None for _, gy in floor.uses), "the floor arm captured nothing"
+    med = [statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle")]
+    # overheads: median over rounds of each round's ratio to that round's SGD step (the steps of a
+    # round run back to back, so a load change between rounds cancels)
+    ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
+    ratios.append(statistics.median(t / s for t, s in zip(ftimes["sgd+floor"], ftimes["sgd"])))
+    return (*med, *ratios, len(floor.uses))
+
+
+def interleave(steps: dict, repeats: int, warmup: int, clock) -> dict[str, list[float]]:
+    """Round robin over ``steps`` (order alternated every round) after ``warmup`` rounds: times per step."""
     times = {k: [] for k in steps}
     for _ in range(warmup):
         for f in steps.values():
             f()
     for r in range(repeats):
-        for k, f in (steps.items() if r % 2 == 0 else reversed(steps.items())):   # alternate the order
+        for k, f in (steps.items() if r % 2 == 0 else reversed(steps.items())):
             t = clock()
             f()
             times[k].append(clock() - t)
-    assert opt._ops.fwd > 0, "the capture never armed"
-    assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
-    assert floor.uses and all(gy is not None for _, gy in floor.uses), "the floor arm captured nothing"
-    med = [statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle")]
-    # overheads: median over rounds of each round's ratio to that round's SGD step (the steps of a
-    # round run back to back, so a load change between rounds cancels)
-    ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"]))
-              for k in ("sgd+capture", "sgd+idle", "sgd+floor")]
-    return (*med, *ratios, len(floor.uses))
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,8 +23,13 @@ def test_floor_capture_keeps_inputs_and_output_gradients():
     x = torch.randn(6, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
     floor = FloorCapture(model)
-    F.cross_entropy(floor.forward(x), y).backward()
-    assert F.linear is floor._orig["linear"], "the functional ops were not restored after the forward"
+    floor.install()
+    try:
+        F.cross_entropy(floor.forward(x), y).backward()
+        model(x)                              # inactive: passes through, records nothing
+    finally:
+        floor.uninstall()
+    assert F.linear is floor._orig["linear"], "the functional ops were not restored"
     assert len(floor.uses) == 3
     h1 = model[0](x)
     h2 = model[1](h1)
