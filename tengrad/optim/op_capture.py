@@ -141,7 +141,8 @@ class OpCapture:
         Installed once per captured forward (``_enter``/``_exit``) rather than around every attention
         call: each write to torch.nn.functional's globals invalidates CPython's specialised global and
         attribute lookups in every function of that module, which then run slowly for a while; eight
-        writes per forward of a 2-layer encoder cost about 0.2 ms (capture_overhead.py)."""
+        writes per forward of a 2-layer encoder cost 0.1-0.3 ms (an in-process A/B, benchmarks/README.md
+        "capture_overhead.py")."""
         if self._mha_depth:
             return self.call(self._linear_orig, args, kwargs)
         return self._linear_orig(*args, **kwargs)
