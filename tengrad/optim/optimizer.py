@@ -87,9 +87,9 @@ class TENGraD(torch.optim.Optimizer):
     squared damped-Fisher length sum_b lr_b^2 nu^2 <d_b, g_b> is kept <= kl_clip (stepctl.py); None:
     the exact step.
 
-    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 1e-2,
-    chosen from the lr x damping grid of benchmarks/robustness.py (README: "Choosing lr, damping and
-    update_freq").
+    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 3e-3;
+    lr and damping chosen from the lr x damping grid of benchmarks/robustness.py, kl_clip from the
+    time-to-accuracy exploration of benchmarks/tta.py (README: "Choosing lr, damping and update_freq").
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
     vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).

@@ -35,7 +35,7 @@ Direction = tuple[Tensor, Tensor, Tensor, dict]
 DEFAULT_LR = 0.3
 DEFAULT_DAMPING = 1.0
 DEFAULT_UPDATE_FREQ = 10
-DEFAULT_KL_CLIP = 1e-2
+DEFAULT_KL_CLIP = 3e-3       # 1e-2 until the tta.py exploration of issue 11 (benchmarks/README.md)
 
 
 def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
