@@ -110,3 +110,16 @@ def test_tta_truncate_reports_the_first_epochs_only():
     cut = tta.truncate(run, 0.5)
     assert [p["test_acc"] for p in cut["points"]] == [0.5, 0.86, 0.89]
     assert cut["best_acc"] == 0.89 and cut["seconds"] == 2.0 and tta.truncate(run, None) is run
+
+
+def test_tta_explore_quick_writes_every_variant(tmp_path):
+    import tta_explore
+
+    out = tmp_path / "x.json"
+    variants = {"sgd": ["sgd", {"lr": 0.03}], "t": ["tengrad", {"update_freq": 2}], "bad": ["tengrad", {"lr": -1.0}]}
+    assert tta_explore.main(["--quick", "--variants", json.dumps(variants), "--out", str(out)]) == 0
+    with open(out) as f:
+        runs = json.load(f)["runs"]
+    assert sorted(runs) == ["bad", "sgd", "t"]
+    assert runs["t"]["summary"]["steps"] == 8 and runs["t"]["clipped_frac"] is not None
+    assert runs["bad"]["summary"]["diverged"].startswith("refused")
