@@ -15,7 +15,8 @@ _spec.loader.exec_module(transformer_lm)
 def test_transformer_lm_with_tied_head_trains_and_has_no_fallback():
     with warnings.catch_warnings():
         warnings.simplefilter("error")            # no fallback warning: every parameter has a block
-        model, opt, losses = transformer_lm.train(steps=25)
+        # 32 steps: at the default kl_clip 3e-3 (1e-2 before) the loss passes 2.0 after about 26
+        model, opt, losses = transformer_lm.train(steps=32)
     assert not opt.fallback, opt.fallback
     blocks = {b.name: b for b in opt.blocks}
     assert len(blocks["emb"].uses) == 2                      # lookup + tied head
