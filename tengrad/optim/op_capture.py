@@ -208,13 +208,10 @@ class OpCapture:
 
     def _enter_mha(self) -> None:
         """MultiheadAttention's forward in a captured forward: record its projections (``linear``
-        inside F.multi_head_attention_forward) whether or not the mode is suspended around it."""
+        inside F.multi_head_attention_forward, ``_mha_linear``, installed by ``_enter`` for every
+        captured forward of a model that holds one) whether or not the mode is suspended around it."""
         if self._mode is None:
             return
-        g = F.multi_head_attention_forward.__globals__
-        if self._mha_depth == 0 and not self._patched:
-            orig = self._linear_orig = g["linear"]
-            g["linear"] = lambda *a, **kw: self.call(orig, a, kw)
         self._mha_depth += 1
         self._seq += 1
 
@@ -223,8 +220,6 @@ class OpCapture:
             return
         self._mha_depth -= 1
         self._seq -= 1
-        if self._mha_depth == 0 and not self._patched:
-            F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
 
     def cover(self, module: nn.Module, params: list[Tensor]) -> None:
         """``module`` is captured at module level: the mode is suspended inside its forward (its inner
