@@ -102,7 +102,7 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
     x = gy = jac = pieces = None
     scale = 1.0
     if c["path"] == paths.JACOBIAN:
-        jac = _tensor(c, "jac", where, (r, b.numel)).to(dev).clone()
+        jac = _tensor(c, "jac", where, (r, b.numel)).to(dev)
         split, scale = c.get("jac_split"), c.get("jac_scale", 1.0)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (0 < float(scale) < float("inf")):
             raise _fail(f"{where}: 'jac_scale' must be a finite number > 0, got {scale!r}")
@@ -110,8 +110,11 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
             if (not isinstance(split, (list, tuple)) or not all(_is_int(n) and n > 0 for n in split)
                     or sum(split) != b.numel):
                 raise _fail(f"{where}: 'jac_split' must be column counts summing to {b.numel}, got {split!r}")
-            pieces = tuple(p.contiguous() for p in torch.split(jac, list(split), dim=1))
+            pieces = tuple(p.clone(memory_format=torch.contiguous_format)
+                           for p in torch.split(jac, list(split), dim=1))   # own copies, one pass
             jac = None
+        else:
+            jac = jac.clone()
     else:
         gy = _tensor(c, "gy", where).to(dev).clone()
         xs = c["x"]
