@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from test_optim_oracle import (expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
                                rel_err)
 from tengrad.optim import TENGraD, stepctl
+from tengrad.optim.errors import TENGraDError
 
 
 def one_step(kl_clip, lr=0.3, damping=0.5, **kw):
@@ -81,3 +82,97 @@ def test_defaults_are_documented_and_train():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5):
+    """A first step, ``schedule(opt)`` (changes lr: a scheduler or by hand), then a second step whose
+    move is returned with the dense oracle direction -lr_now d (the exact step at the current lr) and
+    D = sum <d, g> at the parameters and batch of that step."""
+    model = make_model("tokens")
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip)
+    gen = torch.Generator().manual_seed(0)
+    x, y = make_batch("tokens", 5, "cross_entropy", gen)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    after_first = opt.last_nu
+    schedule(opt)
+    x, y = make_batch("tokens", 5, "cross_entropy", gen)
+    lr_now = opt.param_groups[0]["lr"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    exact = expected_steps(opt, model, Fd, names, g, lr_now, damping)
+    dg = sum(float((exact[n] / -lr_now * g[n]).sum()) for n in names)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    return opt, moved, exact, dg, after_first
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # made after step 1
+@pytest.mark.parametrize("how", ["StepLR", "by hand"])
+def test_a_decayed_lr_shrinks_the_clipped_step(how):
+    """While the clip is active, lowering lr 0.3 -> 0.03 makes the step 10x shorter (as SGD's), not the
+    same length: nu is measured at the reference lr 0.3 and the step is lr_now nu d."""
+    def decay(opt):
+        if how == "StepLR":
+            torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1).step()
+        else:
+            opt.param_groups[0]["lr"] *= 0.1
+    kl, lr = 1e-5, 0.3
+    opt, moved, exact, dg, nu_first = two_steps(decay, kl, lr)
+    assert nu_first < 1.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
+    nu = (kl / (lr * lr * dg)) ** 0.5
+    assert nu < 1.0 and opt.last_nu == pytest.approx(nu, rel=1e-10)
+    for n in moved:
+        assert rel_err(moved[n], nu * exact[n]) < 1e-8, n            # -0.03 nu d
+    length2 = (0.1 * lr) ** 2 * opt.last_nu ** 2 * dg
+    assert length2 == pytest.approx(0.01 * kl, rel=1e-8)            # 1/100 of the bound
+
+
+def test_a_warm_up_scales_the_clipped_step_up_to_the_base_lr():
+    """LinearLR(start_factor 0.1): the scheduler's base lr (initial_lr 0.3) is the reference from the
+    first step on, so the warm-up's lr 0.03 gives a clipped step 10x shorter than at the base lr."""
+    kl, lr, damping = 1e-5, 0.3, 0.5
+    model = make_model("tokens")
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
+    x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    exact = expected_steps(opt, model, Fd, names, g, 0.1 * lr, damping)     # -0.03 d
+    dg = sum(float((exact[n] / (-0.1 * lr) * g[n]).sum()) for n in names)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    nu = (kl / (lr * lr * dg)) ** 0.5
+    assert nu < 1.0 and opt.last_nu == pytest.approx(nu, rel=1e-10)
+    for n, p in model.named_parameters():
+        assert rel_err(p.detach() - before[n], nu * exact[n]) < 1e-8, n
+    assert opt.param_groups[0]["kl_clip_lr"] == lr
+
+
+def test_a_raised_lr_raises_the_reference_and_the_bound_holds():
+    """lr raised by hand above every earlier lr: the reference follows it, the clipped step stays on
+    the bound kl_clip (never past it)."""
+    kl, lr = 1e-5, 0.3
+    def raise_lr(opt):
+        opt.param_groups[0]["lr"] = 3 * lr
+    opt, moved, exact, dg, _ = two_steps(raise_lr, kl, lr)
+    nu = (kl / ((3 * lr) ** 2 * dg)) ** 0.5
+    assert opt.last_nu == pytest.approx(nu, rel=1e-10)
+    for n in moved:
+        assert rel_err(moved[n], nu * exact[n]) < 1e-8, n
+    assert (3 * lr) ** 2 * opt.last_nu ** 2 * dg == pytest.approx(kl, rel=1e-8)
+    assert opt.param_groups[0]["kl_clip_lr"] == 3 * lr
+
+
+def test_a_bad_reference_lr_in_a_group_is_refused():
+    opt = TENGraD(make_model("mlp"))
+    opt.param_groups[0]["kl_clip_lr"] = float("nan")
+    with pytest.raises(TENGraDError, match=r"param_groups\[0\]\['kl_clip_lr'\]"):
+        opt.step()

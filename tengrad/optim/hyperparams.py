@@ -32,6 +32,7 @@ _RULES = {   # name: (test on a finite real, what the message says)
     "momentum": (lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
     "kl_clip": (lambda v: v > 0, "None or a finite number > 0"),
+    "kl_clip_lr": (lambda v: v >= 0, "a finite number >= 0 (the KL clip's reference lr, stepctl.py)"),
 }
 
 
@@ -58,6 +59,8 @@ def check_group(group: dict, index: int) -> None:
         if key not in group:
             raise TENGraDError(f"{where} has no {key!r} (a TENGraD group needs {list(GROUP_KEYS)})")
         check_value(key, group[key], where)
+    if "kl_clip_lr" in group:        # the KL clip's reference lr (stepctl.py), e.g. from a loaded state_dict
+        check_value("kl_clip_lr", group["kl_clip_lr"], where)
 
 
 def check_update_freq(value: object) -> int:

@@ -4,7 +4,8 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))   (KL clipping, stepctl.py; 1 if kl_clip=None)
+    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))   (KL clipping, stepctl.py; 1 if kl_clip=None;
+                                                          lr_b: the largest lr so far, so schedules act)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 

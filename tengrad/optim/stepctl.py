@@ -12,6 +12,20 @@ damped-Fisher metric (a second-order bound on the KL divergence between the mode
 distributions before and after the step). Steps already inside the bound are exact (nu = 1);
 ``kl_clip=None`` switches the control off and every step is the exact damped natural-gradient step.
 
+Learning-rate schedules. Measured with the current lr, a clipped step lr nu d = sqrt(kl_clip / <d, g>) d
+would not depend on lr at all, and a decaying schedule would do nothing while the clip is active (at
+the defaults it is active on almost every step). So D is measured with each group's *reference* lr
+
+    lr_ref = max(lr_ref of the previous steps, lr, the scheduler's base lr ``initial_lr`` if set)
+
+(kept in the group as ``"kl_clip_lr"``, saved with the state_dict): nu = min(1, sqrt(kl_clip / D_ref))
+and the update is lr_b nu d_b. At a constant lr this is the rule above; when a scheduler (or the user)
+lowers lr below lr_ref the step shrinks by lr / lr_ref, as SGD's does; since lr <= lr_ref the squared
+length sum_b lr_b^2 nu^2 <d_b, g_b> stays <= kl_clip. A warm-up that starts below the scheduler's
+base lr (LinearLR, LambdaLR) scales the step up to the base lr; OneCycleLR's ``initial_lr`` is
+max_lr / div_factor, so while its lr rises the reference rises with it (the clip, not the warm-up,
+bounds those steps) and its annealing phase shrinks the step.
+
 ``directions`` is a list of (param, d, g, group): d the preconditioned direction and g the gradient of
 one parameter (compute dtype), group its param group (lr, momentum).
 
@@ -60,14 +74,21 @@ def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> Non
                                "has non-finite entries")
 
 
+def reference_lr(group: dict) -> float:
+    """lr_ref = max(the group's lr_ref so far, its lr, its scheduler's ``initial_lr``) (module docstring)."""
+    return max(group.get("kl_clip_lr", 0.0), group["lr"], group.get("initial_lr", 0.0))
+
+
 def inner(directions: Sequence[Direction]) -> Tensor:
-    """D = sum over parameters of lr^2 <d, g> (float64 scalar tensor; lr of each parameter's group)."""
-    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) * group["lr"] ** 2
+    """D = sum over parameters of lr_ref^2 <d, g> (float64 scalar tensor; lr_ref of each parameter's
+    group, ``reference_lr``: the group's lr unless a schedule has lowered it)."""
+    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) * reference_lr(group) ** 2
                         for _, d, g, group in directions]).sum()
 
 
 def kl_scale(directions: Sequence[Direction], kl_clip: float | None) -> float:
-    """nu = min(1, sqrt(kl_clip / D)); 1 when kl_clip is None or D <= 0."""
+    """nu = min(1, sqrt(kl_clip / D)) with D measured at the reference lrs; 1 when kl_clip is None or
+    D <= 0."""
     if kl_clip is None or not directions:
         return 1.0
     dg = float(inner(directions))
@@ -85,6 +106,7 @@ def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float
         entry[1].append(p)
         entry[2].append(d if d.dtype == p.dtype else d.to(p.dtype))
     for group, params, ds in by_group.values():
+        group["kl_clip_lr"] = reference_lr(group)       # committed with the step (module docstring)
         if nu != 1.0:
             torch._foreach_mul_(ds, nu)
         momentum = group["momentum"]
