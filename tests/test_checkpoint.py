@@ -169,6 +169,8 @@ BAD_LOADS = {
     "m": (edit(("tengrad", "blocks", "norm", "m"), 0), r"block 'norm': 'm' must be a positive integer"),
     "damping": (edit(("tengrad", "blocks", "norm", "damping"), float("inf")), r"block 'norm': 'damping' must be"),
     "choice": (edit(("tengrad", "blocks", "norm", "choice"), "reuse"), r"block 'norm': 'choice' must be"),
+    "noise scale s": (edit(("tengrad", "noise", "s"), 2.0), r"'noise' \(the gradient-noise scale.*'s' must be a number in"),
+    "noise keys": (edit(("tengrad", "noise"), {"s": 0.5}), r"'noise' \(the gradient-noise scale.*must be a dict with keys"),
     "curvature dtype": (edit(("tengrad", "blocks", "lin1", "gram"), lambda t: t.float()), r"block 'lin1': curvature in torch.float32"),
 }
 

@@ -11,6 +11,7 @@ plus ``sd["tengrad"]``::
                    absent; jac_split: the column counts of R's pieces or None, R = jac_scale * jac;
                    both optional on load: a whole R with scale 1)
     generator     the optimizer's generator state (fisher="mc") or None
+    noise         the gradient-noise scale's running sums and s (noisescale.py; absent in older files)
 
 ``prepare`` checks everything against this optimizer before anything changes: the structure, group
 count and sizes, each group's hyperparameters (hyperparams.py; an SGD state_dict has no 'damping'),
@@ -28,6 +29,7 @@ import torch
 from tengrad.optim import paths, woodbury
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.hyperparams import check_group
+from tengrad.optim.noisescale import NoiseScale
 
 _CURV_KEYS = ("path", "x", "gy", "jac", "gram", "chol", "m", "damping", "requested")
 
@@ -56,7 +58,8 @@ def extra(opt) -> dict:
     return {"steps": opt._steps, "blocks": blocks,
             "param_names": param_names(opt),
             "param_shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
-            "generator": None if opt.generator is None else opt.generator.get_state()}
+            "generator": None if opt.generator is None else opt.generator.get_state(),
+            "noise": opt._noise.state()}
 
 
 def _is_int(v: object) -> bool:
@@ -216,7 +219,12 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
     base = {k: v for k, v in state_dict.items() if k != "tengrad"}
     base["state"] = {idx: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
                      for idx, s in state.items()}
-    return base, {"steps": int(steps), "curv": prepared, "generator": gen}
+    noise = ours.get("noise")          # absent in state_dicts saved before noisescale.py: s = 1
+    if noise is not None:
+        why = NoiseScale.check(noise)
+        if why is not None:
+            raise _fail(f"'noise' (the gradient-noise scale, noisescale.py) {why}")
+    return base, {"steps": int(steps), "curv": prepared, "generator": gen, "noise": noise}
 
 
 def apply(opt, prepared: dict) -> None:
@@ -224,5 +232,8 @@ def apply(opt, prepared: dict) -> None:
     opt._steps = prepared["steps"]
     for b in opt.blocks:
         b.curv, b.choice = prepared["curv"].get(b.name, (None, None))
+    opt._noise = NoiseScale()
+    if prepared["noise"] is not None:
+        opt._noise.load(prepared["noise"])
     if prepared["generator"] is not None and opt.generator is not None:
         opt.generator.set_state(prepared["generator"])

@@ -4,8 +4,9 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))   (KL clipping, stepctl.py; 1 if kl_clip=None;
-                                                          lr_b: the largest lr so far, so schedules act)
+    nu   = min(1, s sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))  (KL clipping, stepctl.py; 1 if kl_clip=None;
+                                                          lr_b: the largest lr so far, so schedules act;
+                                                          s: the gradient-noise ratio r, noisescale.py)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 
@@ -63,6 +64,7 @@ from tengrad.optim.op_specs import module_leading_dims
 from tengrad.optim.capture import CURVATURE, GRADIENT, LayerCapture
 from tengrad.optim.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim.noisescale import NoiseScale
 from tengrad.optim.report import fallback_warning
 
 
@@ -86,7 +88,9 @@ class TENGraD(torch.optim.Optimizer):
     "exact" (one extra backward per output unit). ``backend`` goes
     to ``tengrad.compile`` ("auto" is "torch" on CPU). ``kl_clip``: K-FAC's KL clipping, the step's
     squared damped-Fisher length sum_b lr_b^2 nu^2 <d_b, g_b> is kept <= kl_clip (stepctl.py); None:
-    the exact step.
+    the exact step. ``noise_scale``: shrink that bound to r^2 kl_clip, r = s / max(s so far) with
+    s = |G|^2 / E|g|^2 the share of the batch gradient that is signal, estimated from the per-sample
+    rows of the curvature steps (noisescale.py; empirical Fisher, single process; False: r = 1).
 
     Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 3e-3;
     lr and damping chosen from the lr x damping grid of benchmarks/robustness.py, kl_clip from the
@@ -108,7 +112,7 @@ class TENGraD(torch.optim.Optimizer):
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
-                 grad_from_jacobian: bool = True) -> None:
+                 grad_from_jacobian: bool = True, noise_scale: bool = True) -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -123,6 +127,10 @@ class TENGraD(torch.optim.Optimizer):
         self.fisher = fisher
         self.update_freq = int(update_freq)
         self.kl_clip = kl_clip
+        if not isinstance(noise_scale, bool):
+            raise TENGraDError(f"noise_scale must be True or False, got {noise_scale!r}")
+        self.noise_scale = noise_scale
+        self._noise = NoiseScale()               # s for the next step (noisescale.py)
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
@@ -359,6 +367,10 @@ class TENGraD(torch.optim.Optimizer):
         new_curv: dict[int, woodbury.BlockCurvature] = {}
         skipped: dict[str, str] = {}
         directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
+        traces: list[Tensor] = []           # tr(K) / m and |g|^2 per fresh block (noisescale.py)
+        squares: list[Tensor] = []
+        sample_rows = self.noise_scale and self.fisher == "empirical"
+        rows_m = 0
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         op_uses = self._ops.take()
         if self._dist is None and op_uses:
@@ -399,6 +411,10 @@ class TENGraD(torch.optim.Optimizer):
                     else:
                         curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
                     new_curv[i] = curv
+                    if sample_rows and curvature_step and curv.gram.shape[0] == curv.m:
+                        traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
+                        squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
+                        rows_m = curv.m
                     d = woodbury.direction(curv, b.plan, g, b.name)
                     directions += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g)
                                    if p.grad is not None]
@@ -411,8 +427,10 @@ class TENGraD(torch.optim.Optimizer):
                 stepctl.check_finite(directions, self._labels)
         finally:
             self._opt_backward = False
-        nu = stepctl.kl_scale(directions, self.kl_clip)
+        nu = stepctl.kl_scale(directions, self.kl_clip, self._noise.ratio if self.noise_scale else 1.0)
         self.last_nu = nu
+        if traces:
+            self._noise.update(traces, squares, rows_m)
         # commit: nothing above wrote to parameters, buffers or stored curvature
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
@@ -462,7 +480,8 @@ class TENGraD(torch.optim.Optimizer):
 
         head = hp(gs[0]) + " (coupled), " if len(gs) == 1 else f"{len(gs)} param groups, "
         lines = [f"TENGraD({head}fisher={self.fisher!r}, update_freq={self.update_freq}, "
-                 f"kl_clip={self.kl_clip}, backend={self.backend!r})"]
+                 f"kl_clip={self.kl_clip}, noise_scale={self.noise_scale}"
+                 + (f" (r={self._noise.ratio:.3g})" if self.noise_scale else "") + f", backend={self.backend!r})"]
         if len(gs) > 1:
             lines += [f"  group {i}: {hp(g)}, {len(g['params'])} tensors" for i, g in enumerate(gs)]
         where = groups.index_of(gs)

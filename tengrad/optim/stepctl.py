@@ -49,7 +49,7 @@ Direction = tuple[Tensor, Tensor, Tensor, dict]
 DEFAULT_LR = 0.3
 DEFAULT_DAMPING = 1.0
 DEFAULT_UPDATE_FREQ = 10
-DEFAULT_KL_CLIP = 3e-3       # 1e-2 until the tta.py exploration of issue 11 (benchmarks/README.md)
+DEFAULT_KL_CLIP = 6.4e-3      # the bound while the gradient is most informative (noisescale.py); 3e-3 before (benchmarks/README.md)
 
 
 def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
@@ -86,15 +86,16 @@ def inner(directions: Sequence[Direction]) -> Tensor:
                         for _, d, g, group in directions]).sum()
 
 
-def kl_scale(directions: Sequence[Direction], kl_clip: float | None) -> float:
-    """nu = min(1, sqrt(kl_clip / D)) with D measured at the reference lrs; 1 when kl_clip is None or
+def kl_scale(directions: Sequence[Direction], kl_clip: float | None, s: float = 1.0) -> float:
+    """nu = min(1, s sqrt(kl_clip / D)) with D measured at the reference lrs and s in (0, 1] the
+    gradient-noise ratio r (noisescale.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
     D <= 0."""
     if kl_clip is None or not directions:
         return 1.0
     dg = float(inner(directions))
     if not dg > 0:
         return 1.0
-    return min(1.0, (kl_clip / dg) ** 0.5)
+    return min(1.0, s * (kl_clip / dg) ** 0.5)
 
 
 def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float = 1.0) -> None:
