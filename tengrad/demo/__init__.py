@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--update-freq", type=int, default=None,
                    help="TENGraD curvature update interval in steps (default: TENGraD's, 10)")
     t.add_argument("--kl-clip", default=None,
-                   help="TENGraD KL clip: a number, or 'none' for the exact step (default: TENGraD's, 3e-3)")
+                   help="TENGraD KL clip: a number, or 'none' for the exact step (default: TENGraD's, 6.4e-3)")
     t.add_argument("--fisher", choices=("empirical", "mc", "exact"), default="empirical", help="TENGraD Fisher")
     t.add_argument("--backend", default="auto", help="TENGraD backend")
     t.add_argument("--seed", type=int, default=0)

@@ -4,9 +4,9 @@ Per block (one module's trainable parameters) and step, with g the mean gradient
 
     g   <- g + weight_decay * theta                       (coupled decay, see below)
     d    = (F + a I)^-1 g = (1/a)(g - R^T (K + m a I)^-1 R g)      (woodbury.py; R, F: fisher.py)
-    nu   = min(1, s sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))  (KL clipping, stepctl.py; 1 if kl_clip=None;
+    nu   = min(1, r sqrt(kl_clip / sum_blocks lr_b^2 <d, g>))  (KL clipping, stepctl.py; 1 if kl_clip=None;
                                                           lr_b: the largest lr so far, so schedules act;
-                                                          s: the gradient-noise ratio r, noisescale.py)
+                                                          r: the gradient-noise ratio, noisescale.py)
     buf  = momentum * buf + nu d                           (heavy ball, like torch.optim.SGD)
     theta <- theta - lr * buf
 
@@ -92,9 +92,10 @@ class TENGraD(torch.optim.Optimizer):
     s = |G|^2 / E|g|^2 the share of the batch gradient that is signal, estimated from the per-sample
     rows of the curvature steps (noisescale.py; empirical Fisher, single process; False: r = 1).
 
-    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 3e-3;
-    lr and damping chosen from the lr x damping grid of benchmarks/robustness.py, kl_clip from the
-    time-to-accuracy exploration of benchmarks/tta.py (README: "Choosing lr, damping and update_freq").
+    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 6.4e-3
+    with the noise ratio; lr and damping chosen from the lr x damping grid of benchmarks/robustness.py,
+    kl_clip and the noise ratio from the time-to-accuracy runs of benchmarks/tta.py and tta_explore.py
+    (README: "Choosing lr, damping and update_freq").
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) paths.py may keep.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
     vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
@@ -130,7 +131,7 @@ class TENGraD(torch.optim.Optimizer):
         if not isinstance(noise_scale, bool):
             raise TENGraDError(f"noise_scale must be True or False, got {noise_scale!r}")
         self.noise_scale = noise_scale
-        self._noise = NoiseScale()               # s for the next step (noisescale.py)
+        self._noise = NoiseScale()               # the noise ratio r for the next step (noisescale.py)
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
@@ -367,7 +368,7 @@ class TENGraD(torch.optim.Optimizer):
         new_curv: dict[int, woodbury.BlockCurvature] = {}
         skipped: dict[str, str] = {}
         directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
-        traces: list[Tensor] = []           # tr(K) / m and |g|^2 per fresh block (noisescale.py)
+        traces: list[Tensor] = []           # tr(K) / m and 1^T K 1 / m^2 per fresh block (noisescale.py)
         squares: list[Tensor] = []
         sample_rows = self.noise_scale and self.fisher == "empirical"
         rows_m = 0
@@ -429,9 +430,9 @@ class TENGraD(torch.optim.Optimizer):
             self._opt_backward = False
         nu = stepctl.kl_scale(directions, self.kl_clip, self._noise.ratio if self.noise_scale else 1.0)
         self.last_nu = nu
-        if traces:
-            self._noise.update(traces, squares, rows_m)
         # commit: nothing above wrote to parameters, buffers or stored curvature
+        if traces:
+            self._noise.update(traces, squares, rows_m)       # r for the next step
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
         if self._dist is not None:

@@ -49,7 +49,7 @@ Direction = tuple[Tensor, Tensor, Tensor, dict]
 DEFAULT_LR = 0.3
 DEFAULT_DAMPING = 1.0
 DEFAULT_UPDATE_FREQ = 10
-DEFAULT_KL_CLIP = 6.4e-3      # the bound while the gradient is most informative (noisescale.py); 3e-3 before (benchmarks/README.md)
+DEFAULT_KL_CLIP = 6.4e-3      # with the noise ratio (noisescale.py); 3e-3 without it before (benchmarks/README.md)
 
 
 def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
