@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_optim_oracle import (expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
-                               rel_err)
-from test_optim_stepctl import two_steps
+from test_optim_oracle import make_batch, make_model, per_sample_grads, rel_err
+from test_optim_stepctl import step_against_oracle, two_steps
 from tengrad.optim import TENGraD
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.noisescale import BETA, FLOOR, NoiseScale
@@ -56,16 +55,8 @@ def steps_then_oracle(sizes, kl_clip, lr=0.3, damping=0.5):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    x, y = make_batch("tokens", sizes[-1], "cross_entropy", gen)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
-    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    exact = expected_steps(opt, model, Fd, names, g, lr, damping)
-    dg = sum(float((exact[n] / -lr * g[n]).sum()) for n in names)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    moved, exact, dg = step_against_oracle(opt, model, *make_batch("tokens", sizes[-1], "cross_entropy", gen),
+                                           damping)
     return opt, moved, exact, dg, seen
 
 

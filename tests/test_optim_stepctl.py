@@ -84,33 +84,36 @@ def test_defaults_are_documented_and_train():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5, noise_scale=False, m=5):
-    """A first step, ``schedule(opt)`` (changes lr: a scheduler or by hand), then a second step whose
-    move is returned with the dense oracle direction -lr_now d (the exact step at the current lr) and
-    D = sum <d, g> at the parameters and batch of that step; the last item is the first batch's
-    per-sample gradients."""
+def step_against_oracle(opt, model, x, y, damping):
+    """One TENGraD step on (x, y); returns the parameters' move, the dense oracle's exact step
+    -lr d at the group's current lr, and D = sum <d, g> (d = (F_b + a I)^-1 g_b of this batch)."""
+    lr = opt.param_groups[0]["lr"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    exact = expected_steps(opt, model, Fd, names, g, lr, damping)
+    dg = sum(float((exact[n] / -lr * g[n]).sum()) for n in names)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    return moved, exact, dg
+
+
+def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5, noise_scale=False):
+    """A first step, ``schedule(opt)`` (changes lr: a scheduler or by hand), then a second step
+    against the oracle (``step_against_oracle``) at the lr the schedule left."""
     model = make_model("tokens")
     opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, noise_scale=noise_scale)
     gen = torch.Generator().manual_seed(0)
-    x, y = make_batch("tokens", m, "cross_entropy", gen)
-    first_rows = per_sample_grads(model, x, y, "cross_entropy")
+    x, y = make_batch("tokens", 5, "cross_entropy", gen)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
     after_first = opt.last_nu
     schedule(opt)
-    x, y = make_batch("tokens", m, "cross_entropy", gen)
-    lr_now = opt.param_groups[0]["lr"]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
-    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    exact = expected_steps(opt, model, Fd, names, g, lr_now, damping)
-    dg = sum(float((exact[n] / -lr_now * g[n]).sum()) for n in names)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-    return opt, moved, exact, dg, after_first, first_rows
+    moved, exact, dg = step_against_oracle(opt, model, *make_batch("tokens", 5, "cross_entropy", gen), damping)
+    return opt, moved, exact, dg, after_first
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # made after step 1
@@ -124,7 +127,7 @@ def test_a_decayed_lr_shrinks_the_clipped_step(how):
         else:
             opt.param_groups[0]["lr"] *= 0.1
     kl, lr = 1e-5, 0.3
-    opt, moved, exact, dg, nu_first, _ = two_steps(decay, kl, lr)
+    opt, moved, exact, dg, nu_first = two_steps(decay, kl, lr)
     assert nu_first < 1.0
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
     nu = (kl / (lr * lr * dg)) ** 0.5
@@ -143,18 +146,11 @@ def test_a_warm_up_scales_the_clipped_step_up_to_the_base_lr():
     opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl, noise_scale=False)
     torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
     x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
-    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    exact = expected_steps(opt, model, Fd, names, g, 0.1 * lr, damping)     # -0.03 d
-    dg = sum(float((exact[n] / (-0.1 * lr) * g[n]).sum()) for n in names)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    moved, exact, dg = step_against_oracle(opt, model, x, y, damping)          # exact: -0.03 d
     nu = (kl / (lr * lr * dg)) ** 0.5
     assert nu < 1.0 and opt.last_nu == pytest.approx(nu, rel=1e-10)
-    for n, p in model.named_parameters():
-        assert rel_err(p.detach() - before[n], nu * exact[n]) < 1e-8, n
+    for n in moved:
+        assert rel_err(moved[n], nu * exact[n]) < 1e-8, n
     assert opt.param_groups[0]["kl_clip_lr"] == lr
 
 
@@ -164,7 +160,7 @@ def test_a_raised_lr_raises_the_reference_and_the_bound_holds():
     kl, lr = 1e-5, 0.3
     def raise_lr(opt):
         opt.param_groups[0]["lr"] = 3 * lr
-    opt, moved, exact, dg, _, _ = two_steps(raise_lr, kl, lr)
+    opt, moved, exact, dg, _ = two_steps(raise_lr, kl, lr)
     nu = (kl / ((3 * lr) ** 2 * dg)) ** 0.5
     assert opt.last_nu == pytest.approx(nu, rel=1e-10)
     for n in moved:
