@@ -135,6 +135,7 @@ def test_mc_fisher_rows_are_not_loss_gradients_so_s_stays_one():
         opt.backward(out, y, loss="cross_entropy")
         opt.step()
     assert opt._noise.s == 1.0 and opt._noise.noise is None
+    assert "noise_scale=True (r=1: the noise ratio needs the empirical Fisher in one process)" in opt.explain()
 
 
 def test_the_scale_is_saved_and_loaded_and_older_state_dicts_start_at_one():

@@ -472,6 +472,13 @@ class TENGraD(torch.optim.Optimizer):
         self._consistency.remove()
 
     # ------------------------------------------------------------------ printing
+    def _noise_note(self) -> str:
+        if not self.noise_scale:
+            return ""
+        if self.fisher != "empirical" or self._dist is not None:
+            return " (r=1: the noise ratio needs the empirical Fisher in one process)"
+        return f" (r={self._noise.ratio:.3g})"
+
     def explain(self) -> str:
         gs = self.param_groups
 
@@ -481,8 +488,8 @@ class TENGraD(torch.optim.Optimizer):
 
         head = hp(gs[0]) + " (coupled), " if len(gs) == 1 else f"{len(gs)} param groups, "
         lines = [f"TENGraD({head}fisher={self.fisher!r}, update_freq={self.update_freq}, "
-                 f"kl_clip={self.kl_clip}, noise_scale={self.noise_scale}"
-                 + (f" (r={self._noise.ratio:.3g})" if self.noise_scale else "") + f", backend={self.backend!r})"]
+                 f"kl_clip={self.kl_clip}, noise_scale={self.noise_scale}{self._noise_note()}, "
+                 f"backend={self.backend!r})"]
         if len(gs) > 1:
             lines += [f"  group {i}: {hp(g)}, {len(g['params'])} tensors" for i, g in enumerate(gs)]
         where = groups.index_of(gs)
