@@ -23,13 +23,13 @@ bounds the step by r^2 kl_clip instead of kl_clip: nu = min(1, r sqrt(kl_clip / 
 the trust region while the gradient is at its most informative, a clipped step shrinks with r, a step
 inside the shrunken bound is exact, and ``kl_clip=None`` (the exact step) ignores r. The ratio, not s
 itself, because s depends on the batch size and the model (s stays at the floor from the first step
-for a BatchNorm ResNet on digits at batch 32; 0.5-0.8 for 3C1F on Fashion-MNIST at batch 128 in its
-first 150 steps), while r starts at 1 for both. On 3C1F, s falls to 0.05-0.25 after 400 steps: the
-trust region shrinks as a learning-rate decay would, without a horizon (benchmarks/README.md, "A step
-scaled by the gradient noise"). r is computed after the step that uses the previous one (a step never
-uses its own batch's estimate) and is saved in the state_dict.
+for a BatchNorm ResNet on digits at batch 32; 0.5 at the first step and 0.74-0.87 up to step 150 for
+3C1F on Fashion-MNIST at batch 128), while r starts at 1 for both. On 3C1F, s falls to 0.06-0.4 after
+400 steps: the trust region shrinks as a learning-rate decay would, without a horizon
+(benchmarks/README.md, "A step scaled by the gradient noise"). r is computed after the step that uses
+the previous one (a step never uses its own batch's estimate) and is saved in the state_dict.
 
-Only the empirical Fisher's rows are per-sample loss gradients, so with fisher "mc" or "exact" s stays 1,
+Only the empirical Fisher's rows are per-sample loss gradients, so with fisher "mc" or "exact" r stays 1,
 and under torch.distributed it stays 1 as well (each rank holds only its own rows).
 """
 from __future__ import annotations
