@@ -11,7 +11,8 @@ plus ``sd["tengrad"]``::
                    absent; jac_split: the column counts of R's pieces or None, R = jac_scale * jac;
                    both optional on load: a whole R with scale 1)
     generator     the optimizer's generator state (fisher="mc") or None
-    noise         the gradient-noise scale's running sums and s (noisescale.py; absent in older files)
+    noise         the gradient-noise ratio's running sums, s and its peak (noisescale.py; absent in older
+                  files, which load with r = 1)
 
 ``prepare`` checks everything against this optimizer before anything changes: the structure, group
 count and sizes, each group's hyperparameters (hyperparams.py; an SGD state_dict has no 'damping'),
@@ -219,7 +220,7 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
     base = {k: v for k, v in state_dict.items() if k != "tengrad"}
     base["state"] = {idx: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
                      for idx, s in state.items()}
-    noise = ours.get("noise")          # absent in state_dicts saved before noisescale.py: s = 1
+    noise = ours.get("noise")          # absent in state_dicts saved before noisescale.py: r = 1
     if noise is not None:
         why = NoiseScale.check(noise)
         if why is not None:

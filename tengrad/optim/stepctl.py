@@ -86,16 +86,16 @@ def inner(directions: Sequence[Direction]) -> Tensor:
                         for _, d, g, group in directions]).sum()
 
 
-def kl_scale(directions: Sequence[Direction], kl_clip: float | None, s: float = 1.0) -> float:
-    """nu = min(1, s sqrt(kl_clip / D)) with D measured at the reference lrs and s in (0, 1] the
-    gradient-noise ratio r (noisescale.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
+def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: float = 1.0) -> float:
+    """nu = min(1, r sqrt(kl_clip / D)) with D measured at the reference lrs and r = ``ratio`` in (0, 1]
+    the gradient-noise ratio (noisescale.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
     D <= 0."""
     if kl_clip is None or not directions:
         return 1.0
     dg = float(inner(directions))
     if not dg > 0:
         return 1.0
-    return min(1.0, s * (kl_clip / dg) ** 0.5)
+    return min(1.0, ratio * (kl_clip / dg) ** 0.5)
 
 
 def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float = 1.0) -> None:
