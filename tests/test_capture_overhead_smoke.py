@@ -1,4 +1,4 @@
-"""benchmarks/capture_overhead.py runs its four arms (SGD, armed, reuse, floor) on tiny sizes and prints a
+"""benchmarks/capture_overhead.py runs its arms (SGD, armed, reuse, staggered, floor) on tiny sizes and prints a
 row per model and size; the floor arm (benchmarks/capture_floor.py) keeps, per parameter use, the op
 input and the output gradient autograd computed (oracle: torch.autograd.grad of the loss with respect
 to each layer output, float64). The timings themselves are benchmarks, not asserted here."""
@@ -48,4 +48,4 @@ def test_capture_overhead_prints_a_row_per_model_and_size(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 3C1F") or line.startswith("| Transformer")]
     assert len(rows) == 3, out
-    assert all(line.count("|") == 9 and line.rstrip().endswith(") |") for line in rows), rows
+    assert all(line.count("|") == 10 and line.rstrip().endswith(") |") for line in rows), rows

@@ -19,6 +19,14 @@ Ops inside a module whose block is captured at module level (a module type with 
 as one call; the mode runs it with its module-level ``linear`` replaced by a recording one (``composite``)
 so the projections inside are seen, and marks its uses *sequence first* (``seq_first``): [T, N, E]
 inputs and the out projection's [T*N, E] rows (t-major).
+
+Which hooks run (hookset.py): the root's gate pre-hook always; everything else only in forwards
+where curvature is due. ``hooks`` (the root's exit hook, the consistency check's) is on whenever
+some block is due; each block's own hooks (its LayerCapture, its ``cover`` hooks) sit in the block's
+HookSet, which the optimizer's ``select(due)`` switches per block; ``mode_hooks`` (the subtrees that
+suspend the mode) and ``mha_hooks`` (MultiheadAttention's recording) are on when ``select`` asks
+for the mode / the attention projections in this forward. Without staggering (stagger.py) every
+block is due together and ``select`` asks for both, as before.
 """
 from __future__ import annotations
 
@@ -77,7 +85,8 @@ class OpCapture:
 
     def __init__(self, model: nn.Module, params: Callable[[], dict[int, tuple[str, Tensor]]],
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
-                 keep_edges: bool = False) -> None:
+                 keep_edges: bool = False,
+                 select: Callable[[bool], tuple[bool, bool]] | None = None) -> None:
         self.model = model
         self.params = params
         self._armed = armed
@@ -93,6 +102,8 @@ class OpCapture:
         self.batches: dict[int, int | None] = {}
         self.m: int | None = None
         self._seq = 0
+        self._select = select or (lambda due: (due, due))
+        self._active = False    # a captured root forward is running
         self._mode: _Mode | None = None
         self._suspended = 0     # depth of module-captured forwards the mode is suspended in
         self._mha_depth = 0
@@ -102,19 +113,23 @@ class OpCapture:
         self._plans: dict = {}
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
-        self._cover_handles: dict[int, list] = {}
+        self._cover_handles: dict[int, list] = {}   # id(module) -> [(its HookSet, handle), ...]
         self._covering = 0      # module-captured forwards running (their parameters are covered)
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
-        self.hooks = HookSet()        # every hook of the capture: off while no curvature is due
+        self.hooks = HookSet()        # the capture's machinery: off while no curvature is due
+        self.mode_hooks = HookSet()   # suspend the mode in covered subtrees: on when the mode runs
+        self.mha_hooks = HookSet()    # MultiheadAttention's recording: on when its projections are due
         self._gate = model.register_forward_pre_hook(self._enter, with_kwargs=True)   # always on
         self._handles = [self.hooks.add(model.register_forward_hook(self._exit, always_call=True))]
 
     # ------------------------------------------------------------------ root forward
     def _enter(self, module, args, kwargs) -> None:
         due = self._armed()
-        if due != self.hooks.active:    # the capture hooks exist only while curvature is due (hookset.py)
-            (self.hooks.on if due else self.hooks.off)()
-        if self._mode is not None or not (due and torch.is_grad_enabled() and module.training):
+        mode, mha = self._select(due)       # switches the blocks' own hooks (per block)
+        for hooks, on in ((self.hooks, due), (self.mode_hooks, due and mode), (self.mha_hooks, due and mha)):
+            if on != hooks.active:      # capture hooks exist only while they are needed (hookset.py)
+                (hooks.on if on else hooks.off)()
+        if self._active or not (due and torch.is_grad_enabled() and module.training):
             return
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         if isinstance(first, Tensor) and _transformed(first):
@@ -125,9 +140,11 @@ class OpCapture:
         self.batches.pop(self.fwd - 64, None)
         self._ids = self.params()
         self._count = {}
-        self._mode = _Mode(self)
-        self._mode.__enter__()
-        if self._has_mha:
+        self._active = True
+        if mode:
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+        if self._has_mha and mha:
             g = F.multi_head_attention_forward.__globals__
             self._linear_orig = g["linear"]
             g["linear"] = self._mha_linear
@@ -148,6 +165,7 @@ class OpCapture:
         return self._linear_orig(*args, **kwargs)
 
     def _exit(self, module, args, output) -> None:
+        self._active = False
         if self._patched:
             F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
             self._patched = False
@@ -190,10 +208,10 @@ class OpCapture:
                 continue
             if isinstance(mod, nn.MultiheadAttention):
                 self._has_mha = True
-                self._hook(mod, lambda m, a: self._enter_mha(), lambda m, a, o: self._exit_mha())
+                self._hook(mod, lambda m, a: self._enter_mha(), lambda m, a, o: self._exit_mha(), self.mha_hooks)
             if id(mod) in inside:
-                for h in self._cover_handles.pop(id(mod), []):
-                    self.hooks.discard(h)
+                for hooks, h in self._cover_handles.pop(id(mod), []):
+                    hooks.discard(h)
                     self._handles.remove(h)
                 continue
             subtree = list(mod.modules())
@@ -203,14 +221,14 @@ class OpCapture:
                                  for p in s.parameters(recurse=False)}
             if all(id(p) in handled for p in mod.parameters() if p.requires_grad):
                 if id(mod) not in self._cover_handles:   # a covered module suspends the mode itself
-                    self._hook(mod, lambda m, a: self._suspend(), lambda m, a, o: self._resume())
+                    self._hook(mod, lambda m, a: self._suspend(), lambda m, a, o: self._resume(), self.mode_hooks)
                 inside.update(id(s) for s in subtree if s is not mod)
 
     def _enter_mha(self) -> None:
         """MultiheadAttention's forward in a captured forward: record its projections (``linear``
         inside F.multi_head_attention_forward, ``_mha_linear``, installed by ``_enter`` for every
-        captured forward of a model that holds one) whether or not the mode is suspended around it."""
-        if self._mode is None:
+        captured forward of a model that holds one) whether or not the mode runs or is suspended."""
+        if not self._active:
             return
         self._mha_depth += 1
         self._seq += 1
@@ -221,9 +239,10 @@ class OpCapture:
         self._mha_depth -= 1
         self._seq -= 1
 
-    def cover(self, module: nn.Module, params: list[Tensor]) -> None:
+    def cover(self, module: nn.Module, params: list[Tensor], hooks: HookSet | None = None) -> None:
         """``module`` is captured at module level: the mode is suspended inside its forward (its inner
-        ops are not captured again, and cost nothing), and its parameters count as covered there."""
+        ops are not captured again, and cost nothing), and its parameters count as covered there.
+        The two hooks go into ``hooks`` (the block's own set; default: the machinery's)."""
         ids = [id(p) for p in params]
 
         def pre(mod, args):
@@ -242,11 +261,14 @@ class OpCapture:
             self._covering -= 1
             self._resume()
 
-        self._cover_handles.setdefault(id(module), []).extend(self._hook(module, pre, post))
+        hooks = hooks if hooks is not None else self.hooks
+        self._cover_handles.setdefault(id(module), []).extend(
+            (hooks, h) for h in self._hook(module, pre, post, hooks))
 
-    def _hook(self, module: nn.Module, pre, post) -> list:
-        handles = [self.hooks.add(module.register_forward_pre_hook(pre)),
-                   self.hooks.add(module.register_forward_hook(post, always_call=True))]
+    def _hook(self, module: nn.Module, pre, post, hooks: HookSet | None = None) -> list:
+        hooks = hooks if hooks is not None else self.hooks
+        handles = [hooks.add(module.register_forward_pre_hook(pre)),
+                   hooks.add(module.register_forward_hook(post, always_call=True))]
         self._handles += handles
         return handles
 
@@ -297,6 +319,8 @@ class OpCapture:
                 key = hit = None
             if hit is not None:
                 tensors, plan, parts, label, lead = hit
+                if id(parts[0][0]) not in ids:   # not tracked in this forward (a block not due)
+                    return func(*args)
                 if all(a is t for a, t in zip(args[1:], tensors)):
                     out = func(*args)
                     if isinstance(out, Tensor) and out.requires_grad and not _transformed(out):
@@ -430,7 +454,8 @@ class OpCapture:
         self.edges = []
 
     def remove(self) -> None:
-        self.hooks.remove()
+        for hooks in (self.hooks, self.mode_hooks, self.mha_hooks):
+            hooks.remove()
         self._gate.remove()
         self._handles = []
 

@@ -28,7 +28,8 @@ Decisions:
   accumulated over several forwards before a curvature step are refused naming the block.
 * update_freq k: steps 0, k, 2k, ... are curvature steps (K, its Cholesky factor and R from that batch are
   kept); the other steps apply the kept curvature to their fresh gradient. A change of the group's
-  damping between curvature steps refactors the kept K.
+  damping between curvature steps refactors the kept K. ``stagger=True``: block i refreshes on the
+  steps t with (t - i) mod k == 0 instead, so each step captures about 1/k of the blocks (stagger.py).
 * A block whose module took no part in this forward (no gradient, or zero gradient and no capture) is
   skipped, with the reason in ``opt.skipped`` and ``explain()`` (usage.py).
 * ``load_state_dict`` is all or nothing (checkpoint.py).
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from tengrad.optim import distributed as distributed_mod
 from tengrad.optim import fisher as fisher_mod
 from tengrad.optim import checkpoint, groups, hyperparams, paths, shared, stepctl, usage, woodbury
+from tengrad.optim import stagger as stagger_mod
 from tengrad.optim.blocks import Block, find_blocks, promote, resolve_backend
 from tengrad.optim.op_capture import OpCapture
 from tengrad.optim.op_specs import module_leading_dims
@@ -100,6 +102,9 @@ class TENGraD(torch.optim.Optimizer):
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (consistency.py; one
     vjp per block) on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
+    ``stagger``: False (default): every block refreshes its curvature on steps 0, k, 2k, ...; True:
+    block i on steps t with (t - i) mod k == 0, so every step captures about 1/k of the blocks and no
+    step carries the whole capture (stagger.py; empirical Fisher, one process).
     ``distributed``: "auto" ("exact" inside an initialised torch.distributed group of several ranks),
     "exact" (the single-process step on the global batch), "local" (own-batch curvature, directions
     averaged: an approximation) or None; see distributed.py.
@@ -113,7 +118,7 @@ class TENGraD(torch.optim.Optimizer):
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
-                 grad_from_jacobian: bool = True, noise_scale: bool = True) -> None:
+                 grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False) -> None:
         model = hyperparams.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -131,6 +136,17 @@ class TENGraD(torch.optim.Optimizer):
         if not isinstance(noise_scale, bool):
             raise TENGraDError(f"noise_scale must be True or False, got {noise_scale!r}")
         self.noise_scale = noise_scale
+        if not isinstance(stagger, bool):
+            raise TENGraDError(f"stagger must be True or False, got {stagger!r}")
+        if stagger and fisher != "empirical":
+            raise TENGraDError(f"stagger=True needs fisher='empirical', not {fisher!r}: the {fisher} Fisher runs "
+                               "extra backward passes on every curvature step, which staggered is every step")
+        if stagger and self._dist is not None:
+            raise TENGraDError("stagger=True is single-process only: the distributed step decides curvature "
+                               "steps for all ranks together (distributed.py)")
+        self.stagger = stagger
+        self._cycle = stagger_mod.CycleSums() if stagger else None   # noise sums over a cycle (stagger.py)
+        self._hooks_on = True                    # some block's hooks are on (_select_hooks)
         self._noise = NoiseScale()               # the noise ratio r for the next step (noisescale.py)
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
@@ -141,6 +157,7 @@ class TENGraD(torch.optim.Optimizer):
         # op-only blocks (MultiheadAttention's projections) are single-process only: the distributed
         # step needs a module plan per block
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend, self._dist is None)
+        self._number_blocks()
         where = groups.index_of(self.param_groups)
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
             groups.group_of_block(b.name, b.param_names, b.params, where)
@@ -150,9 +167,9 @@ class TENGraD(torch.optim.Optimizer):
         self._opt_backward = False
         self.skipped: dict[str, str] = {}        # block name -> why the last step left it alone
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
-        tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
-        self._ops = OpCapture(model, lambda: tracked, self._curvature_due, lambda: self._phase,
-                              self.batch_dim, keep_edges=fisher != "empirical")
+        self._tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+        self._ops = OpCapture(model, self._tracked_params, self._curvature_due, lambda: self._phase,
+                              self.batch_dim, keep_edges=fisher != "empirical", select=self._select_hooks)
         # J^T 1/m == grad, batch dim; its forward hook is a capture hook (off on reuse steps)
         self._consistency = ConsistencyCheck(model, check, self.batch_dim, hooks=self._ops.hooks)
         self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
@@ -161,10 +178,10 @@ class TENGraD(torch.optim.Optimizer):
                 continue
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
-                                     forward_id=lambda: self._ops.fwd, hooks=self._ops.hooks)
+                                     forward_id=lambda: self._ops.fwd, hooks=b.hooks)
             b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
             b.capture.on_fused_grad = partial(self._fused_grad, b)
-            self._ops.cover(b.module, b.params)
+            self._ops.cover(b.module, b.params, b.hooks)
         self._ops.skip_builtin_subtrees(model, {id(p) for b in self.blocks if b.capture is not None
                                                 for p in b.params})
         self._consistency.names = {b.name for b in self.blocks}
@@ -185,12 +202,50 @@ class TENGraD(torch.optim.Optimizer):
     def _curvature_due(self) -> bool:
         if self._dist is not None:
             return self._dist.curvature_due(self)
+        if self.stagger:
+            return any(self._block_due(b) for b in self.blocks)
         return self._steps % self.update_freq == 0 or any(b.curv is None for b in self.blocks)
 
     def _block_due(self, b: Block) -> bool:
         if self._dist is not None:
             return self._dist.block_due(self, b)
+        if self.stagger:
+            return stagger_mod.due(self._steps, b.phase, self.update_freq, b.curv is not None)
         return self._steps % self.update_freq == 0 or b.curv is None
+
+    def _number_blocks(self) -> None:
+        for i, b in enumerate(self.blocks):     # the step offset of each block under stagger.py
+            b.phase = i
+
+    def _tracked_params(self) -> dict[int, tuple[str, Tensor]]:
+        """The parameters op_capture records uses of in this captured forward: all trainable ones;
+        staggered, those of the due blocks and the fallback (a fallback read by an op with a spec
+        becomes a block, blocks.promote)."""
+        if not self.stagger:
+            return self._tracked
+        ids = {id(p) for b in self.blocks if self._block_due(b) for p in b.params}
+        ids.update(id(p) for _, p in self.fallback)
+        return {i: v for i, v in self._tracked.items() if i in ids}
+
+    def _select_hooks(self, due: bool) -> tuple[bool, bool]:
+        """op_capture's gate, before every forward of the model: each block's own hooks (its
+        LayerCapture and cover hooks) on while curvature is due - staggered, only the due blocks' - and
+        whether this forward needs the op-level TorchFunctionMode and MultiheadAttention's recording
+        (always when due; staggered, when a due block had such uses or was never captured)."""
+        if not due and not self._hooks_on:
+            return False, False
+        self._hooks_on = due
+        mode = mha = False
+        for b in self.blocks:
+            on = due and (not self.stagger or self._block_due(b))
+            if on != b.hooks.active:
+                (b.hooks.on if on else b.hooks.off)()
+            if on:
+                mode = mode or b.mode_used is not False
+                mha = mha or b.mha_used is not False
+        if not self.stagger:
+            return due, due
+        return mode, mha
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the output gradients captured since the last step."""
@@ -370,6 +425,8 @@ class TENGraD(torch.optim.Optimizer):
         directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
         traces: list[Tensor] = []           # tr(K) / m and 1^T K 1 / m^2 per fresh block (noisescale.py)
         squares: list[Tensor] = []
+        fresh: list[str] = []               # their blocks' names (stagger.CycleSums)
+        kinds: dict[int, tuple[bool, bool]] = {}   # block -> (uses outside / inside MultiheadAttention)
         sample_rows = self.noise_scale and self.fisher == "empirical"
         rows_m = 0
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
@@ -378,6 +435,7 @@ class TENGraD(torch.optim.Optimizer):
             promoted = promote(self, op_uses)     # fallback parameters read by ops with a spec: blocks
             if promoted:
                 where = groups.index_of(self.param_groups)
+                self._number_blocks()
         by_block: dict[int, list] = {}
         owner = {id(p): i for i, b in enumerate(self.blocks) for p in b.params}
         for u in op_uses:
@@ -391,11 +449,13 @@ class TENGraD(torch.optim.Optimizer):
                 for i, b in enumerate(self.blocks if self._dist is None else ()):
                     group = self.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
                     a, wd = group["damping"], group["weight_decay"]
-                    curvature_step = due or b.curv is None
+                    curvature_step = self._block_due(b) if self.stagger else (due or b.curv is None)
                     recs = b.capture.take_all() if (curvature_step and b.capture is not None) else []
                     if b.capture is not None:
                         b.capture.clear()
                     uses = by_block.get(i, []) if curvature_step else []
+                    if curvature_step:
+                        kinds[i] = (any(not u.seq_first for u in uses), any(u.seq_first for u in uses))
                     rec = recs[0] if recs else (uses[0] if uses else None)
                     why = usage.unused(b.params, rec)
                     if why is not None:
@@ -415,6 +475,7 @@ class TENGraD(torch.optim.Optimizer):
                     if sample_rows and curvature_step and curv.gram.shape[0] == curv.m:
                         traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
                         squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
+                        fresh.append(b.name)
                         rows_m = curv.m
                     d = woodbury.direction(curv, b.plan, g, b.name)
                     directions += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g)
@@ -431,10 +492,18 @@ class TENGraD(torch.optim.Optimizer):
         nu = stepctl.kl_scale(directions, self.kl_clip, self._noise.ratio if self.noise_scale else 1.0)
         self.last_nu = nu
         # commit: nothing above wrote to parameters, buffers or stored curvature
-        if traces:
-            self._noise.update(traces, squares, rows_m)       # r for the next step
         for i, curv in new_curv.items():
             self.blocks[i].curv = curv
+        for i, (outside, inside) in kinds.items():
+            self.blocks[i].mode_used, self.blocks[i].mha_used = outside, inside
+        if traces and self._cycle is not None:   # staggered: the sums of a whole cycle (stagger.py)
+            for name, t, q in zip(fresh, traces, squares):
+                self._cycle.add(name, t, q, rows_m)
+            sums = self._cycle.take([b.name for b in self.blocks if b.curv is not None])
+            if sums is not None:
+                self._noise.update(*sums)                     # r for the next step
+        elif traces:
+            self._noise.update(traces, squares, rows_m)       # r for the next step
         if self._dist is not None:
             self._dist.commit()
         self.skipped = skipped
@@ -489,7 +558,7 @@ class TENGraD(torch.optim.Optimizer):
         head = hp(gs[0]) + " (coupled), " if len(gs) == 1 else f"{len(gs)} param groups, "
         lines = [f"TENGraD({head}fisher={self.fisher!r}, update_freq={self.update_freq}, "
                  f"kl_clip={self.kl_clip}, noise_scale={self.noise_scale}{self._noise_note()}, "
-                 f"backend={self.backend!r})"]
+                 f"backend={self.backend!r}{', stagger=True' if self.stagger else ''})"]
         if len(gs) > 1:
             lines += [f"  group {i}: {hp(g)}, {len(g['params'])} tensors" for i, g in enumerate(gs)]
         where = groups.index_of(gs)
