@@ -21,8 +21,9 @@ curvature on steps t with (t - i) mod k == 0, k = 10): one copy per step t = 1..
 having taken t real steps (so every block holds curvature and exactly the blocks due at t are armed);
 then, like the armed arm, it never steps again, so each timed step captures what step t of a staggered
 run captures. Its fused weight gradient (grad_from_jacobian, curvature work moved into the backward) is
-off, as it is in the armed arm, whose optimizer never steps: these rows time capture alone. The table
-gives the largest and the mean overhead over the k staggered steps.
+off, as it is in the armed arm, whose optimizer never steps: these rows time capture alone. They run in
+their own round robin against their own SGD arm (as the floor does); the table gives the largest and
+the mean overhead over the k staggered steps.
 
 A fourth step is the floor under the armed step (benchmarks/capture_floor.py): the same models' ops
 wrapped with the least a Python capture does per parameter use (one wrapper call, one identity
@@ -108,12 +109,14 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     assert not reuse._curvature_due(), "the reuse optimizer would capture"
     steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt),
              "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse)}
-    staggered = staggered_steps(plain, x, y, loss_fn)
-    steps.update(staggered)
     times = interleave(steps, repeats, warmup, clock)
     assert opt._ops.fwd > 0, "the capture never armed"
     assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
-    # the floor: a second round robin, its own SGD arm, the floor's wrappers installed only for it
+    # the staggered steps: their own round robin and SGD arm (ten more models in the first one would
+    # slow every arm of it by their cache and allocator traffic)
+    staggered = staggered_steps(plain, x, y, loss_fn)
+    stimes = interleave({"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y), **staggered}, repeats, warmup, clock)
+    # the floor: a third round robin, its own SGD arm, the floor's wrappers installed only for it
     floor = FloorCapture(copy.deepcopy(plain))
     floor.install()
     try:
@@ -128,7 +131,7 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     # round run back to back, so a load change between rounds cancels)
     ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
     ratios.append(statistics.median(t / s for t, s in zip(ftimes["sgd+floor"], ftimes["sgd"])))
-    stag = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in staggered]
+    stag = [statistics.median(t / s for t, s in zip(stimes[k], stimes["sgd"])) for k in staggered]
     return (*med, *ratios, len(floor.uses), max(stag), statistics.mean(stag))
 
 
