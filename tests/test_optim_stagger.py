@@ -203,3 +203,26 @@ def test_explain_says_staggered():
     opt = TENGraD(make_model("tokens"), stagger=True)
     assert "stagger=True" in opt.explain()
     assert "stagger" not in TENGraD(make_model("tokens")).explain()
+
+
+@pytest.mark.parametrize("staggered", [False, True])
+def test_remove_hooks_leaves_no_hook_behind(staggered):
+    """After some steps (block hook sets on and off in turn), remove_hooks() takes every hook of the
+    optimizer off every module, whichever sets were switched off at the time."""
+    torch.manual_seed(0)
+    model = TiedEncoderLM(batch_first=True).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, update_freq=3, stagger=staggered)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        (ids,), y = ids_batch(gen)
+        opt.zero_grad()
+        lm_loss(model(ids), y).backward()
+        opt.step()
+    (ids,), y = ids_batch(gen)
+    model(ids)      # the gate has switched the sets for step 3: emb's on (due), others off when staggered
+    opt.remove_hooks()
+    left = [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()
+            if m._forward_pre_hooks or m._forward_hooks]
+    assert not left, left

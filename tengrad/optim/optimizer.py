@@ -535,6 +535,7 @@ class TENGraD(torch.optim.Optimizer):
         for b in self.blocks:
             if b.capture is not None:
                 b.capture.remove()
+            b.hooks.remove()            # its cover hooks (op_capture.cover), wherever its set is now
         self._ops.remove()
         if self._dist is not None:
             self._dist.batch.remove()
