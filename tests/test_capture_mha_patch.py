@@ -45,6 +45,7 @@ def test_linear_is_swapped_only_inside_captured_forwards_and_always_restored():
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()          # curvature due: captured
     assert model.seen is not LINEAR and F.linear is LINEAR
+    assert "forward" not in model.mha.__dict__        # wrapped for the captured forward only
     mha_uses = [u for u in opt._ops.uses if "mha" in u.name]
     assert len(mha_uses) == 2 and all(u.grad is not None for u in mha_uses)   # in_proj and out_proj
     opt.step()
@@ -55,7 +56,27 @@ def test_linear_is_swapped_only_inside_captured_forwards_and_always_restored():
     with pytest.raises(AssertionError, match="embedding dimension"):
         model(torch.randn(4, 5, 7, dtype=torch.float64))   # curvature due again; the MHA raises inside
     assert F.linear is LINEAR
+    assert "forward" not in model.mha.__dict__        # its recording forward is gone again too
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()          # and the next captured forward works as before
     assert model.seen is not LINEAR and F.linear is LINEAR
     opt.step()
+
+
+def test_a_forward_of_the_users_own_on_the_attention_is_kept():
+    """An instance-level forward the user set on the MultiheadAttention runs inside the capture's
+    wrapper during captured forwards and is its forward again afterwards."""
+    model, opt = make()
+    calls = []
+    cls_forward = type(model.mha).forward
+
+    def own(*args, **kwargs):
+        calls.append(1)
+        return cls_forward(model.mha, *args, **kwargs)
+
+    model.mha.forward = own
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    opt.zero_grad()
+    F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
+    assert calls == [1] and model.mha.__dict__["forward"] is own
+    assert len([u for u in opt._ops.uses if "mha" in u.name]) == 2

@@ -15,18 +15,20 @@ output gradient (``grad``) or the curvature passes' rows (``rows``), as capture.
 
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
 ``covered``) are not recorded again: its forward pre-/post-hooks mark its parameters as covered.
-``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function that dispatches
-as one call; the mode runs it with its module-level ``linear`` replaced by a recording one (``composite``)
-so the projections inside are seen, and marks its uses *sequence first* (``seq_first``): [T, N, E]
-inputs and the out projection's [T*N, E] rows (t-major).
+``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function whose projections
+call functional's module-level ``linear``: during a captured forward that ``linear`` is a recording one
+(``_mha_linear``, swapped once per forward) that records while a MultiheadAttention forward runs
+(each such module's forward is wrapped for that forward, ``_mha_forwards``); the function called at the
+root under the mode is run with the recording ``linear`` too (``composite``). Those uses are marked
+*sequence first* (``seq_first``): [T, N, E] inputs and the out projection's [T*N, E] rows (t-major).
 
 Which hooks run (hookset.py): the root's gate pre-hook always; everything else only in forwards
 where curvature is due. ``hooks`` (the root's exit hook, the consistency check's) is on whenever
 some block is due; each block's own hooks (its LayerCapture, its ``cover`` hooks) sit in the block's
 HookSet, which the optimizer's ``select(due)`` switches per block; ``mode_hooks`` (the subtrees that
-suspend the mode) and ``mha_hooks`` (MultiheadAttention's recording) are on when ``select`` asks
-for the mode / the attention projections in this forward. Without staggering (stagger.py) every
-block is due together and ``select`` asks for both, as before.
+suspend the mode) are on when ``select`` asks for the mode in this forward; MultiheadAttention's
+recording (``_mha_forwards``) is installed when it asks for the attention projections. Without
+staggering (stagger.py) every block is due together and ``select`` asks for both.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ class OpCapture:
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
         self.hooks = HookSet()        # the capture's machinery: off while no curvature is due
         self.mode_hooks = HookSet()   # suspend the mode in covered subtrees: on when the mode runs
-        self.mha_hooks = HookSet()    # MultiheadAttention's recording: on when its projections are due
+        self._mhas: list[tuple[nn.Module, Callable]] = []   # (module, its recording forward)
+        self._mha_installed: list[tuple[nn.Module, object]] = []   # (module, its own instance forward or None)
         self._gate = model.register_forward_pre_hook(self._enter, with_kwargs=True)   # always on
         self._handles = [self.hooks.add(model.register_forward_hook(self._exit, always_call=True))]
 
@@ -126,7 +129,7 @@ class OpCapture:
     def _enter(self, module, args, kwargs) -> None:
         due = self._armed()
         mode, mha = self._select(due)       # switches the blocks' own hooks (per block)
-        for hooks, on in ((self.hooks, due), (self.mode_hooks, due and mode), (self.mha_hooks, due and mha)):
+        for hooks, on in ((self.hooks, due), (self.mode_hooks, due and mode)):
             if on != hooks.active:      # capture hooks exist only while they are needed (hookset.py)
                 (hooks.on if on else hooks.off)()
         if self._active or not (due and torch.is_grad_enabled() and module.training):
@@ -149,6 +152,31 @@ class OpCapture:
             self._linear_orig = g["linear"]
             g["linear"] = self._mha_linear
             self._patched = True
+            self._mha_forwards()
+
+    def _mha_forwards(self) -> None:
+        """Each MultiheadAttention's forward, for this captured forward only, is a wrapper that counts
+        the depth (``_enter_mha`` / ``_exit_mha``: its ``linear`` calls are recorded, sequence first).
+        An instance attribute rather than forward hooks: a module with hooks leaves torch's fast call
+        path (about 27 us per MultiheadAttention call here, measured), the attribute costs one Python
+        call; ``_exit`` takes it away again (a forward of the user's own on the instance is kept and
+        wrapped)."""
+        for mod, wrapper in self._mhas:
+            own = mod.__dict__.get("forward")
+            mod.__dict__["forward"] = wrapper
+            self._mha_installed.append((mod, own))
+
+    def _mha_wrapper(self, mod: nn.Module) -> Callable:
+        cls_forward = type(mod).forward
+
+        def forward(*args, **kwargs):
+            own = next((o for m, o in self._mha_installed if m is mod), None)
+            self._enter_mha()
+            try:
+                return own(*args, **kwargs) if own is not None else cls_forward(mod, *args, **kwargs)
+            finally:
+                self._exit_mha()
+        return forward
 
     def _mha_linear(self, *args, **kwargs):
         """functional's ``linear`` during a captured forward of a model with MultiheadAttention: a
@@ -166,6 +194,12 @@ class OpCapture:
 
     def _exit(self, module, args, output) -> None:
         self._active = False
+        for mod, own in self._mha_installed:
+            if own is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.__dict__["forward"] = own
+        self._mha_installed = []
         if self._patched:
             F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
             self._patched = False
@@ -208,7 +242,7 @@ class OpCapture:
                 continue
             if isinstance(mod, nn.MultiheadAttention):
                 self._has_mha = True
-                self._hook(mod, lambda m, a: self._enter_mha(), lambda m, a, o: self._exit_mha(), self.mha_hooks)
+                self._mhas.append((mod, self._mha_wrapper(mod)))
             if id(mod) in inside:
                 for hooks, h in self._cover_handles.pop(id(mod), []):
                     hooks.discard(h)
@@ -225,9 +259,9 @@ class OpCapture:
                 inside.update(id(s) for s in subtree if s is not mod)
 
     def _enter_mha(self) -> None:
-        """MultiheadAttention's forward in a captured forward: record its projections (``linear``
-        inside F.multi_head_attention_forward, ``_mha_linear``, installed by ``_enter`` for every
-        captured forward of a model that holds one) whether or not the mode runs or is suspended."""
+        """MultiheadAttention's forward in a captured forward (its wrapper, ``_mha_forwards``): record its
+        projections (``linear`` inside F.multi_head_attention_forward, ``_mha_linear``) whether or not
+        the mode runs or is suspended."""
         if not self._active:
             return
         self._mha_depth += 1
@@ -454,7 +488,7 @@ class OpCapture:
         self.edges = []
 
     def remove(self) -> None:
-        for hooks in (self.hooks, self.mode_hooks, self.mha_hooks):
+        for hooks in (self.hooks, self.mode_hooks):
             hooks.remove()
         self._gate.remove()
         self._handles = []
