@@ -28,11 +28,31 @@ def refreshes(step: int, index: int, k: int) -> bool:
     return step == 0 or (step - index) % k == 0
 
 
+class FreeHead(torch.nn.Module):
+    """Linear -> tanh -> F.linear with a free weight and bias: no module owns them, so they start as
+    fallback and become a block of their own (appended last) at the first captured step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 6)
+        self.w = torch.nn.Parameter(0.5 * torch.randn(3, 6))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(3))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.lin(x)), self.w, self.b)
+
+
 @pytest.mark.parametrize("kind,loss,path", [("tokens", "cross_entropy", "auto"), ("conv", "mse", "auto"),
-                                            ("tokens", "cross_entropy", "reuse"), ("conv", "cross_entropy", "reuse")])
+                                            ("tokens", "cross_entropy", "reuse"), ("conv", "cross_entropy", "reuse"),
+                                            ("free", "cross_entropy", "auto")])
 def test_staggered_steps_match_the_dense_oracle(kind, loss, path):
     k, lr, damping = 3, 0.3, 0.5
-    model = make_model(kind)
+    if kind == "free":
+        torch.manual_seed(0)
+        model = FreeHead().double()
+        kind = "mlp"
+    else:
+        model = make_model(kind)
     extra = {"max_jacobian_numel": 0} if path == "reuse" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # ConvSeqNet's PReLU falls back
@@ -45,14 +65,14 @@ def test_staggered_steps_match_the_dense_oracle(kind, loss, path):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, loss).items()}
         fishers[s], names = oracle_fisher(model, x, y, "empirical", loss)
-        kept = [b.curv for b in opt.blocks]
+        kept = {b.name: b.curv for b in opt.blocks}
         opt.zero_grad()
         if s % 2:
             opt.backward(model(x), y, loss=loss)
         else:
             LOSSES[loss](model(x), y).backward()
         opt.step()
-        fresh = [b.name for b, c in zip(opt.blocks, kept) if b.curv is not c]
+        fresh = [b.name for b in opt.blocks if b.curv is not kept.get(b.name)]   # new blocks too
         for i, b in enumerate(opt.blocks):
             if refreshes(s, i, k):
                 last[b.name] = s
@@ -70,6 +90,8 @@ def test_staggered_steps_match_the_dense_oracle(kind, loss, path):
             assert err <= 1e-8, (s, n, err)
     if path == "reuse":
         assert all(b.choice.path == "reuse" for b in opt.blocks)
+    if isinstance(model, FreeHead):       # promoted at step 0, then refreshed on its own phase
+        assert not opt.fallback and [b.param_names for b in opt.blocks][-1] == ["w", "b"]
 
 
 def test_staggered_tied_transformer_matches_the_oracle_and_arms_only_what_is_due():
