@@ -16,14 +16,14 @@ gate pre-hook runs, tengrad/optim/hookset.py). The last column is the overhead p
 over a cycle of TENGraD's default update_freq k = 10 (one armed step, nine reuse steps):
 (armed + 9 reuse) / (10 SGD) - 1.
 
-A set of staggered steps (``TENGraD(..., stagger=True)``, tengrad/optim/stagger.py: block i refreshes its
-curvature on steps t with (t - i) mod k == 0, k = 10): one copy per step t = 1..k of the cycle, each
-having taken t real steps (so every block holds curvature and exactly the blocks due at t are armed);
-then, like the armed arm, it never steps again, so each timed step captures what step t of a staggered
-run captures. Its fused weight gradient (grad_from_jacobian, curvature work moved into the backward) is
-off, as it is in the armed arm, whose optimizer never steps: these rows time capture alone. They run in
-their own round robin against their own SGD arm (as the floor does); the table gives the largest and
-the mean overhead over the k staggered steps.
+A staggered run (``TENGraD(..., stagger=True)``, tengrad/optim/stagger.py: block i refreshes its
+curvature on steps t with (t - i) mod k == 0, k = 10) trains: each timed step is the same SGD step
+with its capture armed for the blocks due at that step of the cycle, and TENGraD's own step (the
+curvature work, which moves the schedule on) runs untimed after it, so the timed steps include
+switching the blocks' hooks as training does. Its fused weight gradient (grad_from_jacobian,
+curvature work moved into the backward) is off, as it is in the armed arm: capture alone. It runs in
+its own round robin against its own SGD arm (as the floor does), at least ten cycles; the table
+gives the largest and the mean over the k steps of the cycle of the per-step median overhead.
 
 A fourth step is the floor under the armed step (benchmarks/capture_floor.py): the same models' ops
 wrapped with the least a Python capture does per parameter use (one wrapper call, one identity
@@ -73,24 +73,28 @@ def sgd_step(model, x, loss_fn, y, hooked=None, forward=None):
     return step
 
 
-def staggered_steps(plain, x, y, loss_fn, k: int = 10) -> dict:
-    """k copies of ``plain`` under TENGraD(stagger=True, update_freq=k), copy t after t real steps:
-    the step it times captures what step t of a staggered run captures (module docstring)."""
-    steps = {}
-    for t in range(1, k + 1):
-        model = copy.deepcopy(plain)
+class StaggeredRun:
+    """One model under TENGraD(stagger=True, update_freq=k) that trains: each timed step is zero_grad,
+    forward, backward and the SGD step (as the other arms); ``after`` (untimed) takes TENGraD's own
+    step, which does the curvature work and moves the schedule on, so the next timed step arms the
+    next blocks (their hook sets switched by the gate, as in training). ``phases`` holds the step of
+    the cycle (steps mod k) each timed step captured for."""
+
+    def __init__(self, plain, x, y, loss_fn, k: int = 10) -> None:
+        self.model = copy.deepcopy(plain)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = tengrad.TENGraD(model, lr=1e-3, damping=1.0, update_freq=k, stagger=True,
-                                  grad_from_jacobian=False)
-        for _ in range(t):
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-        due = [b.name for b in opt.blocks if opt._block_due(b)]   # none when k > number of blocks
-        assert len(due) < len(opt.blocks), f"staggered step {t} arms every block: {due}"
-        steps[f"stagger {t}"] = sgd_step(model, x, loss_fn, y, opt)
-    return steps
+            self.opt = tengrad.TENGraD(self.model, lr=1e-3, damping=1.0, update_freq=k, stagger=True,
+                                       grad_from_jacobian=False)
+        self.k = k
+        self.step = sgd_step(self.model, x, loss_fn, y, self.opt)
+        self.phases: list[int] = []
+        self.step()                      # step 0 refreshes every block: not part of the cycle
+        self.opt.step()
+
+    def after(self) -> None:
+        self.phases.append(self.opt._steps % self.k)
+        self.opt.step()
 
 
 def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, ...]:
@@ -112,10 +116,11 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     times = interleave(steps, repeats, warmup, clock)
     assert opt._ops.fwd > 0, "the capture never armed"
     assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
-    # the staggered steps: their own round robin and SGD arm (ten more models in the first one would
-    # slow every arm of it by their cache and allocator traffic)
-    staggered = staggered_steps(plain, x, y, loss_fn)
-    stimes = interleave({"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y), **staggered}, repeats, warmup, clock)
+    # the staggered run: its own round robin and SGD arm, every k-th round a whole cycle
+    run = StaggeredRun(plain, x, y, loss_fn)
+    srounds = max(repeats, 10 * run.k)     # at least ten samples of each step of the cycle
+    stimes = interleave({"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y), "stagger": run.step},
+                        srounds, warmup, clock, after={"stagger": run.after})
     # the floor: a third round robin, its own SGD arm, the floor's wrappers installed only for it
     floor = FloorCapture(copy.deepcopy(plain))
     floor.install()
@@ -131,21 +136,30 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     # round run back to back, so a load change between rounds cancels)
     ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
     ratios.append(statistics.median(t / s for t, s in zip(ftimes["sgd+floor"], ftimes["sgd"])))
-    stag = [statistics.median(t / s for t, s in zip(stimes[k], stimes["sgd"])) for k in staggered]
+    by_phase: dict[int, list[float]] = {}
+    for phase, t, s in zip(run.phases[-srounds:], stimes["stagger"], stimes["sgd"]):
+        by_phase.setdefault(phase, []).append(t / s)
+    stag = [statistics.median(r) for r in by_phase.values()]
     return (*med, *ratios, len(floor.uses), max(stag), statistics.mean(stag))
 
 
-def interleave(steps: dict, repeats: int, warmup: int, clock) -> dict[str, list[float]]:
-    """Round robin over ``steps`` (order alternated every round) after ``warmup`` rounds: times per step."""
+def interleave(steps: dict, repeats: int, warmup: int, clock, after: dict | None = None) -> dict[str, list[float]]:
+    """Round robin over ``steps`` (order alternated every round) after ``warmup`` rounds: times per step.
+    ``after[name]``, if given, runs untimed right after each call of step ``name``."""
+    after = after or {}
     times = {k: [] for k in steps}
     for _ in range(warmup):
-        for f in steps.values():
+        for k, f in steps.items():
             f()
+            if k in after:
+                after[k]()
     for r in range(repeats):
         for k, f in (steps.items() if r % 2 == 0 else reversed(steps.items())):
             t = clock()
             f()
             times[k].append(clock() - t)
+            if k in after:
+                after[k]()
     return times
 
 

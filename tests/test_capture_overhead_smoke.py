@@ -49,3 +49,20 @@ def test_capture_overhead_prints_a_row_per_model_and_size(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 3C1F") or line.startswith("| Transformer")]
     assert len(rows) == 3, out
     assert all(line.count("|") == 10 and line.rstrip().endswith(") |") for line in rows), rows
+
+
+def test_stagger_benchmark_prints_a_row_per_model():
+    """benchmarks/stagger.py: whole steps of TENGraD with and without stagger beside SGD; the row gives
+    the mean and costliest step of the cycle and all ten steps of the cycle for both (timings not
+    asserted)."""
+    from benchmarks import stagger
+
+    import io
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        stagger.main(["--cycles", "1", "--models", "transformer"])
+    rows = [line for line in buf.getvalue().splitlines() if line.startswith("| Transformer")]
+    assert len(rows) == 1, buf.getvalue()
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(cells) == 6 and all(len(c.split()) == 10 for c in cells[4:]), cells
