@@ -147,6 +147,7 @@ class TENGraD(torch.optim.Optimizer):
         self.stagger = stagger
         self._cycle = stagger_mod.CycleSums() if stagger else None   # noise sums over a cycle (stagger.py)
         self._hooks_on = True                    # some block's hooks are on (_select_hooks)
+        self._due_memo: tuple | None = None      # staggered: (steps, k, blocks due) for this step
         self._noise = NoiseScale()               # the noise ratio r for the next step (noisescale.py)
         self.generator = generator
         self.max_jacobian_numel = int(max_jacobian_numel)
@@ -203,8 +204,17 @@ class TENGraD(torch.optim.Optimizer):
         if self._dist is not None:
             return self._dist.curvature_due(self)
         if self.stagger:
-            return any(self._block_due(b) for b in self.blocks)
+            return bool(self._due_blocks())
         return self._steps % self.update_freq == 0 or any(b.curv is None for b in self.blocks)
+
+    def _due_blocks(self) -> list[Block]:
+        """Staggered: the blocks due at this step, worked out once per step (the gate asks before
+        every forward); ``step()``, a promotion and ``load_state_dict`` forget it."""
+        memo = self._due_memo
+        if memo is None or memo[0] != self._steps or memo[1] != self.update_freq:
+            memo = self._due_memo = (self._steps, self.update_freq,
+                                     [b for b in self.blocks if self._block_due(b)])
+        return memo[2]
 
     def _block_due(self, b: Block) -> bool:
         if self._dist is not None:
@@ -223,7 +233,7 @@ class TENGraD(torch.optim.Optimizer):
         becomes a block, blocks.promote)."""
         if not self.stagger:
             return self._tracked
-        ids = {id(p) for b in self.blocks if self._block_due(b) for p in b.params}
+        ids = {id(p) for b in self._due_blocks() for p in b.params}
         ids.update(id(p) for _, p in self.fallback)
         return {i: v for i, v in self._tracked.items() if i in ids}
 
@@ -235,17 +245,17 @@ class TENGraD(torch.optim.Optimizer):
         if not due and not self._hooks_on:
             return False, False
         self._hooks_on = due
-        mode = mha = False
-        for b in self.blocks:
-            on = due and (not self.stagger or self._block_due(b))
-            if on != b.hooks.active:
-                (b.hooks.on if on else b.hooks.off)()
-            if on:
-                mode = mode or b.mode_used is not False
-                mha = mha or b.mha_used is not False
         if not self.stagger:
+            for b in self.blocks:
+                if due != b.hooks.active:
+                    (b.hooks.on if due else b.hooks.off)()
             return due, due
-        return mode, mha
+        now = self._due_blocks() if due else []
+        on = {id(b) for b in now}
+        for b in self.blocks:
+            if (id(b) in on) != b.hooks.active:
+                (b.hooks.on if id(b) in on else b.hooks.off)()
+        return (any(b.mode_used is not False for b in now), any(b.mha_used is not False for b in now))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the output gradients captured since the last step."""
@@ -436,6 +446,7 @@ class TENGraD(torch.optim.Optimizer):
             if promoted:
                 where = groups.index_of(self.param_groups)
                 self._number_blocks()
+                self._due_memo = None
         by_block: dict[int, list] = {}
         owner = {id(p): i for i, b in enumerate(self.blocks) for p in b.params}
         for u in op_uses:
@@ -509,6 +520,7 @@ class TENGraD(torch.optim.Optimizer):
         self.skipped = skipped
         stepctl.apply(self, directions, nu)
         self._steps += 1
+        self._due_memo = None
         return loss
 
     # ------------------------------------------------------------------ state
@@ -526,6 +538,7 @@ class TENGraD(torch.optim.Optimizer):
         own_generator = None if self._dist is None else self._dist.before_load(self)
         super().load_state_dict(base)
         checkpoint.apply(self, prepared)
+        self._due_memo = None
         if self._dist is not None:
             self._dist.after_load(self, own_generator)   # curvature recomputed next step; own MC stream
         self.skipped = {}
