@@ -224,10 +224,11 @@ class OpCapture:
     def skip_builtin_subtrees(self, model: nn.Module, covered: set[int]) -> None:
         """Suspend the mode inside torch.nn modules whose whole subtree is torch.nn modules and whose
         trainable parameters are all captured otherwise (module-level blocks, MultiheadAttention's
-        hooks): torch.nn's own forwards read a parameter only through its owner's forward or inside
+        recording forward): torch.nn's own forwards read a parameter only through its owner's forward or inside
         F.multi_head_attention_forward, so the mode would see nothing there (and costs per op).
 
-        Only the outermost such subtrees get the suspending hooks, and the ``cover`` hooks of blocks
+        Every nn.MultiheadAttention found gets its recording forward (``_mha_wrapper``). Only the
+        outermost such subtrees get the suspending hooks, and the ``cover`` hooks of blocks
         strictly inside them are removed: the mode is already off there, and no op call inside can
         read those blocks' parameters (the only recording inside, MultiheadAttention's ``linear``,
         reads its own parameters, whose owners' forwards never run). Every hooked module costs a
