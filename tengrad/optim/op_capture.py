@@ -120,7 +120,7 @@ class OpCapture:
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
         self.hooks = HookSet()        # the capture's machinery: off while no curvature is due
         self.mode_hooks = HookSet()   # suspend the mode in covered subtrees: on when the mode runs
-        self._mhas: list[tuple[nn.Module, Callable]] = []   # (module, its recording forward)
+        self._mhas: list[nn.Module] = []    # every nn.MultiheadAttention of the model
         self._mha_installed: list[tuple[nn.Module, object]] = []   # (module, its own instance forward or None)
         self._gate = model.register_forward_pre_hook(self._enter, with_kwargs=True)   # always on
         self._handles = [self.hooks.add(model.register_forward_hook(self._exit, always_call=True))]
@@ -161,19 +161,16 @@ class OpCapture:
         path (about 27 us per MultiheadAttention call here, measured), the attribute costs one Python
         call; ``_exit`` takes it away again (a forward of the user's own on the instance is kept and
         wrapped)."""
-        for mod, wrapper in self._mhas:
+        for mod in self._mhas:
             own = mod.__dict__.get("forward")
-            mod.__dict__["forward"] = wrapper
+            mod.__dict__["forward"] = self._mha_wrapper(own if own is not None else mod.forward)
             self._mha_installed.append((mod, own))
 
-    def _mha_wrapper(self, mod: nn.Module) -> Callable:
-        cls_forward = type(mod).forward
-
+    def _mha_wrapper(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
-            own = next((o for m, o in self._mha_installed if m is mod), None)
             self._enter_mha()
             try:
-                return own(*args, **kwargs) if own is not None else cls_forward(mod, *args, **kwargs)
+                return inner(*args, **kwargs)
             finally:
                 self._exit_mha()
         return forward
@@ -227,7 +224,7 @@ class OpCapture:
         recording forward): torch.nn's own forwards read a parameter only through its owner's forward or inside
         F.multi_head_attention_forward, so the mode would see nothing there (and costs per op).
 
-        Every nn.MultiheadAttention found gets its recording forward (``_mha_wrapper``). Only the
+        Every nn.MultiheadAttention found gets its recording forward (``_mha_forwards``). Only the
         outermost such subtrees get the suspending hooks, and the ``cover`` hooks of blocks
         strictly inside them are removed: the mode is already off there, and no op call inside can
         read those blocks' parameters (the only recording inside, MultiheadAttention's ``linear``,
@@ -243,7 +240,7 @@ class OpCapture:
                 continue
             if isinstance(mod, nn.MultiheadAttention):
                 self._has_mha = True
-                self._mhas.append((mod, self._mha_wrapper(mod)))
+                self._mhas.append(mod)
             if id(mod) in inside:
                 for hooks, h in self._cover_handles.pop(id(mod), []):
                     hooks.discard(h)

@@ -429,7 +429,6 @@ class TENGraD(torch.optim.Optimizer):
                                "out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss=...); "
                                "opt.step() instead of loss.backward()")
         where = groups.index_of(self.param_groups)
-        due = self._steps % self.update_freq == 0
         new_curv: dict[int, woodbury.BlockCurvature] = {}
         skipped: dict[str, str] = {}
         directions: list[tuple[Tensor, Tensor, Tensor, dict]] = []     # (param, d, g, group)
@@ -460,7 +459,7 @@ class TENGraD(torch.optim.Optimizer):
                 for i, b in enumerate(self.blocks if self._dist is None else ()):
                     group = self.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
                     a, wd = group["damping"], group["weight_decay"]
-                    curvature_step = self._block_due(b) if self.stagger else (due or b.curv is None)
+                    curvature_step = self._block_due(b)    # this step refreshes b (staggered or not)
                     recs = b.capture.take_all() if (curvature_step and b.capture is not None) else []
                     if b.capture is not None:
                         b.capture.clear()
