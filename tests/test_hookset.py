@@ -1,5 +1,6 @@
-"""Capture hooks exist only while curvature is due (hookset.py): reuse steps run the model on torch's
-fast call path, and hooks come back in their old place among the user's hooks."""
+"""Capture exists only while curvature is due: reuse steps run the model on torch's fast call path
+(forward_wrap.py, hookset.py), and hooks switched off come back in their old place among the user's
+hooks."""
 from __future__ import annotations
 
 import warnings
@@ -44,25 +45,36 @@ def _hooked(model):
     return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
 
 
-def test_reuse_steps_run_without_capture_hooks():
+def _wrapped(model):
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def test_capture_runs_in_forward_wrappers_only_on_curvature_steps():
+    """Curvature steps: the blocks' modules run a capture wrapper as their instance forward for that
+    forward only (forward_wrap.py), none is left after it, and no module but the root has a hook;
+    reuse steps: only the root's gate (one pre-hook), nothing wrapped."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, 0.1, 1.0, update_freq=3)
+    inside = []
+    model[1].register_forward_hook(lambda m, a, o: inside.append(_wrapped(model)))
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (5,))
     seen = []
     for step in range(7):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        seen.append((_hooked(model), len(model._forward_hooks), len(model._forward_pre_hooks)))
+        seen.append((_hooked(model), _wrapped(model), len(model._forward_hooks), len(model._forward_pre_hooks)))
         opt.step()
-    for step, (hooked, post, pre) in enumerate(seen):
-        if step % 3 == 0:     # curvature steps: the blocks' capture hooks and the root's
-            assert {"", "0", "2"} <= set(hooked) and post >= 1, (step, hooked)
+    for step, ((hooked, wrapped, post, pre), during) in enumerate(zip(seen, inside)):
+        assert wrapped == [] and hooked[0] == "" and set(hooked) <= {"", "1"}, (step, hooked, wrapped)
+        if step % 3 == 0:     # curvature steps: the blocks' capture wrappers during the forward ("1", the
+            #                   parameter-free Tanh, suspends the op-level mode), the root's exit hook
+            assert during == ["0", "1", "2"] and post >= 1, (step, during, post)
         else:                 # reuse steps: only the root's gate (one pre-hook)
-            assert hooked == [""] and post == 0 and pre == 1, (step, hooked, post, pre)
+            assert during == [] and post == 0 and pre == 1, (step, during, post, pre)
     assert opt.blocks[0].curv is not None and opt.blocks[0].curv.m == 5
 
 

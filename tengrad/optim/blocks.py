@@ -19,7 +19,6 @@ from tengrad.errors import UnsupportedLayerError
 from tengrad.optim import groups
 from tengrad.optim.capture import LayerCapture
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.hookset import HookSet
 from tengrad.optim.paths import PathChoice
 from tengrad.optim.woodbury import BlockCurvature
 
@@ -36,7 +35,6 @@ class Block:
     choice: PathChoice | None = None
     choices: dict[tuple, PathChoice] = field(default_factory=dict)   # by (x.shape, gy.shape)
     uses: list[str] = field(default_factory=list)   # the calls of the last curvature step (several: shared.py)
-    hooks: HookSet = field(default_factory=HookSet)  # its capture hooks, on while it is due (op_capture.py)
     phase: int = 0                  # its index: the step offset of its curvature under stagger.py
     mode_used: bool | None = None   # its last capture had op-level uses outside MultiheadAttention
     mha_used: bool | None = None    # ... inside MultiheadAttention (None: not captured yet)

@@ -1,4 +1,4 @@
-"""Hooks that keep what one Fisher block needs: the layer input x and its per-sample output gradients.
+"""The capture of a module-level block: the layer input x and its per-sample output gradients.
 
 For a batch of m samples and a mean-reduced loss L = (1/m) sum_i l_i, autograd hands the layer's output
 y (shape [m, ...]) the gradient ``grad = dL/dy = (1/m) dl_i/dy_i``; the per-sample output gradient is
@@ -13,6 +13,13 @@ Capture rules (documented in the optimizer too):
   requires grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad
   forwards between steps therefore never touch what is captured nor the stored curvature.
 * Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
+* Only calls inside the root model's forward are seen: the capture is the module's forward wrapper
+  (``LayerCapture.wrap``), installed for each captured root forward by op_capture.py
+  (forward_wrap.py: an instance ``forward`` for that forward only, no module hooks; a block whose
+  module is the root model itself captures through hooks, ``attach``). A module called outside the
+  root's forward with gradients flowing to the loss leaves its block's gradient with a part the
+  curvature does not see: the consistency check (consistency.py, on each block's first curvature step
+  by default, every step with ``check=True``) refuses that step naming the layer.
 * The record holds ``x.detach()`` (no copy) and gets its gradients from a hook on the output.
   A tensor hook sees the gradient of the output as the layer produced it, even if a later op modifies
   it in place (e.g. ``ReLU(inplace=True)``).
@@ -32,9 +39,8 @@ Gradient from the Jacobian (``fuse_shape`` / ``on_fused_grad``, set by the optim
 an explicit Jacobian, on curvature steps of the empirical Fisher): the curvature step forms the per-sample
 Jacobian J anyway, and g = J^T 1 / m is its column mean, so computing the ordinary weight gradient as
 well is redundant (for a 3x3 conv on 28x28 it costs as much as J itself). When the input of an armed
-call has shape ``fuse_shape`` and requires grad, a forward pre-hook hands the module *detached* views of
-the block's parameters for that one call (restored by the forward hook, which runs even when the
-forward raises); autograd then skips those weight gradients, and the output hook calls
+call has shape ``fuse_shape`` and requires grad, the wrapper hands the module *detached* views of
+the block's parameters for that one call (put back when the call returns or raises); autograd then skips those weight gradients, and the output hook calls
 ``on_fused_grad(record, grad)``, which forms J, keeps it in ``record.jac`` and accumulates its column sums
 into ``param.grad`` (so ``param.grad`` is there after ``backward()`` as usual).
 """
@@ -154,7 +160,10 @@ def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
 
 
 class LayerCapture:
-    """Forward hook plus output tensor hook on one module; see the module docstring for the rules.
+    """The capture of one module-level block: a forward wrapper (``wrap``) that op_capture.py installs on
+    the module for each captured root forward in which the block is due (forward_wrap.py: the module's
+    instance forward for that forward only, no module hooks), plus the output gradient hook it
+    registers; see the module docstring for the rules.
 
     ``armed()`` says whether the optimizer wants a record for its next step; ``phase()`` returns
     GRADIENT or CURVATURE for the backward pass that is running.
@@ -163,7 +172,7 @@ class LayerCapture:
     def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
                  phase: Callable[[], str], keep_edges: bool = False,
                  training: Callable[[], bool] | None = None,
-                 forward_id: Callable[[], int] | None = None, hooks=None) -> None:
+                 forward_id: Callable[[], int] | None = None) -> None:
         self._forward_id = forward_id or (lambda: 0)
         self.name = name
         self.module = module
@@ -179,55 +188,76 @@ class LayerCapture:
         self.fuse_params: list[tuple[str, Tensor]] = []
         self.on_fused_grad: Callable[[Record, Tensor], None] | None = None
         self.fused_calls = 0
-        self._swapped: list[tuple[str, Tensor]] = []
-        self._hooks = hooks
-        self._pre_handle = None
-        self._handle = self._track(module.register_forward_hook(self._forward, always_call=True))
-
-    def _track(self, handle):
-        return handle if self._hooks is None else self._hooks.add(handle)
+        self.removed = False
 
     def set_fuse(self, shape: tuple[int, ...] | None) -> None:
-        """Detach the block's parameters for armed calls with inputs of ``shape`` (None: never); the
-        forward pre-hook exists only while a shape is set (a hook costs every call)."""
+        """Detach the block's parameters for armed calls with inputs of ``shape`` (None: never)."""
         self.fuse_shape = shape
-        if shape is not None and self._pre_handle is None:
-            self._pre_handle = self._track(self.module.register_forward_pre_hook(self._pre))
-        elif shape is None and self._pre_handle is not None:
-            if self._hooks is None:
-                self._pre_handle.remove()
-            else:
-                self._hooks.discard(self._pre_handle)
-            self._pre_handle = None
 
-    def _pre(self, module: nn.Module, args: tuple) -> None:
-        self._swapped = []
-        if self.fuse_shape is None or self.on_fused_grad is None or not self.fuse_params:
-            return
+    def wrap(self, inner: Callable) -> Callable:
+        """The module's forward for one captured root forward: ``inner`` (its own forward) with the
+        fused-gradient parameter swap around it and the capture of (x, output) after it."""
+        if self.removed:
+            return inner
+
+        def forward(*args, **kwargs):
+            swapped = self._swap(args) if self.fuse_shape is not None else None
+            if swapped is None:
+                out = inner(*args, **kwargs)
+            else:
+                own = self.module._parameters
+                try:
+                    out = inner(*args, **kwargs)
+                finally:                # put the parameters back, also when the forward raises
+                    for name, p in swapped:
+                        own[name] = p
+            self._forward(args, out, swapped)
+            return out
+        return forward
+
+    def attach(self, hooks) -> None:
+        """Capture through forward hooks instead (in ``hooks``, a HookSet): for a block whose module is
+        the root model itself, whose forward is already under way when the gate installs the wrappers
+        (``Module._call_impl`` looks ``forward`` up before it runs the pre-hooks). The root takes
+        torch's slow call path anyway (the gate is a pre-hook)."""
+        self._pre_swapped = None
+        hooks.add(self.module.register_forward_pre_hook(self._pre_hook))
+        hooks.add(self.module.register_forward_hook(self._post_hook, always_call=True))
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        self._pre_swapped = self._swap(args) if self.fuse_shape is not None and not self.removed else None
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        swapped, self._pre_swapped = self._pre_swapped, None
+        for name, p in swapped or ():
+            module._parameters[name] = p
+        if not self.removed:
+            self._forward(args, output, swapped)
+
+    def _swap(self, args: tuple) -> list[tuple[str, Tensor]] | None:
+        """Hand the module detached views of the block's parameters for this call (module docstring:
+        gradient from the Jacobian); the swapped (name, parameter) pairs, or None."""
+        if self.on_fused_grad is None or not self.fuse_params:
+            return None
         if not (args and isinstance(args[0], Tensor) and args[0].requires_grad
                 and tuple(args[0].shape) == self.fuse_shape):
-            return
+            return None
         if not (torch.is_grad_enabled() and self._training() and self._armed()) or _transformed(args[0]):
-            return
-        own = module._parameters
+            return None
+        own = self.module._parameters
         if any(own.get(name) is not p for name, p in self.fuse_params):
-            return   # the module's parameters were replaced: leave this call alone
+            return None   # the module's parameters were replaced: leave this call alone
         for name, p in self.fuse_params:
             own[name] = p.detach()
-        self._swapped = list(self.fuse_params)
+        return list(self.fuse_params)
 
-    def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        swapped = self._swapped
-        if swapped:
-            self._swapped = []
-            for name, p in swapped:
-                module._parameters[name] = p
+    def _forward(self, args: tuple, output: object, swapped) -> None:
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
             return
         if not args or not isinstance(args[0], Tensor):
-            raise TENGraDError(f"layer {self.name!r} ({type(module).__name__}): TENGraD needs the "
+            raise TENGraDError(f"layer {self.name!r} ({type(self.module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
         record = Record(args[0].detach(), self._forward_id())
         if not (swapped or self._keep_edges_asked):
@@ -280,6 +310,5 @@ class LayerCapture:
         self._edges = []
 
     def remove(self) -> None:
-        self._handle.remove()
-        if self._pre_handle is not None:
-            self._pre_handle.remove()
+        """Never capture again (a wrapper made later passes the forward through)."""
+        self.removed = True

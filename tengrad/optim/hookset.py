@@ -1,10 +1,14 @@
 """Module hooks that are switched off while no curvature is due, and on again in their old place.
 
+TENGraD's capture inside a forward runs in per-forward wrappers (forward_wrap.py), not hooks; what is
+left here are hooks on the root model (op_capture.py's exit hook, the consistency check's forward
+hook, the capture of a block whose module is the root itself), whose on/off switch this keeps in order.
+
 A module with any forward hook leaves torch's fast call path (``Module._call_impl`` runs its hook
 machinery: about 5-10 us of Python per call on a 2-core EPYC), so a model with a dozen hooked layers
-pays a few percent per step even when every hook returns at once. TENGraD's capture hooks are
-needed only on steps whose curvature is due (update_freq k: one step in k), so the optimizer keeps
-them in a ``HookSet`` and switches it off on the other steps (``TENGraD._sync_hooks``).
+pays a few percent per step even when every hook returns at once. TENGraD's hooks are needed only
+on steps whose curvature is due (update_freq k: one step in k), so they sit in a ``HookSet`` that
+the gate (``OpCapture._enter``) switches off on the other steps.
 
 ``off()`` takes each hook's entry out of the module's hook dicts (and the ``with_kwargs`` /
 ``always_call`` dicts its handle names) and remembers the order of the dict; ``on()`` puts it back

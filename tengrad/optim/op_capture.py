@@ -14,21 +14,22 @@ op's parameter tensors sits in its parameter (``(param, first row)``; a slice su
 output gradient (``grad``) or the curvature passes' rows (``rows``), as capture.py's Record does.
 
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
-``covered``) are not recorded again: its forward pre-/post-hooks mark its parameters as covered.
+``covered``) are not recorded again: its ``cover`` wrapper marks its parameters as covered.
 ``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function whose projections
 call functional's module-level ``linear``: during a captured forward that ``linear`` is a recording one
 (``_mha_linear``, swapped once per forward) that records while a MultiheadAttention forward runs
-(each such module's forward is wrapped for that forward, ``_mha_forwards``); the function called at the
+(each such module's forward is wrapped for that forward, ``_mha_wrapper``); the function called at the
 root under the mode is run with the recording ``linear`` too (``composite``). Those uses are marked
 *sequence first* (``seq_first``): [T, N, E] inputs and the out projection's [T*N, E] rows (t-major).
 
-Which hooks run (hookset.py): the root's gate pre-hook always; everything else only in forwards
-where curvature is due. ``hooks`` (the root's exit hook, the consistency check's) is on whenever
-some block is due; each block's own hooks (its LayerCapture, its ``cover`` hooks) sit in the block's
-HookSet, which the optimizer's ``select(due)`` switches per block; ``mode_hooks`` (the subtrees that
-suspend the mode) are on when ``select`` asks for the mode in this forward; MultiheadAttention's
-recording (``_mha_forwards``) is installed when it asks for the attention projections. Without
-staggering (stagger.py) every block is due together and ``select`` asks for both.
+What runs when: the root's gate pre-hook always; everything else only in forwards where curvature
+is due. ``hooks`` (hookset.py: the root's exit hook, the consistency check's) is on whenever some
+block is due. Inside a captured forward nothing is a module hook: the gate installs *wrappers*
+(forward_wrap.py, ``_install``; taken away by the exit hook) - the due blocks' LayerCaptures (which
+``select(due)`` hands over), around each its ``cover`` when the mode runs, the mode's suspension in
+covered subtrees when the mode runs, and MultiheadAttention's recording when ``select`` asks for the
+attention projections. Without staggering (stagger.py) every block is due together and ``select``
+asks for everything.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from tengrad.compiled import CompiledLayer
 from tengrad.errors import TengradError
 from tengrad.optim import op_specs
 from tengrad.optim.capture import _transformed, keep_grad, on_grad, store_grad
+from tengrad.optim.forward_wrap import ForwardWraps
 from tengrad.optim.hookset import HookSet
 
 try:
@@ -88,7 +90,7 @@ class OpCapture:
     def __init__(self, model: nn.Module, params: Callable[[], dict[int, tuple[str, Tensor]]],
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
                  keep_edges: bool = False,
-                 select: Callable[[bool], tuple[bool, bool]] | None = None) -> None:
+                 select: Callable[[bool], tuple[bool, bool, list]] | None = None) -> None:
         self.model = model
         self.params = params
         self._armed = armed
@@ -104,7 +106,7 @@ class OpCapture:
         self.batches: dict[int, int | None] = {}
         self.m: int | None = None
         self._seq = 0
-        self._select = select or (lambda due: (due, due))
+        self._select = select or (lambda due: (due, due, []))
         self._active = False    # a captured root forward is running
         self._mode: _Mode | None = None
         self._suspended = 0     # depth of module-captured forwards the mode is suspended in
@@ -115,23 +117,22 @@ class OpCapture:
         self._plans: dict = {}
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
-        self._cover_handles: dict[int, list] = {}   # id(module) -> [(its HookSet, handle), ...]
+        self._covers: dict[int, list[int]] = {}     # id(module) -> ids of its block's parameters (cover)
+        self._suspenders: list[nn.Module] = []      # roots of subtrees the mode is suspended in
+        self._wraps = ForwardWraps()                # this captured forward's module wrappers
         self._covering = 0      # module-captured forwards running (their parameters are covered)
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
-        self.hooks = HookSet()        # the capture's machinery: off while no curvature is due
-        self.mode_hooks = HookSet()   # suspend the mode in covered subtrees: on when the mode runs
+        self.hooks = HookSet()        # the root's exit hook (and the consistency check's): off while no curvature is due
         self._mhas: list[nn.Module] = []    # every nn.MultiheadAttention of the model
-        self._mha_installed: list[tuple[nn.Module, object]] = []   # (module, its own instance forward or None)
         self._gate = model.register_forward_pre_hook(self._enter, with_kwargs=True)   # always on
         self._handles = [self.hooks.add(model.register_forward_hook(self._exit, always_call=True))]
 
     # ------------------------------------------------------------------ root forward
     def _enter(self, module, args, kwargs) -> None:
         due = self._armed()
-        mode, mha = self._select(due)       # switches the blocks' own hooks (per block)
-        for hooks, on in ((self.hooks, due), (self.mode_hooks, due and mode)):
-            if on != hooks.active:      # capture hooks exist only while they are needed (hookset.py)
-                (hooks.on if on else hooks.off)()
+        mode, mha, captures = self._select(due)     # what this forward needs, if it is captured
+        if due != self.hooks.active:    # the exit hook exists only while it is needed (hookset.py)
+            (self.hooks.on if due else self.hooks.off)()
         if self._active or not (due and torch.is_grad_enabled() and module.training):
             return
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
@@ -147,24 +148,43 @@ class OpCapture:
         if mode:
             self._mode = _Mode(self)
             self._mode.__enter__()
-        if self._has_mha and mha:
+        mha = self._has_mha and mha
+        if mha:
             g = F.multi_head_attention_forward.__globals__
             self._linear_orig = g["linear"]
             g["linear"] = self._mha_linear
             self._patched = True
-            self._mha_forwards()
+        self._install(mode, mha, captures)
 
-    def _mha_forwards(self) -> None:
-        """Each MultiheadAttention's forward, for this captured forward only, is a wrapper that counts
-        the depth (``_enter_mha`` / ``_exit_mha``: its ``linear`` calls are recorded, sequence first).
-        An instance attribute rather than forward hooks: a module with hooks leaves torch's fast call
-        path (about 27 us per MultiheadAttention call here, measured), the attribute costs one Python
-        call; ``_exit`` takes it away again (a forward of the user's own on the instance is kept and
-        wrapped)."""
-        for mod in self._mhas:
-            own = mod.__dict__.get("forward")
-            mod.__dict__["forward"] = self._mha_wrapper(own if own is not None else mod.forward)
-            self._mha_installed.append((mod, own))
+    def _install(self, mode: bool, mha: bool, captures: list) -> None:
+        """This captured forward's module wrappers (forward_wrap.py: instance forwards, taken away by
+        ``_exit``), outermost first per module: the mode suspended in covered subtrees (``_suspend_wrap``,
+        when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode runs) around its
+        capture (``captures``: (module, make) of the due blocks' LayerCaptures), and each
+        MultiheadAttention's recording forward (``_mha_wrapper``: its ``linear`` calls are recorded,
+        sequence first). Wrappers rather than forward hooks: a module with hooks leaves torch's fast
+        call path (about 5 us per module call, 27 us per MultiheadAttention call here, measured), a
+        wrapper costs one Python call, and installing it is a dict write."""
+        plan: dict[int, tuple[nn.Module, list]] = {}
+
+        def add(mod, make):
+            plan.setdefault(id(mod), (mod, []))[1].append(make)
+
+        if mode:
+            for mod in self._suspenders:
+                add(mod, self._suspend_wrap)
+        for mod, make in captures:
+            if mod is self.model:       # the root's own capture runs in hooks (LayerCapture.attach)
+                continue
+            ids = self._covers.get(id(mod)) if mode else None
+            if ids is not None:
+                add(mod, self._cover_wrap(ids))
+            add(mod, make)
+        if mha:
+            for mod in self._mhas:
+                add(mod, self._mha_wrapper)
+        for mod, makers in plan.values():
+            self._wraps.install(mod, makers)
 
     def _mha_wrapper(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
@@ -191,12 +211,7 @@ class OpCapture:
 
     def _exit(self, module, args, output) -> None:
         self._active = False
-        for mod, own in self._mha_installed:
-            if own is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.__dict__["forward"] = own
-        self._mha_installed = []
+        self._wraps.restore()
         if self._patched:
             F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
             self._patched = False
@@ -242,9 +257,7 @@ class OpCapture:
                 self._has_mha = True
                 self._mhas.append(mod)
             if id(mod) in inside:
-                for hooks, h in self._cover_handles.pop(id(mod), []):
-                    hooks.discard(h)
-                    self._handles.remove(h)
+                self._covers.pop(id(mod), None)
                 continue
             subtree = list(mod.modules())
             if not all(builtin(s) for s in subtree):
@@ -252,8 +265,8 @@ class OpCapture:
             handled = covered | {id(p) for s in subtree if isinstance(s, nn.MultiheadAttention)
                                  for p in s.parameters(recurse=False)}
             if all(id(p) in handled for p in mod.parameters() if p.requires_grad):
-                if id(mod) not in self._cover_handles:   # a covered module suspends the mode itself
-                    self._hook(mod, lambda m, a: self._suspend(), lambda m, a, o: self._resume(), self.mode_hooks)
+                if id(mod) not in self._covers:   # a covered module suspends the mode itself
+                    self._suspenders.append(mod)
                 inside.update(id(s) for s in subtree if s is not mod)
 
     def _enter_mha(self) -> None:
@@ -271,38 +284,65 @@ class OpCapture:
         self._mha_depth -= 1
         self._seq -= 1
 
-    def cover(self, module: nn.Module, params: list[Tensor], hooks: HookSet | None = None) -> None:
-        """``module`` is captured at module level: the mode is suspended inside its forward (its inner
-        ops are not captured again, and cost nothing), and its parameters count as covered there.
-        The two hooks go into ``hooks`` (the block's own set; default: the machinery's)."""
+    def cover(self, module: nn.Module, params: list[Tensor]) -> None:
+        """``module`` is captured at module level: while the mode runs, it is suspended inside the
+        module's forward (its inner ops are not captured again, and cost nothing), and its parameters
+        count as covered there (``_cover_wrap``, installed around the block's capture when it is due)."""
         ids = [id(p) for p in params]
+        if module is self.model:    # already running when the gate installs wrappers: hooks after the gate's
+            state = {}
 
-        def pre(mod, args):
-            if self._mode is None:
-                return
-            for i in ids:
-                self.covered[i] = self.covered.get(i, 0) + 1
-            self._covering += 1
+            def enter(mod, args):
+                if self._mode is None:
+                    return
+                for i in ids:
+                    self.covered[i] = self.covered.get(i, 0) + 1
+                self._covering += 1
+                self._suspend()
+                state["on"] = True
+
+            def leave(mod, args, out):
+                if not state.pop("on", False):
+                    return
+                for i in ids:
+                    self.covered[i] -= 1
+                self._covering -= 1
+                self._resume()
+
+            self._handles += [self.hooks.add(module.register_forward_pre_hook(enter)),
+                              self.hooks.add(module.register_forward_hook(leave, always_call=True))]
+            return
+        self._covers[id(module)] = ids
+
+    def _suspend_wrap(self, inner: Callable) -> Callable:
+        def forward(*args, **kwargs):
             self._suspend()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._resume()
+        return forward
 
-        def post(mod, args, out):
-            if self._mode is None or not self._covering:
-                return
-            for i in ids:
-                self.covered[i] -= 1
-            self._covering -= 1
-            self._resume()
+    def _cover_wrap(self, ids: list[int]) -> Callable:
+        covered = self.covered
 
-        hooks = hooks if hooks is not None else self.hooks
-        self._cover_handles.setdefault(id(module), []).extend(
-            (hooks, h) for h in self._hook(module, pre, post, hooks))
-
-    def _hook(self, module: nn.Module, pre, post, hooks: HookSet | None = None) -> list:
-        hooks = hooks if hooks is not None else self.hooks
-        handles = [hooks.add(module.register_forward_pre_hook(pre)),
-                   hooks.add(module.register_forward_hook(post, always_call=True))]
-        self._handles += handles
-        return handles
+        def make(inner: Callable) -> Callable:
+            def forward(*args, **kwargs):
+                if self._mode is None:
+                    return inner(*args, **kwargs)
+                for i in ids:
+                    covered[i] = covered.get(i, 0) + 1
+                self._covering += 1
+                self._suspend()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    for i in ids:
+                        covered[i] -= 1
+                    self._covering -= 1
+                    self._resume()
+            return forward
+        return make
 
     # ------------------------------------------------------------------ inside the mode
     def composite(self, mode: _Mode, func, args, kwargs):
@@ -486,10 +526,13 @@ class OpCapture:
         self.edges = []
 
     def remove(self) -> None:
-        for hooks in (self.hooks, self.mode_hooks):
-            hooks.remove()
+        self.hooks.remove()
         self._gate.remove()
         self._handles = []
+        self._covers.clear()
+        self._suspenders = []
+        self._mhas = []
+        self._has_mha = False
 
 
 def _first_row(t: Tensor, p: Tensor) -> int | None:

@@ -146,7 +146,8 @@ class TENGraD(torch.optim.Optimizer):
                                "steps for all ranks together (distributed.py)")
         self.stagger = stagger
         self._cycle = stagger_mod.CycleSums() if stagger else None   # noise sums over a cycle (stagger.py)
-        self._hooks_on = True                    # some block's hooks are on (_select_hooks)
+        self._select_memo: tuple | None = None   # staggered: (due memo, _select_hooks's answer)
+        self._tracked_memo: tuple | None = None  # staggered: (due memo, _tracked_params's answer)
         self._due_memo: tuple | None = None      # staggered: (steps, k, blocks due) for this step
         self._noise = NoiseScale()               # the noise ratio r for the next step (noisescale.py)
         self.generator = generator
@@ -179,13 +180,16 @@ class TENGraD(torch.optim.Optimizer):
                 continue
             b.capture = LayerCapture(b.name, b.module, partial(self._block_due, b), lambda: self._phase,
                                      keep_edges=fisher != "empirical", training=lambda: model.training,
-                                     forward_id=lambda: self._ops.fwd, hooks=b.hooks)
+                                     forward_id=lambda: self._ops.fwd)
             b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
             b.capture.on_fused_grad = partial(self._fused_grad, b)
-            self._ops.cover(b.module, b.params, b.hooks)
+            if b.module is model:      # the root: hooks after the gate's (forward_wrap.py wraps submodules)
+                b.capture.attach(self._ops.hooks)
+            self._ops.cover(b.module, b.params)
         self._ops.skip_builtin_subtrees(model, {id(p) for b in self.blocks if b.capture is not None
                                                 for p in b.params})
         self._consistency.names = {b.name for b in self.blocks}
+        self._all_captures = [(b.module, b.capture.wrap) for b in self.blocks if b.capture is not None]
         self._labels = {id(p): f"layer {b.name!r}" for b in self.blocks for p in b.params}
         self._labels.update({id(p): f"parameter {n!r}" for n, p in self.fallback})
         if self.fallback:
@@ -233,29 +237,31 @@ class TENGraD(torch.optim.Optimizer):
         becomes a block, blocks.promote)."""
         if not self.stagger:
             return self._tracked
-        ids = {id(p) for b in self._due_blocks() for p in b.params}
-        ids.update(id(p) for _, p in self.fallback)
-        return {i: v for i, v in self._tracked.items() if i in ids}
+        self._due_blocks()
+        memo = self._tracked_memo
+        if memo is None or memo[0] is not self._due_memo:     # once per step
+            ids = {id(p) for b in self._due_memo[2] for p in b.params}
+            ids.update(id(p) for _, p in self.fallback)
+            memo = self._tracked_memo = (self._due_memo, {i: v for i, v in self._tracked.items() if i in ids})
+        return memo[1]
 
-    def _select_hooks(self, due: bool) -> tuple[bool, bool]:
-        """op_capture's gate, before every forward of the model: each block's own hooks (its
-        LayerCapture and cover hooks) on while curvature is due - staggered, only the due blocks' - and
-        whether this forward needs the op-level TorchFunctionMode and MultiheadAttention's recording
-        (always when due; staggered, when a due block had such uses or was never captured)."""
-        if not due and not self._hooks_on:
-            return False, False
-        self._hooks_on = due
+    def _select_hooks(self, due: bool) -> tuple[bool, bool, list]:
+        """op_capture's gate, before every forward of the model: whether this forward, if captured,
+        needs the op-level TorchFunctionMode and MultiheadAttention's recording, and the (module, make)
+        wrappers of the module-level captures to install for it (forward_wrap.py). Without staggering
+        all of them whenever curvature is due; staggered, those of the due blocks, and the mode /
+        attention recording when a due block had such uses or was never captured."""
+        if not due:
+            return False, False, []
         if not self.stagger:
-            for b in self.blocks:
-                if due != b.hooks.active:
-                    (b.hooks.on if due else b.hooks.off)()
-            return due, due
-        now = self._due_blocks() if due else []
-        on = {id(b) for b in now}
-        for b in self.blocks:
-            if (id(b) in on) != b.hooks.active:
-                (b.hooks.on if id(b) in on else b.hooks.off)()
-        return (any(b.mode_used is not False for b in now), any(b.mha_used is not False for b in now))
+            return True, True, self._all_captures
+        now = self._due_blocks()
+        memo = self._select_memo
+        if memo is None or memo[0] is not self._due_memo:
+            memo = self._select_memo = (self._due_memo, (
+                any(b.mode_used is not False for b in now), any(b.mha_used is not False for b in now),
+                [(b.module, b.capture.wrap) for b in now if b.capture is not None]))
+        return memo[1]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and forget the output gradients captured since the last step."""
@@ -547,7 +553,6 @@ class TENGraD(torch.optim.Optimizer):
         for b in self.blocks:
             if b.capture is not None:
                 b.capture.remove()
-            b.hooks.remove()            # its cover hooks (op_capture.cover), wherever its set is now
         self._ops.remove()
         if self._dist is not None:
             self._dist.batch.remove()
