@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim.hookset import OwnHook
 
 try:
     from torch.autograd.graph import get_gradient_edge
@@ -221,8 +222,8 @@ class LayerCapture:
         (``Module._call_impl`` looks ``forward`` up before it runs the pre-hooks). The root takes
         torch's slow call path anyway (the gate is a pre-hook)."""
         self._pre_swapped = None
-        hooks.add(self.module.register_forward_pre_hook(self._pre_hook))
-        hooks.add(self.module.register_forward_hook(self._post_hook, always_call=True))
+        hooks.add(self.module.register_forward_pre_hook(OwnHook(self._pre_hook)))
+        hooks.add(self.module.register_forward_hook(OwnHook(self._post_hook), always_call=True))
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         self._pre_swapped = self._swap(args) if self.fuse_shape is not None and not self.removed else None

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from tengrad.optim.capture import _transformed
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim.hookset import OwnHook
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 LOW_PRECISION_TOL = 0.1
@@ -86,7 +87,7 @@ class ConsistencyCheck:
         self.batch: int | None = None            # leading dim of the input of the differentiated forward
         self.last_forward_training: bool | None = None
         self.names: set[str] | None = None       # the blocks (set by the optimizer): None, not known
-        self._handle = model.register_forward_hook(self._forward)
+        self._handle = model.register_forward_hook(OwnHook(self._forward))
         if hooks is not None:       # the optimizer's capture hooks (hookset.py): off on reuse steps
             hooks.add(self._handle)
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from tengrad.optim.capture import _transformed
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim.hookset import OwnHook
 
 
 def _first_tensor(args, kwargs) -> Tensor | None:
@@ -48,7 +49,7 @@ class BatchSize:
     def __init__(self, model: nn.Module) -> None:
         self.value: int | None = None
         self._locked = False
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = model.register_forward_pre_hook(OwnHook(self._hook), with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         if torch.is_grad_enabled() and module.training and not self._locked:

@@ -13,10 +13,12 @@ the root's gate pre-hook installs them, its ``always_call`` forward hook takes t
 forward raises), never between forwards: a model copied (``copy.deepcopy``) or pickled between steps
 carries no wrapper bound to this optimizer.
 
-``install(module, makers)``: ``makers`` are functions ``make(inner) -> forward``, outermost first; the
-innermost wraps the module's own forward (the class forward, or an instance ``forward`` the user set,
-which is put back afterwards). One module gets one composed wrapper per forward; ``restore()`` puts
-every module back, last installed first.
+``install(module, makers, key)``: ``makers()`` returns functions ``make(inner) -> forward``, outermost first;
+the innermost wraps the module's own forward (the class forward, or an instance ``forward`` the user
+set, which is put back afterwards). One module gets one composed wrapper per forward; ``restore()``
+puts every module back, last installed first. The composed wrapper is kept per (module, ``key``) and
+reused while the module's own forward is the same (the makers' closures hold no per-call state), so a
+captured forward costs a dict write per module, not a rebuild of closures.
 """
 from __future__ import annotations
 
@@ -30,14 +32,28 @@ Maker = Callable[[Callable], Callable]
 class ForwardWraps:
     def __init__(self) -> None:
         self.installed: list[tuple[nn.Module, object]] = []   # (module, its own instance forward or None)
+        self._built: dict[tuple[int, object], tuple[object, object, Callable]] = {}
 
-    def install(self, module: nn.Module, makers: list[Maker]) -> None:
+    def install(self, module: nn.Module, makers: Callable[[], list[Maker]], key: object = None) -> None:
+        """Install the composition of ``makers()`` (called only when no wrapper is kept for ``key``)."""
         own = module.__dict__.get("forward")
-        fwd = own if own is not None else module.forward
-        for make in reversed(makers):
-            fwd = make(fwd)
+        base = own if own is not None else type(module).forward
+        hit = self._built.get((id(module), key))
+        if hit is not None and hit[0] is module and hit[1] is base:
+            fwd = hit[2]
+        else:
+            fwd = own if own is not None else module.forward
+            for make in reversed(makers()):
+                fwd = make(fwd)
+            if len(self._built) > 4096:          # modules come and go (promotion, new models): bound it
+                self._built.clear()
+            self._built[(id(module), key)] = (module, base, fwd)
         module.__dict__["forward"] = fwd
         self.installed.append((module, own))
+
+    def forget(self) -> None:
+        """Drop the kept wrappers (the makers changed)."""
+        self._built.clear()
 
     def restore(self) -> None:
         installed, self.installed = self.installed, []

@@ -92,3 +92,31 @@ def _restore(d: dict, order: list, ours: dict) -> None:
     middle = [(k, ours[k]) if k in ours else (k, present[k]) for k in order if k in ours or k in present]
     d.clear()
     d.update(front + middle + back)
+
+
+class OwnHook:
+    """A hook TENGraD registers on the user's model: calls ``fn``. A copy of the model
+    (``copy.deepcopy(model)``, as for an EMA twin, or a pickle) gets a hook that does nothing instead
+    of a deep copy of the optimizer behind ``fn``: the copy is a plain model, neither a second front
+    end of this optimizer nor a half-copied one that fails in its first forward."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> "Inert":
+        return Inert()
+
+    def __reduce__(self):
+        return (Inert, ())
+
+
+class Inert:
+    """What a copied TENGraD hook becomes: returns None (leaves the call as it is)."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None

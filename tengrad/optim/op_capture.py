@@ -45,7 +45,7 @@ from tengrad.errors import TengradError
 from tengrad.optim import op_specs
 from tengrad.optim.capture import _transformed, keep_grad, on_grad, store_grad
 from tengrad.optim.forward_wrap import ForwardWraps
-from tengrad.optim.hookset import HookSet
+from tengrad.optim.hookset import HookSet, OwnHook
 
 try:
     from torch.autograd.graph import get_gradient_edge
@@ -124,8 +124,8 @@ class OpCapture:
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
         self.hooks = HookSet()        # the root's exit hook (and the consistency check's): off while no curvature is due
         self._mhas: list[nn.Module] = []    # every nn.MultiheadAttention of the model
-        self._gate = model.register_forward_pre_hook(self._enter, with_kwargs=True)   # always on
-        self._handles = [self.hooks.add(model.register_forward_hook(self._exit, always_call=True))]
+        self._gate = model.register_forward_pre_hook(OwnHook(self._enter), with_kwargs=True)   # always on
+        self._handles = [self.hooks.add(model.register_forward_hook(OwnHook(self._exit), always_call=True))]
 
     # ------------------------------------------------------------------ root forward
     def _enter(self, module, args, kwargs) -> None:
@@ -167,24 +167,33 @@ class OpCapture:
         wrapper costs one Python call, and installing it is a dict write."""
         plan: dict[int, tuple[nn.Module, list]] = {}
 
-        def add(mod, make):
-            plan.setdefault(id(mod), (mod, []))[1].append(make)
+        def add(mod, kind):
+            plan.setdefault(id(mod), (mod, []))[1].append(kind)
 
         if mode:
             for mod in self._suspenders:
-                add(mod, self._suspend_wrap)
+                add(mod, "suspend")
         for mod, make in captures:
             if mod is self.model:       # the root's own capture runs in hooks (LayerCapture.attach)
                 continue
-            ids = self._covers.get(id(mod)) if mode else None
-            if ids is not None:
-                add(mod, self._cover_wrap(ids))
+            if mode and id(mod) in self._covers:
+                add(mod, "cover")
             add(mod, make)
         if mha:
             for mod in self._mhas:
-                add(mod, self._mha_wrapper)
-        for mod, makers in plan.values():
-            self._wraps.install(mod, makers)
+                add(mod, "mha")
+        for mod, kinds in plan.values():
+            key = tuple(kinds)
+            self._wraps.install(mod, lambda mod=mod, kinds=kinds: [self._maker(mod, k) for k in kinds], key)
+
+    def _maker(self, mod: nn.Module, kind) -> Callable:
+        if kind == "suspend":
+            return self._suspend_wrap
+        if kind == "cover":
+            return self._cover_wrap(self._covers[id(mod)])
+        if kind == "mha":
+            return self._mha_wrapper
+        return kind         # a LayerCapture's wrap
 
     def _mha_wrapper(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
@@ -309,8 +318,8 @@ class OpCapture:
                 self._covering -= 1
                 self._resume()
 
-            self._handles += [self.hooks.add(module.register_forward_pre_hook(enter)),
-                              self.hooks.add(module.register_forward_hook(leave, always_call=True))]
+            self._handles += [self.hooks.add(module.register_forward_pre_hook(OwnHook(enter))),
+                              self.hooks.add(module.register_forward_hook(OwnHook(leave), always_call=True))]
             return
         self._covers[id(module)] = ids
 

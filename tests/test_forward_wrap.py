@@ -1,0 +1,159 @@
+"""Capture runs in per-forward instance wrappers (forward_wrap.py): a user's own instance forward on a
+captured layer runs inside the wrapper and is put back, wrappers are gone after a forward that raises
+and between steps (a deepcopy taken between steps is a plain model), kept wrappers are reused and
+rebuilt when the module's forward changes, a copy of the model is a plain model, and a layer called outside the root's forward is refused
+by the consistency check naming it. Steps against the dense (F + a I)^-1 g oracle (torch.func rows)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_optim_oracle import expected_steps, oracle_fisher
+from tengrad.errors import TengradError
+from tengrad.optim import TENGraD
+from tengrad.optim.forward_wrap import ForwardWraps
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _batch(seed=1, m=7):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (m,), generator=gen)
+
+
+def _wrapped(model):
+    return [n for n, mod in model.named_modules() if "forward" in mod.__dict__]
+
+
+def test_a_users_own_forward_on_a_captured_layer_runs_inside_and_the_step_matches_the_oracle():
+    model = _mlp()
+    lin = model[2]
+    calls = []
+
+    def own(x):                     # the user's instance forward: the class forward, logged
+        calls.append(tuple(x.shape))
+        return type(lin).forward(lin, x)
+
+    lin.forward = own
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, check=True)
+    x, y = _batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    calls.clear()                   # the oracle ran the model too
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert calls == [(7, 6)] and lin.__dict__["forward"] is own and _wrapped(model) == ["2"]
+    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert [b.name for b in opt.blocks] == ["0", "2"] and all(b.curv is not None for b in opt.blocks)
+    exp = expected_steps(opt, model, F_dense, names, g, 0.3, 0.5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+
+
+def test_no_wrapper_is_left_after_a_forward_that_raises_and_the_next_step_is_exact():
+    model = _mlp()
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None)
+    x, y = _batch()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(7, 4, dtype=torch.float64))       # wrong width: the first Linear raises
+    assert _wrapped(model) == []
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    exp = expected_steps(opt, model, F_dense, names, g, 0.3, 0.5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_taken_between_steps_is_a_plain_model(how):
+    """copy.deepcopy / torch.save of the model after the backward, before the step (an EMA twin, a
+    checkpoint): the copy carries no wrapper and TENGraD's hooks in it do nothing (hookset.OwnHook:
+    no half-copied optimizer behind them), so it runs, is not captured, and takes its own TENGraD
+    whose step matches the oracle."""
+    model = _mlp()
+    opt = TENGraD(model, lr=0.3, damping=0.5, update_freq=1)
+    x, y = _batch()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    opt.step()
+    assert _wrapped(twin) == [] and _wrapped(model) == []
+    twin.zero_grad()
+    F.cross_entropy(twin(x), y).backward()      # nothing recorded for the original's optimizer
+    assert all(b.capture.peek() == [] for b in opt.blocks) and opt._ops.uses == []
+    own = TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None)
+    before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+    F_dense, names = oracle_fisher(twin, x, y, "empirical", "cross_entropy")
+    own.zero_grad()
+    F.cross_entropy(twin(x), y).backward()
+    g = {n: p.grad.detach().clone() for n, p in twin.named_parameters()}
+    own.step()
+    exp = expected_steps(own, twin, F_dense, names, g, 0.3, 0.5)
+    for n, p in twin.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+
+
+def test_kept_wrappers_are_reused_and_rebuilt_when_the_modules_forward_changes():
+    lin = nn.Linear(2, 2)
+    made = []
+
+    def make(inner):
+        made.append(inner)
+
+        def forward(*a, **k):
+            return inner(*a, **k)
+        return forward
+
+    wraps = ForwardWraps()
+    wraps.install(lin, lambda: [make], "k")
+    first = lin.__dict__["forward"]
+    wraps.restore()
+    assert "forward" not in lin.__dict__
+    wraps.install(lin, lambda: [make], "k")
+    assert lin.__dict__["forward"] is first and len(made) == 1      # kept: no new closures
+    wraps.restore()
+
+    def own(x):
+        return -type(lin).forward(lin, x)
+
+    lin.forward = own
+    wraps.install(lin, lambda: [make], "k")
+    assert lin.__dict__["forward"] is not first and made[-1] is own     # rebuilt around the new forward
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(lin(x), -F.linear(x, lin.weight, lin.bias))
+    wraps.restore()
+    assert lin.__dict__["forward"] is own
+
+
+def test_a_layer_called_outside_the_root_forward_is_refused_naming_it():
+    """Its gradient gets a part from a call the capture cannot see (outside the training forward):
+    the consistency check on the first curvature step raises and names the layer; nothing moves."""
+    model = _mlp()
+    opt = TENGraD(model, lr=0.3, damping=0.5)
+    x, y = _batch()
+    opt.zero_grad()
+    aux = model[2](torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    (F.cross_entropy(model(x), y) + aux.square().mean()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TengradError, match="layer '2'"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
