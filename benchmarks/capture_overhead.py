@@ -32,7 +32,11 @@ second round robin against its own SGD arm, its wrappers installed for that roun
 What TENGraD's armed step costs above that row is its own bookkeeping; the floor itself is what
 any capture built from Python hooks pays (its last column gives the number of uses per step).
 
-    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64 ...] [--width 16] [--d-model 16 ...]
+With ``--cpp-floor`` the floor's round robin has a third arm: the same wrappers with a C++ gradient
+tap instead of the Python hook (capture_floor.cpp_tap, compiled on first use), the floor of any per-use
+capture in eager PyTorch.
+
+    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64 ...] [--width 16] [--d-model 16 ...] [--cpp-floor]
 """
 from __future__ import annotations
 
@@ -97,7 +101,8 @@ class StaggeredRun:
         self.opt.step()
 
 
-def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter) -> tuple[float, ...]:
+def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_counter,
+            cpp_floor: bool = False) -> tuple[float, ...]:
     torch.manual_seed(0)
     plain = make()
     armed = copy.deepcopy(plain)
@@ -123,24 +128,34 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
                         srounds, warmup, clock, after={"stagger": run.after})
     # the floor: a third round robin, its own SGD arm, the floor's wrappers installed only for it
     floor = FloorCapture(copy.deepcopy(plain))
-    floor.install()
+    floor.install()     # before the next is built: it wraps this one's wrappers (each passes
+    floors = [floor]    # straight through outside its own forward)
+    arms = {"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y),
+            "sgd+floor": sgd_step(floor.model, x, loss_fn, y, floor, floor.forward)}
     try:
-        ftimes = interleave({"sgd": sgd_step(copy.deepcopy(plain), x, loss_fn, y),
-                             "sgd+floor": sgd_step(floor.model, x, loss_fn, y, floor, floor.forward)},
-                            repeats, warmup, clock)
-    finally:
-        floor.uninstall()
-    assert floor.uses and all(gy is not None for _, gy in floor.uses), "the floor arm captured nothing"
+        if cpp_floor:       # the same wrappers with a C++ gradient tap (compiled on first use)
+            cfloor = FloorCapture(copy.deepcopy(plain), tap="cpp")
+            cfloor.install()
+            floors.append(cfloor)
+            arms["sgd+cpp"] = sgd_step(cfloor.model, x, loss_fn, y, cfloor, cfloor.forward)
+        ftimes = interleave(arms, repeats, warmup, clock)
+    finally:                # last installed first: functional's ops are the originals again
+        for f in reversed(floors):
+            f.uninstall()
+    for f in floors:
+        assert f.uses and all(gy is not None for gy in f.grads()), f"the {f.tap} floor arm captured nothing"
     med = [statistics.median(times[k]) for k in ("sgd", "sgd+capture", "sgd+idle")]
     # overheads: median over rounds of each round's ratio to that round's SGD step (the steps of a
     # round run back to back, so a load change between rounds cancels)
     ratios = [statistics.median(t / s for t, s in zip(times[k], times["sgd"])) for k in ("sgd+capture", "sgd+idle")]
     ratios.append(statistics.median(t / s for t, s in zip(ftimes["sgd+floor"], ftimes["sgd"])))
+    cpp = (statistics.median(t / s for t, s in zip(ftimes["sgd+cpp"], ftimes["sgd"]))
+           if cpp_floor else None)
     by_phase: dict[int, list[float]] = {}
     for phase, t, s in zip(run.phases[-srounds:], stimes["stagger"], stimes["sgd"]):
         by_phase.setdefault(phase, []).append(t / s)
     stag = [statistics.median(r) for r in by_phase.values()]
-    return (*med, *ratios, len(floor.uses), max(stag), statistics.mean(stag))
+    return (*med, *ratios, len(floor.uses), max(stag), statistics.mean(stag), cpp)
 
 
 def interleave(steps: dict, repeats: int, warmup: int, clock, after: dict | None = None) -> dict[str, list[float]]:
@@ -173,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", choices=("3c1f", "transformer"), default=["3c1f", "transformer"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--cpp-floor", action="store_true",
+                    help="also the floor with a compiled C++ gradient tap (capture_floor.py; builds a torch "
+                         "extension on first use: a C++ compiler and ninja, about 40 s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -184,23 +202,23 @@ def main(argv: list[str] | None = None) -> None:
         if "3c1f" in args.models:
             rows.append((f"3C1F width {args.width}, batch {batch}",
                          *compare(lambda: three_c_one_f(width=args.width, hidden=64), x, y, F.cross_entropy,
-                                  args.repeats, clock=clock)))
+                                  args.repeats, clock=clock, cpp_floor=args.cpp_floor)))
         ids, tgt = transformer_lm.batch(g, n=batch)
         for d_model in args.d_model if "transformer" in args.models else ():
             rows.append((f"Transformer LM (examples/transformer_lm.py), d_model {d_model}, batch {batch}",
                          *compare(lambda: transformer_lm.TinyLM(d_model=d_model), ids, tgt, transformer_lm.loss_fn,
-                                  args.repeats, clock=clock)))
+                                  args.repeats, clock=clock, cpp_floor=args.cpp_floor)))
     print(f"machine: {machine()}; {args.repeats} interleaved repeats, median of the {args.clock} clock; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
     print("| model | SGD step (ms) | with capture armed (ms) | armed overhead | reuse step, capture idle (ms) "
           "| idle overhead | per step at k = 10 | staggered k = 10: largest / mean "
-          "| floor: Python capture minimum (uses) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, a, b, c, rb, rc, rf, uses, smax, smean in rows:
+          "| floor: Python capture minimum (uses) | floor with a C++ gradient tap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, a, b, c, rb, rc, rf, uses, smax, smean, cpp in rows:
         k10 = (rb + 9 * rc) / 10 - 1
         print(f"| {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {100 * (rb - 1):+.1f}% | {c * 1e3:.2f} "
               f"| {100 * (rc - 1):+.1f}% | {100 * k10:+.1f}% | {100 * (smax - 1):+.1f}% / {100 * (smean - 1):+.1f}% "
-              f"| {100 * (rf - 1):+.1f}% ({uses}) |")
+              f"| {100 * (rf - 1):+.1f}% ({uses}) | {'-' if cpp is None else f'{100 * (cpp - 1):+.1f}%'} |")
 
 
 if __name__ == "__main__":

@@ -302,26 +302,32 @@ class OpCapture:
             state = {}
 
             def enter(mod, args):
-                if self._mode is None:
-                    return
-                for i in ids:
-                    self.covered[i] = self.covered.get(i, 0) + 1
-                self._covering += 1
-                self._suspend()
-                state["on"] = True
+                state["on"] = self._cover_on(ids)
 
             def leave(mod, args, out):
-                if not state.pop("on", False):
-                    return
-                for i in ids:
-                    self.covered[i] -= 1
-                self._covering -= 1
-                self._resume()
+                if state.pop("on", False):
+                    self._cover_off(ids)
 
             self._handles += [self.hooks.add(module.register_forward_pre_hook(OwnHook(enter))),
                               self.hooks.add(module.register_forward_hook(OwnHook(leave), always_call=True))]
             return
         self._covers[id(module)] = ids
+
+    def _cover_on(self, ids: list[int]) -> bool:
+        """Entering a covered module's forward: its parameters covered, the mode suspended (when it runs)."""
+        if self._mode is None:
+            return False
+        for i in ids:
+            self.covered[i] = self.covered.get(i, 0) + 1
+        self._covering += 1
+        self._suspend()
+        return True
+
+    def _cover_off(self, ids: list[int]) -> None:
+        for i in ids:
+            self.covered[i] -= 1
+        self._covering -= 1
+        self._resume()
 
     def _suspend_wrap(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
@@ -333,23 +339,14 @@ class OpCapture:
         return forward
 
     def _cover_wrap(self, ids: list[int]) -> Callable:
-        covered = self.covered
-
         def make(inner: Callable) -> Callable:
             def forward(*args, **kwargs):
-                if self._mode is None:
-                    return inner(*args, **kwargs)
-                for i in ids:
-                    covered[i] = covered.get(i, 0) + 1
-                self._covering += 1
-                self._suspend()
+                on = self._cover_on(ids)
                 try:
                     return inner(*args, **kwargs)
                 finally:
-                    for i in ids:
-                        covered[i] -= 1
-                    self._covering -= 1
-                    self._resume()
+                    if on:
+                        self._cover_off(ids)
             return forward
         return make
 
