@@ -33,6 +33,24 @@ def _wrapped(model):
     return [n for n, mod in model.named_modules() if "forward" in mod.__dict__]
 
 
+def _step_matches_the_oracle(opt, model, x, y, before_forward=None, after_backward=None):
+    """One TENGraD step (momentum 0, no clip) against -lr (F_b + a I)^-1 g_b per block."""
+    group = opt.param_groups[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    if before_forward is not None:
+        before_forward()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if after_backward is not None:
+        after_backward()
+    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    exp = expected_steps(opt, model, F_dense, names, g, group["lr"], group["damping"])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+
+
 def test_a_users_own_forward_on_a_captured_layer_runs_inside_and_the_step_matches_the_oracle():
     model = _mlp()
     lin = model[2]
@@ -45,18 +63,13 @@ def test_a_users_own_forward_on_a_captured_layer_runs_inside_and_the_step_matche
     lin.forward = own
     opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, check=True)
     x, y = _batch()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    calls.clear()                   # the oracle ran the model too
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    assert calls == [(7, 6)] and lin.__dict__["forward"] is own and _wrapped(model) == ["2"]
-    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
+
+    def ran_inside_and_was_put_back():
+        assert calls == [(7, 6)] and lin.__dict__["forward"] is own and _wrapped(model) == ["2"]
+
+    _step_matches_the_oracle(opt, model, x, y, before_forward=calls.clear,     # the oracle ran it too
+                             after_backward=ran_inside_and_was_put_back)
     assert [b.name for b in opt.blocks] == ["0", "2"] and all(b.curv is not None for b in opt.blocks)
-    exp = expected_steps(opt, model, F_dense, names, g, 0.3, 0.5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
 
 
 def test_no_wrapper_is_left_after_a_forward_that_raises_and_the_next_step_is_exact():
@@ -66,15 +79,7 @@ def test_no_wrapper_is_left_after_a_forward_that_raises_and_the_next_step_is_exa
     with pytest.raises(RuntimeError):
         model(torch.randn(7, 4, dtype=torch.float64))       # wrong width: the first Linear raises
     assert _wrapped(model) == []
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
-    exp = expected_steps(opt, model, F_dense, names, g, 0.3, 0.5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+    _step_matches_the_oracle(opt, model, x, y)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
@@ -100,16 +105,7 @@ def test_a_copy_taken_between_steps_is_a_plain_model(how):
     twin.zero_grad()
     F.cross_entropy(twin(x), y).backward()      # nothing recorded for the original's optimizer
     assert all(b.capture.peek() == [] for b in opt.blocks) and opt._ops.uses == []
-    own = TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None)
-    before = {n: p.detach().clone() for n, p in twin.named_parameters()}
-    F_dense, names = oracle_fisher(twin, x, y, "empirical", "cross_entropy")
-    own.zero_grad()
-    F.cross_entropy(twin(x), y).backward()
-    g = {n: p.grad.detach().clone() for n, p in twin.named_parameters()}
-    own.step()
-    exp = expected_steps(own, twin, F_dense, names, g, 0.3, 0.5)
-    for n, p in twin.named_parameters():
-        torch.testing.assert_close(p.detach() - before[n], exp[n], rtol=1e-8, atol=1e-12)
+    _step_matches_the_oracle(TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None), twin, x, y)
 
 
 def test_kept_wrappers_are_reused_and_rebuilt_when_the_modules_forward_changes():
