@@ -18,7 +18,7 @@ Ops inside a module whose block is captured at module level (a module type with 
 ``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function whose projections
 call functional's module-level ``linear``: during a captured forward that ``linear`` is a recording one
 (``_mha_linear``, swapped once per forward) that records while a MultiheadAttention forward runs
-(each such module's forward is wrapped for that forward, ``_mha_wrapper``); the function called at the
+(each such module's forward is wrapped for that forward, ``_enter_mha``); the function called at the
 root under the mode is run with the recording ``linear`` too (``composite``). Those uses are marked
 *sequence first* (``seq_first``): [T, N, E] inputs and the out projection's [T*N, E] rows (t-major).
 
@@ -158,11 +158,11 @@ class OpCapture:
 
     def _install(self, mode: bool, mha: bool, captures: list) -> None:
         """This captured forward's module wrappers (forward_wrap.py: instance forwards, taken away by
-        ``_exit``), outermost first per module: the mode suspended in covered subtrees (``_suspend_wrap``,
-        when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode runs) around its
-        capture (``captures``: (module, make) of the due blocks' LayerCaptures), and each
-        MultiheadAttention's recording forward (``_mha_wrapper``: its ``linear`` calls are recorded,
-        sequence first). Wrappers rather than forward hooks: a module with hooks leaves torch's fast
+        ``_exit``), outermost first per module: the mode suspended in covered subtrees (``_suspend`` /
+        ``_resume``, when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode
+        runs) around its capture (``captures``: (module, make) of the due blocks' LayerCaptures), and
+        each MultiheadAttention's recording forward (``_enter_mha`` / ``_exit_mha``: its ``linear``
+        calls are recorded, sequence first). Wrappers rather than forward hooks: a module with hooks leaves torch's fast
         call path (about 5 us per module call, 27 us per MultiheadAttention call here, measured), a
         wrapper costs one Python call, and installing it is a dict write."""
         plan: dict[int, tuple[nn.Module, list]] = {}
@@ -188,21 +188,12 @@ class OpCapture:
 
     def _maker(self, mod: nn.Module, kind) -> Callable:
         if kind == "suspend":
-            return self._suspend_wrap
+            return _around(self._suspend, self._resume)
         if kind == "cover":
             return self._cover_wrap(self._covers[id(mod)])
         if kind == "mha":
-            return self._mha_wrapper
+            return _around(self._enter_mha, self._exit_mha)
         return kind         # a LayerCapture's wrap
-
-    def _mha_wrapper(self, inner: Callable) -> Callable:
-        def forward(*args, **kwargs):
-            self._enter_mha()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._exit_mha()
-        return forward
 
     def _mha_linear(self, *args, **kwargs):
         """functional's ``linear`` during a captured forward of a model with MultiheadAttention: a
@@ -328,15 +319,6 @@ class OpCapture:
             self.covered[i] -= 1
         self._covering -= 1
         self._resume()
-
-    def _suspend_wrap(self, inner: Callable) -> Callable:
-        def forward(*args, **kwargs):
-            self._suspend()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._resume()
-        return forward
 
     def _cover_wrap(self, ids: list[int]) -> Callable:
         def make(inner: Callable) -> Callable:
@@ -539,6 +521,19 @@ class OpCapture:
         self._suspenders = []
         self._mhas = []
         self._has_mha = False
+
+
+def _around(before: Callable[[], None], after: Callable[[], None]) -> Callable:
+    """A forward wrapper maker (forward_wrap.py): ``before()``, the forward, ``after()`` even if it raises."""
+    def make(inner: Callable) -> Callable:
+        def forward(*args, **kwargs):
+            before()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                after()
+        return forward
+    return make
 
 
 def _first_row(t: Tensor, p: Tensor) -> int | None:
