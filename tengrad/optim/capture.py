@@ -40,9 +40,10 @@ an explicit Jacobian, on curvature steps of the empirical Fisher): the curvature
 Jacobian J anyway, and g = J^T 1 / m is its column mean, so computing the ordinary weight gradient as
 well is redundant (for a 3x3 conv on 28x28 it costs as much as J itself). When the input of an armed
 call has shape ``fuse_shape`` and requires grad, the wrapper hands the module *detached* views of
-the block's parameters for that one call (put back when the call returns or raises); autograd then skips those weight gradients, and the output hook calls
-``on_fused_grad(record, grad)``, which forms J, keeps it in ``record.jac`` and accumulates its column sums
-into ``param.grad`` (so ``param.grad`` is there after ``backward()`` as usual).
+the block's parameters for that one call (put back when the call returns or raises); autograd then
+skips those weight gradients, and the output hook calls ``on_fused_grad(record, grad)``, which forms
+J, keeps it in ``record.jac`` and accumulates its column sums into ``param.grad`` (so ``param.grad`` is
+there after ``backward()`` as usual).
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ class TENGraD(torch.optim.Optimizer):
                                "steps for all ranks together (distributed.py)")
         self.stagger = stagger
         self._cycle = stagger_mod.CycleSums() if stagger else None   # noise sums over a cycle (stagger.py)
-        self._select_memo: tuple | None = None   # staggered: (due memo, _select_hooks's answer)
+        self._select_memo: tuple | None = None   # staggered: (due memo, _select_capture's answer)
         self._tracked_memo: tuple | None = None  # staggered: (due memo, _tracked_params's answer)
         self._due_memo: tuple | None = None      # staggered: (steps, k, blocks due) for this step
         self._noise = NoiseScale()               # the noise ratio r for the next step (noisescale.py)
@@ -171,7 +171,7 @@ class TENGraD(torch.optim.Optimizer):
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
         self._tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
         self._ops = OpCapture(model, self._tracked_params, self._curvature_due, lambda: self._phase,
-                              self.batch_dim, keep_edges=fisher != "empirical", select=self._select_hooks)
+                              self.batch_dim, keep_edges=fisher != "empirical", select=self._select_capture)
         # J^T 1/m == grad, batch dim; its forward hook is a capture hook (off on reuse steps)
         self._consistency = ConsistencyCheck(model, check, self.batch_dim, hooks=self._ops.hooks)
         self.last_nu = 1.0                       # the KL-clipping factor of the last step (stepctl.py)
@@ -245,7 +245,7 @@ class TENGraD(torch.optim.Optimizer):
             memo = self._tracked_memo = (self._due_memo, {i: v for i, v in self._tracked.items() if i in ids})
         return memo[1]
 
-    def _select_hooks(self, due: bool) -> tuple[bool, bool, list]:
+    def _select_capture(self, due: bool) -> tuple[bool, bool, list]:
         """op_capture's gate, before every forward of the model: whether this forward, if captured,
         needs the op-level TorchFunctionMode and MultiheadAttention's recording, and the (module, make)
         wrappers of the module-level captures to install for it (forward_wrap.py). Without staggering
