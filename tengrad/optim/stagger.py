@@ -14,7 +14,8 @@ refresh differs, and with it the cost profile: a step captures and factors about
 instead of all of them on every k-th step, so no step carries the whole capture
 (benchmarks/capture_overhead.py, the staggered rows) and step times stay even.
 
-On a staggered step only the due blocks' hooks run (op_capture.py: the blocks' own HookSets), and the
+On a staggered step only the due blocks' captures run (op_capture.py: their forward wrappers are the
+only ones installed for the forward, forward_wrap.py), and the
 op-level TorchFunctionMode / MultiheadAttention's recording only when a due block had uses there at its
 last capture (``Block.mode_used`` / ``mha_used``; a block not captured yet turns both on). A block whose
 forward starts reading its parameters through a new op-level use after its first capture is therefore
