@@ -1,7 +1,8 @@
 """Capture runs in per-forward instance wrappers (forward_wrap.py): a user's own instance forward on a
 captured layer runs inside the wrapper and is put back, wrappers are gone after a forward that raises
-and between steps (a deepcopy taken between steps is a plain model), kept wrappers are reused and
-rebuilt when the module's forward changes, a copy of the model is a plain model, and a layer called outside the root's forward is refused
+and after the backward, a copy of the model (deepcopy, torch.save) taken with or without wrappers is a
+plain model, kept wrappers are reused and rebuilt when the module's forward changes, reentrant
+activation checkpointing is captured, and a layer called outside the root's forward is refused
 by the consistency check naming it. Steps against the dense (F + a I)^-1 g oracle (torch.func rows)."""
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from test_optim_oracle import expected_steps, oracle_fisher
 from tengrad.errors import TengradError
 from tengrad.optim import TENGraD
-from tengrad.optim.forward_wrap import ForwardWraps
+from tengrad.optim.forward_wrap import ForwardWraps, Installed
 
 
 def _mlp():
@@ -33,11 +35,12 @@ def _wrapped(model):
     return [n for n, mod in model.named_modules() if "forward" in mod.__dict__]
 
 
-def _step_matches_the_oracle(opt, model, x, y, before_forward=None, after_backward=None):
-    """One TENGraD step (momentum 0, no clip) against -lr (F_b + a I)^-1 g_b per block."""
+def _step_matches_the_oracle(opt, model, x, y, before_forward=None, after_backward=None, oracle=None):
+    """One TENGraD step (momentum 0, no clip) against -lr (F_b + a I)^-1 g_b per block; the rows from
+    ``oracle`` (the same function and parameters, torch.func-friendly) when given."""
     group = opt.param_groups[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    F_dense, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
+    F_dense, names = oracle_fisher(oracle if oracle is not None else model, x, y, "empirical", "cross_entropy")
     if before_forward is not None:
         before_forward()
     opt.zero_grad()
@@ -82,28 +85,44 @@ def test_no_wrapper_is_left_after_a_forward_that_raises_and_the_next_step_is_exa
     _step_matches_the_oracle(opt, model, x, y)
 
 
+@pytest.mark.parametrize("when", ["after the forward", "after the backward"])
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
-def test_a_copy_taken_between_steps_is_a_plain_model(how):
-    """copy.deepcopy / torch.save of the model after the backward, before the step (an EMA twin, a
-    checkpoint): the copy carries no wrapper and TENGraD's hooks in it do nothing (hookset.OwnHook:
-    no half-copied optimizer behind them), so it runs, is not captured, and takes its own TENGraD
-    whose step matches the oracle."""
+def test_a_copy_of_the_model_is_a_plain_model(how, when):
+    """copy.deepcopy / torch.save of the model while the wrappers are installed (after the forward,
+    before its backward) or after the backward (an EMA twin, a checkpoint): the copy computes with its
+    own parameters (no wrapper of the original's in it: forward_wrap.Installed copies as the module's
+    own forward), TENGraD's hooks in it do nothing (hookset.OwnHook: no half-copied optimizer behind
+    them), nothing is recorded for the original's optimizer, and its own TENGraD's step matches the
+    oracle."""
     model = _mlp()
     opt = TENGraD(model, lr=0.3, damping=0.5, update_freq=1)
     x, y = _batch()
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    if how == "deepcopy":
-        twin = copy.deepcopy(model)
-    else:
+
+    def copied():
+        if how == "deepcopy":
+            return copy.deepcopy(model)
         buf = io.BytesIO()
         torch.save(model, buf)
         buf.seek(0)
-        twin = torch.load(buf, weights_only=False)
+        return torch.load(buf, weights_only=False)
+
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    twin = copied() if when == "after the forward" else None
+    loss.backward()
+    twin = twin if twin is not None else copied()
     opt.step()
-    assert _wrapped(twin) == [] and _wrapped(model) == []
+    assert _wrapped(model) == []
+    assert not any(isinstance(m.__dict__.get("forward"), Installed) for m in twin.modules())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-1.5)
+        w = dict(twin.named_parameters())
+        want = F.linear(torch.tanh(F.linear(x, w["0.weight"], w["0.bias"])), w["2.weight"], w["2.bias"])
     twin.zero_grad()
-    F.cross_entropy(twin(x), y).backward()      # nothing recorded for the original's optimizer
+    out = twin(x)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    F.cross_entropy(out, y).backward()      # nothing recorded for the original's optimizer
     assert all(b.capture.peek() == [] for b in opt.blocks) and opt._ops.uses == []
     _step_matches_the_oracle(TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None), twin, x, y)
 
@@ -153,3 +172,40 @@ def test_a_layer_called_outside_the_root_forward_is_refused_naming_it():
     with pytest.raises(TengradError, match="layer '2'"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class _Checkpointed(nn.Module):
+    """Linear -> tanh -> LayerNorm under torch.utils.checkpoint (or not: the oracle), then a Linear."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+        self.reentrant = reentrant
+
+    def _inner(self, x):
+        return self.norm(torch.tanh(self.a(x)))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.b(self._inner(x))
+        return self.b(checkpoint(self._inner, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_is_captured_and_the_steps_match_the_oracle(reentrant):
+    """Reentrant checkpointing runs the checkpointed modules' forwards again inside the backward (the
+    first run is under no_grad): the wrappers stay until the backward through the forward ends, so
+    those calls are the captured ones; two steps, each against the oracle of the same model
+    without checkpointing."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant).double()
+    oracle = copy.deepcopy(model)
+    oracle.reentrant = None
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, check=True)
+    for seed in (1, 2):
+        x, y = _batch(seed)
+        x.requires_grad_(reentrant)     # the reentrant variant needs an input that requires grad
+        oracle.load_state_dict(model.state_dict())
+        _step_matches_the_oracle(opt, model, x, y, oracle=oracle)
+        assert _wrapped(model) == [] and all(b.curv is not None for b in opt.blocks), opt.explain()
+    assert [b.name for b in opt.blocks] == ["a", "norm", "b"]

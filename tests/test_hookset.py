@@ -51,8 +51,8 @@ def _wrapped(model):
 
 def test_capture_runs_in_forward_wrappers_only_on_curvature_steps():
     """Curvature steps: the blocks' modules run a capture wrapper as their instance forward for that
-    forward only (forward_wrap.py), none is left after it, and no module but the root has a hook;
-    reuse steps: only the root's gate (one pre-hook), nothing wrapped."""
+    forward and its backward (forward_wrap.py), none is left after that, and no module but the root has
+    a hook; reuse steps: only the root's gate (one pre-hook), nothing wrapped."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     with warnings.catch_warnings():

@@ -97,7 +97,7 @@ def test_staggered_steps_match_the_dense_oracle(kind, loss, path):
 def test_staggered_tied_transformer_matches_the_oracle_and_arms_only_what_is_due():
     """Embedding + nn.TransformerEncoder + tied head, k = number of blocks (one block per step after
     step 0): each step against the per-block oracle, and in each forward only the due block's capture runs
-    (its module's forward wrapper, forward_wrap.py, installed for that forward only);
+    (its module's forward wrapper, forward_wrap.py, installed for that forward and its backward);
     the TorchFunctionMode only when the due block has uses outside the attention (the tied head),
     MultiheadAttention's recording only when it has uses inside."""
     lr, damping = 0.2, 0.3

@@ -13,11 +13,13 @@ Capture rules (documented in the optimizer too):
   requires grad and the optimizer needs curvature for its next step (``armed``). Eval-mode or no_grad
   forwards between steps therefore never touch what is captured nor the stored curvature.
 * Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
-* Only calls inside the root model's forward are seen: the capture is the module's forward wrapper
-  (``LayerCapture.wrap``), installed for each captured root forward by op_capture.py
-  (forward_wrap.py: an instance ``forward`` for that forward only, no module hooks; a block whose
-  module is the root model itself captures through hooks, ``attach``). A module called outside the
-  root's forward with gradients flowing to the loss leaves its block's gradient with a part the
+* What is seen is the root model's forward and the backward through it: the capture is the module's
+  forward wrapper (``LayerCapture.wrap``), installed by op_capture.py for a captured root forward
+  until the backward through it ends (forward_wrap.py: an instance ``forward``, no module hooks; so
+  module forwards autograd re-runs in that backward, reentrant activation checkpointing, are
+  captured; a block whose module is the root model itself captures through hooks, ``attach``). A
+  call after the forward and before its backward is one more use of the block. A module called at
+  any other time with gradients flowing to the loss leaves its block's gradient with a part the
   curvature does not see: the consistency check (consistency.py, on each block's first curvature step
   by default, every step with ``check=True``) refuses that step naming the layer.
 * The record holds ``x.detach()`` (no copy) and gets its gradients from a hook on the output.
@@ -163,9 +165,9 @@ def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
 
 class LayerCapture:
     """The capture of one module-level block: a forward wrapper (``wrap``) that op_capture.py installs on
-    the module for each captured root forward in which the block is due (forward_wrap.py: the module's
-    instance forward for that forward only, no module hooks), plus the output gradient hook it
-    registers; see the module docstring for the rules.
+    the module for each captured root forward in which the block is due, until the backward through it
+    ends (forward_wrap.py: the module's instance forward, no module hooks), plus the output gradient
+    hook it registers; see the module docstring for the rules.
 
     ``armed()`` says whether the optimizer wants a record for its next step; ``phase()`` returns
     GRADIENT or CURVATURE for the backward pass that is running.

@@ -8,10 +8,14 @@ each time (hookset.py keeps the dicts' order). An *instance attribute* ``forward
 ``module.__dict__["forward"]`` costs one Python call per module call, and installing or taking it
 away is a dict write.
 
-TENGraD installs such wrappers only for the duration of one captured root forward (op_capture.py:
-the root's gate pre-hook installs them, its ``always_call`` forward hook takes them away, also when the
-forward raises), never between forwards: a model copied (``copy.deepcopy``) or pickled between steps
-carries no wrapper bound to this optimizer.
+TENGraD installs such wrappers for one captured root forward and the backward through it
+(op_capture.py: the root's gate pre-hook installs them; when the forward returns, a hook on its output
+queues an engine callback that takes them away as that backward ends, so module forwards autograd
+re-runs inside it - reentrant activation checkpointing - are captured too; at once when the forward
+raises or no output requires grad; the next forward, ``zero_grad()`` and ``step()`` take away any left).
+Between steps no module carries one. A copy of a module taken while one is installed
+(``copy.deepcopy``, pickling) gets the module's own forward instead (``Installed.__deepcopy__`` /
+``__reduce__``), never a wrapper that would run the original module.
 
 ``install(module, makers, key)``: ``makers()`` returns functions ``make(inner) -> forward``, outermost first;
 the innermost wraps the module's own forward (the class forward, or an instance ``forward`` the user
@@ -22,11 +26,46 @@ captured forward costs a dict write per module, not a rebuild of closures.
 """
 from __future__ import annotations
 
+import copy
+import types
 from typing import Callable
 
 from torch import nn
 
 Maker = Callable[[Callable], Callable]
+
+
+class Installed:
+    """The composed wrapper as a module's instance ``forward``. Calls ``fn``; its copies are the
+    module's own forward: the user's instance forward (copied), else the copy's class forward bound
+    to the copy (what it would run without an instance forward)."""
+
+    __slots__ = ("fn", "module", "own")
+
+    def __init__(self, fn: Callable, module: nn.Module, own) -> None:
+        self.fn, self.module, self.own = fn, module, own
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        if self.own is not None:
+            return copy.deepcopy(self.own, memo)
+        twin = memo.get(id(self.module), self.module)     # the module's copy (registered before its state)
+        return types.MethodType(type(twin).forward, twin)
+
+    def __reduce__(self):
+        if self.own is not None:
+            return (_same, (self.own,))
+        return (_bind, (type(self.module).forward, self.module))
+
+
+def _same(x):
+    return x
+
+
+def _bind(fn: Callable, obj: object):
+    return types.MethodType(fn, obj)
 
 
 class ForwardWraps:
@@ -45,6 +84,7 @@ class ForwardWraps:
             fwd = own if own is not None else module.forward
             for make in reversed(makers()):
                 fwd = make(fwd)
+            fwd = Installed(fwd, module, own)
             if len(self._built) > 4096:          # modules come and go (promotion, new models): bound it
                 self._built.clear()
             self._built[(id(module), key)] = (module, base, fwd)

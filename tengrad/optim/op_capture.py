@@ -25,7 +25,8 @@ root under the mode is run with the recording ``linear`` too (``composite``). Th
 What runs when: the root's gate pre-hook always; everything else only in forwards where curvature
 is due. ``hooks`` (hookset.py: the root's exit hook, the consistency check's) is on whenever some
 block is due. Inside a captured forward nothing is a module hook: the gate installs *wrappers*
-(forward_wrap.py, ``_install``; taken away by the exit hook) - the due blocks' LayerCaptures (which
+(forward_wrap.py, ``_install``; taken away when the backward through the forward ends, ``_release``) -
+the due blocks' LayerCaptures (which
 ``select(due)`` hands over), around each its ``cover`` when the mode runs, the mode's suspension in
 covered subtrees when the mode runs, and MultiheadAttention's recording when ``select`` asks for the
 attention projections. Without staggering (stagger.py) every block is due together and ``select``
@@ -129,6 +130,8 @@ class OpCapture:
 
     # ------------------------------------------------------------------ root forward
     def _enter(self, module, args, kwargs) -> None:
+        if self._wraps.installed:       # an earlier forward's, whose backward has not run: a new forward
+            self._wraps.restore()
         due = self._armed()
         mode, mha, captures = self._select(due)     # what this forward needs, if it is captured
         if due != self.hooks.active:    # the exit hook exists only while it is needed (hookset.py)
@@ -158,7 +161,7 @@ class OpCapture:
 
     def _install(self, mode: bool, mha: bool, captures: list) -> None:
         """This captured forward's module wrappers (forward_wrap.py: instance forwards, taken away by
-        ``_exit``), outermost first per module: the mode suspended in covered subtrees (``_suspend`` /
+        ``_release``), outermost first per module: the mode suspended in covered subtrees (``_suspend`` /
         ``_resume``, when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode
         runs) around its capture (``captures``: (module, make) of the due blocks' LayerCaptures), and
         each MultiheadAttention's recording forward (``_enter_mha`` / ``_exit_mha``: its ``linear``
@@ -211,7 +214,7 @@ class OpCapture:
 
     def _exit(self, module, args, output) -> None:
         self._active = False
-        self._wraps.restore()
+        self._release(output)
         if self._patched:
             F.multi_head_attention_forward.__globals__["linear"] = self._linear_orig
             self._patched = False
@@ -220,6 +223,21 @@ class OpCapture:
             if self._suspended == 0:
                 mode.__exit__(None, None, None)
             self._suspended = 0
+
+    def _release(self, output) -> None:
+        """Take this forward's wrappers away when the backward through it ends (a hook on the output
+        queues the engine callback), so a module forward autograd re-runs inside that backward -
+        reentrant activation checkpointing, ``torch.utils.checkpoint(..., use_reentrant=True)`` - is
+        captured as in the forward; at once when no output requires grad (or the forward raised). The
+        next root forward, ``zero_grad()``, ``step()`` and ``remove_hooks()`` take them away too."""
+        if not self._wraps.installed:
+            return
+        out = _first_grad_tensor(output)
+        if out is None:
+            self._wraps.restore()
+            return
+        restore = self._wraps.restore
+        on_grad(out, lambda grad: torch.autograd.Variable._execution_engine.queue_callback(restore))
 
     def _suspend(self) -> None:
         if self._mode is not None:
@@ -505,15 +523,18 @@ class OpCapture:
 
     # ------------------------------------------------------------------ the optimizer's side
     def take(self) -> list[Use]:
+        self._wraps.restore()
         uses, self.edges = list(self.uses), []
         self.uses.clear()             # the same list: the gradient hooks (keep_grad) append to it
         return uses
 
     def clear(self) -> None:
+        self._wraps.restore()
         self.uses.clear()
         self.edges = []
 
     def remove(self) -> None:
+        self._wraps.restore()
         self.hooks.remove()
         self._gate.remove()
         self._handles = []
@@ -521,6 +542,18 @@ class OpCapture:
         self._suspenders = []
         self._mhas = []
         self._has_mha = False
+
+
+def _first_grad_tensor(output) -> Tensor | None:
+    """The first tensor that requires grad in a forward's output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(output, Tensor):
+        return output if output.requires_grad else None
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for item in items:
+        found = _first_grad_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _around(before: Callable[[], None], after: Callable[[], None]) -> Callable:
