@@ -36,7 +36,8 @@ With ``--cpp-floor`` the floor's round robin has a third arm: the same wrappers 
 tap instead of the Python hook (capture_floor.cpp_tap, compiled on first use), the floor of any per-use
 capture in eager PyTorch.
 
-    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64 ...] [--width 16] [--d-model 16 ...] [--cpp-floor]
+    .venv/bin/python benchmarks/capture_overhead.py [--repeats 40] [--batch 64 ...] [--width 16] \
+        [--d-model 16 ...] [--cpp-floor]
 """
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ class OpCapture:
         self._wraps = ForwardWraps()                # this captured forward's module wrappers
         self._covering = 0      # module-captured forwards running (their parameters are covered)
         self._fast: dict = {}   # (op, x.dim(), ids/values of the other arguments) -> a recorded call
-        self.hooks = HookSet()        # the root's exit hook (and the consistency check's): off while no curvature is due
+        self.hooks = HookSet()        # the root's exit and consistency hooks: off while no curvature is due
         self._mhas: list[nn.Module] = []    # every nn.MultiheadAttention of the model
         self._gate = model.register_forward_pre_hook(OwnHook(self._enter), with_kwargs=True)   # always on
         self._handles = [self.hooks.add(model.register_forward_hook(OwnHook(self._exit), always_call=True))]
@@ -165,9 +165,9 @@ class OpCapture:
         ``_resume``, when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode
         runs) around its capture (``captures``: (module, make) of the due blocks' LayerCaptures), and
         each MultiheadAttention's recording forward (``_enter_mha`` / ``_exit_mha``: its ``linear``
-        calls are recorded, sequence first). Wrappers rather than forward hooks: a module with hooks leaves torch's fast
-        call path (about 5 us per module call, 27 us per MultiheadAttention call here, measured), a
-        wrapper costs one Python call, and installing it is a dict write."""
+        calls are recorded, sequence first). Wrappers rather than forward hooks: a module with hooks
+        leaves torch's fast call path (about 5 us per module call, 27 us per MultiheadAttention call
+        here, measured), a wrapper costs one Python call, and installing it is a dict write."""
         plan: dict[int, tuple[nn.Module, list]] = {}
 
         def add(mod, kind):

@@ -18,11 +18,12 @@ Decisions:
 
 * Weight decay is *coupled*: it is added to g before preconditioning, so the step is the damped natural
   gradient of loss + (weight_decay/2)||theta||^2 and the oracle (F + a I)^-1 (g + wd theta) holds exactly.
-* Capture (capture.py): only forwards with grad enabled, the model (not each module) in training mode, and curvature due for
-  the next step are recorded; eval-mode or no_grad forwards never touch the captured batch or the stored
-  curvature. Curvature comes from the backward passes since the last ``zero_grad()``/``step()``. What
-  is seen is the model's forward and the backward through it (wrappers on its modules, forward_wrap.py):
-  a layer called outside them is refused by the consistency check naming the layer.
+* Capture (capture.py): only forwards with grad enabled, the model (not each module) in training mode,
+  and curvature due for the next step are recorded; eval-mode or no_grad forwards never touch the
+  captured batch or the stored curvature. Curvature comes from the backward passes since the last
+  ``zero_grad()``/``step()``. What is seen is the model's forward and the backward through it
+  (wrappers on its modules, forward_wrap.py): a layer called outside them is refused by the
+  consistency check naming the layer.
 * Weight sharing: every use of a block's parameters in the captured forward (module calls, op calls
   outside them, row slices) is one term of the block's J = sum_u J_u (shared.py, op_capture.py); a
   parameter shared by several modules, or a free parameter, starts as fallback and becomes a block
