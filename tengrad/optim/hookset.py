@@ -34,12 +34,6 @@ class HookSet:
             self._take_out([handle])
         return handle
 
-    def discard(self, handle: RemovableHandle) -> None:
-        """Remove one hook for good."""
-        self.handles = [h for h in self.handles if h is not handle]
-        self._saved = [s for s in self._saved if s[0] is not handle]
-        handle.remove()
-
     def off(self) -> None:
         if self.active:
             self.active = False

@@ -126,7 +126,7 @@ class OpCapture:
         self.hooks = HookSet()        # the root's exit and consistency hooks: off while no curvature is due
         self._mhas: list[nn.Module] = []    # every nn.MultiheadAttention of the model
         self._gate = model.register_forward_pre_hook(OwnHook(self._enter), with_kwargs=True)   # always on
-        self._handles = [self.hooks.add(model.register_forward_hook(OwnHook(self._exit), always_call=True))]
+        self.hooks.add(model.register_forward_hook(OwnHook(self._exit), always_call=True))
 
     # ------------------------------------------------------------------ root forward
     def _enter(self, module, args, kwargs) -> None:
@@ -317,8 +317,8 @@ class OpCapture:
                 if state.pop("on", False):
                     self._cover_off(ids)
 
-            self._handles += [self.hooks.add(module.register_forward_pre_hook(OwnHook(enter))),
-                              self.hooks.add(module.register_forward_hook(OwnHook(leave), always_call=True))]
+            self.hooks.add(module.register_forward_pre_hook(OwnHook(enter)))
+            self.hooks.add(module.register_forward_hook(OwnHook(leave), always_call=True))
             return
         self._covers[id(module)] = ids
 
@@ -537,7 +537,6 @@ class OpCapture:
         self._wraps.restore()
         self.hooks.remove()
         self._gate.remove()
-        self._handles = []
         self._covers.clear()
         self._suspenders = []
         self._mhas = []
