@@ -165,7 +165,7 @@ def block_shapes(model_name: str, m: int):
 
 
 def project(model_name: str, per_gpu: int, ranks: list[int], bw: float, lat: float, rate: float):
-    from tengrad.optim import distributed_plan as dplan
+    from tengrad.optim.estimator import owners as dplan
 
     blocks = block_shapes(model_name, per_gpu)
     P = sum(b[2] for b in blocks)

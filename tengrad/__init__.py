@@ -2,12 +2,12 @@
 index-notation layer specs (see DESIGN.md and docs/api-contract.md)."""
 from tengrad_ir import LayerSpec
 
-from .compiled import CompiledLayer
-from .module_plan import ModulePlan
+from .compiler import CompiledLayer
+from .compiler import ModulePlan
 from .errors import ShapeError, SpecError, TengradError, UnsupportedLayerError
 from .layers import Term, register_layer, registered_layers
 from .optim import TENGraD, TENGraDError
-from .optim.op_specs import register_op, registered_ops
+from .layers import register_op, registered_ops
 
 
 def compile(module, backend: str = "torch", **options) -> CompiledLayer:  # noqa: A001 (the public name)

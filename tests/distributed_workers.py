@@ -224,7 +224,7 @@ def check_failures(rank, world, ddp=False):
     # accumulated over two passes leave it): its capture holds two records, which take() refuses
     lin = next(b for b in opt.blocks if b.name.endswith("lin")).capture
     attempt("capture", spoil=lambda: lin._received.append(lin._received[0]))
-    from tengrad.optim import woodbury
+    from tengrad.optim.curvature import woodbury
     real = woodbury.factor
 
     def broken(gram, m, damping, layer):

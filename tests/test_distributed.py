@@ -13,7 +13,7 @@ import torch
 import dist_harness
 import distributed_workers
 from tengrad.optim import TENGraD, TENGraDError
-from tengrad.optim import distributed_plan as dplan
+from tengrad.optim.estimator import owners as dplan
 
 TOL = 1e-8
 UNEVEN = {2: [[3, 2], [2, 4], [1, 3], [4, 2]], 3: [[2, 3, 1], [3, 1, 2], [1, 2, 2], [2, 2, 3]]}

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from test_optim_oracle import expected_steps, oracle_fisher
 from tengrad.errors import TengradError
 from tengrad.optim import TENGraD
-from tengrad.optim.forward_wrap import ForwardWraps, Installed
+from tengrad.optim.capture.wrappers import ForwardWraps, Installed
 
 
 def _mlp():

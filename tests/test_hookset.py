@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tengrad.optim import TENGraD
-from tengrad.optim.hookset import HookSet
+from tengrad.optim.capture.hooks import HookSet
 
 
 def test_hooks_return_to_their_place_among_user_hooks():

@@ -17,7 +17,7 @@ from test_optim_oracle import make_batch, make_model, per_sample_grads, rel_err
 from test_optim_stepctl import step_against_oracle, two_steps
 from tengrad.optim import TENGraD
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.noisescale import BETA, FLOOR, NoiseScale
+from tengrad.optim.noise import BETA, FLOOR, NoiseScale
 
 
 def sums(rows: dict[str, torch.Tensor]) -> tuple[float, float, int]:

@@ -11,7 +11,7 @@ from torch import nn
 import tengrad
 from tengrad_ir import LayerSpec
 from tengrad.optim import TENGraD, TENGraDError
-from tengrad.optim.consistency import (BatchDimensionError, ConsistencyError, MissingCaptureError,
+from tengrad.optim.curvature.consistency import (BatchDimensionError, ConsistencyError, MissingCaptureError,
                                        SpecMismatchError)
 
 

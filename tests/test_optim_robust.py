@@ -14,7 +14,7 @@ from torch import nn
 from test_optim_oracle import (LOSSES, expected_steps, make_batch, make_model, oracle_fisher,
                                per_sample_grads, rel_err, run_against_oracle)
 from tengrad.optim import TENGraD, TENGraDError
-from tengrad.optim import paths, woodbury
+from tengrad.optim.curvature import paths, woodbury
 
 
 def quiet(fn, *a, **k):

@@ -20,7 +20,7 @@ from test_optim_oracle import (LOSSES, expected_steps, make_batch, make_model, o
 from test_optim_zoo import TiedEncoderLM, ids_batch, lm_loss, per_sample_rows
 from tengrad.optim import TENGraD
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.noisescale import BETA, FLOOR
+from tengrad.optim.noise import BETA, FLOOR
 
 
 def refreshes(step: int, index: int, k: int) -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tengrad import TENGraD
-from tengrad.optim.consistency import BatchDimensionError
+from tengrad.optim.curvature.consistency import BatchDimensionError
 
 V, E, T, N = 11, 8, 5, 3
 
@@ -263,7 +263,7 @@ class FreeScale(nn.Module):
 
 def test_user_registered_op_gives_an_exact_block():
     import tengrad
-    from tengrad.optim.op_specs import register_op
+    from tengrad.layers.ops import register_op
     tengrad.register_layer(ScaleShift, _scale_shift_terms)
 
     def build(x, w, b):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 import tengrad
-from tengrad.optim import paths
+from tengrad.optim.curvature import paths
 
 
 def _choice(module, x_shape, gy_shape, k):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tengrad
-from tengrad.binding import bind_sizes, to_indexed
+from tengrad.compiler.binding import bind_sizes, to_indexed
 from tengrad.codegen.unfold import strided_unfold, window
 from tengrad.layers.conv import conv_terms
 from tengrad_ir import LayerSpec

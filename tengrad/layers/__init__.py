@@ -25,4 +25,7 @@ for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
 register_layer(nn.GroupNorm, group_norm_terms)
 register_layer(nn.RMSNorm, rms_norm_terms)
 
-__all__ = ["Term", "register_layer", "registered_layers", "factory_for", "conv_transpose_terms"]
+from .ops import register_op, registered_ops  # noqa: E402 (functional ops, beside the modules)
+
+__all__ = ["Term", "register_layer", "registered_layers", "register_op", "registered_ops", "factory_for",
+           "conv_transpose_terms"]

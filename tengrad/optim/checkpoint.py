@@ -7,11 +7,11 @@ plus ``sd["tengrad"]``::
     param_names   [str], parameter names in torch's index order (groups in order, params in order)
     param_shapes  [[int]], their shapes
     blocks        {block name: kept curvature: path, x, gy, jac, gram, chol, m, damping, requested,
-                   choice, jac_split, jac_scale}  (woodbury.BlockCurvature; blocks without curvature are
+                   choice, jac_split, jac_scale}  (curvature/woodbury.py; blocks without curvature are
                    absent; jac_split: the column counts of R's pieces or None, R = jac_scale * jac;
                    both optional on load: a whole R with scale 1)
     generator     the optimizer's generator state (fisher="mc") or None
-    noise         the gradient-noise ratio's running sums, s and its peak (noisescale.py; absent in older
+    noise         the gradient-noise ratio's running sums, s and its peak (noise.py; absent in older
                   files, which load with r = 1)
 
 ``prepare`` checks everything against this optimizer before anything changes: the structure, group
@@ -19,7 +19,8 @@ count and sizes, each group's hyperparameters (hyperparams.py; an SGD state_dict
 parameter names and shapes, momentum buffer shapes, block names, path kinds and every curvature
 tensor's shape (x and gy through the block's own plan), the step count and the generator state.
 The first mismatch raises a TENGraDError naming it, and the optimizer is exactly as before.
-``apply`` then commits (torch's own load, which cannot fail after these checks, and the curvature).
+The optimizer then commits (torch's own load, which cannot fail after these checks, and the
+estimator's ``load`` of the curvature and noise statistics).
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from numbers import Integral
 
 import torch
 
-from tengrad.optim import paths, woodbury
+from tengrad.errors import TengradError
+from tengrad.optim.curvature import paths, woodbury
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.hyperparams import check_group
-from tengrad.optim.noisescale import NoiseScale
+from tengrad.optim.noise import NoiseScale
+from tengrad.optim.options import check_group
 
 _CURV_KEYS = ("path", "x", "gy", "jac", "gram", "chol", "m", "damping", "requested")
 
@@ -39,28 +41,19 @@ def _fail(msg: str) -> TENGraDError:
     return TENGraDError(f"load_state_dict: {msg}; the optimizer is unchanged")
 
 
-def param_names(opt) -> list[str]:
+def param_names(model, param_groups: list[dict]) -> list[str]:
     names = {}
-    for n, p in opt.model.named_parameters(remove_duplicate=False):
+    for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), n)
-    return [names.get(id(p), "?") for g in opt.param_groups for p in g["params"]]
+    return [names.get(id(p), "?") for g in param_groups for p in g["params"]]
 
 
-def extra(opt) -> dict:
-    """The "tengrad" entry of ``opt.state_dict()``."""
-    blocks = {}
-    for b in opt.blocks:
-        if b.curv is None:
-            continue
-        c = b.curv
-        blocks[b.name] = dict(c.tensors(), path=c.path, m=c.m, damping=c.damping, requested=c.requested,
-                              choice=None if b.choice is None else (b.choice.path, b.choice.note),
-                              jac_split=c.split(), jac_scale=c.scale)
-    return {"steps": opt._steps, "blocks": blocks,
-            "param_names": param_names(opt),
-            "param_shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
-            "generator": None if opt.generator is None else opt.generator.get_state(),
-            "noise": opt._noise.state()}
+def extra(steps: int, names: list[str], param_groups: list[dict], estimator_state: dict, generator) -> dict:
+    """The "tengrad" entry of ``opt.state_dict()`` (``estimator_state``: its kept curvature and noise)."""
+    return {"steps": steps, "blocks": estimator_state["blocks"], "param_names": names,
+            "param_shapes": [list(p.shape) for g in param_groups for p in g["params"]],
+            "generator": None if generator is None else generator.get_state(),
+            "noise": estimator_state["noise"]}
 
 
 def _is_int(v: object) -> bool:
@@ -77,7 +70,7 @@ def _tensor(c: dict, key: str, where: str, shape: tuple | None = None) -> torch.
     return t
 
 
-def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice | None]:
+def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice | None]:
     where = f"curvature of block {b.name!r}"
     if not isinstance(c, dict):
         raise _fail(f"{where} must be a dict, got {type(c).__name__}")
@@ -131,7 +124,7 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
         try:   # the block's own plan checks x and gy against this model's layer
             zeros = [torch.zeros_like(p, dtype=gy.dtype) for p in b.params]
             b.plan.jvp(x, gy, zeros)
-        except Exception as exc:  # noqa: BLE001 - any refusal of the plan is a mismatch
+        except (TengradError, RuntimeError, ValueError) as exc:   # the plan refused them: a mismatch
             raise _fail(f"{where} does not fit this model's layer {b.name!r}: {exc}") from None
     choice = c.get("choice")
     if choice is not None:
@@ -139,13 +132,16 @@ def _curvature(opt, b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathCh
                 or choice[0] not in (paths.REUSE, paths.JACOBIAN) or not isinstance(choice[1], str)):
             raise _fail(f"{where}: 'choice' must be (path, note), got {choice!r}")
         choice = paths.PathChoice(choice[0], choice[1])
-    curv = woodbury.BlockCurvature(c["path"], x, gy, jac, gram.to(dev).clone(), chol.to(dev).clone(),
-                                   int(m), float(c["damping"]), float(c["requested"]), pieces, float(scale))
+    rows = woodbury.Rows(c["path"], int(m), x, gy, jac, pieces, float(scale))
+    curv = woodbury.BlockCurvature(rows, gram.to(dev).clone(), chol.to(dev).clone(), float(c["damping"]),
+                                   float(c["requested"]))
     return curv, choice
 
 
-def prepare(opt, state_dict: object) -> tuple[dict, dict]:
-    """(torch's part of the state_dict, our prepared part); raises before anything changes."""
+def prepare(state_dict: object, param_groups: list[dict], names: list[str], known_blocks: list, generator
+            ) -> tuple[dict, dict]:
+    """(torch's part of the state_dict, our prepared part), checked against the optimizer's groups,
+    parameter names, blocks and generator; raises before anything changes."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise _fail(f"expected an optimizer state_dict with 'state' and 'param_groups', got "
                     f"{type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))[:6]}"
@@ -153,11 +149,11 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
     if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, dict):
         raise _fail("'param_groups' must be a list and 'state' a dict")
-    if len(saved_groups) != len(opt.param_groups):
+    if len(saved_groups) != len(param_groups):
         raise _fail(f"the state_dict has {len(saved_groups)} param group(s), this optimizer "
-                    f"{len(opt.param_groups)}")
+                    f"{len(param_groups)}")
     index_to_param = {}
-    for i, (sg, g) in enumerate(zip(saved_groups, opt.param_groups)):
+    for i, (sg, g) in enumerate(zip(saved_groups, param_groups)):
         if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
             raise _fail(f"param_groups[{i}] must be a dict with a 'params' list")
         if len(sg["params"]) != len(g["params"]):
@@ -174,8 +170,7 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
     steps = ours.get("steps")
     if not _is_int(steps) or steps < 0:
         raise _fail(f"'steps' must be an integer >= 0, got {steps!r}")
-    names = param_names(opt)
-    shapes = [tuple(p.shape) for g in opt.param_groups for p in g["params"]]
+    shapes = [tuple(p.shape) for g in param_groups for p in g["params"]]
     saved_names, saved_shapes = ours.get("param_names"), ours.get("param_shapes")
     if saved_names is not None:
         for k, (a, b) in enumerate(zip(saved_names, names)):
@@ -185,7 +180,7 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
         for k, (a, b) in enumerate(zip(saved_shapes, shapes)):
             if tuple(a) != b:
                 raise _fail(f"parameter {k} ({names[k]!r}) has shape {tuple(a)} in the state_dict, {b} here")
-    name_of = dict(zip((id(p) for g in opt.param_groups for p in g["params"]), names))
+    name_of = dict(zip((id(p) for g in param_groups for p in g["params"]), names))
     for idx, s in state.items():
         if idx not in index_to_param:
             raise _fail(f"'state' has an entry for parameter index {idx!r}, which no group lists")
@@ -201,18 +196,18 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
     blocks = ours.get("blocks", {})
     if not isinstance(blocks, dict):
         raise _fail("'blocks' must be a dict of block name -> curvature")
-    by_name = {b.name: b for b in opt.blocks}
+    by_name = {b.name: b for b in known_blocks}
     prepared = {}
     for name, c in blocks.items():
         if name not in by_name:
             raise _fail(f"the state_dict has curvature for layer {name!r}, which this model lacks "
                         f"(blocks: {list(by_name)})")
-        prepared[name] = _curvature(opt, by_name[name], c)
+        prepared[name] = _curvature(by_name[name], c)
     gen = ours.get("generator")
-    if gen is not None and opt.generator is not None:
+    if gen is not None and generator is not None:
         try:
-            torch.Generator(device=opt.generator.device).set_state(gen)
-        except Exception as exc:  # noqa: BLE001
+            torch.Generator(device=generator.device).set_state(gen)
+        except (RuntimeError, TypeError, ValueError) as exc:
             raise _fail(f"the generator state does not fit this optimizer's generator: {exc}") from None
     # Momentum buffers are cloned: torch's load_state_dict keeps the given tensors when dtype and
     # device already match, so an optimizer loaded from another's in-memory state_dict would share
@@ -226,15 +221,3 @@ def prepare(opt, state_dict: object) -> tuple[dict, dict]:
         if why is not None:
             raise _fail(f"'noise' (the gradient-noise scale, noisescale.py) {why}")
     return base, {"steps": int(steps), "curv": prepared, "generator": gen, "noise": noise}
-
-
-def apply(opt, prepared: dict) -> None:
-    """Commit what ``prepare`` checked: steps, each block's curvature (absent: none), the generator."""
-    opt._steps = prepared["steps"]
-    for b in opt.blocks:
-        b.curv, b.choice = prepared["curv"].get(b.name, (None, None))
-    opt._noise = NoiseScale()
-    if prepared["noise"] is not None:
-        opt._noise.load(prepared["noise"])
-    if prepared["generator"] is not None and opt.generator is not None:
-        opt.generator.set_state(prepared["generator"])

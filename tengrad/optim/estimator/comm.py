@@ -21,6 +21,9 @@ from torch import Tensor
 
 from tengrad.optim.errors import TENGraDError
 
+#: errors that mean a bug in tengrad, never a property of the data: re-raised as they are
+PROGRAMMING_ERRORS = (AttributeError, NameError, ImportError, AssertionError)
+
 
 class Failure:
     """The first error of this rank in the current step (None while all is well)."""
@@ -54,6 +57,8 @@ def raise_if_any(failed_somewhere: bool, failure: Failure, group, step: int) -> 
     messages: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, (failure.error is not None, failure.message()), group=group)
     rank, text = next((r, t) for r, (bad, t) in enumerate(messages) if bad)
+    if isinstance(failure.error, PROGRAMMING_ERRORS):
+        raise failure.error      # a bug keeps its type on the rank that met it
     raise TENGraDError(f"rank {rank} at step {step}: {text} (raised on every rank; nothing was updated)")
 
 

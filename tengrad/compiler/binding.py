@@ -15,7 +15,7 @@ import torch
 from tengrad_ir import LayerSpec, kind_of
 from tengrad_ir.notation import Axes, format_axes
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 
 def axis_dims(axes: Axes, shape: tuple[int, ...], what: str) -> list[tuple[tuple[str, ...], int]]:

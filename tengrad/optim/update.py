@@ -1,6 +1,8 @@
-"""The last part of a TENGraD step: one finiteness check, the step-size control and the update,
-and the optimizer's defaults (chosen from benchmarks/robustness.py; README "Choosing lr, damping and
-update_freq").
+"""The last part of a TENGraD step: the gradient with weight decay, one finiteness check, the
+step-size control (KL clip with the noise ratio) and the momentum update.
+
+Gradient (``gradient``): g = param.grad (dense, compute dtype) + weight_decay * theta (coupled decay:
+the step is the damped natural gradient of loss + (weight_decay/2)||theta||^2).
 
 Step-size control (K-FAC's KL clipping, on by default): with D = sum over all parameters of
 lr_b^2 <d, g> (lr_b the lr of the parameter's group; <d, g> = g^T (F_b + a I)^-1 g >= 0 per block),
@@ -45,11 +47,11 @@ from tengrad.optim.errors import TENGraDError
 
 Direction = tuple[Tensor, Tensor, Tensor, dict]
 
-# Defaults of TENGraD(model): see benchmarks/README.md (robustness grid) and README.md.
-DEFAULT_LR = 0.3
-DEFAULT_DAMPING = 1.0
-DEFAULT_UPDATE_FREQ = 10
-DEFAULT_KL_CLIP = 6.4e-3      # with the noise ratio (noisescale.py); 3e-3 without it before (benchmarks/README.md)
+def gradient(p: Tensor, weight_decay: float, dtype: torch.dtype) -> Tensor:
+    """param.grad (zeros when None; dense for Embedding(sparse=True)) + weight_decay * theta, in ``dtype``."""
+    g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
+    g = g.to_dense() if g.is_sparse else g
+    return g + weight_decay * p.detach().to(dtype) if weight_decay else g
 
 
 def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
@@ -88,7 +90,7 @@ def inner(directions: Sequence[Direction]) -> Tensor:
 
 def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: float = 1.0) -> float:
     """nu = min(1, r sqrt(kl_clip / D)) with D measured at the reference lrs and r = ``ratio`` in (0, 1]
-    the gradient-noise ratio (noisescale.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
+    the gradient-noise ratio (noise.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
     D <= 0."""
     if kl_clip is None or not directions:
         return 1.0
@@ -98,9 +100,10 @@ def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: floa
     return min(1.0, ratio * (kl_clip / dg) ** 0.5)
 
 
-def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float = 1.0) -> None:
-    """Momentum update of every parameter with multi-tensor (foreach) ops, group by group. The
-    directions are owned by the step and are scaled or kept as momentum buffers in place."""
+def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None:
+    """Momentum update of every parameter with multi-tensor (foreach) ops, group by group; ``state``
+    is the optimizer's per-parameter state (``state[p]["momentum_buffer"]``). The directions are owned
+    by the step and are scaled or kept as momentum buffers in place."""
     by_group: dict[int, tuple[dict, list, list]] = {}
     for p, d, _, group in directions:
         entry = by_group.setdefault(id(group), (group, [], []))
@@ -114,15 +117,15 @@ def apply(opt: torch.optim.Optimizer, directions: Sequence[Direction], nu: float
         if momentum:
             old, new = [], []
             for p, d in zip(params, ds):
-                state = opt.state[p]
-                buf = state.get("momentum_buffer")
+                st = state[p]
+                buf = st.get("momentum_buffer")
                 if buf is None:
-                    state["momentum_buffer"] = d      # first step: buf = nu d (d is owned by this step)
+                    st["momentum_buffer"] = d      # first step: buf = nu d (d is owned by this step)
                 else:
                     old.append(buf)
                     new.append(d)
             if old:
                 torch._foreach_mul_(old, momentum)
                 torch._foreach_add_(old, new)
-            ds = [opt.state[p]["momentum_buffer"] for p in params]
+            ds = [state[p]["momentum_buffer"] for p in params]
         torch._foreach_add_(params, ds, alpha=-group["lr"])

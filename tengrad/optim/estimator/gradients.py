@@ -27,9 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tengrad.optim.capture import _transformed
+from tengrad.optim.capture.hooks import OwnHook, transformed
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.hookset import OwnHook
 
 
 def _first_tensor(args, kwargs) -> Tensor | None:
@@ -54,7 +53,7 @@ class BatchSize:
     def _hook(self, module, args, kwargs):
         if torch.is_grad_enabled() and module.training and not self._locked:
             t = _first_tensor(args, kwargs)
-            if t is not None and t.dim() > 0 and not _transformed(t):
+            if t is not None and t.dim() > 0 and not transformed(t):
                 self.value = int(t.shape[0])
                 self._locked = True
         return None

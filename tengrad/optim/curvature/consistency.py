@@ -34,9 +34,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from tengrad.optim.capture import _transformed
+from tengrad.optim.capture.hooks import OwnHook, transformed
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.hookset import OwnHook
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 LOW_PRECISION_TOL = 0.1
@@ -92,7 +91,7 @@ class ConsistencyCheck:
             hooks.add(self._handle)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        if not torch.is_grad_enabled() or (isinstance(output, Tensor) and _transformed(output)):
+        if not torch.is_grad_enabled() or (isinstance(output, Tensor) and transformed(output)):
             return
         self.last_forward_training = module.training
         if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)
@@ -111,6 +110,9 @@ class ConsistencyCheck:
         self._handle.remove()
 
     # ------------------------------------------------------------------ the checks
+    def mark_checked(self, name: str) -> None:
+        self.checked.add(name)
+
     def due(self, name: str) -> bool:
         return self.mode is True or (self.mode is False and name not in self.checked)
 
@@ -138,7 +140,7 @@ class ConsistencyCheck:
         w = torch.cat([_dense(g).reshape(-1).to(torch.float64) for g in grads if g is not None])
         if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
             return    # non-finite values: the step's own checks name them
-        err, scale = _mismatch(a, w)
+        err, scale = mismatch(a, w)
         tol = max(TOL.get(b.params[0].dtype, LOW_PRECISION_TOL), TOL.get(grad.dtype, LOW_PRECISION_TOL))
         if not (err <= tol and scale > 0):
             raise SpecMismatchError(
@@ -173,7 +175,7 @@ def _dense(g: Tensor) -> Tensor:
     return g.to_dense() if g.is_sparse else g
 
 
-def _mismatch(a: Tensor, w: Tensor) -> tuple[float, float]:
+def mismatch(a: Tensor, w: Tensor) -> tuple[float, float]:
     """(relative error after the best positive factor, that factor) between a and w."""
     na, nw = float(a.norm()), float(w.norm())
     if max(na, nw) == 0.0:

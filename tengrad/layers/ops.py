@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 OpBuilder = Callable[..., "tuple[nn.Module, dict[str, Tensor]] | None"]
-_OPS: dict[Callable, tuple[inspect.Signature | None, OpBuilder]] = {}
+OPS: dict[Callable, tuple[inspect.Signature | None, OpBuilder]] = {}
 
 
 def register_op(func: Callable, builder: OpBuilder) -> OpBuilder:
@@ -27,20 +27,20 @@ def register_op(func: Callable, builder: OpBuilder) -> OpBuilder:
     with ``tengrad.register_layer`` whose forward on the op's input gives the op's output."""
     if not callable(func) or not callable(builder):
         raise TypeError("register_op(func, builder): both must be callable")
-    _OPS[func] = (None, builder)
+    OPS[func] = (None, builder)
     return builder
 
 
 def registered_ops() -> tuple[Callable, ...]:
-    return tuple(_OPS)
+    return tuple(OPS)
 
 
 def builder_for(func: Callable) -> OpBuilder | None:
-    entry = _OPS.get(func)
+    entry = OPS.get(func)
     return None if entry is None else entry[1]
 
 
-def _with_params(module: nn.Module, tensors: dict[str, Tensor | None]) -> tuple[nn.Module, dict[str, Tensor]]:
+def with_params(module: nn.Module, tensors: dict[str, Tensor | None]) -> tuple[nn.Module, dict[str, Tensor]]:
     used = {}
     for name, t in tensors.items():
         if t is None:
@@ -53,14 +53,14 @@ def _with_params(module: nn.Module, tensors: dict[str, Tensor | None]) -> tuple[
 
 def _linear(input, weight, bias=None):
     m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    return _with_params(m, {"weight": weight, "bias": bias})
+    return with_params(m, {"weight": weight, "bias": bias})
 
 
 def _conv(cls):
     def build(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         m = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
                 padding=padding, dilation=dilation, groups=groups, bias=bias is not None, device="meta")
-        return _with_params(m, {"weight": weight, "bias": bias})
+        return with_params(m, {"weight": weight, "bias": bias})
     return build
 
 
@@ -69,7 +69,7 @@ def _conv_transpose(cls):
         m = cls(weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]), stride=stride,
                 padding=padding, output_padding=output_padding, groups=groups, bias=bias is not None,
                 dilation=dilation, device="meta")
-        return _with_params(m, {"weight": weight, "bias": bias})
+        return with_params(m, {"weight": weight, "bias": bias})
     return build
 
 
@@ -77,21 +77,21 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if weight is None and bias is None:
         return None
     m = nn.LayerNorm(normalized_shape, eps=eps, elementwise_affine=True, bias=True, device="meta")
-    return _with_params(m, {"weight": weight, "bias": bias})
+    return with_params(m, {"weight": weight, "bias": bias})
 
 
 def _rms_norm(input, normalized_shape, weight=None, eps=None):
     if weight is None:
         return None
     m = nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=True, device="meta")
-    return _with_params(m, {"weight": weight})
+    return with_params(m, {"weight": weight})
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if weight is None and bias is None:
         return None
     m = nn.GroupNorm(num_groups, input.shape[1], eps=eps, affine=True, device="meta")
-    return _with_params(m, {"weight": weight, "bias": bias})
+    return with_params(m, {"weight": weight, "bias": bias})
 
 
 def _stats_norm(cls):
@@ -105,7 +105,7 @@ def _stats_norm(cls):
             m = cls(input.shape[1], eps=eps, affine=True, track_running_stats=False, device="meta")
         m.running_mean, m.running_var = running_mean, running_var
         m.train(bool(training))
-        return _with_params(m, {"weight": weight, "bias": bias})
+        return with_params(m, {"weight": weight, "bias": bias})
     return build
 
 
@@ -115,7 +115,7 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
         padding_idx += weight.shape[0]
     m = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding_idx, max_norm=max_norm,
                      device="meta")
-    return _with_params(m, {"weight": weight})
+    return with_params(m, {"weight": weight})
 
 
 for _f, _b in ((F.linear, _linear), (F.conv1d, _conv(nn.Conv1d)), (F.conv2d, _conv(nn.Conv2d)),

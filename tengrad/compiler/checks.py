@@ -24,7 +24,7 @@ import torch
 
 from tengrad_ir import kind_of
 
-from .errors import ShapeError, TengradError
+from ..errors import ShapeError, TengradError
 
 
 def _kind(v: object) -> str:

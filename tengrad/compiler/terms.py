@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import TengradError
-from .layers import factory_for
-from .layers.term import Term
+from ..errors import TengradError
+from ..layers import factory_for
+from ..layers.term import Term
 
 
 def match_terms(module: nn.Module, name: str) -> tuple[tuple[Term, ...], tuple[tuple[str, torch.Tensor], ...]]:

@@ -3,7 +3,7 @@
 Global batch M = sum_r m_r over R ranks; a block with P parameters has r_r = reps * m_r Jacobian rows
 on rank r (reps = 1, or C for the exact Fisher) and M_rows = reps * M in all. K = J J^T with J the
 ranks' rows stacked, so its cross-rank blocks K_rs = J_r J_s^T need data from both ranks. Two forms
-reach the owner of the block (DESIGN.md, "The exact step over R ranks"):
+reach the owner of the block (distributed.py):
 
 * "factors": the layer inputs x_r [m_r, ...] and output gradients gy_r [r_r, ...]; the owner runs
   the plan's Gram on the concatenated batch. Bytes per rank: m_max * |x_i| + r_max * |gy_i|.
@@ -16,7 +16,7 @@ per step is form-independent: J_r g (r_r numbers) gathered to the owner, u = (K 
 (M_rows numbers) broadcast from it, and sum_r J_r^T u_r (P numbers) all-reduced.
 
 Owners are assigned by greedy longest-processing-time on the owner's work (Gram on M_rows rows from
-the plan's cost model, or M_rows^2 P for rows; plus M_rows^3 / 3 for the Cholesky): blocks sorted by
+the plan's cost model (paths.priced; a cost model that fails raises naming the layer), or M_rows^2 P for rows; plus M_rows^3 / 3 for the Cholesky): blocks sorted by
 cost, each to the least loaded rank (ties to the lower rank), so ranks finish together. Every rank
 computes the same assignment from the same all-gathered sizes; no message is needed.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tengrad.optim import paths
+from tengrad.optim.curvature.paths import priced
 
 FACTORS = "factors"
 ROWS = "rows"
@@ -58,16 +58,7 @@ def choose(plan, x_shape, gy_shape, x_itemsize: int, itemsize: int, reps: int, s
     b_factors = m_max * x_i * x_itemsize + rows_max * gy_i * itemsize
     b_rows = rows_max * n_params * itemsize
     chol = rows ** 3 / 3.0
-    gram = None
-    sized_fn = getattr(plan, "sized", None)
-    if sized_fn is not None:
-        try:
-            sized = sized_fn((rows, *x_shape[1:]), (rows, *gy_shape[1:]))
-            gram = paths._priced(sized, "gram")
-        except Exception:   # a plan that cannot price these sizes still runs them
-            gram = None
-    if gram is None:
-        gram = float(rows * rows * (x_i + gy_i))
+    gram = priced(plan, (rows, *x_shape[1:]), (rows, *gy_shape[1:]), ("gram",))[0]
     form = ROWS if b_rows < b_factors and rows * n_params <= max_jacobian_numel else FACTORS
     owner = (gram if form == FACTORS else float(rows * rows * n_params)) + chol
     return Exchange(form, b_factors, b_rows, owner)

@@ -2,7 +2,7 @@
 
 For a batch of m samples and a mean-reduced loss L = (1/m) sum_i l_i, autograd hands the layer's output
 y (shape [m, ...]) the gradient ``grad = dL/dy = (1/m) dl_i/dy_i``; the per-sample output gradient is
-``gy = m * grad`` (DESIGN.md). The Jacobian row of sample i is then the gradient of <gy_i, module(x)_i>
+``gy = m * grad`` . The Jacobian row of sample i is then the gradient of <gy_i, module(x)_i>
 with respect to the block's parameters, which is what ``plan.gram / jvp / vjp`` take.
 
 Capture rules (documented in the optimizer too):
@@ -28,9 +28,8 @@ Capture rules (documented in the optimizer too):
 * In the "gradient" phase (the ordinary ``loss.backward()``) the hook stores ``grad``; in the
   "curvature" phase (extra backward passes run by ``TENGraD.backward`` for the Monte-Carlo or exact
   Fisher, already per-sample) it appends ``grad`` to ``rows``.
-* ``out.retain_grad()`` (a C++ hook, no Python call in the backward) was measured and rejected: it
-  clones every gradient (contiguous), which cost 4x a Python hook per layer and 1500 page faults per
-  step of the d_model 128 Transformer (benchmarks/README.md, capture_overhead.py).
+* ``out.retain_grad()`` is not used: it clones every gradient (contiguous); see
+  docs/experiments/ for the measurement.
 * Only forward calls whose output received a gradient count. If more than one call of the same module
   received gradients since the last ``take`` (``opt.zero_grad()`` or ``opt.step()``), the module was
   called twice in one forward (weight sharing) or gradients were accumulated over several backward
@@ -49,118 +48,16 @@ there after ``backward()`` as usual).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from tengrad.optim.capture.hooks import (CURVATURE, OwnHook, get_gradient_edge, keep_grad, on_grad,
+                                         store_grad, transformed)
+from tengrad.optim.capture.record import Use
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.hookset import OwnHook
-
-try:
-    from torch.autograd.graph import get_gradient_edge
-except ImportError:  # pragma: no cover - torch < 2.3
-    get_gradient_edge = None
-
-GRADIENT = "gradient"
-CURVATURE = "curvature"
-
-
-_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-
-
-def _transformed(t: Tensor) -> bool:
-    """True inside torch.func transforms (vmap/grad): those calls are not the training forward."""
-    return bool(_WRAPPED(t)) if _WRAPPED is not None else False
-
-
-def on_grad(out: Tensor, fn: Callable[[Tensor], None], node: bool = True) -> None:
-    """Call ``fn(grad)`` with the gradient of ``out`` in every backward pass through it, as
-    ``out.register_hook(fn)`` does (``fn`` returns None: the gradient is not changed).
-
-    With ``node`` (and ``out`` made by an op) the hook is a pre-hook of ``out.grad_fn`` reading the
-    output's slot: the node a tensor hook would be bound to, so the same gradient (the output as the
-    op produced it, even after later in-place ops), at a third of the Python cost of
-    ``Tensor.register_hook`` (no handle dict). Node pre-hooks do not run when a backward stops at the
-    node (``torch.autograd.grad`` with gradient edges as inputs, the curvature passes of
-    ``keep_edges``), so callers that capture edges pass ``node=False`` and get a tensor hook."""
-    grad_fn = out.grad_fn if node else None
-    if grad_fn is None:
-        out.register_hook(fn)
-        return
-    on_node(grad_fn, out.output_nr, fn)
-
-
-def on_node(node, i: int, fn: Callable[[Tensor], None]) -> None:
-    """Call ``fn(grad)`` with the gradient of output ``i`` of autograd node ``node``."""
-    def pre(grads):
-        g = grads[i]
-        if g is not None:
-            fn(g)
-
-    node.register_prehook(pre)
-
-
-def keep_grad(out: Tensor, record, received: list) -> None:
-    """``store_grad`` in the GRADIENT phase as one tensor hook on ``out`` (the empirical Fisher's
-    capture: no curvature passes run through it), without the dispatch through ``on_grad`` /
-    ``partial`` / ``phase()``.
-
-    Registered the way ``Tensor.register_hook`` does it, minus its ``RemovableHandle``: the output is
-    fresh (made by the op this forward), so it has no hook dict yet; a dict ``{0: hook}`` becomes its
-    ``_backward_hooks`` and ``grad_fn._register_hook_dict`` binds that dict to the node slot of the
-    output (as a tensor hook: the gradient of the output as the op produced it, even after a later
-    in-place op). That costs about 1 us against 4-5 us for ``register_hook`` / ``register_prehook``
-    (handle, weak reference, ordered dict), per captured output of every curvature step. A hook the
-    user adds later goes into the same dict through ``register_hook`` and removes itself as usual.
-    An output that already has a hook dict, or a torch without ``_register_hook_dict``, takes
-    ``register_hook``."""
-    def hook(g):
-        if g.requires_grad:         # create_graph backward: keep the value, not the graph
-            g = g.detach()
-        record.grad = g if record.grad is None else record.grad + g
-        for r in received:          # identity: records define no __eq__
-            if r is record:
-                return
-        received.append(record)
-
-    grad_fn = out.grad_fn
-    if grad_fn is None or out._backward_hooks is not None or not hasattr(grad_fn, "_register_hook_dict"):
-        out.register_hook(hook)
-        return
-    out._backward_hooks = OrderedDict(((0, hook),))     # weak-referable, as a handle needs
-    grad_fn._register_hook_dict(out)
-
-
-class Record:
-    """One forward call of a layer: input ``x`` [m, ...], ``grad`` (= dL/dy, [m, ...]) and ``rows``
-    (per-sample output gradients of the curvature passes, each [m, ...])."""
-
-    __slots__ = ("x", "grad", "rows", "fwd", "fused", "jac")
-
-    def __init__(self, x: Tensor, fwd: int = 0) -> None:
-        self.x = x
-        self.fwd = fwd      # which root forward made it (several: accumulation, refused)
-        self.grad: Tensor | None = None
-        self.rows: list[Tensor] = []
-        self.fused = False                    # the block's parameters were detached for this call
-        self.jac: list[Tensor] | None = None  # J / m per parameter ([m, *p.shape]) when fused
-
-
-def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
-    """Keep a captured output gradient on ``record`` (a Record or an op-level use: ``grad``, ``rows``):
-    appended to ``rows`` in the CURVATURE phase, else stored as ``grad`` (a second ordinary backward
-    through the same graph, retain_graph, accumulates); the record joins ``received`` once."""
-    if phase == CURVATURE:
-        record.rows.append(grad.detach())
-    elif record.grad is None:
-        record.grad = grad.detach()
-    else:
-        record.grad = record.grad + grad.detach()
-    if not any(r is record for r in received):
-        received.append(record)
 
 
 class LayerCapture:
@@ -173,24 +70,25 @@ class LayerCapture:
     GRADIENT or CURVATURE for the backward pass that is running.
     """
 
-    def __init__(self, name: str, module: nn.Module, armed: Callable[[], bool],
+    def __init__(self, name: str, module: nn.Module, plan, armed: Callable[[], bool],
                  phase: Callable[[], str], keep_edges: bool = False,
                  training: Callable[[], bool] | None = None,
-                 forward_id: Callable[[], int] | None = None) -> None:
-        self._forward_id = forward_id or (lambda: 0)
+                 forward: Callable[[], tuple[int, int | None]] | None = None) -> None:
+        self._forward_info = forward or (lambda: (0, None))
         self.name = name
+        self.plan = plan
         self.module = module
         self._armed = armed
         self._phase = phase
         self._training = training if training is not None else (lambda: module.training)
         self._keep_edges = keep_edges and get_gradient_edge is not None
         self._keep_edges_asked = keep_edges
-        self._received: list[Record] = []
+        self._received: list[Use] = []
         self._edges: list = []
         # gradient from the Jacobian (module docstring): set by the optimizer
         self.fuse_shape: tuple[int, ...] | None = None
         self.fuse_params: list[tuple[str, Tensor]] = []
-        self.on_fused_grad: Callable[[Record, Tensor], None] | None = None
+        self.on_fused_grad: Callable[[Use, Tensor], None] | None = None
         self.fused_calls = 0
         self.removed = False
 
@@ -246,7 +144,7 @@ class LayerCapture:
         if not (args and isinstance(args[0], Tensor) and args[0].requires_grad
                 and tuple(args[0].shape) == self.fuse_shape):
             return None
-        if not (torch.is_grad_enabled() and self._training() and self._armed()) or _transformed(args[0]):
+        if not (torch.is_grad_enabled() and self._training() and self._armed()) or transformed(args[0]):
             return None
         own = self.module._parameters
         if any(own.get(name) is not p for name, p in self.fuse_params):
@@ -258,12 +156,13 @@ class LayerCapture:
     def _forward(self, args: tuple, output: object, swapped) -> None:
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
             return
-        if not isinstance(output, Tensor) or not output.requires_grad or _transformed(output):
+        if not isinstance(output, Tensor) or not output.requires_grad or transformed(output):
             return
         if not args or not isinstance(args[0], Tensor):
             raise TENGraDError(f"layer {self.name!r} ({type(self.module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
-        record = Record(args[0].detach(), self._forward_id())
+        fwd, m = self._forward_info()
+        record = Use(self.name, self.plan, args[0].detach(), fwd, m)
         if not (swapped or self._keep_edges_asked):
             keep_grad(output, record, self._received)
             return
@@ -272,29 +171,17 @@ class LayerCapture:
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
 
-    def _backward(self, record: Record, grad: Tensor) -> None:
+    def _backward(self, record: Use, grad: Tensor) -> None:
         if record.fused and self._phase() != CURVATURE:
             self.fused_calls += 1
             self.on_fused_grad(record, grad.detach())
         store_grad(record, grad, self._phase(), self._received)
 
-    def peek(self) -> list[Record]:
+    def peek(self) -> list[Use]:
         """The records that received gradients since the last take/clear (not taken)."""
         return list(self._received)
 
-    def take(self) -> Record | None:
-        """The record of the one call that received gradients since the last take/clear, or None."""
-        received, self._edges = list(self._received), []
-        self._received.clear()        # the same list: the gradient hooks (keep_grad) append to it
-        if len(received) > 1:
-            raise TENGraDError(
-                f"layer {self.name!r} ({type(self.module).__name__}) received output gradients from "
-                f"{len(received)} forward calls since the last zero_grad()/step(): it is called more "
-                "than once per forward (weight sharing) or gradients were accumulated over several "
-                "backward passes; TENGraD's per-layer curvature needs exactly one call per step")
-        return received[0] if received else None
-
-    def take_all(self) -> list[Record]:
+    def take_all(self) -> list[Use]:
         """Every record that received gradients since the last take/clear (several calls of the
         module in one forward are uses of one block, shared.py)."""
         received, self._edges = list(self._received), []

@@ -12,7 +12,7 @@ from functools import cached_property
 from tengrad_ir import PROGRAMS, QUANTITIES, Order, SizedPlan
 from tengrad_ir.plan import Cost
 
-from .errors import TengradError
+from ..errors import TengradError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Blocks made of several uses (DESIGN.md): J = sum_u J_u, formed explicitly.
+"""Blocks made of several uses: J = sum_u J_u, formed explicitly.
 
 A block's parameters may be read by several calls in one forward: a module captured at module level
 called twice, ops outside the module's forward (``F.linear(h, emb.weight)``, MultiheadAttention's
@@ -29,9 +29,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tengrad.optim import woodbury
-from tengrad.optim.fisher import output_rows
-from tengrad.optim.consistency import TOL, LOW_PRECISION_TOL, BatchDimensionError, SpecMismatchError, _mismatch
+from tengrad.optim.capture.record import Use
+from tengrad.optim.curvature.consistency import (LOW_PRECISION_TOL, TOL, BatchDimensionError, SpecMismatchError,
+                                                 mismatch)
+from tengrad.optim.curvature.fisher import output_rows
 from tengrad.optim.errors import TENGraDError
 
 
@@ -66,15 +67,6 @@ def sample_first(name: str, x: Tensor, ts: Sequence[Tensor], m: int | None, lead
     return x, ts
 
 
-class Part:
-    """One call's share of a block: plan, x [m, ...] (sample first), grad [m, ...] or None, rows."""
-
-    __slots__ = ("name", "plan", "parts", "x", "grad", "rows")
-
-    def __init__(self, name, plan, parts, x, grad, rows):
-        self.name, self.plan, self.parts, self.x, self.grad, self.rows = name, plan, parts, x, grad, rows
-
-
 def _offsets(params: Sequence[Tensor]) -> dict[int, int]:
     out, off = {}, 0
     for p in params:
@@ -83,7 +75,7 @@ def _offsets(params: Sequence[Tensor]) -> dict[int, int]:
     return out
 
 
-def jacobian(params: Sequence[Tensor], calls: Sequence[Part], m: int, dtype, empirical: bool) -> Tensor:
+def jacobian(params: Sequence[Tensor], calls: Sequence[Use], m: int, dtype, empirical: bool) -> Tensor:
     """J [r, P] over the block's params: sum over calls of their scattered per-sample Jacobians.
     ``empirical``: rows from m * grad; else from the curvature rows (r = C m, row c m + i)."""
     offsets = _offsets(params)
@@ -122,16 +114,10 @@ def check(name: str, params: Sequence[Tensor], J: Tensor, m: int, grad_dtype) ->
                    for p, g in zip(params, grads)])
     if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
         return
-    err, scale = _mismatch(a, w)
+    err, scale = mismatch(a, w)
     tol = max(TOL.get(params[0].dtype, LOW_PRECISION_TOL), TOL.get(grad_dtype, LOW_PRECISION_TOL))
     if not (err <= tol and scale > 0):
         raise SpecMismatchError(
             f"layer {name!r}: J^T 1 / m summed over its uses does not match param.grad (relative error "
             f"{err:.3g} after the best factor {scale:.3g}; tolerance {tol:g}): a parameter of this block is "
             "also read by an op without a spec, or a registered spec contradicts its op")
-
-
-def curvature(J: Tensor, m: int, damping: float, name: str) -> woodbury.BlockCurvature:
-    gram = J @ J.T
-    chol, a = woodbury.factor(gram, m, damping, name)
-    return woodbury.BlockCurvature("jacobian", None, None, J, gram, chol, m, a, damping)

@@ -33,20 +33,26 @@ class PathChoice:
     note: str   # one line for explain(): the costs compared
 
 
+def priced(layer, x_shape, gy_shape, quantities: tuple[str, ...]) -> list[float]:
+    """The flops of the orders ``layer``'s plan chooses for these sizes, one per quantity.
+    ``layer``: a ``CompiledLayer`` (anything with ``sized(x_shape, gy_shape).cost(quantity)``)."""
+    try:
+        sized = layer.sized(tuple(x_shape), tuple(gy_shape))
+        return [float(sized.cost(q).flops) for q in quantities]
+    except TengradError:
+        raise
+    except Exception as err:   # re-raised naming the layer (a bug in the cost model is never silent)
+        name = getattr(layer, "name", type(layer).__name__)
+        raise TENGraDError(f"layer {name!r}: the cost model failed for x {tuple(x_shape)}, gy {tuple(gy_shape)}: "
+                           f"{type(err).__name__}: {err}") from err
+
+
 def choose(layer, x_shape, gy_shape, n_params: int, update_freq: int,
            max_jacobian_numel: int) -> PathChoice:
     """``layer``: a ``CompiledLayer`` (anything with ``sized(x_shape, gy_shape).cost(quantity)``)."""
     r = int(gy_shape[0])
     k = int(update_freq)
-    try:
-        sized = layer.sized(tuple(x_shape), tuple(gy_shape))
-        gram, jvp, vjp, form = (float(sized.cost(q).flops) for q in ("gram", "jvp", "vjp", "jacobian"))
-    except TengradError:
-        raise
-    except Exception as err:
-        name = getattr(layer, "name", type(layer).__name__)
-        raise TENGraDError(f"layer {name!r}: the cost model failed for x {tuple(x_shape)}, gy {tuple(gy_shape)}: "
-                           f"{type(err).__name__}: {err}") from err
+    gram, jvp, vjp, form = priced(layer, x_shape, gy_shape, ("gram", "jvp", "vjp", "jacobian"))
     reuse = gram + k * (jvp + vjp)
     w = MATVEC_WEIGHT if r * n_params > 2 ** 20 else 1
     explicit = form + r * r * n_params + w * 2 * k * r * n_params

@@ -1,7 +1,7 @@
 """Data-parallel TENGraD on torch.distributed: the exact global-batch step, spread over the ranks.
 
 R ranks, rank r with m_r samples, global batch M = sum_r m_r. Per block, with the global gradient g
-(distributed_grad.py) and J = [J_1; ...; J_R] the ranks' rows stacked (DESIGN.md):
+(distributed_grad.py) and J = [J_1; ...; J_R] the ranks' rows stacked :
 
     d = (1/a) (g - J^T (K + M a I)^-1 J g),     K = J J^T  [M_rows, M_rows]
 
@@ -48,19 +48,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tengrad.optim import groups, usage, woodbury
-from tengrad.optim.distributed_comm import Failure, Traffic, raise_if_any, world
-from tengrad.optim.distributed_exact import Kept, exact_directions
-from tengrad.optim.distributed_grad import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
-                                            reduce_gradients, split_gradients)
-from tengrad.optim.distributed_local import local_directions
+from tengrad.optim.capture.model import refuse_several
+from tengrad.optim.curvature import usage, woodbury
+from tengrad.optim.curvature.block import Block
+from tengrad.optim.estimator.base import Direction, StepInput
+from tengrad.optim.estimator.comm import Failure, Traffic, raise_if_any, world
+from tengrad.optim.estimator.gradients import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
+                                               reduce_gradients, split_gradients)
+from tengrad.optim.estimator.local import fallback_directions
 from tengrad.optim.errors import TENGraDError
 
 MODES = ("exact", "local")
 
 
 def resolve(distributed, model: nn.Module):
-    """The strategy for ``TENGraD(..., distributed=...)``, or None for a single-process optimizer.
+    """The estimator for ``TENGraD(..., distributed=...)``, or None for a single-process optimizer.
 
     "auto" (the default): "exact" inside an initialised process group of more than one rank, else off.
     "exact"/"local": need an initialised group. None/"off": never distributed.
@@ -77,65 +79,70 @@ def resolve(distributed, model: nn.Module):
     elif not ready:
         raise TENGraDError(f"distributed={distributed!r} needs an initialised torch.distributed process "
                            "group (torch.distributed.init_process_group, e.g. under torchrun)")
-    return Strategy(distributed, model)
+    from tengrad.optim.estimator.averaged import AveragedEstimator
+    from tengrad.optim.estimator.exact import ExactEstimator
+    return (ExactEstimator if distributed == "exact" else AveragedEstimator)(model)
 
 
-class Strategy:
-    """The distributed part of ``TENGraD.step``: ``directions`` (all ranks raise or none), ``commit``."""
+class DistributedEstimator:
+    """What both distributed estimators share: the schedule, the status all-gather, the global
+    gradient, checkpoints (no distributed curvature is saved) and the traffic counters."""
 
-    def __init__(self, mode: str, model: nn.Module, group=None) -> None:
-        self.mode = mode
+    mode = ""
+    noise_ratio = 1.0        # the noise ratio needs every rank's rows: not estimated (r = 1)
+
+    def __init__(self, model: nn.Module, group=None) -> None:
         self.group = group
         self.ddp = is_ddp(model)
         self.batch = BatchSize(model)
         if self.ddp:
             install_ddp_hook(model, self.batch, group)
-        self.kept: dict[str, object] = {}     # block name -> Kept ("exact") or BlockCurvature ("local")
-        self._pending: dict[str, object] = {}
+        self.kept: dict[str, object] = {}     # block name -> what this mode keeps between steps
+        self.pending: dict[str, object] = {}
         self.traffic = Traffic()              # this rank's bytes in the last step
         self.bytes_sent = 0                   # ... and since construction
         self.steps_seen = 0
 
-    # ------------------------------------------------------------------ seams called by TENGraD
-    def curvature_due(self, opt) -> bool:
-        return any(self.block_due(opt, b) for b in opt.blocks)
-
-    def block_due(self, opt, b) -> bool:
+    # ------------------------------------------------------------------ the estimator protocol
+    def due(self, b: Block, steps: int, update_freq: int) -> bool:
         """Capture armed for block b: a curvature step, or no kept curvature for it (same on all ranks)."""
-        return opt._steps % opt.update_freq == 0 or b.name not in self.kept
+        return steps % update_freq == 0 or b.name not in self.kept
 
-    def before_load(self, opt):
-        """This rank's generator state: each rank keeps its own Monte-Carlo stream over a load."""
-        return None if opt.generator is None else opt.generator.get_state()
+    def curvature_due(self, blocks: list[Block], steps: int, update_freq: int) -> bool:
+        return any(self.due(b, steps, update_freq) for b in blocks)
 
-    def after_load(self, opt, generator_state) -> None:
-        self.reset()
-        if generator_state is not None:
-            opt.generator.set_state(generator_state)
-
-    def reset(self) -> None:
-        """Forget the kept curvature (after load_state_dict): the next step recomputes it everywhere."""
-        self.kept.clear()
-        self._pending.clear()
+    def due_blocks(self, blocks, steps, update_freq):
+        return None
 
     def commit(self) -> None:
-        self.kept.update(self._pending)
-        self._pending = {}
+        self.kept.update(self.pending)
+        self.pending = {}
 
-    def directions(self, opt, where: dict[int, int], skipped: dict[str, str]) -> list[tuple]:
-        """[(param, d, g, param group)], the same on every rank, or the same error raised on every rank.
-        ``where``: {id(param): group index}; ``skipped`` gets the blocks that took no part (usage.py)."""
+    def state(self, blocks: list[Block]) -> dict:
+        return {"blocks": {}, "noise": None}
+
+    def load(self, blocks: list[Block], prepared: dict) -> None:
+        """Forget the kept curvature: the next step recomputes it on every rank."""
+        self.kept.clear()
+        self.pending.clear()
+
+    def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
+        """[(param, d, g, param group)], the same on every rank, or the same error raised on every rank;
+        ``skipped`` gets the blocks that took no part (usage.py)."""
         self.traffic.reset()
-        self._pending = {}
+        self.pending = {}
         try:
-            grp = [opt.param_groups[groups.group_of_block(b.name, b.param_names, b.params, where)]
-                   for b in opt.blocks]
-            run = exact_directions if self.mode == "exact" else local_directions
-            return run(self, opt, grp, where, skipped)
+            return self.run(step, skipped)
         finally:
             self.batch.next_step()
             self.bytes_sent += self.traffic.total
             self.steps_seen += 1
+
+    def run(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        self.batch.remove()
 
     def batch_size(self, ms: list[int]) -> int:
         """m_r: the captured layers' batch on curvature steps (they must agree), else the model's."""
@@ -146,48 +153,49 @@ class Strategy:
         return self.batch.get()
 
     # ------------------------------------------------------------------ shared phases
-    def records(self, opt, fail: Failure, skipped: dict[str, str]):
-        """This rank's capture records ({block index: record} on curvature blocks), the blocks taking
-        part (usage.unused, like the single-process step) and the curvature blocks; errors go to fail."""
-        recs, active, cur = {}, [False] * len(opt.blocks), [False] * len(opt.blocks)
+    def records(self, step: StepInput, fail: Failure, skipped: dict[str, str]):
+        """This rank's uses ({block index: module-level uses} on curvature blocks), the blocks taking
+        part (usage.unused, like the single-process step) and the curvature blocks; errors go to fail.
+        Op-level uses are not part of the distributed step (its blocks are the modules with a plan)."""
+        recs, active, cur = {}, [False] * len(step.blocks), [False] * len(step.blocks)
         try:
-            for i, b in enumerate(opt.blocks):
-                due = self.block_due(opt, b)
-                rec = b.capture.take() if due else None
-                b.capture.clear()
-                why = usage.unused(b.params, rec)
+            for i, b in enumerate(step.blocks):
+                due = self.due(b, step.steps, step.update_freq)
+                uses = [u for u in step.uses.get(i, []) if u.parts is None] if due else []
+                refuse_several(b, uses)
+                why = usage.unused(b.params, uses[0] if uses else None)
                 if why is not None:
                     skipped[b.name] = why
                     continue
                 active[i], cur[i] = True, due
                 if due:
-                    recs[i] = rec
-        except Exception as err:   # noqa: BLE001 - raised on every rank at the status all-gather
+                    recs[i] = uses
+        except TENGraDError as err:   # raised on every rank at the status all-gather
             fail.record(err)
         return recs, active, cur
 
-    def status(self, opt, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
+    def status(self, step: StepInput, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
         """Step 1: all-gather [failed, m_r, signature]; raises everywhere on any failure/mismatch."""
         rank, R = world(self.group)
-        device = opt.param_groups[0]["params"][0].device     # NCCL needs CUDA tensors; gloo takes any
+        device = step.groups[0]["params"][0].device     # NCCL needs CUDA tensors; gloo takes any
         status = torch.tensor([fail.flag, float(m_r)] + sig, dtype=torch.float64, device=device)
         table = [torch.empty_like(status) for _ in range(R)]
         dist.all_gather(table, status, group=self.group)
         self.traffic.add("(status)", "status all-gather", status)
         table = torch.stack(table)
-        raise_if_any(bool(table[:, 0].any()), fail, self.group, opt._steps)
-        for i, b in enumerate(opt.blocks):
+        raise_if_any(bool(table[:, 0].any()), fail, self.group, step.steps)
+        for i, b in enumerate(step.blocks):
             cols = table[:, 2 + 4 * i:6 + 4 * i]
             if not bool((cols == cols[0]).all()):
                 raise TENGraDError(
-                    f"rank disagreement at step {opt._steps}: layer {b.name!r} has (active, per-sample "
+                    f"rank disagreement at step {step.steps}: layer {b.name!r} has (active, per-sample "
                     f"input numel, per-row output numel, rows per sample) = {cols.long().tolist()} by rank; "
                     "every rank must run the same model on batches with the same per-sample shape")
         return [int(v) for v in table[:, 1].tolist()]
 
-    def gradients(self, opt, m_r: int, where: dict[int, int]):
+    def gradients(self, step: StepInput, m_r: int):
         """Step 2 started: returns a function giving {id(param): global g + wd theta} when called."""
-        params = [p for group in opt.param_groups for p in group["params"]]
+        params = [p for group in step.groups for p in group["params"]]
         dtype = torch.float32
         for p in params:
             dtype = torch.promote_types(dtype, woodbury.compute_dtype(p.dtype))
@@ -207,68 +215,60 @@ class Strategy:
             for p, g in zip(params, grads):
                 cd = woodbury.compute_dtype(p.dtype)
                 g = g.to(cd)
-                wd = opt.param_groups[where[id(p)]]["weight_decay"]
+                wd = step.groups[step.where[id(p)]]["weight_decay"]
                 out[id(p)] = g + wd * p.detach().to(cd) if wd else g
             return out
 
         return finish
 
     @staticmethod
-    def check_finite(opt, grads: dict[int, Tensor]) -> None:
+    def check_finite(step: StepInput, grads: dict[int, Tensor]) -> None:
         """Same data on every rank, so every rank raises the same error here."""
-        for b in opt.blocks:
+        for b in step.blocks:
             for n, p in zip(b.param_names, b.params):
                 if p.grad is not None and not torch.isfinite(grads[id(p)]).all():
                     raise TENGraDError(f"layer {b.name!r}: non-finite gradient ({n})")
-        for n, p in opt.fallback:
+        for n, p in step.fallback:
             if p.grad is not None and not torch.isfinite(grads[id(p)]).all():
                 raise TENGraDError(f"parameter {n!r}: non-finite gradient")
 
     @staticmethod
-    def local_checks(opt) -> None:
-        for b in opt.blocks:
+    def local_checks(step: StepInput) -> None:
+        for b in step.blocks:
             for p in b.params:
                 if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
                     raise TENGraDError(f"layer {b.name!r}: non-finite gradient")
-        for n, p in opt.fallback:
+        for n, p in step.fallback:
             if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
                 raise TENGraDError(f"parameter {n!r}: non-finite gradient")
 
     @staticmethod
-    def fallback_directions(opt, grads, where):
-        out = []
-        for _, p in opt.fallback:
-            if p.grad is not None:
-                group = opt.param_groups[where[id(p)]]
-                out.append((p, grads[id(p)] / group["damping"], grads[id(p)], group))
-        return out
+    def fallback_directions(step: StepInput, grads: dict[int, Tensor]) -> list[Direction]:
+        return fallback_directions(step, grads)
 
     # ------------------------------------------------------------------ printing
-    def explain_lines(self, opt) -> list[str]:
+    def explain_lines(self, blocks: list[Block]) -> list[str]:
         rank, R = world(self.group)
         grad = ("DDP model: gradients reduced in backward by TENGraD's DDP comm hook as "
                 "sum_r m_r g_r / M (exact for uneven batches), none sent in the step") if self.ddp else \
             ("plain model: the step all-reduces [m_r g_r, m_r] (sum_r m_r g_r / M, exact for uneven batches)")
         lines = [f"  distributed={self.mode!r} over {R} ranks ({dist.get_backend(self.group)}), this is rank "
                  f"{rank}; {grad}"]
-        if self.mode == "local":
-            lines.append("    approximation: each rank preconditions with its own batch's curvature, "
-                         "directions averaged in one all-reduce")
+        lines += self.mode_lines()
         by_layer = self.traffic.by_layer
-        for b in opt.blocks:
-            k = self.kept.get(b.name)
+        for b in blocks:
             sent = by_layer.get(b.name, {})
             last = ", ".join(f"{kind} {n} B" for kind, n in sent.items()) or "nothing"
-            if self.mode == "exact" and isinstance(k, Kept):
-                ex = k.exchange
-                lines.append(f"    {b.name}: owner rank {k.owner}; curvature steps exchange {ex.form} "
-                             f"({ex.bytes_factors} B factors vs {ex.bytes_rows} B rows per rank); "
-                             f"last step sent {last}")
-            else:
-                lines.append(f"    {b.name}: last step sent {last}")
+            lines.append(self.block_line(b, last))
         for name in ("(status)", "(gradient)", "(all blocks)"):
             if name in by_layer:
                 lines.append(f"    {name}: " + ", ".join(f"{kind} {n} B" for kind, n in by_layer[name].items()))
         lines.append(f"    this rank sent {self.traffic.total} B in the last step, {self.bytes_sent} B in "
                      f"{self.steps_seen} steps")
         return lines
+
+    def mode_lines(self) -> list[str]:
+        return []
+
+    def block_line(self, b: Block, last: str) -> str:
+        return f"    {b.name}: last step sent {last}"

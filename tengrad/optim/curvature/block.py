@@ -5,7 +5,7 @@ compiling it (``CompiledLayer(module, backend=...)``) succeeds; the block holds 
 (``plan.params``: weight and bias together, frozen ones left out). Every other trainable parameter is a
 *fallback* parameter, preconditioned by the damped identity d = g / a (the same scale as a block whose
 Jacobian vanishes), until an op with a spec reads it in a captured forward: ``promote`` then makes
-it part of a block (op_capture.py). At construction, fallback comes from ``UnsupportedLayerError``,
+it part of a block (capture/ops.py). At construction, fallback comes from ``UnsupportedLayerError``,
 modules without a spec (MultiheadAttention's in_proj_*) and parameters shared between modules.
 """
 from __future__ import annotations
@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from tengrad.compiled import CompiledLayer
+from tengrad.compiler import CompiledLayer
 from tengrad.errors import UnsupportedLayerError
-from tengrad.optim import groups
-from tengrad.optim.capture import LayerCapture
+from tengrad.optim.capture.module import LayerCapture
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.paths import PathChoice
-from tengrad.optim.woodbury import BlockCurvature
+from tengrad.optim.curvature.paths import PathChoice
+from tengrad.optim.curvature.woodbury import BlockCurvature
 
 
 @dataclass(eq=False)
@@ -34,8 +33,8 @@ class Block:
     curv: BlockCurvature | None = None
     choice: PathChoice | None = None
     choices: dict[tuple, PathChoice] = field(default_factory=dict)   # by (x.shape, gy.shape)
-    uses: list[str] = field(default_factory=list)   # the calls of the last curvature step (several: shared.py)
-    phase: int = 0                  # its index: the step offset of its curvature under stagger.py
+    uses: list[str] = field(default_factory=list)   # the calls of the last curvature step (several: uses.py)
+    offset: int = 0                 # its index: the step of the cycle it refreshes on (estimator/stagger.py)
     mode_used: bool | None = None   # its last capture had op-level uses outside MultiheadAttention
     mha_used: bool | None = None    # ... inside MultiheadAttention (None: not captured yet)
 
@@ -77,7 +76,7 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
             continue
         if op_blocks and isinstance(module, nn.MultiheadAttention):
             proj = [(n, p) for n, p in own if n in MHA_PROJECTIONS]
-            if proj:      # captured at its F.linear calls (op_capture.py); a block from the start
+            if proj:      # captured at its F.linear calls (capture/ops.py); a block from the start
                 names = [f"{mname}.{n}" if mname else n for n, _ in proj]
                 candidates.append(Block(label, module, None, [p for _, p in proj], names))
             continue
@@ -92,21 +91,24 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
         names = [f"{mname}.{n}" if mname else n for n, p in plan.params if p.requires_grad]
         candidates.append(Block(label, module, plan, plan_params, names))
 
+    for i, b in enumerate(candidates):
+        b.offset = i
     covered = {id(p) for b in candidates for p in b.params}
     fallback = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     return candidates, fallback, why
 
 
 
-def promote(opt, uses) -> list[Block]:
-    """Fallback parameters read by ops with a spec in this forward become blocks (op_capture.py).
+def promote(model: nn.Module, blocks: list[Block], fallback: list, uses) -> tuple[list[Block], list]:
+    """Fallback parameters read by ops with a spec in this forward become blocks (capture/ops.py).
 
     Parameters read by one op call belong to one block: a use touching fallback parameters and one
     existing block adds them to that block; fallback parameters read only together form a new block
     named after their owner module(s) (``enc.layers.0.self_attn`` for ``in_proj_weight`` and
-    ``in_proj_bias``). A use touching two existing blocks is refused (they would have to merge)."""
-    fb = {id(p): n for n, p in opt.fallback}
-    owner = {id(p): b for b in opt.blocks for p in b.params}
+    ``in_proj_bias``). A use touching two existing blocks is refused (they would have to merge).
+    ``blocks`` is extended in place; returns (the new blocks, the remaining fallback)."""
+    fb = {id(p): n for n, p in fallback}
+    owner = {id(p): b for b in blocks for p in b.params}
     parent: dict[int, int] = {}
 
     def find(i):
@@ -120,20 +122,21 @@ def promote(opt, uses) -> list[Block]:
         if not any(i in fb for i in ids):
             continue
         touched = True
-        blocks = {id(owner[i]): owner[i] for i in ids if i in owner}
-        if len(blocks) > 1:
-            raise TENGraDError(f"use {u.name!r} reads parameters of blocks {[b.name for b in blocks.values()]}"
+        hosts = {id(owner[i]): owner[i] for i in ids if i in owner}
+        if len(hosts) > 1:
+            raise TENGraDError(f"use {u.name!r} reads parameters of blocks {[b.name for b in hosts.values()]}"
                                " together; TENGraD cannot merge blocks after construction")
         for i in ids[1:]:
             parent[find(i)] = find(ids[0])
         for i in ids:
             find(i)
     if not touched:
-        return []
+        return [], fallback
     comps: dict[int, list[int]] = {}
     for i in parent:
         comps.setdefault(find(i), []).append(i)
-    by_id = {id(p): p for _, p in opt.fallback}
+    by_id = {id(p): p for _, p in fallback}
+    modules = dict(model.named_modules())
     new = []
     for members in comps.values():
         extra = [i for i in members if i in fb]
@@ -148,14 +151,9 @@ def promote(opt, uses) -> list[Block]:
             host.curv = None
             continue
         mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
-        modules = dict(opt.model.named_modules())
         name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
-        b = Block(name, modules.get(mods[0], opt.model), None, params, names)
-        opt.blocks.append(b)
+        b = Block(name, modules.get(mods[0], model), None, params, names, offset=len(blocks))
+        blocks.append(b)
         new.append(b)
     moved = {i for members in comps.values() for i in members if i in fb}
-    opt.fallback = [(n, p) for n, p in opt.fallback if id(p) not in moved]
-    where = groups.index_of(opt.param_groups)
-    for b in opt.blocks:
-        groups.group_of_block(b.name, b.param_names, b.params, where)
-    return new
+    return new, [(n, p) for n, p in fallback if id(p) not in moved]

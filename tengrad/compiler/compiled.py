@@ -21,9 +21,9 @@ from tengrad_ir import DEFAULT_MEMORY_CAP, PROGRAMS, Order, SizedPlan, enumerate
 
 from .binding import Shapes
 from .checks import check_call
-from .codegen.backend import BACKENDS, Backend, backend_named
-from .errors import ShapeError, TengradError
-from .layers.term import Term
+from ..codegen.backend import BACKENDS, Backend, backend_named
+from ..errors import ShapeError, TengradError
+from ..layers.term import Term
 from .module_plan import ModulePlan
 from .terms import match_terms
 

@@ -41,32 +41,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from tengrad.compiled import CompiledLayer
+from tengrad.compiler.compiled import CompiledLayer
 from tengrad.errors import TengradError
-from tengrad.optim import op_specs
-from tengrad.optim.capture import _transformed, keep_grad, on_grad, store_grad
-from tengrad.optim.forward_wrap import ForwardWraps
-from tengrad.optim.hookset import HookSet, OwnHook
-
-try:
-    from torch.autograd.graph import get_gradient_edge
-except ImportError:  # pragma: no cover
-    get_gradient_edge = None
+from tengrad.layers import ops as op_specs
+from tengrad.optim.capture.hooks import (HookSet, OwnHook, get_gradient_edge, keep_grad, on_grad, store_grad,
+                                         transformed)
+from tengrad.optim.capture.record import Use
+from tengrad.optim.capture.wrappers import ForwardWraps
 
 #: Python-level ops whose inner ops must be seen, and whose uses are sequence first
 SEQ_FIRST_COMPOSITES = {F.multi_head_attention_forward}
-
-
-class Use:
-    """One op call that read block parameters (see module docstring)."""
-
-    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "seq_first", "lead", "where")
-
-    def __init__(self, name, plan, parts, x, fwd, m, seq_first, lead, where):
-        self.name, self.plan, self.parts, self.x = name, plan, parts, x
-        self.grad: Tensor | None = None
-        self.rows: list[Tensor] = []
-        self.fwd, self.m, self.seq_first, self.lead, self.where = fwd, m, seq_first, lead, where
 
 
 class _Mode(TorchFunctionMode):
@@ -99,12 +83,11 @@ class OpCapture:
         self.batch_dim = batch_dim
         self.keep_edges = keep_edges and get_gradient_edge is not None
         self._node_hooks = not keep_edges      # capture.on_grad: node pre-hooks unless edges are kept
-        self.ops = op_specs._OPS
+        self.ops = op_specs.OPS
         self.covered: dict[int, int] = {}
         self.uses: list[Use] = []
         self.edges: list = []
         self.fwd = 0            # id of the last captured root forward
-        self.batches: dict[int, int | None] = {}
         self.m: int | None = None
         self._seq = 0
         self._select = select or (lambda due: (due, due, []))
@@ -139,12 +122,10 @@ class OpCapture:
         if self._active or not (due and torch.is_grad_enabled() and module.training):
             return
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        if isinstance(first, Tensor) and _transformed(first):
+        if isinstance(first, Tensor) and transformed(first):
             return
         self.fwd += 1       # a captured forward: its batch m is what its uses' rows are split by
         self.m = int(first.shape[self.batch_dim]) if isinstance(first, Tensor) and first.dim() > self.batch_dim else None
-        self.batches[self.fwd] = self.m
-        self.batches.pop(self.fwd - 64, None)
         self._ids = self.params()
         self._count = {}
         self._active = True
@@ -401,7 +382,7 @@ class OpCapture:
                     return func(*args)
                 if all(a is t for a, t in zip(args[1:], tensors)):
                     out = func(*args)
-                    if isinstance(out, Tensor) and out.requires_grad and not _transformed(out):
+                    if isinstance(out, Tensor) and out.requires_grad and not transformed(out):
                         self._record(out, args[0], plan, parts, label, lead)
                     return out
             if key is not None:          # not cached yet, or an id reused by another tensor
@@ -410,8 +391,7 @@ class OpCapture:
 
     def _record(self, out: Tensor, x: Tensor, plan, parts, label: str, lead: int) -> None:
         k = self._count[label] = self._count.get(label, 0) + 1
-        use = Use(f"{label}#{k}", plan, parts, x.detach(), self.fwd, self.m, self._seq > 0, lead,
-                  label.split("(", 1)[0])
+        use = Use(f"{label}#{k}", plan, x.detach(), self.fwd, self.m, parts, lead, self._seq > 0)
         if self._node_hooks:
             keep_grad(out, use, self.uses)
             return
@@ -435,7 +415,7 @@ class OpCapture:
         if not reads or not ids or not isinstance(out, Tensor) or not out.requires_grad:
             return out
         x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or _transformed(out):
+        if not isinstance(x, Tensor) or transformed(out):
             return out
         built = self._plan(func, args, kwargs)
         if built is None:
@@ -500,7 +480,7 @@ class OpCapture:
         if built is not None:
             shell, tensors = built
             if any(p.device.type == "meta" for p in shell.parameters(recurse=False)):
-                shell, tensors = op_specs._with_params(shell, tensors)   # a user's builder: the op's tensors
+                shell, tensors = op_specs.with_params(shell, tensors)   # a user's builder: the op's tensors
             try:
                 plan = CompiledLayer(shell, backend="torch")
             except TengradError:
@@ -521,7 +501,14 @@ class OpCapture:
     def _backward(self, use: Use, grad: Tensor) -> None:
         store_grad(use, grad, self._phase(), self.uses)
 
-    # ------------------------------------------------------------------ the optimizer's side
+    # ------------------------------------------------------------------ the step's side
+    def current_forward(self) -> tuple[int, int | None]:
+        """(id, batch m) of the last captured root forward: what a module-level record is tagged with."""
+        return self.fwd, self.m
+
+    def clear_edges(self) -> None:
+        self.edges = []
+
     def take(self) -> list[Use]:
         self._wraps.restore()
         uses, self.edges = list(self.uses), []

@@ -1,0 +1,175 @@
+"""The capture pass of one model: what runs in the forward and backward, and what a step takes from it.
+
+Pieces (one file each):
+
+    hooks.py     gradient hooks (a captured output hands its gradient to its record), HookSet, OwnHook
+    record.py    ``Use``: the one record of a captured use (input, output gradients, sample layout, slice)
+    module.py    ``LayerCapture``: a module-level block's forward wrapper (its own forward's x and gy)
+    ops.py       ``OpCapture``: the root gate, the op-level TorchFunctionMode, MultiheadAttention's
+                 recording; it installs the due blocks' wrappers for each captured forward
+    wrappers.py  per-forward instance wrappers (no module hooks inside the forward)
+
+``ModelCapture`` wires them for one model and a list of blocks. What it asks of the optimizer are
+three callables: ``armed()`` (curvature due for the next step), ``block_due(block)`` and, when
+staggered, ``due_blocks()`` (the blocks refreshing at this step); ``take(due)`` hands a step every
+due block's uses (module calls and op calls) and clears the rest.
+
+Staggered steps (estimator/stagger.py) capture only the due blocks: only their wrappers are
+installed, the parameters the op-level mode tracks are theirs and the fallback's, and the mode /
+MultiheadAttention's recording run only when a due block had uses there at its last capture
+(``Block.mode_used`` / ``mha_used``; a block not captured yet turns both on).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import Tensor, nn
+
+from tengrad.optim.capture.hooks import CURVATURE, GRADIENT
+from tengrad.optim.capture.module import LayerCapture
+from tengrad.optim.capture.ops import OpCapture
+from tengrad.optim.capture.record import Use
+from tengrad.optim.errors import TENGraDError
+
+
+class ModelCapture:
+    def __init__(self, model: nn.Module, blocks: list, fallback: list, armed: Callable[[], bool],
+                 block_due: Callable[[object], bool], due_blocks: Callable[[], list] | None,
+                 batch_dim: int, keep_edges: bool, on_fused_grad: Callable) -> None:
+        self.model = model
+        self.blocks = blocks             # the optimizer's list (promotion appends to it)
+        self.fallback = fallback         # [(name, param)], replaced by ``set_fallback``
+        self.phase = GRADIENT            # CURVATURE while TENGraD.backward runs its curvature passes
+        self._due_blocks = due_blocks
+        self._memo: tuple | None = None  # staggered: (due list, tracked params, select's answer)
+        self._tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+        self.ops = OpCapture(model, self._tracked_params, armed, lambda: self.phase, batch_dim,
+                             keep_edges=keep_edges, select=self._select)
+        for b in blocks:                 # armed per block: a block without curvature yet arms only itself
+            if b.plan is None:           # captured at its ops only
+                continue
+            b.capture = LayerCapture(b.name, b.module, b.plan, partial(block_due, b), lambda: self.phase,
+                                     keep_edges=keep_edges, training=lambda: model.training,
+                                     forward=self.ops.current_forward)
+            b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
+            b.capture.on_fused_grad = partial(on_fused_grad, b)
+            if b.module is model:        # the root: hooks after the gate's (wrappers.py wraps submodules)
+                b.capture.attach(self.ops.hooks)
+            self.ops.cover(b.module, b.params)
+        self.ops.skip_builtin_subtrees(model, {id(p) for b in blocks if b.capture is not None for p in b.params})
+        self._all = [(b.module, b.capture.wrap) for b in blocks if b.capture is not None]
+        self._kinds: dict[int, tuple[bool, bool]] = {}
+
+    @property
+    def hooks(self):
+        """The root's hooks switched off while no curvature is due (hooks.HookSet)."""
+        return self.ops.hooks
+
+    def set_fallback(self, fallback: list) -> None:
+        self.fallback = fallback
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was worked out for this step (the due blocks changed: step, promotion, load)."""
+        self._memo = None
+
+    # ------------------------------------------------------------------ the gate's questions
+    def _staggered_memo(self) -> tuple:
+        due = self._due_blocks()
+        memo = self._memo
+        if memo is None or memo[0] is not due:        # once per step
+            ids = {id(p) for b in due for p in b.params}
+            ids.update(id(p) for _, p in self.fallback)
+            tracked = {i: v for i, v in self._tracked.items() if i in ids}
+            select = (any(b.mode_used is not False for b in due), any(b.mha_used is not False for b in due),
+                      [(b.module, b.capture.wrap) for b in due if b.capture is not None])
+            memo = self._memo = (due, tracked, select)
+        return memo
+
+    def _tracked_params(self) -> dict[int, tuple[str, Tensor]]:
+        """The parameters the op-level mode records uses of in this captured forward: all trainable
+        ones; staggered, those of the due blocks and the fallback (a fallback read by an op with a spec
+        becomes a block, curvature/block.py ``promote``)."""
+        if self._due_blocks is None:
+            return self._tracked
+        return self._staggered_memo()[1]
+
+    def _select(self, due: bool) -> tuple[bool, bool, list]:
+        """Whether this forward, if captured, needs the op-level mode and MultiheadAttention's
+        recording, and the (module, make) wrappers of the module-level captures to install for it."""
+        if not due:
+            return False, False, []
+        if self._due_blocks is None:
+            return True, True, self._all
+        return self._staggered_memo()[2]
+
+    # ------------------------------------------------------------------ the step's side
+    def take_ops(self) -> list[Use]:
+        """The op-level uses of this step (the optimizer may promote fallback parameters they read)."""
+        return self.ops.take()
+
+    def take(self, op_uses: list[Use], due: Callable[[object], bool]) -> dict[int, list[Use]]:
+        """{block index: its uses in this step} for the blocks ``due`` refresh (module calls first,
+        then op calls); every block's module records are cleared."""
+        owner = {id(p): i for i, b in enumerate(self.blocks) for p in b.params}
+        by_block: dict[int, list[Use]] = {}
+        for u in op_uses:
+            i = next((owner[id(pt[0])] for pt in u.parts if pt is not None and id(pt[0]) in owner), None)
+            if i is not None:
+                by_block.setdefault(i, []).append(u)
+        out: dict[int, list[Use]] = {}
+        self._kinds = {}
+        for i, b in enumerate(self.blocks):
+            if not due(b):
+                if b.capture is not None:
+                    b.capture.clear()
+                continue
+            ops = by_block.get(i, [])
+            self._kinds[i] = (any(not u.seq_first for u in ops), any(u.seq_first for u in ops))
+            out[i] = (b.capture.take_all() if b.capture is not None else []) + ops
+        return out
+
+    def commit(self) -> None:
+        """The step succeeded: remember which kinds of op-level uses each captured block had."""
+        for i, (outside, inside) in self._kinds.items():
+            self.blocks[i].mode_used, self.blocks[i].mha_used = outside, inside
+        self._kinds = {}
+
+    def clear(self) -> None:
+        for b in self.blocks:
+            if b.capture is not None:
+                b.capture.clear()
+        self.ops.clear()
+
+    def edges(self) -> list:
+        """Gradient edges of the captured outputs (``keep_edges``): what the curvature passes stop at."""
+        return [e for b in self.blocks if b.capture is not None for e in b.capture.edges()] + list(self.ops.edges)
+
+    def curvature_passes(self, run: Callable[[], None]) -> None:
+        """Run ``run()`` (the Fisher's extra backward passes) in the curvature phase; edges forgotten."""
+        self.phase = CURVATURE
+        try:
+            run()
+        finally:
+            self.phase = GRADIENT
+            for b in self.blocks:
+                if b.capture is not None:
+                    b.capture.clear_edges()
+            self.ops.clear_edges()
+
+    def remove(self) -> None:
+        for b in self.blocks:
+            if b.capture is not None:
+                b.capture.remove()
+        self.ops.remove()
+
+
+def refuse_several(block, uses: list[Use]) -> None:
+    """The error for a block captured more than once in a step where only one call is supported."""
+    if len(uses) > 1:
+        raise TENGraDError(
+            f"layer {block.name!r} ({type(block.module).__name__}) received output gradients from "
+            f"{len(uses)} forward calls since the last zero_grad()/step(): it is called more "
+            "than once per forward (weight sharing) or gradients were accumulated over several "
+            "backward passes; TENGraD's per-layer curvature needs exactly one call per step")

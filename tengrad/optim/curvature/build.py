@@ -1,0 +1,159 @@
+"""From a block's captured uses to its Jacobian rows: the one place the curvature rules live.
+
+Every estimator builds a block's curvature through ``block_rows`` (then ``woodbury.curvature`` for
+K and its factor, or, in the distributed exact step, the owner's factor over the ranks' rows):
+single-process steps, staggered steps, blocks with several uses and both distributed modes. Given
+the uses of one step (capture/record.py ``Use``):
+
+1. No use received an output gradient: ``MissingCaptureError`` (consistency.py) naming the block.
+   Uses from several root forwards (gradients accumulated over several forward/backward passes):
+   refused naming the block.
+2. Each use's sample is moved to dimension 0 (uses.py ``sample_first``; a declared ``batch_dim`` for
+   the layer wins).
+3. One module call of a block that trains all of its plan's parameters (the common case):
+   the consistency check (J^T 1 / m == param.grad, the batch dimension; consistency.py), the output
+   rows of the Fisher (fisher.py: gy = m * grad, or the curvature passes' rows, r = reps * m), the
+   path (paths.py, from the plan's costs for these sizes, cached per block and sizes), and R held as
+   x/gy ("reuse") or as the per-parameter Jacobians ("jacobian": J / m formed during the backward
+   when the gradient came from the Jacobian, else ``plan.jacobian``).
+4. Anything else (several calls, op-level uses, row slices, a plan parameter the block does not
+   train): R = sum_u J_u formed explicitly (uses.py), checked against param.grad the same way.
+
+``Rules`` carries the optimizer's options these steps need. ``keep_factors`` (the distributed exact
+step) keeps x and gy beside an explicit J, as the owner may gather either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tengrad.layers.ops import module_leading_dims
+from tengrad.optim.capture.record import Use
+from tengrad.optim.curvature import paths, uses as uses_mod
+from tengrad.optim.curvature.block import Block
+from tengrad.optim.curvature.consistency import ConsistencyCheck
+from tengrad.optim.curvature.fisher import output_rows
+from tengrad.optim.curvature.woodbury import Rows, compute_dtype
+from tengrad.optim.errors import TENGraDError
+
+
+@dataclass(frozen=True)
+class Rules:
+    fisher: str = "empirical"
+    update_freq: int = 1
+    max_jacobian_numel: int = 2 ** 26
+    grad_from_jacobian: bool = False
+    layer_dims: dict[str, int] = field(default_factory=dict)   # declared sample dim per layer name
+
+
+def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCheck,
+               keep_factors: bool = False) -> Rows:
+    """R of block ``b`` from its uses in this step (module docstring)."""
+    captured = [u for u in captured if u.received]
+    if not captured:
+        raise check.missing_capture(b)
+    fwds = {u.fwd for u in captured}
+    if len(fwds) > 1:
+        raise TENGraDError(
+            f"layer {b.name!r} received output gradients from {len(fwds)} forward passes since the "
+            "last zero_grad()/step(): gradients were accumulated over several forward/backward passes; "
+            "TENGraD's curvature needs one forward per step")
+    dtype = compute_dtype(b.params[0].dtype)
+    moved = [sample_first(b, u, rules.layer_dims) for u in captured]
+    plain = (b.plan is not None and len(moved) == 1 and moved[0].parts is None
+             and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
+    if plain:
+        return _module_rows(b, moved[0], rules, check, dtype, keep_factors)
+    return _summed_rows(b, moved, rules, check, dtype)
+
+
+def sample_first(b: Block, u: Use, layer_dims: dict[str, int]) -> Use:
+    """``u`` with its sample at dimension 0 (uses.sample_first); the same object when it is there."""
+    if u.m is None or u.x.dim() == 0:
+        return u
+    lead = u.lead if u.lead is not None else module_leading_dims(b.module, u.x)
+    declared = layer_dims.get(b.name)
+    if (declared is None and not u.seq_first and u.x.shape[0] == u.m
+            and all(u.x.shape[d] != u.m for d in range(1, lead))):
+        return u
+    ts = ([u.grad] if u.grad is not None else []) + list(u.rows)
+    x, ts = uses_mod.sample_first(u.name, u.x, ts, u.m, lead, u.seq_first, declared)
+    grad = ts.pop(0) if u.grad is not None else None
+    return u.moved(x, grad, ts)
+
+
+def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype: torch.dtype,
+                 keep_factors: bool) -> Rows:
+    x = u.x.to(dtype) if u.x.is_floating_point() else u.x
+    m = x.shape[0]
+    check.verify(b, x, u.grad)
+    if rules.fisher == "empirical" and u.grad is not None:   # gy = m * grad, formed below if needed
+        gy, gy_shape = None, tuple(u.grad.shape)
+    else:
+        gy = output_rows(f"layer {b.name!r}", rules.fisher, u.grad, u.rows, m, dtype)
+        gy_shape = tuple(gy.shape)
+    reps = gy_shape[0] // m                                   # [C*m, ...], row c*m + i
+    key = ((reps * m, *x.shape[1:]), gy_shape)
+    choice = b.choices.get(key)
+    if choice is None:              # pricing runs the cost model: once per block and sizes
+        choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
+                                               rules.max_jacobian_numel)
+    b.choice = choice
+    explicit = choice.path == paths.JACOBIAN
+    if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit)):
+        x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
+    fused = explicit and rules.grad_from_jacobian
+    if b.capture is not None:       # next curvature step: detach its parameters for inputs of this shape
+        b.capture.set_fuse(tuple(u.x.shape) if fused else None)
+    if fused and u.jac is not None and not keep_factors:
+        return Rows(paths.JACOBIAN, m, pieces=u.jac, scale=float(m))     # the record holds J / m
+    if gy is None and explicit and not keep_factors:
+        return Rows(paths.JACOBIAN, m, pieces=b.plan.jacobian(x, u.grad.to(dtype)), scale=float(m))
+    if gy is None:
+        gy = output_rows(f"layer {b.name!r}", rules.fisher, u.grad, u.rows, m, dtype)
+    rows = Rows(paths.REUSE, m, x, gy)
+    return rows.explicit(b.plan) if explicit else rows
+
+
+def _summed_rows(b: Block, calls: list[Use], rules: Rules, check: ConsistencyCheck, dtype) -> Rows:
+    """R = sum_u J_u over several uses, op-level uses or slices (uses.py)."""
+    whole = [(p, None) if any(p is q for q in b.params) else None for _, p in b.plan.params] \
+        if b.plan is not None else None
+    calls = [c if c.parts is not None else _with_parts(c, whole) for c in calls]
+    m = int(calls[0].x.shape[0])
+    if any(int(c.x.shape[0]) != m for c in calls):
+        raise TENGraDError(f"layer {b.name!r}: its uses saw batches {[int(c.x.shape[0]) for c in calls]}")
+    empirical = rules.fisher == "empirical"
+    J = uses_mod.jacobian(b.params, calls, m, dtype, empirical)
+    grads = [c.grad for c in calls if c.grad is not None]
+    if check.due(b.name) and grads:
+        Jg = J if empirical else uses_mod.jacobian(b.params, calls, m, dtype, True)
+        uses_mod.check(b.name, b.params, Jg, m, grads[0].dtype)
+        check.mark_checked(b.name)
+    b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls)} use(s), uses.py")
+    b.uses = [c.name for c in calls]
+    return Rows(paths.JACOBIAN, m, jac=J)
+
+
+def _with_parts(u: Use, parts) -> Use:
+    out = u.moved(u.x, u.grad, u.rows)
+    out.parts = parts
+    return out
+
+
+def fused_grad(b: Block, u: Use, grad: Tensor) -> None:
+    """Called during backward for a call whose parameters were detached (capture/module.py): forms
+    J / m = plan.jacobian(x, dL/dy), keeps it on the use and adds its column sums to p.grad."""
+    dtype = compute_dtype(b.params[0].dtype)
+    with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
+        x = u.x.to(dtype) if u.x.is_floating_point() else u.x
+        jac = b.plan.jacobian(x, grad.to(dtype))
+        for p, j in zip(b.params, jac):
+            gp = j.sum(0).to(p.dtype)
+            if p.grad is None:
+                p.grad = gp
+            else:
+                p.grad.add_(gp)
+    u.jac = list(jac) if u.jac is None else [a + c for a, c in zip(u.jac, jac)]

@@ -1,0 +1,243 @@
+"""The per-block Woodbury solve (paper, equation 4).
+
+For one block with r Jacobian rows R [r, P] from a batch of m samples (r = m, or m*C for the exact
+Fisher, see fisher.py), F = R^T R / m and, for a damping a > 0,
+
+    d = (F + a I)^-1 g = (1/a) (g - R^T (K + m a I)^-1 R g),        K = R R^T  [r, r]
+
+Check: (a I + R^T R / m)(1/a)(I - R^T (K + m a I)^-1 R)
+     = I + R^T [ I/(m a) - (I + K/(m a)) (K + m a I)^-1 ] R = I,   as I + K/(m a) = (K + m a I)/(m a).
+
+``Rows`` holds R in one of two ways (``path``), chosen per layer in paths.py:
+
+* "reuse":    the layer input x [m, ...] (repeated to r rows when r > m) and output gradients gy
+              [r, ...]; K = plan.gram(x, gy), R g = plan.jvp(x, gy, g), R^T u = plan.vjp(x, gy, u)
+              (the paper's reuse, section 3.1).
+* "jacobian": R itself, from plan.jacobian(x, gy) flattened to [r, P], or its per-parameter column
+              blocks; K = R R^T and the products are matrix-vector products.
+
+``BlockCurvature`` is a block's Rows with K and its Cholesky factor; the distributed exact step keeps
+a rank's Rows and puts K's factor on the block's owner (estimator/exact.py).
+
+The Gram matrix, the factor and both products run in float32 at least (float64 when the parameters
+are float64), outside autocast. K + m a I is factored with torch.linalg.cholesky_ex; if that fails the
+factorisation is retried once with 10 a, and the block then uses 10 a throughout (both the factor and
+the 1/a), so d stays the exact damped inverse for the damping it reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tengrad.codegen.torch_backend import symmetric_gram
+from tengrad.optim.errors import TENGraDError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; anything narrower (bf16, fp16, fp32) is computed in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Rows:
+    """R [r, P] of one block from a batch of m samples (all tensors detached, compute dtype).
+
+    ``x``: the layer input [m, ...] (reuse path; ``x_rep()`` repeats it to one row per gy row, row
+    c*m + i belongs to sample i); ``gy``: output gradients [r, ...]; ``jac``: R [r, P]; or ``pieces``
+    and ``scale``: R = scale * [pieces[0] | pieces[1] | ...], each [r, P_i] (the per-parameter
+    Jacobians as formed, e.g. J / m from the backward pass: no concatenated or rescaled copy is made).
+    """
+
+    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "_x_rep")
+
+    def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
+                 jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
+        self.path, self.m, self.x, self.gy, self.jac = path, int(m), x, gy, jac
+        self.pieces = None if pieces is None else tuple(p.reshape(p.shape[0], -1) for p in pieces)
+        self.scale = float(scale) if pieces is not None else 1.0
+        self._x_rep = None
+
+    @property
+    def n_rows(self) -> int:
+        if self.gy is not None:
+            return self.gy.shape[0]
+        return (self.jac if self.jac is not None else self.pieces[0]).shape[0]
+
+    @property
+    def explicit_held(self) -> bool:
+        return self.jac is not None or self.pieces is not None
+
+    @property
+    def reps(self) -> int:
+        return self.n_rows // self.m
+
+    def x_rep(self) -> Tensor:
+        """x repeated to one row per gy row (the same tensor when r = m)."""
+        if self._x_rep is None:
+            x, reps = self.x, self.n_rows // self.x.shape[0]
+            self._x_rep = x if reps == 1 else x.unsqueeze(0).expand(reps, *x.shape).reshape(reps * x.shape[0],
+                                                                                              *x.shape[1:])
+        return self._x_rep
+
+    def explicit(self, plan) -> "Rows":
+        """The same R, also held as an explicit Jacobian (formed from x and gy; x and gy are kept)."""
+        if self.explicit_held:
+            return self
+        return Rows("jacobian", self.m, self.x, self.gy, pieces=plan.jacobian(self.x_rep(), self.gy))
+
+    def matrix(self) -> Tensor:
+        """R [r, P] as one tensor (the explicit J; a copy when held as scaled pieces)."""
+        return self.jac if self.jac is not None else flatten_jacobian(self.pieces, self.scale)
+
+    def gram(self, plan) -> Tensor:
+        """K = R R^T [r, r]; a large piece's product from its blocks on and above the diagonal."""
+        if self.pieces is not None:
+            gram = _gram(self.pieces[0])
+            for p in self.pieces[1:]:
+                gram += _gram(p)
+            if self.scale != 1.0:
+                gram *= self.scale * self.scale
+            return gram
+        if self.jac is not None:
+            return _gram(self.jac)
+        return plan.gram(self.x_rep(), self.gy)
+
+    def jg(self, plan, g: Sequence[Tensor]) -> Tensor:
+        """R g [r] for g shaped like the block's parameters."""
+        if self.pieces is not None:     # R = scale [P_0 | P_1 | ...]: R g = scale sum_i P_i g_i
+            rg = self.pieces[0] @ g[0].reshape(-1).to(self.pieces[0].dtype)
+            for p, t in zip(self.pieces[1:], g[1:]):
+                rg += p @ t.reshape(-1).to(p.dtype)
+            return rg * self.scale if self.scale != 1.0 else rg
+        if self.jac is not None:
+            flat = g[0].reshape(-1) if len(g) == 1 else torch.cat([t.reshape(-1) for t in g])
+            return self.jac @ flat.to(self.jac.dtype)
+        return plan.jvp(self.x_rep(), self.gy, list(g)).reshape(-1)
+
+    def jtu(self, plan, u: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+        """R^T u shaped like ``like`` (the block's parameters), in the rows' dtype."""
+        if self.pieces is not None:     # R^T u = [P_i^T (scale u)]_i
+            us = u * self.scale if self.scale != 1.0 else u
+            return [(p.T @ us.to(p.dtype)).view(t.shape) for p, t in zip(self.pieces, like)]
+        if self.jac is not None:
+            flat = self.jac.T @ u.to(self.jac.dtype)
+            back, start = [], 0
+            for t in like:
+                back.append(flat[start:start + t.numel()].view(t.shape))
+                start += t.numel()
+            return back
+        return list(plan.vjp(self.x_rep(), self.gy, u))
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        """What a checkpoint keeps: x (repeated to r rows) and gy, or "jac": R / scale (pieces side by side)."""
+        if self.path == "jacobian":
+            jac = self.jac if self.pieces is None else flatten_jacobian(self.pieces)
+            return {"x": None, "gy": None, "jac": jac}
+        return {"x": self.x_rep(), "gy": self.gy, "jac": None}
+
+    def split(self) -> list[int] | None:
+        """The pieces' column counts (None: R is held whole)."""
+        return None if self.pieces is None else [p.shape[1] for p in self.pieces]
+
+
+@dataclass(frozen=True)
+class BlockCurvature:
+    """What one block keeps from its curvature batch: R (``rows``), K [r, r] (``gram``) and
+    L with L L^T = K + m a I (``chol``); ``damping``: the a in ``chol`` (10x ``requested`` after a
+    retry); ``requested``: the damping asked for when ``chol`` was made (a later change of the group's
+    damping refactors K)."""
+
+    rows: Rows
+    gram: Tensor
+    chol: Tensor
+    damping: float
+    requested: float
+
+    # the rows' fields, read through (checkpoints, explain, tests)
+    path = property(lambda self: self.rows.path)
+    m = property(lambda self: self.rows.m)
+    x = property(lambda self: self.rows.x)
+    gy = property(lambda self: self.rows.gy)
+    jac = property(lambda self: self.rows.jac)
+    pieces = property(lambda self: self.rows.pieces)
+    scale = property(lambda self: self.rows.scale)
+
+    def tensors(self) -> dict[str, Tensor | None]:
+        return dict(self.rows.tensors(), gram=self.gram, chol=self.chol)
+
+    def split(self) -> list[int] | None:
+        return self.rows.split()
+
+    def state(self) -> dict:
+        """The checkpoint entry (checkpoint.py checks it on load, ``from_state`` rebuilds it)."""
+        return dict(self.tensors(), path=self.path, m=self.m, damping=self.damping, requested=self.requested,
+                    jac_split=self.split(), jac_scale=self.scale)
+
+
+def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, float]:
+    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer."""
+    if not torch.isfinite(gram).all():
+        raise TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for a in (damping, 10.0 * damping):
+        chol, info = torch.linalg.cholesky_ex(gram + (m * a) * eye)
+        if int(info) == 0:
+            return chol, a
+    raise TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
+                       f"(damping={damping}, m={m}); increase the damping")
+
+
+def curvature(rows: Rows, plan, damping: float, layer: str) -> BlockCurvature:
+    """K from the rows and its damped factor."""
+    gram = rows.gram(plan)
+    chol, a = factor(gram, rows.m, damping, layer)
+    return BlockCurvature(rows, gram, chol, a, damping)
+
+
+def _gram(j: Tensor) -> Tensor:
+    """j j^T; from the blocks on and above the diagonal when j is large (below 2^18 elements one
+    product: every extra op costs a parallel region)."""
+    return symmetric_gram(j) if j.numel() >= 2 ** 18 else j @ j.T
+
+
+def flatten_jacobian(pieces: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """R [r, P] from per-parameter Jacobians [r, *p.shape] (one copy; ``scale`` applied in place)."""
+    r = pieces[0].shape[0]
+    if len(pieces) == 1:
+        jac = pieces[0].reshape(r, -1)
+        return jac * scale if scale != 1.0 else jac
+    if scale == 1.0:
+        return torch.cat([j.reshape(r, -1) for j in pieces], dim=1)
+    # scaled while copied: one pass over J instead of a cat and an in-place multiply
+    jac = pieces[0].new_empty(r, sum(j[0].numel() for j in pieces))
+    start = 0
+    for j in pieces:
+        n = j[0].numel()
+        torch.mul(j.reshape(r, n), scale, out=jac[:, start:start + n])
+        start += n
+    return jac
+
+
+def redamp(curv: BlockCurvature, damping: float, layer: str) -> BlockCurvature:
+    """The same curvature refactored for a new damping (an r x r Cholesky, no pass over the layer)."""
+    chol, a = factor(curv.gram, curv.m, damping, layer)
+    return replace(curv, chol=chol, damping=a, requested=damping)
+
+
+def solve(chol: Tensor, rg: Tensor) -> Tensor:
+    """u = (K + m a I)^-1 R g from the factor L [r, r] and R g [r]."""
+    return torch.cholesky_solve(rg.reshape(-1, 1).to(chol.dtype), chol).reshape(-1)
+
+
+def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> list[Tensor]:
+    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype).
+
+    Finiteness is not checked here: the optimizer checks every direction of a step at once.
+    """
+    u = solve(curv.chol, curv.rows.jg(plan, g))
+    # d = g / a + R^T (-u / a): the -1/a rides on the r-vector u, so d is one pass over the parameters
+    back = curv.rows.jtu(plan, u * (-1.0 / curv.damping), g)
+    inv_a = 1.0 / curv.damping
+    return [bi.to(gi.dtype).add_(gi, alpha=inv_a) for gi, bi in zip(g, back)]   # in place on b: no allocation

@@ -1,0 +1,145 @@
+"""The single-process estimator: every block's curvature from its own captured uses.
+
+Per block b and step, with the group's damping a and weight decay (update.py ``gradient``):
+
+* due (``update_freq`` k: steps 0, k, 2k, ...; staggered, stagger.py; or no curvature kept yet):
+  R from this step's uses (curvature/build.py), K and its factor (woodbury.curvature);
+* otherwise the kept curvature, refactored when the group's damping changed (woodbury.redamp);
+* d_b = (F_b + a I)^-1 g_b (woodbury.direction); fallback parameters d = g / a.
+
+A block that took no part in this forward is skipped (curvature/usage.py). The noise statistics
+tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block feed the gradient-noise ratio (noise.py);
+staggered, ``stagger.CycleSums`` collects them over a cycle. Nothing is kept until ``commit``.
+"""
+from __future__ import annotations
+
+import torch
+
+from tengrad.optim.curvature import usage, woodbury
+from tengrad.optim.curvature.block import Block
+from tengrad.optim.curvature.build import block_rows
+from tengrad.optim.estimator import stagger
+from tengrad.optim.estimator.base import Direction, StepInput
+from tengrad.optim.noise import NoiseScale
+from tengrad.optim.update import gradient
+
+
+class LocalEstimator:
+    def __init__(self, staggered: bool = False, noise: bool = True) -> None:
+        self.staggered = staggered
+        self.noise = NoiseScale()                # the noise ratio r for the next step
+        self.estimate_noise = noise
+        self._cycle = stagger.CycleSums() if staggered else None
+        self._due_memo: tuple | None = None      # (steps, k, n blocks, the due blocks)
+        self._pending: dict[int, woodbury.BlockCurvature] = {}
+        self._stats: tuple[list, list, list, int] = ([], [], [], 0)
+        self._blocks: list[Block] = []
+
+    # ------------------------------------------------------------------ when
+    def due(self, b: Block, steps: int, update_freq: int) -> bool:
+        if self.staggered:
+            return stagger.due(steps, b.offset, update_freq, b.curv is not None)
+        return steps % update_freq == 0 or b.curv is None
+
+    def curvature_due(self, blocks: list[Block], steps: int, update_freq: int) -> bool:
+        if self.staggered:
+            return bool(self.due_blocks(blocks, steps, update_freq))
+        return steps % update_freq == 0 or any(b.curv is None for b in blocks)
+
+    def due_blocks(self, blocks: list[Block], steps: int, update_freq: int) -> list[Block] | None:
+        """Staggered: the blocks due at this step, worked out once per step (the gate asks before
+        every forward); None when not staggered (every block together)."""
+        if not self.staggered:
+            return None
+        memo = self._due_memo
+        if memo is None or memo[:3] != (steps, update_freq, len(blocks)):
+            memo = self._due_memo = (steps, update_freq, len(blocks),
+                                     [b for b in blocks if self.due(b, steps, update_freq)])
+        return memo[3]
+
+    def forget(self) -> None:
+        self._due_memo = None
+
+    @property
+    def noise_ratio(self) -> float:
+        return self.noise.ratio
+
+    # ------------------------------------------------------------------ the step
+    def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
+        out: list[Direction] = []
+        self._pending, self._blocks = {}, step.blocks
+        traces, squares, fresh, rows_m = [], [], [], 0
+        for i, b in enumerate(step.blocks):
+            group = step.group(b)
+            a = group["damping"]
+            due = self.due(b, step.steps, step.update_freq)
+            captured = step.uses.get(i, []) if due else []
+            why = usage.unused(b.params, captured[0] if captured else None)
+            if why is not None:
+                skipped[b.name] = why
+                continue
+            dtype = woodbury.compute_dtype(b.params[0].dtype)
+            g = [gradient(p, group["weight_decay"], dtype) for p in b.params]
+            if due:
+                curv = woodbury.curvature(block_rows(b, captured, step.rules, step.check), b.plan, a, b.name)
+                if self.estimate_noise and step.rules.fisher == "empirical" and curv.gram.shape[0] == curv.m:
+                    traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
+                    squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
+                    fresh.append(b.name)
+                    rows_m = curv.m
+            else:
+                curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
+            self._pending[i] = curv
+            d = woodbury.direction(curv, b.plan, g, b.name)
+            out += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g) if p.grad is not None]
+        self._stats = (traces, squares, fresh, rows_m)
+        return out + fallback_directions(step)
+
+    def commit(self) -> None:
+        for i, curv in self._pending.items():
+            self._blocks[i].curv = curv
+        traces, squares, fresh, m = self._stats
+        if traces and self._cycle is not None:     # staggered: the sums of a whole cycle (stagger.py)
+            for name, t, q in zip(fresh, traces, squares):
+                self._cycle.add(name, t, q, m)
+            sums = self._cycle.take([b.name for b in self._blocks if b.curv is not None])
+            if sums is not None:
+                self.noise.update(*sums)
+        elif traces:
+            self.noise.update(traces, squares, m)
+        self._pending, self._stats = {}, ([], [], [], 0)
+        self._due_memo = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, blocks: list[Block]) -> dict:
+        """{"blocks": {name: kept curvature and path choice}, "noise": the noise statistics}."""
+        kept = {}
+        for b in blocks:
+            if b.curv is not None:
+                kept[b.name] = dict(b.curv.state(), choice=None if b.choice is None else (b.choice.path,
+                                                                                            b.choice.note))
+        return {"blocks": kept, "noise": self.noise.state()}
+
+    def load(self, blocks: list[Block], prepared: dict) -> None:
+        """Commit a checked state (checkpoint.py): each block's curvature (absent: none) and the noise."""
+        for b in blocks:
+            b.curv, b.choice = prepared["curv"].get(b.name, (None, None))
+        self.noise = NoiseScale()
+        if prepared["noise"] is not None:
+            self.noise.load(prepared["noise"])
+        if self._cycle is not None:
+            self._cycle = stagger.CycleSums()
+        self._due_memo = None
+
+
+def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Direction]:
+    """d = g / a for the parameters in no block (``grads``: {id(param): g}, else from param.grad)."""
+    out = []
+    for _, p in step.fallback:
+        if p.grad is None:
+            continue
+        group = step.groups[step.where[id(p)]]
+        g = grads[id(p)] if grads is not None else gradient(p, group["weight_decay"],
+                                                            woodbury.compute_dtype(p.dtype))
+        out.append((p, g / group["damping"], g, group))
+    return out
