@@ -120,8 +120,8 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     steps = {"sgd": sgd_step(plain, x, loss_fn, y), "sgd+capture": sgd_step(armed, x, loss_fn, y, opt),
              "sgd+idle": sgd_step(idle, x, loss_fn, y, reuse)}
     times = interleave(steps, repeats, warmup, clock)
-    assert opt._ops.fwd > 0, "the capture never armed"
-    assert reuse._ops.fwd == 1, "the reuse optimizer captured after its curvature step"
+    assert opt._capture.ops.fwd > 0, "the capture never armed"
+    assert reuse._capture.ops.fwd == 1, "the reuse optimizer captured after its curvature step"
     # the staggered run: its own round robin and SGD arm, every k-th round a whole cycle
     run = StaggeredRun(plain, x, y, loss_fn)
     srounds = max(repeats, 10 * run.k)     # at least ten samples of each step of the cycle

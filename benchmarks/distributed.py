@@ -110,7 +110,7 @@ def _rank_main(rank, world, init, args, out):
                 if s >= 2:
                     times.append(float(t))
             grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            strat = getattr(opt, "_dist", None)
+            strat = opt.estimator if getattr(opt, "distributed", False) else None
             sent = strat.traffic.total if strat is not None else (grad_bytes if world > 1 else 0)
             rows.append((model_name, method, world, 1000 * statistics.median(times), sent))
     dist.destroy_process_group()

@@ -46,12 +46,12 @@ def test_linear_is_swapped_only_inside_captured_forwards_and_always_restored():
     F.cross_entropy(model(x), y).backward()          # curvature due: captured
     assert model.seen is not LINEAR and F.linear is LINEAR
     assert "forward" not in model.mha.__dict__        # wrapped for the captured forward only
-    mha_uses = [u for u in opt._ops.uses if "mha" in u.name]
+    mha_uses = [u for u in opt._capture.ops.uses if "mha" in u.name]
     assert len(mha_uses) == 2 and all(u.grad is not None for u in mha_uses)   # in_proj and out_proj
     opt.step()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()          # reuse step: nothing captured, nothing swapped
-    assert model.seen is LINEAR and not opt._ops.uses
+    assert model.seen is LINEAR and not opt._capture.ops.uses
     opt.step()
     with pytest.raises(AssertionError, match="embedding dimension"):
         model(torch.randn(4, 5, 7, dtype=torch.float64))   # curvature due again; the MHA raises inside
@@ -79,4 +79,4 @@ def test_a_forward_of_the_users_own_on_the_attention_is_kept():
     opt.zero_grad()
     F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
     assert calls == [1] and model.mha.__dict__["forward"] is own
-    assert len([u for u in opt._ops.uses if "mha" in u.name]) == 2
+    assert len([u for u in opt._capture.ops.uses if "mha" in u.name]) == 2

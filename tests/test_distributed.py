@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import dist_harness
+import tengrad
 import distributed_workers
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim.estimator import owners as dplan
@@ -133,16 +135,19 @@ def test_owner_assignment_is_longest_processing_time():
 
 def test_exchange_picks_fewer_bytes():
     # a 2-D Linear(1000, 10): factors (x 1000 + gy 10 per sample) beat rows (10010 per sample)
-    ex = dplan.choose(None, (8, 1000), (8, 10), 8, 8, 1, [8, 8], 10010, 2 ** 26)
+    plan = tengrad.compile(nn.Linear(1000, 10))      # real plans: the owner's Gram is priced by them
+    ex = dplan.choose(plan, (8, 1000), (8, 10), 8, 8, 1, [8, 8], 10010, 2 ** 26)
+    gram = float(plan.sized((16, 1000), (16, 10)).cost("gram").flops)
+    assert ex.owner_flops == pytest.approx(gram + 16 ** 3 / 3.0)
     assert ex.form == dplan.FACTORS and ex.bytes == 8 * (1000 + 10) * 8
     # a LayerNorm(6) on 50 positions: rows (12 per sample) beat factors (2 * 300 per sample)
-    ex = dplan.choose(None, (8, 50, 6), (8, 50, 6), 8, 8, 1, [8, 3], 12, 2 ** 26)
+    ex = dplan.choose(tengrad.compile(nn.LayerNorm(6)), (8, 50, 6), (8, 50, 6), 8, 8, 1, [8, 3], 12, 2 ** 26)
     assert ex.form == dplan.ROWS and ex.bytes == 8 * 12 * 8
 
 
 def test_distributed_needs_a_process_group():
     model = torch.nn.Linear(3, 2)
-    assert TENGraD(model, 0.1, 1.0)._dist is None          # "auto" outside a group: single process
+    assert not TENGraD(model, 0.1, 1.0).distributed         # "auto" outside a group: single process
     with pytest.raises(TENGraDError, match="initialised torch.distributed process group"):
         TENGraD(model, 0.1, 1.0, distributed="exact")
     with pytest.raises(TENGraDError, match="distributed must be"):

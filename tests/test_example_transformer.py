@@ -24,4 +24,4 @@ def test_transformer_lm_with_tied_head_trains_and_has_no_fallback():
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.3 * first and last < 2.0, (first, last, losses)
-    assert opt._consistency.checked >= set(blocks)           # every block passed J^T 1/m == grad
+    assert opt._check.checked >= set(blocks)           # every block passed J^T 1/m == grad

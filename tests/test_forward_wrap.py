@@ -123,7 +123,7 @@ def test_a_copy_of_the_model_is_a_plain_model(how, when):
     out = twin(x)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     F.cross_entropy(out, y).backward()      # nothing recorded for the original's optimizer
-    assert all(b.capture.peek() == [] for b in opt.blocks) and opt._ops.uses == []
+    assert all(b.capture.peek() == [] for b in opt.blocks) and opt._capture.ops.uses == []
     _step_matches_the_oracle(TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None), twin, x, y)
 
 

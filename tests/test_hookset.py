@@ -104,7 +104,7 @@ def test_op_fast_path_gives_the_general_paths_steps():
             warnings.simplefilter("ignore")
             opt = TENGraD(model, 0.1, 0.5, update_freq=1)
         if not cached:
-            opt._ops._fast = _NoCache()
+            opt._capture.ops._fast = _NoCache()
         models.append(model)
         opts.append(opt)
     gen = torch.Generator().manual_seed(1)
@@ -115,7 +115,7 @@ def test_op_fast_path_gives_the_general_paths_steps():
             opt.zero_grad()
             F.cross_entropy(model(ids), y).backward()
             opt.step()
-    assert opts[0]._ops._fast and not opts[1]._ops._fast
+    assert opts[0]._capture.ops._fast and not opts[1]._capture.ops._fast
     assert opts[0].blocks[0].uses == opts[1].blocks[0].uses and len(opts[0].blocks[0].uses) == 2
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)

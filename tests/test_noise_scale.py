@@ -119,7 +119,7 @@ def test_running_averages_follow_the_formula():
 
 def test_noise_scale_false_keeps_s_at_one_and_bad_values_are_refused():
     opt, *_ = two_steps(lambda opt: None, 1e-5, noise_scale=False)
-    assert opt._noise.s == 1.0 and opt._noise.ratio == 1.0
+    assert opt.estimator.noise.s == 1.0 and opt.estimator.noise.ratio == 1.0
     with pytest.raises(TENGraDError, match="noise_scale must be True or False, got 1"):
         TENGraD(make_model("mlp"), noise_scale=1)
 
@@ -134,21 +134,21 @@ def test_mc_fisher_rows_are_not_loss_gradients_so_s_stays_one():
         opt.zero_grad()
         opt.backward(out, y, loss="cross_entropy")
         opt.step()
-    assert opt._noise.s == 1.0 and opt._noise.noise is None
+    assert opt.estimator.noise.s == 1.0 and opt.estimator.noise.noise is None
     assert "noise_scale=True (r=1: the noise ratio needs the empirical Fisher in one process)" in opt.explain()
 
 
 def test_the_scale_is_saved_and_loaded_and_older_state_dicts_start_at_one():
     opt, *_ = steps_then_oracle(SIZES, 1e-5)
     sd = opt.state_dict()
-    assert sd["tengrad"]["noise"] == opt._noise.state()
+    assert sd["tengrad"]["noise"] == opt.estimator.noise.state()
     fresh = TENGraD(copy.deepcopy(opt.model), 0.3, 0.5, momentum=0.0, update_freq=1, kl_clip=1e-5)
     fresh.load_state_dict(sd)
-    assert fresh._noise.state() == opt._noise.state() and fresh._noise.ratio < 1.0
+    assert fresh.estimator.noise.state() == opt.estimator.noise.state() and fresh.estimator.noise.ratio < 1.0
     old = copy.deepcopy(sd)
     del old["tengrad"]["noise"]
     fresh.load_state_dict(old)
-    assert fresh._noise.ratio == 1.0 and fresh._noise.noise is None
+    assert fresh.estimator.noise.ratio == 1.0 and fresh.estimator.noise.noise is None
 
 
 def test_explain_shows_the_scale():
@@ -161,4 +161,4 @@ def test_explain_shows_the_scale():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    assert f"(r={opt._noise.ratio:.3g})" in opt.explain() and opt._noise.s < 1.0
+    assert f"(r={opt.estimator.noise.ratio:.3g})" in opt.explain() and opt.estimator.noise.s < 1.0

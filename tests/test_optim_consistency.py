@@ -152,7 +152,7 @@ def test_correct_models_pass_and_are_checked_once_by_default():
         opt.zero_grad()
         F.cross_entropy(model(x), torch.randint(0, 3, (5,), generator=gen)).backward()
         opt.step()
-    assert opt._consistency.checked == {"0", "3"}
+    assert opt._check.checked == {"0", "3"}
 
 
 @pytest.mark.parametrize("check", [False, True])

@@ -178,7 +178,7 @@ def test_the_noise_ratio_sums_a_whole_cycle():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        states.append(opt._noise.state())
+        states.append(opt.estimator.noise.state())
     names = [b.name for b in opt.blocks]
     assert states[1] == states[0]                       # step 1: half a cycle, no update
     cycles = [{n: per_block[0][n] for n in names},

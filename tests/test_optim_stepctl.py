@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from test_optim_oracle import (expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
                                rel_err)
-from tengrad.optim import TENGraD, stepctl
+from tengrad.optim import TENGraD, options as stepctl, update as stepupdate
 from tengrad.optim.errors import TENGraDError
 
 
@@ -55,12 +55,12 @@ def test_kl_scale_formula_and_edge_cases():
     d = torch.tensor([1.0, 2.0], dtype=torch.float64)
     g = torch.tensor([3.0, 4.0], dtype=torch.float64)          # <d, g> = 11
     dirs = [(torch.zeros(2), d, g, {"lr": 0.5})]
-    assert stepctl.kl_scale(dirs, 1e-2) == pytest.approx((1e-2 / (0.25 * 11)) ** 0.5)
-    assert stepctl.kl_scale(dirs, 100.0) == 1.0
-    assert stepctl.kl_scale(dirs, None) == 1.0
-    assert stepctl.kl_scale([(torch.zeros(2), -d, g, {"lr": 0.5})], 1e-2) == 1.0   # D <= 0: no clip
+    assert stepupdate.kl_scale(dirs, 1e-2) == pytest.approx((1e-2 / (0.25 * 11)) ** 0.5)
+    assert stepupdate.kl_scale(dirs, 100.0) == 1.0
+    assert stepupdate.kl_scale(dirs, None) == 1.0
+    assert stepupdate.kl_scale([(torch.zeros(2), -d, g, {"lr": 0.5})], 1e-2) == 1.0   # D <= 0: no clip
     two = dirs + [(torch.zeros(2), d, g, {"lr": 1.0})]             # each parameter with its group's lr
-    assert stepctl.kl_scale(two, 1e-2) == pytest.approx((1e-2 / (0.25 * 11 + 11)) ** 0.5)
+    assert stepupdate.kl_scale(two, 1e-2) == pytest.approx((1e-2 / (0.25 * 11 + 11)) ** 0.5)
 
 
 def test_defaults_are_documented_and_train():

@@ -134,7 +134,7 @@ class CompiledLayer:
 
     def source(self) -> str:
         """The generated Triton source of every term at the last planned sizes."""
-        from .codegen.triton import TritonTermRun
+        from ..codegen.triton import TritonTermRun
 
         if self._last is None:
             raise TengradError(f"{self.name}: no sizes planned yet; call sized(x_shape, gy_shape) first")

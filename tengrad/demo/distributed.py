@@ -120,7 +120,7 @@ def main_distributed(args) -> int:
                 _, acc = evaluate(model, x_te, y_te)
                 say(f"  {name:>13} epoch {epoch + 1}: train loss {tot[0] / tot[1]:.4f}, test acc "
                     f"{100 * acc:.2f}%, {1000 * train_time / steps:.0f} ms/step")
-        own = getattr(getattr(opt, "_dist", None), "bytes_sent", 0) if name != "sgd" else 0
+        own = opt.estimator.bytes_sent if name != "sgd" and opt.distributed else 0
         per_step = ((own / steps if steps else 0) + grad_bytes) if world > 1 else 0.0
         if rank == 0:
             _, acc = evaluate(model, x_te, y_te)
