@@ -1,13 +1,14 @@
-"""Exploration for tta.py: several hyperparameter points (and SGD) advanced round-robin in ONE process.
+"""Exploration for benchmarks/tta.py: several hyperparameter points (and SGD) advanced round-robin in ONE
+process.
 
 Each variant is a ``runner.Run`` (same initial weights and batches for a seed, evaluation outside the
 clock), so several TENGraD points and a reference can be compared step for step and, within one
-process, in ms per step. Used to choose TENGraD's default kl_clip (benchmarks/README.md, "Exploration
-for a better default").
+process, in ms per step. Used to choose TENGraD's default kl_clip and the noise ratio
+(docs/experiments/time-to-accuracy.md). It uses benchmarks/runner.py.
 
-    .venv/bin/python benchmarks/tta_explore.py --seed 0 --steps 380 --out runs/ex/r1a.json \\
+    .venv/bin/python lab/tta_explore.py --seed 0 --steps 380 --out runs/ex/r1a.json \\
         --variants '{"sgd": ["sgd", {"lr": 0.03}], "def": ["tengrad", {}], "c3e-3": ["tengrad", {"kl_clip": 0.003}]}'
-    .venv/bin/python benchmarks/tta_explore.py --quick --out /tmp/x.json     # smoke run: digits
+    .venv/bin/python lab/tta_explore.py --quick --out /tmp/x.json     # smoke run: digits
 
 Prints the test accuracy of every variant at each evaluation; writes, per variant, the run summary,
 ms per step, the first step at 85% and 88%, and the fraction of TENGraD steps whose KL clip was active.
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from runner import Run, load_average, load_data  # noqa: E402
 
 
