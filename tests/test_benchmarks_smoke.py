@@ -13,6 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "lab"))
 
 pytest.importorskip("sklearn", reason="the smoke runs use scikit-learn's digits")
 pytest.importorskip("matplotlib", reason="the benchmarks plot with matplotlib")
