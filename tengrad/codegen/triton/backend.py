@@ -28,34 +28,34 @@ def _deferred(run, step, env):
 
 
 def _jacobian(run, step, env):
-    return run._jacobian_acc()
+    return run.jacobian_acc()
 
 
 def _gram_direct(run, step, env):
     j, n_p = env["J"], run.n_params
-    return run._gemm_nt(j, j, run.m, run.m, n_p, (n_p, 1), (n_p, 1), symmetric=True)
+    return run.gemm_nt(j, j, run.m, run.m, n_p, (n_p, 1), (n_p, 1), symmetric=True)
 
 
 def _jvp_direct(run, step, env):
     j, n_p = env["J"], run.n_params
-    return run._gemm_nt(j, env["p"].reshape(-1).contiguous(), run.m, 1, n_p, (n_p, 1), (0, 1))[:, 0]
+    return run.gemm_nt(j, env["p"].reshape(-1).contiguous(), run.m, 1, n_p, (n_p, 1), (0, 1))[:, 0]
 
 
 def _vjp_direct(run, step, env):
     j, n_p = env["J"], run.n_params
-    return run._gemm_nt(env["u"].contiguous(), j, 1, n_p, run.m, (0, 1), (1, n_p))[0]
+    return run.gemm_nt(env["u"].contiguous(), j, 1, n_p, run.m, (0, 1), (1, n_p))[0]
 
 
 def _gram_factored(run, step, env):
-    return run._gram_factored()
+    return run.gram_factored()
 
 
 def _jvp_forward(run, step, env):
-    return run._jvp_forward(env["p"].reshape(-1).contiguous())
+    return run.jvp_forward(env["p"].reshape(-1).contiguous())
 
 
 def _weight_grad(run, step, env):
-    return run._weight_grad_acc(env["u"])
+    return run.weight_grad_acc(env["u"])
 
 
 # key -> (handler, what runs it)

@@ -84,7 +84,7 @@ class TritonTermRun(StepRun):
         return torch.zeros(shape, dtype=self.acc_dtype, device=self.g.device)
 
     # ------------------------------------------------------------------ launchers
-    def _jacobian_acc(self) -> torch.Tensor:
+    def jacobian_acc(self) -> torch.Tensor:
         """J as [m, P] in the accumulator dtype (P in the parameter's layout)."""
         lay, m = self.layout, self.m
         out = self._zeros(m, self.n_params)
@@ -94,7 +94,7 @@ class TritonTermRun(StepRun):
                 WEIGHTED=False)
         return out
 
-    def _weight_grad_acc(self, u: torch.Tensor) -> torch.Tensor:
+    def weight_grad_acc(self, u: torch.Tensor) -> torch.Tensor:
         lay, m = self.layout, self.m
         n_g, n_v, n_i = lay.n("g"), lay.n("v"), lay.n("I")
         tiles = n_g * triton.cdiv(n_v, 64) * triton.cdiv(n_i, 64)
@@ -107,7 +107,7 @@ class TritonTermRun(StepRun):
                 WEIGHTED=True)
         return out
 
-    def _gemm_nt(self, a, b, M, N, K, s_a, s_b, symmetric: bool = False) -> torch.Tensor:
+    def gemm_nt(self, a, b, M, N, K, s_a, s_b, symmetric: bool = False) -> torch.Tensor:
         """C[M, N] = A B^T with A[a, k] at a*s_a[0] + k*s_a[1] and B[b, k] at b*s_b[0] + k*s_b[1]."""
         c = self._zeros(M, N)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -115,13 +115,13 @@ class TritonTermRun(StepRun):
                 SYMMETRIC=symmetric)
         return c
 
-    def _gram_factored(self) -> torch.Tensor:
+    def gram_factored(self) -> torch.Tensor:
         m = self.m
         k = self._zeros(m, m)
         _launch(self.kernels.gram_factored_kernel, (m, m, self.layout.n("g")), self._xk, self._gk, k, m)
         return k
 
-    def _jvp_forward(self, p: torch.Tensor) -> torch.Tensor:
+    def jvp_forward(self, p: torch.Tensor) -> torch.Tensor:
         lay, m = self.layout, self.m
         out = self._zeros(m)
         grid = lambda meta: (m * lay.n("g"), triton.cdiv(lay.n("C"), meta["BLOCK_C"]))  # noqa: E731
