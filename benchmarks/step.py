@@ -36,6 +36,11 @@ raised or left layers alone). ``--clock cpu`` times the thread's CPU clock (use 
 on a shared machine).
 
     .venv/bin/python benchmarks/step.py --models transformer resnet --threads 1 --clock cpu
+
+``--baseline REF`` adds TENGraD as it was at git ref REF (benchmarks/baseline.py imports that package
+under another name) to the same round robin, so a change is compared with its parent in one process:
+
+    .venv/bin/python benchmarks/step.py --baseline HEAD~3 --models 3c1f transformer resnet --methods sgd tengrad
 """
 from __future__ import annotations
 
@@ -165,13 +170,15 @@ class Bench:
         m = self.model()
         return {"every": self.torch_step(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))}
 
-    def tengrad(self):
+    def tengrad(self, package=None):
+        """``package``: another tengrad (``--baseline``), else the working tree's."""
         import tengrad
 
+        package = package or tengrad
         steps = {}
         for kind, k in (("update", 1), ("reuse", NEVER)):  # NEVER: the warm-up's first step is the only update
             m = self.model()
-            opt = tengrad.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
+            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
             steps[kind] = self.torch_step(m, opt)
         return steps
 
@@ -192,6 +199,16 @@ class Bench:
         m = self.model()
         cfg = SmwEmpNaturalGradientConfig(data_size=self.batch, damping=self.damping)
         return {"every": self.asdl_step(m, SmwEmpNaturalGradientMaker(m, cfg))}
+
+
+BASELINE = None   # (label, package) of --baseline
+
+
+def steps_of(bench, meth: str) -> dict:
+    """{kind: step} of one method; "baseline" is TENGraD from the --baseline package."""
+    if meth == "baseline":
+        return bench.tengrad(BASELINE[1])
+    return getattr(bench, meth)()
 
 
 def per_step(res: dict, k: int) -> tuple[float, bool]:
@@ -224,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-batch", type=int, default=64, help="batch of the transformer/resnet rows")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the thread's CPU clock (time.thread_time), for a shared machine")
+    p.add_argument("--baseline", metavar="REF", default=None,
+                   help="also time TENGraD as it was at git ref REF, in the same round robin (baseline.py)")
     args = p.parse_args(argv)
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -242,6 +261,11 @@ def main(argv=None) -> int:
     except ImportError:
         have["kfac"] = have["smw"] = False
     methods = [m for m in args.methods if have.get(m, True)]
+    global BASELINE
+    if args.baseline:
+        from baseline import load
+        BASELINE = (f"TENGraD at {args.baseline}", load(args.baseline))
+        methods.append("baseline")
     skipped = [m for m in args.methods if m not in methods]
     if skipped:
         print(f"skipped (not installed): {', '.join(skipped)}", file=sys.stderr)
@@ -259,7 +283,7 @@ def main(argv=None) -> int:
         b = Bench(w, args.hidden, args.batch, args.damping)
         t0 = time.perf_counter()
         timers = {(meth, kind): Timer(step, args.warmup, args.repeats, args.budget_s)
-                  for meth in methods for kind, step in getattr(b, meth)().items()}
+                  for meth in methods for kind, step in steps_of(b, meth).items()}
         for (meth, kind), res in run_round_robin(timers).items():
             results.setdefault((meth, w), {})[kind] = res
         base = results["sgd", w]["every"][0] if "sgd" in methods else float("nan")
@@ -278,6 +302,7 @@ def main(argv=None) -> int:
         "tengrad": "TENGraD, empirical Fisher",
         "kfac": "ASDL K-FAC, empirical Fisher",
         "smw": "ASDL SMW emp. NG (whole network, approx. conv Gram)",
+        "baseline": BASELINE[0] if BASELINE else "",
     }
     rows = []
     for meth in methods:
@@ -328,15 +353,16 @@ def run_models(args, names: list[str], methods: list[str]) -> None:
 
     labels = {"sgd": "SGD (momentum)", "tengrad": "TENGraD, empirical Fisher",
               "kfac": "ASDL K-FAC, empirical Fisher, as is",
-              "kfac_ignoring": "ASDL K-FAC, refused modules ignored"}
+              "kfac_ignoring": "ASDL K-FAC, refused modules ignored",
+              "baseline": BASELINE[0] if BASELINE else ""}
     for name in names:
         b = ModelBench(name, args.model_batch, args.damping, d_model=args.d_model, width=args.width)
-        meths = [m for m in methods if m in ("sgd", "tengrad", "kfac")]
+        meths = [m for m in methods if m in ("sgd", "tengrad", "kfac", "baseline")]
         if "kfac" in meths:
             meths.append("kfac_ignoring")
         t0 = time.perf_counter()
         timers = {(meth, kind): Timer(step, args.warmup, args.repeats, args.budget_s)
-                  for meth in meths for kind, step in getattr(b, meth)().items()}
+                  for meth in meths for kind, step in steps_of(b, meth).items()}
         res: dict = {}
         for (meth, kind), r in run_round_robin(timers).items():
             res.setdefault(meth, {})[kind] = r

@@ -93,16 +93,18 @@ class ModelBench:
         m = self.model()
         return {"every": self.torch_step(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))}
 
-    def tengrad(self):
+    def tengrad(self, package=None):
+        """``package``: another tengrad (``step.py --baseline``), else the working tree's."""
         import tengrad
 
+        package = package or tengrad
         steps = {}
         for kind, k in (("update", 1), ("reuse", NEVER)):
             m = self.model()
-            opt = tengrad.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
+            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
             steps[kind] = self.torch_step(m, opt)
         covered = self.n_tensors - len(opt.fallback)
-        self.notes["tengrad"] = (f"{len(opt.blocks)} exact blocks, {covered} of {self.n_tensors} parameter "
+        self.notes["tengrad" if package is tengrad else "baseline"] = (f"{len(opt.blocks)} exact blocks, {covered} of {self.n_tensors} parameter "
                                  f"tensors preconditioned (fallback: {len(opt.fallback)})")
         return steps
 

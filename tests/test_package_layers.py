@@ -162,3 +162,22 @@ def test_no_broad_except_swallows_an_error(root):
 def test_programming_errors_keep_their_type_in_the_distributed_step():
     from tengrad.optim.estimator.comm import PROGRAMMING_ERRORS
     assert AttributeError in PROGRAMMING_ERRORS and NameError in PROGRAMMING_ERRORS
+
+
+def test_rows_are_built_in_one_place_and_every_estimator_uses_it():
+    """A block's Jacobian rows come from curvature/build.py only (woodbury.py's own methods and a
+    checkpoint's load rebuild held rows); the local, exact and averaged estimators all call it."""
+    makers = set()
+    callers = set()
+    for path, tree in ALL.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = ast.unparse(node.func)
+                if f in ("Rows", "woodbury.Rows"):
+                    makers.add(path.relative_to(ROOT).as_posix())
+                if f.endswith("block_rows"):
+                    callers.add(path.relative_to(ROOT).as_posix())
+    assert makers == {"tengrad/optim/curvature/build.py", "tengrad/optim/curvature/woodbury.py",
+                      "tengrad/optim/checkpoint.py"}, makers
+    assert {"tengrad/optim/estimator/local.py", "tengrad/optim/estimator/exact.py",
+            "tengrad/optim/estimator/averaged.py"} <= callers, callers

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tengrad.optim.curvature import woodbury
-from tengrad.optim.curvature.build import block_rows
+from tengrad.optim.curvature import build
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.estimator.comm import Failure, raise_if_any, world
 from tengrad.optim.estimator.distributed import DistributedEstimator
@@ -39,7 +39,7 @@ class AveragedEstimator(DistributedEstimator):
                 if not active[i]:
                     continue
                 if cur[i]:
-                    curv[i] = woodbury.curvature(block_rows(b, recs[i], step.rules, step.check), b.plan, a, b.name)
+                    curv[i] = woodbury.curvature(build.block_rows(b, recs[i], step.rules, step.check), b.plan, a, b.name)
                 else:
                     kept = self.kept[b.name]
                     curv[i] = kept if kept.requested == a else woodbury.redamp(kept, a, b.name)

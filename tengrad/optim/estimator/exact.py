@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tengrad.optim.curvature import paths, woodbury
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.build import block_rows
+from tengrad.optim.curvature import build
 from tengrad.optim.curvature.woodbury import Rows
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.estimator import owners as dplan
@@ -58,7 +58,7 @@ class ExactEstimator(DistributedEstimator):
         m_r = 0
         try:
             for i, uses in recs.items():
-                rows[i] = block_rows(blocks[i], uses, step.rules, step.check, keep_factors=True)
+                rows[i] = build.block_rows(blocks[i], uses, step.rules, step.check, keep_factors=True)
             m_r = self.batch_size([r.m for r in rows.values()])
             self.local_checks(step)
         except Exception as err:   # noqa: BLE001 - any error of this rank is raised on every rank (status)

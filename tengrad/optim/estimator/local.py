@@ -17,7 +17,7 @@ import torch
 
 from tengrad.optim.curvature import usage, woodbury
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.build import block_rows
+from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.noise import NoiseScale
@@ -81,7 +81,7 @@ class LocalEstimator:
             dtype = woodbury.compute_dtype(b.params[0].dtype)
             g = [gradient(p, group["weight_decay"], dtype) for p in b.params]
             if due:
-                curv = woodbury.curvature(block_rows(b, captured, step.rules, step.check), b.plan, a, b.name)
+                curv = woodbury.curvature(build.block_rows(b, captured, step.rules, step.check), b.plan, a, b.name)
                 if self.estimate_noise and step.rules.fisher == "empirical" and curv.gram.shape[0] == curv.m:
                     traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
                     squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
