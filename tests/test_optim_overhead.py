@@ -14,7 +14,7 @@ from tengrad.optim import TENGraD, TENGraDError
 
 
 def fused_counts(opt):
-    return {b.name: b.capture.fused_calls for b in opt.blocks}
+    return {b.name: b.capture.jacobian_grad_calls for b in opt.blocks}
 
 
 @pytest.mark.parametrize("k,sizes", [(1, [4, 4, 4]), (2, [4, 4, 4, 4, 4])])
@@ -65,7 +65,7 @@ def test_parameters_restored_when_the_forward_raises():
         opt.zero_grad()
         F.cross_entropy(model(x), torch.zeros(6, dtype=torch.long)).backward()
         opt.step()
-    assert opt.blocks[1].capture.fuse_shape == (6, 4)
+    assert opt.blocks[1].capture.jacobian_grad_shape == (6, 4)
     weight = model[2].weight
     model[2].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):

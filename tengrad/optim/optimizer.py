@@ -68,7 +68,7 @@ from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
 from tengrad.optim.curvature import fisher as fisher_mod
 from tengrad.optim.curvature.block import find_blocks, promote, resolve_backend
-from tengrad.optim.curvature.build import Rules, fused_grad
+from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.estimator import LocalEstimator, StepInput, resolve_distributed
@@ -167,7 +167,7 @@ class TENGraD(torch.optim.Optimizer):
         self._capture = ModelCapture(
             model, self.blocks, self.fallback, armed=self._curvature_due, block_due=self._block_due,
             due_blocks=self._due_blocks if stagger else None, batch_dim=self.batch_dim,
-            keep_edges=fisher != "empirical", on_fused_grad=fused_grad)
+            keep_edges=fisher != "empirical", on_jacobian_grad=jacobian_grad)
         # J^T 1/m == grad, batch dim; its forward hook is a capture hook (off on reuse steps)
         self._check = ConsistencyCheck(model, check, self.batch_dim, hooks=self._capture.hooks)
         self._check.names = {b.name for b in self.blocks}

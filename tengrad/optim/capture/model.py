@@ -36,7 +36,7 @@ from tengrad.optim.errors import TENGraDError
 class ModelCapture:
     def __init__(self, model: nn.Module, blocks: list, fallback: list, armed: Callable[[], bool],
                  block_due: Callable[[object], bool], due_blocks: Callable[[], list] | None,
-                 batch_dim: int, keep_edges: bool, on_fused_grad: Callable) -> None:
+                 batch_dim: int, keep_edges: bool, on_jacobian_grad: Callable) -> None:
         self.model = model
         self.blocks = blocks             # the optimizer's list (promotion appends to it)
         self.fallback = fallback         # [(name, param)], replaced by ``set_fallback``
@@ -52,8 +52,8 @@ class ModelCapture:
             b.capture = LayerCapture(b.name, b.module, b.plan, partial(block_due, b), lambda: self.phase,
                                      keep_edges=keep_edges, training=lambda: model.training,
                                      forward=self.ops.current_forward)
-            b.capture.fuse_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
-            b.capture.on_fused_grad = partial(on_fused_grad, b)
+            b.capture.jacobian_grad_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
+            b.capture.on_jacobian_grad = partial(on_jacobian_grad, b)
             if b.module is model:        # the root: hooks after the gate's (wrappers.py wraps submodules)
                 b.capture.attach(self.ops.hooks)
             self.ops.cover(b.module, b.params)

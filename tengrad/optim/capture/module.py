@@ -36,13 +36,13 @@ Capture rules (documented in the optimizer too):
   passes; ``take`` refuses both with an error naming the module, because one block's curvature needs
   exactly one (x, gy) pair per sample.
 
-Gradient from the Jacobian (``fuse_shape`` / ``on_fused_grad``, set by the optimizer for a block that keeps
+Gradient from the Jacobian (``jacobian_grad_shape`` / ``on_jacobian_grad``, set by the optimizer for a block that keeps
 an explicit Jacobian, on curvature steps of the empirical Fisher): the curvature step forms the per-sample
 Jacobian J anyway, and g = J^T 1 / m is its column mean, so computing the ordinary weight gradient as
 well is redundant (for a 3x3 conv on 28x28 it costs as much as J itself). When the input of an armed
-call has shape ``fuse_shape`` and requires grad, the wrapper hands the module *detached* views of
+call has shape ``jacobian_grad_shape`` and requires grad, the wrapper hands the module *detached* views of
 the block's parameters for that one call (put back when the call returns or raises); autograd then
-skips those weight gradients, and the output hook calls ``on_fused_grad(record, grad)``, which forms
+skips those weight gradients, and the output hook calls ``on_jacobian_grad(record, grad)``, which forms
 J, keeps it in ``record.jac`` and accumulates its column sums into ``param.grad`` (so ``param.grad`` is
 there after ``backward()`` as usual).
 """
@@ -86,24 +86,24 @@ class LayerCapture:
         self._received: list[Use] = []
         self._edges: list = []
         # gradient from the Jacobian (module docstring): set by the optimizer
-        self.fuse_shape: tuple[int, ...] | None = None
-        self.fuse_params: list[tuple[str, Tensor]] = []
-        self.on_fused_grad: Callable[[Use, Tensor], None] | None = None
-        self.fused_calls = 0
+        self.jacobian_grad_shape: tuple[int, ...] | None = None
+        self.jacobian_grad_params: list[tuple[str, Tensor]] = []
+        self.on_jacobian_grad: Callable[[Use, Tensor], None] | None = None
+        self.jacobian_grad_calls = 0
         self.removed = False
 
-    def set_fuse(self, shape: tuple[int, ...] | None) -> None:
+    def set_jacobian_grad(self, shape: tuple[int, ...] | None) -> None:
         """Detach the block's parameters for armed calls with inputs of ``shape`` (None: never)."""
-        self.fuse_shape = shape
+        self.jacobian_grad_shape = shape
 
     def wrap(self, inner: Callable) -> Callable:
         """The module's forward for one captured root forward: ``inner`` (its own forward) with the
-        fused-gradient parameter swap around it and the capture of (x, output) after it."""
+        gradient-from-the-Jacobian parameter swap around it and the capture of (x, output) after it."""
         if self.removed:
             return inner
 
         def forward(*args, **kwargs):
-            swapped = self._swap(args) if self.fuse_shape is not None else None
+            swapped = self._swap(args) if self.jacobian_grad_shape is not None else None
             if swapped is None:
                 out = inner(*args, **kwargs)
             else:
@@ -127,7 +127,7 @@ class LayerCapture:
         hooks.add(self.module.register_forward_hook(OwnHook(self._post_hook), always_call=True))
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self._pre_swapped = self._swap(args) if self.fuse_shape is not None and not self.removed else None
+        self._pre_swapped = self._swap(args) if self.jacobian_grad_shape is not None and not self.removed else None
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         swapped, self._pre_swapped = self._pre_swapped, None
@@ -139,19 +139,19 @@ class LayerCapture:
     def _swap(self, args: tuple) -> list[tuple[str, Tensor]] | None:
         """Hand the module detached views of the block's parameters for this call (module docstring:
         gradient from the Jacobian); the swapped (name, parameter) pairs, or None."""
-        if self.on_fused_grad is None or not self.fuse_params:
+        if self.on_jacobian_grad is None or not self.jacobian_grad_params:
             return None
         if not (args and isinstance(args[0], Tensor) and args[0].requires_grad
-                and tuple(args[0].shape) == self.fuse_shape):
+                and tuple(args[0].shape) == self.jacobian_grad_shape):
             return None
         if not (torch.is_grad_enabled() and self._training() and self._armed()) or transformed(args[0]):
             return None
         own = self.module._parameters
-        if any(own.get(name) is not p for name, p in self.fuse_params):
+        if any(own.get(name) is not p for name, p in self.jacobian_grad_params):
             return None   # the module's parameters were replaced: leave this call alone
-        for name, p in self.fuse_params:
+        for name, p in self.jacobian_grad_params:
             own[name] = p.detach()
-        return list(self.fuse_params)
+        return list(self.jacobian_grad_params)
 
     def _forward(self, args: tuple, output: object, swapped) -> None:
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
@@ -166,15 +166,15 @@ class LayerCapture:
         if not (swapped or self._keep_edges_asked):
             keep_grad(output, record, self._received)
             return
-        record.fused = bool(swapped)
+        record.jacobian_grad = bool(swapped)
         on_grad(output, partial(self._backward, record), node=not self._keep_edges_asked)
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
 
     def _backward(self, record: Use, grad: Tensor) -> None:
-        if record.fused and self._phase() != CURVATURE:
-            self.fused_calls += 1
-            self.on_fused_grad(record, grad.detach())
+        if record.jacobian_grad and self._phase() != CURVATURE:
+            self.jacobian_grad_calls += 1
+            self.on_jacobian_grad(record, grad.detach())
         store_grad(record, grad, self._phase(), self._received)
 
     def peek(self) -> list[Use]:

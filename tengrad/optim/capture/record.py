@@ -16,8 +16,9 @@ L = (1/m) sum_i l_i it holds
     lead   how many leading dims of x may hold the sample (None: the module's rule, worked out when
            the curvature is built)
     seq_first  the sample is dimension 1 ([T, N, E], inside MultiheadAttention)
-    fused  the block's parameters were detached for this call (gradient from the Jacobian)
-    jac    J / m per parameter ([m, *p.shape]) formed during the backward of a fused call
+    jacobian_grad  the block's parameters were detached for this call: its weight gradient comes
+           from its Jacobian (``grad_from_jacobian``), formed during the backward
+    jac    J / m per parameter ([m, *p.shape]) formed then
 
 ``sample_first`` (curvature/uses.py) returns a copy with the sample moved to dimension 0.
 """
@@ -27,7 +28,7 @@ from torch import Tensor
 
 
 class Use:
-    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "fused", "jac")
+    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "jacobian_grad", "jac")
 
     def __init__(self, name: str, plan, x: Tensor, fwd: int = 0, m: int | None = None, parts=None,
                  lead: int | None = None, seq_first: bool = False) -> None:
@@ -35,7 +36,7 @@ class Use:
         self.fwd, self.m, self.lead, self.seq_first = fwd, m, lead, seq_first
         self.grad: Tensor | None = None
         self.rows: list[Tensor] = []
-        self.fused = False
+        self.jacobian_grad = False
         self.jac: list[Tensor] | None = None
 
     @property
@@ -47,5 +48,5 @@ class Use:
         """The same use with other tensors (the sample moved to dimension 0); a J formed in the backward
         (on the old layout) is not carried over."""
         out = Use(self.name, self.plan, x, self.fwd, self.m, self.parts, self.lead, False)
-        out.grad, out.rows, out.fused = grad, rows, self.fused     # jac: formed on the old layout, dropped
+        out.grad, out.rows, out.jacobian_grad = grad, rows, self.jacobian_grad     # jac: formed on the old layout, dropped
         return out

@@ -104,10 +104,10 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     explicit = choice.path == paths.JACOBIAN
     if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit)):
         x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
-    fused = explicit and rules.grad_from_jacobian
+    from_jacobian = explicit and rules.grad_from_jacobian
     if b.capture is not None:       # next curvature step: detach its parameters for inputs of this shape
-        b.capture.set_fuse(tuple(u.x.shape) if fused else None)
-    if fused and u.jac is not None and not keep_factors:
+        b.capture.set_jacobian_grad(tuple(u.x.shape) if from_jacobian else None)
+    if from_jacobian and u.jac is not None and not keep_factors:
         return Rows(paths.JACOBIAN, m, pieces=u.jac, scale=float(m))     # the record holds J / m
     if gy is None and explicit and not keep_factors:
         return Rows(paths.JACOBIAN, m, pieces=b.plan.jacobian(x, u.grad.to(dtype)), scale=float(m))
@@ -143,7 +143,7 @@ def _with_parts(u: Use, parts) -> Use:
     return out
 
 
-def fused_grad(b: Block, u: Use, grad: Tensor) -> None:
+def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
     """Called during backward for a call whose parameters were detached (capture/module.py): forms
     J / m = plan.jacobian(x, dL/dy), keeps it on the use and adds its column sums to p.grad."""
     dtype = compute_dtype(b.params[0].dtype)
