@@ -1,5 +1,6 @@
 """tengrad: TENGraD natural gradient with exact per-layer Woodbury solves, compiled from
-index-notation layer specs (see DESIGN.md and docs/api-contract.md)."""
+index-notation layer specs. The maths are in the paper, in the module docstrings and in
+docs/architecture.md; the public names are fixed in docs/api-contract.md."""
 from tengrad_ir import LayerSpec
 
 from .compiler import CompiledLayer

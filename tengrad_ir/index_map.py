@@ -1,4 +1,4 @@
-"""Affine index maps of unfolding, e.g. ``ih = sh*oh + dh*kh - ph`` (DESIGN.md, conv).
+"""Affine index maps of unfolding, e.g. ``ih = sh*oh + dh*kh - ph`` (the conv2d example of spec.py).
 
 An input index that is not a tensor dimension of the unfolded input is given as an affine
 function of the indices that are: ``ih = s*oh + d*kh + c``. Positions outside ``[0, N_ih)`` read

@@ -288,9 +288,8 @@ class OutputMapKind(InputKind):
         return {"U": "X", "G": "GU"}
 
     def jacobian(self, t):
-        # GU is a strided view and J one contraction with X; measured 1.75x faster than the
-        # transposed conv's weight gradient with the batch folded into the groups (CPU, m = 32,
-        # ConvTranspose2d(32,16,4,s=2,p=1) 8x8 and (16,8,3,p=1) 16x16: 48 ms vs 84 ms)
+        # GU is a strided view and J one contraction with X, faster than the transposed conv's
+        # weight gradient with the batch folded into the groups (timings: docs/experiments/gram.md)
         return self.unfold_grad(t) + [t.contract("jacobian", self._table())]
 
     def cov_input(self, t):

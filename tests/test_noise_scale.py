@@ -1,7 +1,7 @@
-"""The gradient-noise scale of the step (tengrad/optim/noisescale.py) against float64 oracles.
+"""The gradient-noise scale of the step (tengrad/optim/noise.py) against float64 oracles.
 
 Oracle: torch.func per-sample gradients j_i of each earlier batch give T = mean_i |j_i|^2 and
-Q = |mean_i j_i|^2 over every blocked parameter, hence (running averages, noisescale.py) s and
+Q = |mean_i j_i|^2 over every blocked parameter, hence (running averages, noise.py) s and
 r = s / max(s so far); the last step must then be -lr nu d with the dense direction
 d = (F_b + a I)^-1 g_b of its own batch and nu = min(1, r sqrt(kl_clip / (lr^2 sum <d, g>))).
 """
@@ -28,7 +28,7 @@ def sums(rows: dict[str, torch.Tensor]) -> tuple[float, float, int]:
 
 
 def oracle_ratio(batches_rows: list[dict]) -> float:
-    """r after the curvature steps on these batches (module docstring of noisescale.py)."""
+    """r after the curvature steps on these batches (module docstring of noise.py)."""
     noise = square = peak = None
     s = 1.0
     for rows in batches_rows:

@@ -41,14 +41,11 @@ def per_sample_kernel(n_g: int, unfolded: int = 0, threads: int = 1) -> str:
     conv with 1 thread, or with more threads when the batch's unfolded input is at most
     IM2COL_MANY_THREADS_MAX elements (4 chunks); torch's grouped weight gradient otherwise.
 
-    Measured (AMD EPYC, float32, m = 128; grouped / im2col_bmm ms). 1 thread: 3C1F's 32->32 conv
-    52.7 / 33.6, 128->128 989 / 436, 64->64 stride 2 on 14x14 44.0 / 11.0, 3->16 on 64x64 12.0 / 10.5,
-    1->128 8.2 / 10.7 (the one ungrouped loss), Conv1d and Conv3d even or better; grouped convs lose
-    with bmm (depthwise 64 groups 2.6 / 8.3, 4 groups 3.0 / 6.3): one small matmul per sample and group.
-    2 threads on the loaded 2 cores (load 5-7): every chunk is two parallel regions, and a region waits
-    for a descheduled thread, so 64-128 chunks took 1.0-3.1 s (32->32: 1020 ms at 2 MiB chunks vs 64 ms
-    grouped; 128->128: 3098 vs 677), while the 1 -> C conv (2 chunks) took 16-24 ms against 2.0-2.5 s
-    for the grouped kernel.
+    Why: with one thread im2col + bmm is the faster kernel for ungrouped convolutions, while grouped
+    convolutions lose with bmm (one small matmul per sample and group). With several threads every
+    chunk is two parallel regions, and a region waits for any descheduled thread, so a batch of many
+    chunks can lose badly on a busy machine while a batch of a few chunks still wins. The timings
+    behind the rule and its threshold are in docs/experiments/step-cost.md.
     """
     if n_g != 1:
         return GROUPED

@@ -1,13 +1,15 @@
 """Specs of functional ops: an op call is compiled through the module spec factory of the same
 hyperparameters (one function of stride/padding/groups/eps/... serves module and op).
 
-``op_module(func, args, kwargs)`` returns ``(shell, {shell param name: the op's tensor})``: a module of
-the matching type built on the meta device from the op's arguments (``F.linear(x, w, b)`` is
+The builder of a registered op (``builder_for(func)``), called with the op's own arguments, returns
+``(shell, {shell param name: the op's tensor})``: a module of the matching type built on the meta
+device from the op's arguments (``F.linear(x, w, b)`` is
 ``nn.Linear(w.shape[1], w.shape[0], bias=b is not None)``, ``F.conv2d(x, w, b, stride, padding,
 dilation, groups)`` the ``nn.Conv2d`` with those hyperparameters, ...), whose parameters are then
-replaced by the op's weight/bias tensors (detached views, no copy), so ``tengrad.compile(shell)`` gives
-the op's plan through the module's own spec factory. ``register_op(func, builder)`` declares a user's op
-the same way: ``builder(*args, **kwargs) -> (module, {param name: tensor})`` (or None: not a use).
+replaced by the op's weight/bias tensors (``with_params``: detached views, no copy), so
+``tengrad.compile(shell)`` gives the op's plan through the module's own spec factory.
+``register_op(func, builder)`` declares a user's op the same way:
+``builder(*args, **kwargs) -> (module, {param name: tensor})`` (or None: not a use).
 """
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ plus ``sd["tengrad"]``::
                    absent; jac_split: the column counts of R's pieces or None, R = jac_scale * jac;
                    both optional on load: a whole R with scale 1)
     generator     the optimizer's generator state (fisher="mc") or None
-    noise         the gradient-noise ratio's running sums, s and its peak (noise.py; absent in older
-                  files, which load with r = 1)
+    noise         the gradient-noise ratio's running sums, s and its peak (noise.py; optional: a
+                  state_dict without it loads with r = 1)
 
 ``prepare`` checks everything against this optimizer before anything changes: the structure, group
-count and sizes, each group's hyperparameters (hyperparams.py; an SGD state_dict has no 'damping'),
+count and sizes, each group's hyperparameters (options.py; an SGD state_dict has no 'damping'),
 parameter names and shapes, momentum buffer shapes, block names, path kinds and every curvature
 tensor's shape (x and gy through the block's own plan), the step count and the generator state.
 The first mismatch raises a TENGraDError naming it, and the optimizer is exactly as before.
@@ -215,9 +215,9 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
     base = {k: v for k, v in state_dict.items() if k != "tengrad"}
     base["state"] = {idx: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
                      for idx, s in state.items()}
-    noise = ours.get("noise")          # absent in state_dicts saved before noisescale.py: r = 1
+    noise = ours.get("noise")          # absent in state_dicts without noise statistics: r = 1
     if noise is not None:
         why = NoiseScale.check(noise)
         if why is not None:
-            raise _fail(f"'noise' (the gradient-noise scale, noisescale.py) {why}")
+            raise _fail(f"'noise' (the gradient-noise scale, noise.py) {why}")
     return base, {"steps": int(steps), "curv": prepared, "generator": gen, "noise": noise}

@@ -7,7 +7,7 @@ tr(Sigma) / m, and the best step along g is the noiseless one times
     s = |G|^2 / (|G|^2 + tr(Sigma) / m) = |G|^2 / E|g|^2          (in (0, 1]).
 
 TENGraD's empirical-Fisher curvature step has the rows j_i already: K = R R^T with R's rows the
-per-sample gradients of a block (fisher.py), so T = tr(K) / m = (1/m) sum_i |j_i|^2 and
+per-sample gradients of a block (curvature/fisher.py), so T = tr(K) / m = (1/m) sum_i |j_i|^2 and
 Q = |R^T 1 / m|^2 = 1^T K 1 / m^2 (= |g|^2, weight decay not included) cost two sums over the m x m
 Gram per block. At each curvature step, summed over the blocks (parameters in no block are left out):
 
@@ -18,16 +18,16 @@ Gram per block. At each curvature step, summed over the blocks (parameters in no
     r = s / max(s over the curvature steps so far)        (in [FLOOR, 1])
 
 By McCandlish et al.'s model the best step at time t is the noiseless one times s(t), so r(t) is how
-much shorter the best step has become since the best moment so far. The KL clip (stepctl.py) then
+much shorter the best step has become since the best moment so far. The KL clip (update.py) then
 bounds the step by r^2 kl_clip instead of kl_clip: nu = min(1, r sqrt(kl_clip / D)). So kl_clip is
 the trust region while the gradient is at its most informative, a clipped step shrinks with r, a step
 inside the shrunken bound is exact, and ``kl_clip=None`` (the exact step) ignores r. The ratio, not s
-itself, because s depends on the batch size and the model (s stays at the floor from the first step
-for a BatchNorm ResNet on digits at batch 32; 0.5 at the first step and 0.74-0.87 up to step 150 for
-3C1F on Fashion-MNIST at batch 128), while r starts at 1 for both. On 3C1F, s falls to 0.06-0.4 after
-400 steps: the trust region shrinks as a learning-rate decay would, without a horizon
-(benchmarks/README.md, "A step scaled by the gradient noise"). r is computed after the step that uses
-the previous one (a step never uses its own batch's estimate) and is saved in the state_dict.
+itself, because s depends on the batch size and the model (one model's s can sit at the floor from
+the first step while another's starts well above it), while r starts at 1 for every model. As the
+batch gradient turns to noise later in training s falls, so the trust region shrinks as a
+learning-rate decay would, without a horizon (the values of s on 3C1F and on a BatchNorm ResNet:
+docs/experiments/time-to-accuracy.md). r is computed after the step that uses the previous one (a
+step never uses its own batch's estimate) and is saved in the state_dict.
 
 Only the empirical Fisher's rows are per-sample loss gradients, so with fisher "mc" or "exact" r stays 1,
 and under torch.distributed it stays 1 as well (each rank holds only its own rows).

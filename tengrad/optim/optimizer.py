@@ -19,8 +19,8 @@ A step, through the layers of this package (docs/architecture.md):
     capture/    the model's forward and backward leave one ``Use`` per call that read a block's
                 parameters (input, output gradients, sample layout, slice)
     estimator/  ``directions``: per block, due (a curvature step) -> curvature/build.py turns its uses
-                into Jacobian rows R, woodbury.py factors K + m a I; not due -> the kept factor;
-                d_b = (F_b + a I)^-1 g_b. Single process (LocalEstimator), or torch.distributed
+                into Jacobian rows R, curvature/woodbury.py factors K + m a I; not due -> the kept
+                factor; d_b = (F_b + a I)^-1 g_b. Single process (LocalEstimator), or torch.distributed
                 (ExactEstimator: the global batch's step; AveragedEstimator: own-batch directions
                 averaged)
     update.py   finiteness, the KL clip with the noise ratio, momentum, applying the step
@@ -100,7 +100,8 @@ class TENGraD(torch.optim.Optimizer):
     rows of the curvature steps (noise.py; empirical Fisher, single process; False: r = 1).
 
     Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 6.4e-3
-    with the noise ratio (options.py; chosen with benchmarks/robustness.py and benchmarks/tta.py).
+    with the noise ratio (options.py; chosen with benchmarks/robustness.py and benchmarks/tta.py, the
+    runs in docs/experiments/robustness.md and docs/experiments/time-to-accuracy.md).
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) a block may keep.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (one vjp per block)
     on its first curvature step (False), on every curvature step (True) or never (None).

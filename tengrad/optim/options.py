@@ -15,7 +15,8 @@ truncated), ``fisher`` one of fisher.FISHERS, ``kl_clip`` None or real, finite, 
 Every error is a TENGraDError whose message names the argument (and the group index).
 
 Defaults (``TENGraD(model)``): lr 0.3, damping 1, update_freq 10, kl_clip 6.4e-3 with the noise ratio,
-chosen with benchmarks/robustness.py and benchmarks/tta.py (benchmarks/README.md).
+chosen with benchmarks/robustness.py and benchmarks/tta.py (the runs: docs/experiments/robustness.md
+and docs/experiments/time-to-accuracy.md).
 
 Param groups: which lr, damping, momentum and weight decay each block uses.
 

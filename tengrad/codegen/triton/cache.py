@@ -1,5 +1,5 @@
 """Generated modules live in files: ``@triton.jit`` reads a kernel's source with ``inspect.getsource``,
-so exec'd strings do not work (STYLE.md, item 9).
+so exec'd strings do not work.
 
 The file name is a hash of the source (which is rendered from the plan: spec, sizes, dtype,
 precision, configs), so equal plans share one file across processes and a changed plan never

@@ -1,6 +1,7 @@
 """Render a term's spec and sizes into Triton source by filling the named holes of ``templates``.
 
-The role classes flatten every term to four index classes (DESIGN.md, paper Appendix A.2)::
+The role classes flatten every term to four index classes (the roles of tengrad_ir/spec.py; paper,
+Appendix A.2)::
 
     G[n, g, v, C]      U[n, g, C, I]      p[g, v, I]      J[n, g, v, I]
 

@@ -6,8 +6,8 @@ dL/dy; in the "curvature" phase (the extra backward passes ``TENGraD.backward`` 
 Monte-Carlo or exact Fisher, already per-sample) it appends it to ``rows``.
 
 ``HookSet``: module hooks that are switched off while no curvature is due, and on again in their old
-place. TENGraD's capture inside a forward runs in per-forward wrappers (wrappers.py), not hooks; what
-is left here are hooks on the root model (the gate's exit hook, the consistency check's forward hook,
+place. TENGraD's capture inside a forward runs in per-forward wrappers (wrappers.py), not hooks; the
+hooks here are those on the root model (the gate's exit hook, the consistency check's forward hook,
 the capture of a block whose module is the root itself). A module with any forward hook leaves
 torch's fast call path (``Module._call_impl`` runs its hook machinery even when every hook returns at
 once), so those hooks sit in a ``HookSet`` that the gate switches off on steps without curvature.
@@ -50,10 +50,11 @@ def on_grad(out: Tensor, fn: Callable[[Tensor], None], node: bool = True) -> Non
 
     With ``node`` (and ``out`` made by an op) the hook is a pre-hook of ``out.grad_fn`` reading the
     output's slot: the node a tensor hook would be bound to, so the same gradient (the output as the
-    op produced it, even after later in-place ops), at a third of the Python cost of
-    ``Tensor.register_hook`` (no handle dict). Node pre-hooks do not run when a backward stops at the
-    node (``torch.autograd.grad`` with gradient edges as inputs, the curvature passes of
-    ``keep_edges``), so callers that capture edges pass ``node=False`` and get a tensor hook."""
+    op produced it, even after later in-place ops), at less Python cost than
+    ``Tensor.register_hook`` (no handle dict; docs/experiments/capture-overhead.md). Node pre-hooks
+    do not run when a backward stops at the node (``torch.autograd.grad`` with gradient edges as
+    inputs, the curvature passes of ``keep_edges``), so callers that capture edges pass
+    ``node=False`` and get a tensor hook."""
     grad_fn = out.grad_fn if node else None
     if grad_fn is None:
         out.register_hook(fn)
@@ -80,9 +81,10 @@ def keep_grad(out: Tensor, record, received: list) -> None:
     fresh (made by the op this forward), so it has no hook dict yet; a dict ``{0: hook}`` becomes its
     ``_backward_hooks`` and ``grad_fn._register_hook_dict`` binds that dict to the node slot of the
     output (as a tensor hook: the gradient of the output as the op produced it, even after a later
-    in-place op). That costs about 1 us against 4-5 us for ``register_hook`` / ``register_prehook``
-    (handle, weak reference, ordered dict), per captured output of every curvature step. A hook the
-    user adds later goes into the same dict through ``register_hook`` and removes itself as usual.
+    in-place op). That skips what ``register_hook`` / ``register_prehook`` build (handle, weak
+    reference, ordered dict), whose cost is paid per captured output of every curvature step
+    (docs/experiments/capture-overhead.md). A hook the user adds later goes into the same dict
+    through ``register_hook`` and removes itself as usual.
     An output that already has a hook dict, or a torch without ``_register_hook_dict``, takes
     ``register_hook``."""
     def hook(g):
@@ -103,7 +105,7 @@ def keep_grad(out: Tensor, record, received: list) -> None:
 
 
 def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
-    """Keep a captured output gradient on ``record`` (a Record or an op-level use: ``grad``, ``rows``):
+    """Keep a captured output gradient on ``record`` (a ``Use``, record.py: ``grad``, ``rows``):
     appended to ``rows`` in the CURVATURE phase, else stored as ``grad`` (a second ordinary backward
     through the same graph, retain_graph, accumulates); the record joins ``received`` once."""
     if phase == CURVATURE:

@@ -14,14 +14,14 @@ Capture rules (documented in the optimizer too):
   forwards between steps therefore never touch what is captured nor the stored curvature.
 * Calls inside torch.func transforms (vmap, grad, ...) are not recorded.
 * What is seen is the root model's forward and the backward through it: the capture is the module's
-  forward wrapper (``LayerCapture.wrap``), installed by op_capture.py for a captured root forward
-  until the backward through it ends (forward_wrap.py: an instance ``forward``, no module hooks; so
-  module forwards autograd re-runs in that backward, reentrant activation checkpointing, are
-  captured; a block whose module is the root model itself captures through hooks, ``attach``). A
-  call after the forward and before its backward is one more use of the block. A module called at
-  any other time with gradients flowing to the loss leaves its block's gradient with a part the
-  curvature does not see: the consistency check (consistency.py, on each block's first curvature step
-  by default, every step with ``check=True``) refuses that step naming the layer.
+  forward wrapper (``LayerCapture.wrap``), installed by ops.py for a captured root forward until the
+  backward through it ends (wrappers.py: an instance ``forward``, no module hooks; so module forwards
+  autograd re-runs in that backward, reentrant activation checkpointing, are captured; a block whose
+  module is the root model itself captures through hooks, ``attach``). A call after the forward and
+  before its backward is one more use of the block. A module called at any other time with gradients
+  flowing to the loss leaves its block's gradient with a part the curvature does not see: the
+  consistency check (curvature/consistency.py, on each block's first curvature step by default,
+  every step with ``check=True``) refuses that step naming the layer.
 * The record holds ``x.detach()`` (no copy) and gets its gradients from a hook on the output.
   A tensor hook sees the gradient of the output as the layer produced it, even if a later op modifies
   it in place (e.g. ``ReLU(inplace=True)``).
@@ -29,22 +29,21 @@ Capture rules (documented in the optimizer too):
   "curvature" phase (extra backward passes run by ``TENGraD.backward`` for the Monte-Carlo or exact
   Fisher, already per-sample) it appends ``grad`` to ``rows``.
 * ``out.retain_grad()`` is not used: it clones every gradient (contiguous); see
-  docs/experiments/ for the measurement.
-* Only forward calls whose output received a gradient count. If more than one call of the same module
-  received gradients since the last ``take`` (``opt.zero_grad()`` or ``opt.step()``), the module was
-  called twice in one forward (weight sharing) or gradients were accumulated over several backward
-  passes; ``take`` refuses both with an error naming the module, because one block's curvature needs
-  exactly one (x, gy) pair per sample.
+  docs/experiments/capture-overhead.md for the measurement.
+* Only forward calls whose output received a gradient count (``take_all``: every such record since
+  the last ``opt.zero_grad()`` or ``opt.step()``). Several calls of the module in one forward are
+  uses of one block (curvature/uses.py sums their Jacobians); calls from several forwards (gradients
+  accumulated over several backward passes) are refused naming the module (curvature/build.py).
 
-Gradient from the Jacobian (``jacobian_grad_shape`` / ``on_jacobian_grad``, set by the optimizer for a block that keeps
-an explicit Jacobian, on curvature steps of the empirical Fisher): the curvature step forms the per-sample
+Gradient from the Jacobian (``jacobian_grad_shape`` / ``on_jacobian_grad``, set for a block that keeps an
+explicit Jacobian, on curvature steps of the empirical Fisher): the curvature step forms the per-sample
 Jacobian J anyway, and g = J^T 1 / m is its column mean, so computing the ordinary weight gradient as
-well is redundant (for a 3x3 conv on 28x28 it costs as much as J itself). When the input of an armed
-call has shape ``jacobian_grad_shape`` and requires grad, the wrapper hands the module *detached* views of
-the block's parameters for that one call (put back when the call returns or raises); autograd then
-skips those weight gradients, and the output hook calls ``on_jacobian_grad(record, grad)``, which forms
-J, keeps it in ``record.jac`` and accumulates its column sums into ``param.grad`` (so ``param.grad`` is
-there after ``backward()`` as usual).
+well is redundant (it is the same contraction as J, summed over the samples; docs/experiments/step-cost.md
+for a conv). When the input of an armed call has shape ``jacobian_grad_shape`` and requires grad, the
+wrapper hands the module *detached* views of the block's parameters for that one call (put back when
+the call returns or raises); autograd then skips those weight gradients, and the output hook calls
+``on_jacobian_grad(record, grad)``, which forms J, keeps it in ``record.jac`` and accumulates its column
+sums into ``param.grad`` (so ``param.grad`` is there after ``backward()`` as usual).
 """
 from __future__ import annotations
 
@@ -61,9 +60,9 @@ from tengrad.optim.errors import TENGraDError
 
 
 class LayerCapture:
-    """The capture of one module-level block: a forward wrapper (``wrap``) that op_capture.py installs on
+    """The capture of one module-level block: a forward wrapper (``wrap``) that ops.py installs on
     the module for each captured root forward in which the block is due, until the backward through it
-    ends (forward_wrap.py: the module's instance forward, no module hooks), plus the output gradient
+    ends (wrappers.py: the module's instance forward, no module hooks), plus the output gradient
     hook it registers; see the module docstring for the rules.
 
     ``armed()`` says whether the optimizer wants a record for its next step; ``phase()`` returns
@@ -183,7 +182,7 @@ class LayerCapture:
 
     def take_all(self) -> list[Use]:
         """Every record that received gradients since the last take/clear (several calls of the
-        module in one forward are uses of one block, shared.py)."""
+        module in one forward are uses of one block, curvature/uses.py)."""
         received, self._edges = list(self._received), []
         self._received.clear()        # the same list: the gradient hooks (keep_grad) append to it
         return received

@@ -1,5 +1,5 @@
-"""Capture at the operation: every call of a registered functional op (op_specs.py) that reads a
-trainable parameter, or a view of one, during the captured training forward.
+"""Capture at the operation: every call of a registered functional op (tengrad/layers/ops.py) that
+reads a trainable parameter, or a view of one, during the captured training forward.
 
 A ``torch.overrides.TorchFunctionMode`` is entered by a forward pre-hook on the root model and left by
 its forward hook (``always_call``), only when the forward is a captured one (grad on, the model in
@@ -11,7 +11,8 @@ A *use* records the op input (detached), the plan of the op (``tengrad.compile``
 built from the op's arguments, cached per arguments' shapes and hyperparameters), where each of the
 op's parameter tensors sits in its parameter (``(param, first row)``; a slice such as the q rows of
 ``in_proj_weight`` starts at its storage offset) and, through a tensor hook on the op output, the
-output gradient (``grad``) or the curvature passes' rows (``rows``), as capture.py's Record does.
+output gradient (``grad``) or the curvature passes' rows (``rows``), in a ``Use`` (record.py) as a
+module-level capture (module.py) does.
 
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
 ``covered``) are not recorded again: its ``cover`` wrapper marks its parameters as covered.
@@ -23,14 +24,13 @@ root under the mode is run with the recording ``linear`` too (``composite``). Th
 *sequence first* (``seq_first``): [T, N, E] inputs and the out projection's [T*N, E] rows (t-major).
 
 What runs when: the root's gate pre-hook always; everything else only in forwards where curvature
-is due. ``hooks`` (hookset.py: the root's exit hook, the consistency check's) is on whenever some
-block is due. Inside a captured forward nothing is a module hook: the gate installs *wrappers*
-(forward_wrap.py, ``_install``; taken away when the backward through the forward ends, ``_release``) -
-the due blocks' LayerCaptures (which
-``select(due)`` hands over), around each its ``cover`` when the mode runs, the mode's suspension in
-covered subtrees when the mode runs, and MultiheadAttention's recording when ``select`` asks for the
-attention projections. Without staggering (stagger.py) every block is due together and ``select``
-asks for everything.
+is due. ``hooks`` (a ``HookSet``, hooks.py: the root's exit hook, the consistency check's) is on
+whenever some block is due. Inside a captured forward nothing is a module hook: the gate installs
+*wrappers* (wrappers.py, ``_install``; taken away when the backward through the forward ends,
+``_release``) - the due blocks' LayerCaptures (which ``select(due)`` hands over), around each its
+``cover`` when the mode runs, the mode's suspension in covered subtrees when the mode runs, and
+MultiheadAttention's recording when ``select`` asks for the attention projections. Without
+staggering (estimator/stagger.py) every block is due together and ``select`` asks for everything.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class OpCapture:
             self._wraps.restore()
         due = self._armed()
         mode, mha, captures = self._select(due)     # what this forward needs, if it is captured
-        if due != self.hooks.active:    # the exit hook exists only while it is needed (hookset.py)
+        if due != self.hooks.active:    # the exit hook exists only while it is needed (hooks.HookSet)
             (self.hooks.on if due else self.hooks.off)()
         if self._active or not (due and torch.is_grad_enabled() and module.training):
             return
@@ -141,14 +141,15 @@ class OpCapture:
         self._install(mode, mha, captures)
 
     def _install(self, mode: bool, mha: bool, captures: list) -> None:
-        """This captured forward's module wrappers (forward_wrap.py: instance forwards, taken away by
+        """This captured forward's module wrappers (wrappers.py: instance forwards, taken away by
         ``_release``), outermost first per module: the mode suspended in covered subtrees (``_suspend`` /
         ``_resume``, when the mode runs), a module-level block's cover (``_cover_wrap``, when the mode
         runs) around its capture (``captures``: (module, make) of the due blocks' LayerCaptures), and
         each MultiheadAttention's recording forward (``_enter_mha`` / ``_exit_mha``: its ``linear``
         calls are recorded, sequence first). Wrappers rather than forward hooks: a module with hooks
-        leaves torch's fast call path (about 5 us per module call, 27 us per MultiheadAttention call
-        here, measured), a wrapper costs one Python call, and installing it is a dict write."""
+        leaves torch's fast call path and pays for the hook machinery on every call (the numbers:
+        docs/experiments/capture-overhead.md), a wrapper costs one Python call, and installing it is a
+        dict write."""
         plan: dict[int, tuple[nn.Module, list]] = {}
 
         def add(mod, kind):
@@ -186,9 +187,8 @@ class OpCapture:
 
         Installed once per captured forward (``_enter``/``_exit``) rather than around every attention
         call: each write to torch.nn.functional's globals invalidates CPython's specialised global and
-        attribute lookups in every function of that module, which then run slowly for a while; eight
-        writes per forward of a 2-layer encoder cost 0.1-0.3 ms (an in-process A/B, benchmarks/README.md
-        "capture_overhead.py")."""
+        attribute lookups in every function of that module, which then run slowly for a while, so
+        every write costs time in the forward that follows (docs/experiments/capture-overhead.md)."""
         if self._mha_depth:
             return self.call(self._linear_orig, args, kwargs)
         return self._linear_orig(*args, **kwargs)
@@ -238,13 +238,13 @@ class OpCapture:
         recording forward): torch.nn's own forwards read a parameter only through its owner's forward or inside
         F.multi_head_attention_forward, so the mode would see nothing there (and costs per op).
 
-        Every nn.MultiheadAttention found gets its recording forward (``_mha_forwards``). Only the
-        outermost such subtrees get the suspending hooks, and the ``cover`` hooks of blocks
-        strictly inside them are removed: the mode is already off there, and no op call inside can
-        read those blocks' parameters (the only recording inside, MultiheadAttention's ``linear``,
-        reads its own parameters, whose owners' forwards never run). Every hooked module costs a
-        Python call per forward (and torch's slow ``_call_impl`` path), so this keeps the per-step
-        cost to a few calls per subtree."""
+        Every nn.MultiheadAttention found is listed (``_mhas``) for its recording wrapper
+        (``_enter_mha`` / ``_exit_mha``). Only the outermost such subtrees get the suspending wrapper
+        (``_suspenders``), and the ``cover`` wrappers of blocks strictly inside them are dropped
+        (``_covers``): the mode is already off there, and no op call inside can read those blocks'
+        parameters (the only recording inside, MultiheadAttention's ``linear``, reads its own
+        parameters, whose owners' forwards never run). Every wrapped module costs a Python call per
+        forward, so this keeps the per-step cost to a few calls per subtree."""
         def builtin(mod):
             return type(mod).__module__.startswith("torch.nn.")
 
@@ -269,7 +269,7 @@ class OpCapture:
                 inside.update(id(s) for s in subtree if s is not mod)
 
     def _enter_mha(self) -> None:
-        """MultiheadAttention's forward in a captured forward (its wrapper, ``_mha_forwards``): record its
+        """MultiheadAttention's forward in a captured forward (its wrapper, ``_install``): record its
         projections (``linear`` inside F.multi_head_attention_forward, ``_mha_linear``) whether or not
         the mode runs or is suspended."""
         if not self._active:
@@ -543,7 +543,7 @@ def _first_grad_tensor(output) -> Tensor | None:
 
 
 def _around(before: Callable[[], None], after: Callable[[], None]) -> Callable:
-    """A forward wrapper maker (forward_wrap.py): ``before()``, the forward, ``after()`` even if it raises."""
+    """A forward wrapper maker (wrappers.py): ``before()``, the forward, ``after()`` even if it raises."""
     def make(inner: Callable) -> Callable:
         def forward(*args, **kwargs):
             before()

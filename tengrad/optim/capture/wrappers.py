@@ -1,15 +1,15 @@
 """Per-forward instance wrappers: how TENGraD's capture runs inside a module's forward without hooks.
 
 A module with any forward hook leaves torch's fast call path: ``Module._call_impl`` then runs its hook
-machinery, about 5 us of Python per call on a 2-core EPYC even when every hook returns at once, and
-switching hooks on and off between steps (so that reuse steps pay nothing) costs 10-20 us per module
-each time (hookset.py keeps the dicts' order). An *instance attribute* ``forward`` is what
-``_call_impl`` calls on its fast path (``forward_call = self.forward``), so a wrapper installed as
-``module.__dict__["forward"]`` costs one Python call per module call, and installing or taking it
-away is a dict write.
+machinery in Python on every call, even when every hook returns at once, and switching hooks on and
+off between steps (so that reuse steps pay nothing) costs per module each time (hooks.py's ``HookSet``
+keeps the dicts' order); the numbers are in docs/experiments/capture-overhead.md. An *instance
+attribute* ``forward`` is what ``_call_impl`` calls on its fast path
+(``forward_call = self.forward``), so a wrapper installed as ``module.__dict__["forward"]`` costs one
+Python call per module call, and installing or taking it away is a dict write.
 
 TENGraD installs such wrappers for one captured root forward and the backward through it
-(op_capture.py: the root's gate pre-hook installs them; when the forward returns, a hook on its output
+(ops.py: the root's gate pre-hook installs them; when the forward returns, a hook on its output
 queues an engine callback that takes them away as that backward ends, so module forwards autograd
 re-runs inside it - reentrant activation checkpointing - are captured too; at once when the forward
 raises or no output requires grad; the next forward, ``zero_grad()`` and ``step()`` take away any left).

@@ -1,7 +1,7 @@
 """Checks that a block's captured curvature describes the gradient autograd computed.
 
-For a block with per-sample output gradients gy_i = m * grad_i (capture.py) the rows J_i of its
-Jacobian sum to the mean gradient: g = (1/m) J^T 1. A spec that contradicts the module's forward
+For a block with per-sample output gradients gy_i = m * grad_i (capture/module.py) the rows J_i of
+its Jacobian sum to the mean gradient: g = (1/m) J^T 1. A spec that contradicts the module's forward
 (a transposed weight that still binds the shapes), or a parameter that is also used outside the
 module's forward (a tied weight: ``F.linear(h, emb.weight)``), breaks that identity silently: the
 curvature is built from J, the step from ``param.grad``. So, on the first curvature step of each
@@ -87,7 +87,7 @@ class ConsistencyCheck:
         self.last_forward_training: bool | None = None
         self.names: set[str] | None = None       # the blocks (set by the optimizer): None, not known
         self._handle = model.register_forward_hook(OwnHook(self._forward))
-        if hooks is not None:       # the optimizer's capture hooks (hookset.py): off on reuse steps
+        if hooks is not None:       # the optimizer's capture hooks (a capture/hooks.py HookSet): off on reuse steps
             hooks.add(self._handle)
 
     def _forward(self, module: nn.Module, args: tuple, output: object) -> None:

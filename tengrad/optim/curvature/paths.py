@@ -8,12 +8,12 @@ Over one curvature cycle of k = update_freq steps, a block with r rows and P par
 where gram, jvp, vjp and J are the flops of the orders the layer's plan chooses for these sizes
 (``layer.sized(x.shape, gy.shape).cost(quantity)``). The two mat-vecs of a step with the explicit J
 (J g, J^T u) stream J from memory, 4 bytes per multiply-add, while the reuse path's products are
-matrix-matrix: for a J over 2^20 elements (out of cache) they took 7x the time of the reuse path's
-jvp + vjp of the same 4 k r P flops (1 thread, AMD EPYC, m = 128, Linear 648 -> 500 and 2592 -> 500:
-15.6 vs 2.2 ms, 61.6 vs 8.8 ms), so w = 14 there; a J in cache keeps w = 1 (measured 1.2-2.2x, and
-on a curvature step its J also replaces autograd's weight gradient). The cheaper path wins, unless
-r P exceeds ``max_jacobian_numel``. A cost model that fails is an error (``TENGraDError`` naming the layer), never
-a silent fallback: a bug there would otherwise show only as a slowdown.
+matrix-matrix, so a flop of a mat-vec with J costs more than a flop of the reuse path. For a J over
+2^20 elements (out of cache) the mat-vecs' flops are weighted by w = ``MATVEC_WEIGHT`` = 14, chosen
+from measurements in docs/experiments/step-cost.md; a J in cache keeps w = 1 (the gap is small there,
+and on a curvature step its J also replaces autograd's weight gradient). The cheaper path wins, unless
+r P exceeds ``max_jacobian_numel``. A cost model that fails is an error (``TENGraDError`` naming the
+layer), never a silent fallback: a bug there would otherwise show only as a slowdown.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tengrad.optim.errors import TENGraDError
 
 REUSE = "reuse"
 JACOBIAN = "jacobian"
-MATVEC_WEIGHT = 14   # mat-vecs with a J out of cache: 7x the time of GEMMs of 2x the flops (above)
+MATVEC_WEIGHT = 14   # mat-vecs with a J out of cache: chosen from measurements in docs/experiments/step-cost.md
 
 
 @dataclass(frozen=True)

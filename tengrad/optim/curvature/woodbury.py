@@ -171,7 +171,7 @@ class BlockCurvature:
         return self.rows.split()
 
     def state(self) -> dict:
-        """The checkpoint entry (checkpoint.py checks it on load, ``from_state`` rebuilds it)."""
+        """The checkpoint entry (checkpoint.py checks it on load and rebuilds it, ``_curvature``)."""
         return dict(self.tensors(), path=self.path, m=self.m, damping=self.damping, requested=self.requested,
                     jac_split=self.split(), jac_scale=self.scale)
 

@@ -3,9 +3,9 @@
 * ``Failure``: the first error a rank meets inside a step. A rank that fails keeps issuing every
   collective of the step (with zeros), so no rank waits forever; the error travels in a status
   element of the next collective and every rank raises the same ``TENGraDError`` (``raise_if_any``).
-* ``gather_padded``: gloo's gather/all_gather need equal sizes on every rank, so dimension 0 is padded
-  to the largest rank's size; every rank already knows every rank's size (the step's first collective
-  all-gathers them), so no size is sent with the data.
+* ``pad0`` / ``unpad_cat``: gloo's gather/all_gather need equal sizes on every rank, so dimension 0 is
+  padded to the largest rank's size; every rank already knows every rank's size (the step's first
+  collective all-gathers them), so no size is sent with the data.
 * ``Traffic``: bytes this rank hands to collectives, by layer and by kind, for ``explain()`` and
   ``benchmarks/distributed.py``. Counted as the payload this rank contributes (a gather/all-gather:
   its own padded tensor; an all-reduce: the buffer; a broadcast: the buffer on the source), the

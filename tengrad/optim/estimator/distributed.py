@@ -1,16 +1,17 @@
 """Data-parallel TENGraD on torch.distributed: the exact global-batch step, spread over the ranks.
 
 R ranks, rank r with m_r samples, global batch M = sum_r m_r. Per block, with the global gradient g
-(distributed_grad.py) and J = [J_1; ...; J_R] the ranks' rows stacked :
+(gradients.py) and J = [J_1; ...; J_R] the ranks' rows stacked :
 
     d = (1/a) (g - J^T (K + M a I)^-1 J g),     K = J J^T  [M_rows, M_rows]
 
-``mode="exact"`` computes exactly that, i.e. the step of one process on the concatenated batch:
+``mode="exact"`` (``ExactEstimator``, exact.py) computes exactly that, i.e. the step of one process
+on the concatenated batch:
 
 1. status: one all-gather of [failed, m_r, per block (active, |x_i|, |gy_i|, reps)]; any local error
    (capture, non-finite gradient, missing forward) makes every rank raise the same error here.
 2. gradient: one all-reduce of [m_r g_r, m_r] (plain model), or nothing (DDP: its comm hook did it).
-3. curvature steps: each block's factors or rows (distributed_plan.py) are gathered to its owner
+3. curvature steps: each block's factors or rows (owners.py) are gathered to its owner
    (async, launched for every block before any is waited on).
 4. J g is local: J_r g with the global g, gathered to the owner (async).
 5. the owner factors K + M a I (woodbury.factor: one retry with 10 a) and broadcasts
@@ -23,16 +24,16 @@ Reuse steps (update_freq k) skip 1's capture and 3: the factor stays on the owne
 their ranks, and a step costs 4-6 only. The commit (parameters, momentum, kept curvature) happens only
 after 6 succeeded on every rank, so parameters stay identical on all ranks.
 
-``mode="local"``: every rank preconditions the global g with its *own* batch's curvature
-(F_r = J_r^T J_r / m_r, the single-process step on its m_r samples) and the directions are averaged,
-d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status element). This is an approximation
-of the global step (it is not (F + a I)^-1 g), cheaper in bytes and with no owner; parameters stay
-bit-identical because the all-reduce hands every rank the same sum.
+``mode="local"`` (``AveragedEstimator``, averaged.py): every rank preconditions the global g with its
+*own* batch's curvature (F_r = J_r^T J_r / m_r, the single-process step on its m_r samples) and the
+directions are averaged, d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status
+element). This is an approximation of the global step (it is not (F + a I)^-1 g), cheaper in bytes
+and with no owner; parameters stay bit-identical because the all-reduce hands every rank the same sum.
 
 As in the single-process step, each block uses its param group's damping and weight decay, and a
-block that took no part in the forward (usage.py) is skipped; every rank must agree on which blocks
-took part and on the per-sample shapes (checked in step 1's all-gather: a disagreement raises the same
-error everywhere).
+block that took no part in the forward (curvature/usage.py) is skipped; every rank must agree on
+which blocks took part and on the per-sample shapes (checked in step 1's all-gather: a disagreement
+raises the same error everywhere).
 
 Checkpoints: ``state_dict`` keeps parameters, momentum and the step count (identical on every rank)
 but no distributed curvature; after ``load_state_dict`` the next step is a curvature step on every rank
@@ -128,7 +129,7 @@ class DistributedEstimator:
 
     def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
         """[(param, d, g, param group)], the same on every rank, or the same error raised on every rank;
-        ``skipped`` gets the blocks that took no part (usage.py)."""
+        ``skipped`` gets the blocks that took no part (curvature/usage.py)."""
         self.traffic.reset()
         self.pending = {}
         try:

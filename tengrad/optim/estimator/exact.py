@@ -87,8 +87,8 @@ class ExactEstimator(DistributedEstimator):
             if active[i] and i not in owner_of:
                 owner_of[i] = self.kept[b.name].owner
 
-        # local rows: the explicit J_r when the owner gets rows (build.py formed it already when it is
-        # cheaper for the products)
+        # local rows: the explicit J_r when the owner gets rows (curvature/build.py formed it already
+        # when it is cheaper for the products)
         for i in cur_ids:
             b = blocks[i]
             if plans[i].form == dplan.ROWS and not rows[i].explicit_held:

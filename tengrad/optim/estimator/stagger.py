@@ -12,17 +12,17 @@ per block the exact Woodbury solve d_b = (F_b + a I)^-1 g_b with F_b from that b
 batch (at most k - 1 steps old, as without staggering) and g_b the fresh gradient. Only *when* the blocks
 refresh differs, and with it the cost profile: a step captures and factors about n_blocks / k blocks
 instead of all of them on every k-th step, so no step carries the whole capture
-(benchmarks/capture_overhead.py, the staggered rows) and step times stay even.
+(docs/experiments/capture-overhead.md, the staggered columns) and step times stay even.
 
-On a staggered step only the due blocks' captures run (op_capture.py: their forward wrappers are the
-only ones installed for the forward, forward_wrap.py), and the
-op-level TorchFunctionMode / MultiheadAttention's recording only when a due block had uses there at its
-last capture (``Block.mode_used`` / ``mha_used``; a block not captured yet turns both on). A block whose
-forward starts reading its parameters through a new op-level use after its first capture is therefore
+On a staggered step only the due blocks' captures run (capture/ops.py: their forward wrappers are
+the only ones installed for the forward, capture/wrappers.py), and the op-level TorchFunctionMode /
+MultiheadAttention's recording only when a due block had uses there at its last capture
+(``Block.mode_used`` / ``mha_used``; a block not captured yet turns both on). A block whose forward
+starts reading its parameters through a new op-level use after its first capture is therefore
 seen on steps where another due block turns the mode on; ``check=True`` verifies every block on every
-curvature step (consistency.py) and names such a block.
+curvature step (curvature/consistency.py) and names such a block.
 
-The gradient-noise ratio (noisescale.py) sums tr(K)/m and |g|^2 over the blocks of one curvature step;
+The gradient-noise ratio (noise.py) sums tr(K)/m and |g|^2 over the blocks of one curvature step;
 under staggering ``CycleSums`` collects each block's pair at its own curvature step and hands the sums
 to ``NoiseScale.update`` once every block holding curvature has contributed since the last update (one
 update per cycle, as without staggering). A partial cycle is not saved in the state_dict: after a load
