@@ -121,7 +121,8 @@ class OpCapture:
             (self.hooks.on if due else self.hooks.off)()
         if self._active or not (due and torch.is_grad_enabled() and module.training):
             return
-        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        # the batch: the first tensor among the positional, then the keyword arguments (model(ids=...))
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
         if isinstance(first, Tensor) and transformed(first):
             return
         self.fwd += 1       # a captured forward: its batch m is what its uses' rows are split by

@@ -79,7 +79,7 @@ def sample_first(b: Block, u: Use, layer_dims: dict[str, int]) -> Use:
             and all(u.x.shape[d] != u.m for d in range(1, lead))):
         return u
     ts = ([u.grad] if u.grad is not None else []) + list(u.rows)
-    x, ts = uses_mod.sample_first(u.name, u.x, ts, u.m, lead, u.seq_first, declared)
+    x, ts = uses_mod.sample_first(u.name, u.x, ts, u.m, lead, u.seq_first, declared, key=b.name)
     grad = ts.pop(0) if u.grad is not None else None
     return u.moved(x, grad, ts)
 

@@ -37,12 +37,22 @@ from tengrad.optim.errors import TENGraDError
 
 
 def sample_first(name: str, x: Tensor, ts: Sequence[Tensor], m: int | None, lead: int,
-                 seq_first: bool = False, declared: int | None = None) -> tuple[Tensor, list[Tensor]]:
-    """(x, ts) with the sample moved to dimension 0 (see module docstring)."""
+                 seq_first: bool = False, declared: int | None = None,
+                 key: str | None = None) -> tuple[Tensor, list[Tensor]]:
+    """(x, ts) with the sample moved to dimension 0 (see module docstring). ``key``: the block's name,
+    the key of ``batch_dim`` that declares its dimension (named in errors)."""
     ts = list(ts)
     if m is None:
         return x, ts
+    key = key if key is not None else name.split("(")[-1].split(")")[0].rsplit(".", 1)[0]
     if declared is not None:
+        if declared >= x.dim() or x.shape[declared] != m:
+            cands = [d for d in range(x.dim()) if x.shape[d] == m]
+            fix = (f"; its dim {cands[0]} has that size: batch_dim={{..., {key!r}: {cands[0]}}}"
+                   if len(cands) == 1 else "")
+            raise BatchDimensionError(
+                f"layer {name!r}: batch_dim declares dim {declared} for {key!r}, but its input has shape "
+                f"{tuple(x.shape)}, whose dim {declared} is not the batch m = {m} of the model's input{fix}")
         d = declared
     elif seq_first and lead >= 2:
         d = 1
@@ -59,7 +69,7 @@ def sample_first(name: str, x: Tensor, ts: Sequence[Tensor], m: int | None, lead
                 f"layer {name!r}: its input has shape {tuple(x.shape)} and {what} of size m = {m} (the "
                 f"batch of the model's input); TENGraD does not guess which dimension holds the samples. "
                 "Declare it: TENGraD(model, ..., batch_dim={'': <dim of the model input>, "
-                f"{name.split('(')[-1].split(')')[0].rsplit('.', 1)[0]!r}: <dim of this layer's input>}})")
+                f"{key!r}: <dim of this layer's input>}})")
         d = cands[0]
     if d:
         x = x.movedim(d, 0)
