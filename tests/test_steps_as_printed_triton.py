@@ -4,22 +4,18 @@ shows for the triton backend (fused steps included: they are recorded by the ker
 them)."""
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 try:
-    import triton  # noqa: E402,F401
+    import triton  # noqa: F401
 except Exception as exc:  # noqa: BLE001
     print(f"skipping triton step tests: triton cannot be imported ({exc!r})")
     pytest.skip(f"triton cannot be imported: {exc!r}", allow_module_level=True)
 
-import tengrad  # noqa: E402
-from steps_as_printed import check_layer  # noqa: E402
+import tengrad
+from steps_as_printed import check_layer
 
 pytestmark = pytest.mark.interpreter
 

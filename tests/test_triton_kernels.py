@@ -14,24 +14,20 @@ Sizes are tiny and deliberately not multiples of the block sizes (16/32). A user
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 try:
-    import triton  # noqa: E402,F401
-    from tengrad.codegen.triton import TritonTermRun  # noqa: E402
+    import triton  # noqa: F401
+    from tengrad.codegen.triton import TritonTermRun
 except Exception as exc:  # noqa: BLE001
     print(f"skipping triton kernel tests: triton cannot be imported ({exc!r})")
     pytest.skip(f"triton cannot be imported: {exc!r}", allow_module_level=True)
 
-import tengrad  # noqa: E402
-from tengrad.codegen.torch_backend import TermRun  # noqa: E402
-from tengrad_ir import LayerSpec  # noqa: E402
+import tengrad
+from tengrad.codegen.torch_backend import TermRun
+from tengrad_ir import LayerSpec
 
 pytestmark = pytest.mark.interpreter
 TOL = 1e-4

@@ -9,22 +9,18 @@ Two independent checks on a conv layer whose unfolded input (m N_C N_I) and cova
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 try:
-    import triton  # noqa: E402,F401
-    from tengrad.codegen.triton import TritonTermRun, run as triton_run  # noqa: E402
+    import triton  # noqa: F401
+    from tengrad.codegen.triton import TritonTermRun, run as triton_run
 except Exception as exc:  # noqa: BLE001
     print(f"skipping triton memory test: triton cannot be imported ({exc!r})")
     pytest.skip(f"triton cannot be imported: {exc!r}", allow_module_level=True)
 
-import tengrad  # noqa: E402
+import tengrad
 
 pytestmark = pytest.mark.interpreter
 
