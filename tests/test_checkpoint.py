@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snapshots import assert_unchanged, snapshot_all
-from test_optim_oracle import TokenNet, make_batch, make_model
+from support.snapshots import assert_unchanged, snapshot_all
+from support.optim_cases import TokenNet, make_batch, make_model
 from tengrad.optim import TENGraD, TENGraDError
 
 

@@ -19,8 +19,9 @@ from torch import nn
 
 import tengrad
 from tengrad.codegen import conv_kernels
-from layer_cases import CASES, make_setup_input
-from oracle import per_sample_jacobian, rel_err, trainable_params
+from support.layer_cases import CASES, make_setup_input
+from support.jacobian_oracle import per_sample_jacobian, trainable_params
+from support.numerics import rel_err
 
 BY_ID = {c.id: c for c in CASES}
 CONV_CASES = [c for c in CASES if not c.allow_error and c.id.startswith("conv") and not c.id.startswith("convt")]

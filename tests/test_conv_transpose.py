@@ -19,7 +19,8 @@ from tengrad.layers import conv_transpose_terms
 from tengrad_ir import LayerSpec, SizedPlan, SpecError, enumerate_orders
 from tengrad_ir.geometry import transposed_geometry
 from tengrad_ir.orders import N_C, N_I, N_K, N_O, N_P, N_Vr, N_g, N_v, m
-from test_optim_oracle import perturb_parameters, run_against_oracle
+from support.optim_cases import perturb_parameters
+from support.step_oracle import run_against_oracle
 
 EQ = "n (g ci) i0 i1, (g ci) co k0 k1 -> n (g co) o0 o1"
 MAPS = {"o0": "2*i0 + k0 - 1", "o1": "i1 + 3*k1"}
@@ -161,7 +162,7 @@ def test_output_size_in_the_forward_gives_the_layer_of_that_size():
     """``up(x, output_size=...)`` picks another output_padding; gy then has that size, and the plan of
     the module (built with its own output_padding) is exact for it: the oracle is the module with the
     output_padding torch chose. A gy of another channel count still raises naming the layer."""
-    from oracle import compare_plan, per_sample_jacobian
+    from support.jacobian_oracle import compare_plan, per_sample_jacobian
 
     gen = torch.Generator().manual_seed(5)
     mod = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1).double()               # output 9x9 for 5x5
@@ -208,8 +209,8 @@ def skew_terms(module):
 
 
 def test_generic_output_map_runs_every_order_against_the_oracle():
-    from oracle import compare_plan, per_sample_jacobian
-    from steps_as_printed import check_layer
+    from support.jacobian_oracle import compare_plan, per_sample_jacobian
+    from support.steps_as_printed import check_layer
 
     tengrad.register_layer(SkewScatter, skew_terms)
     gen = torch.Generator().manual_seed(3)

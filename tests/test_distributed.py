@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dist_harness
-import distributed_workers
+from support import dist_harness, distributed_workers
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim import distributed_plan as dplan
 

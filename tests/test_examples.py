@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tengrad
-from oracle import per_sample_jacobian
+from support.jacobian_oracle import per_sample_jacobian
 
 _path = pathlib.Path(__file__).parents[1] / "examples" / "user_layers.py"
 _spec = importlib.util.spec_from_file_location("user_layers", _path)

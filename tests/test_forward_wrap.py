@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from test_optim_oracle import expected_steps, oracle_fisher
+from support.step_oracle import expected_steps, oracle_fisher
 from tengrad.errors import TengradError
 from tengrad.optim import TENGraD
 from tengrad.optim.forward_wrap import ForwardWraps, Installed

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
+from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
 
@@ -66,26 +66,14 @@ def test_pieces_step_is_the_dense_oracle_on_curvature_and_reuse_steps():
 
 def _reuse_oracle(model, kept, xc, yc, x, y, lr, a):
     """-lr (F_b(xc, yc; kept) + a I)^-1 g_b(x, y): the curvature of the kept batch at the kept
-    parameters, the gradient of this batch at the current ones."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def li(pd, xi, yi):
-        return F.cross_entropy(functional_call(model, pd, (xi[None],)), yi[None])
-
-    per_c = vmap(grad(li), in_dims=(None, 0, 0))(kept, xc, yc)
-    per_g = vmap(grad(li), in_dims=(None, 0, 0))(params, x, y)
-    out = {}
-    for mod in ("0", "2", "5"):
-        names = [f"{mod}.weight", f"{mod}.bias"]
-        J = torch.cat([per_c[n].reshape(xc.shape[0], -1) for n in names], dim=1)
-        g = torch.cat([per_g[n].reshape(x.shape[0], -1) for n in names], dim=1).mean(0)
-        d = torch.linalg.solve(J.T @ J / xc.shape[0] + a * torch.eye(J.shape[1], dtype=J.dtype), g)
-        start = 0
-        for n in names:
-            k = params[n].numel()
-            out[n] = -lr * d[start:start + k].reshape(params[n].shape)
-            start += k
-    return out
+    parameters, the gradient of this batch at the current ones; one block per module."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    F_kept = fisher_from_grads(per_sample_grads(model, xc, yc, "cross_entropy", params=kept), names)
+    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+    blocks = [[f"{mod}.weight", f"{mod}.bias"] for mod in ("0", "2", "5")]
+    d = dense_directions(F_kept, names, shapes, g, blocks, a)
+    return {n: -lr * v for n, v in d.items()}
 
 
 def _roundtrip(obj):

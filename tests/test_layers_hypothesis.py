@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tengrad
-from oracle import batch_stat_view, compare_plan, per_sample_jacobian, trainable_params
+from support.jacobian_oracle import batch_stat_view, compare_plan, per_sample_jacobian, trainable_params
 
 TOL = 1e-10
 SETTINGS = settings(

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import tengrad
-from layer_cases import CASES, Case, make_setup_input
-from oracle import (
+from support.layer_cases import CASES, Case, make_setup_input
+from support.jacobian_oracle import (
     as_oracle_module,
     compare_plan,
     per_sample_jacobian,

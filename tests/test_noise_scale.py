@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_optim_oracle import make_batch, make_model, per_sample_grads, rel_err
-from test_optim_stepctl import step_against_oracle, two_steps
+from support.numerics import rel_err
+from support.optim_cases import make_batch, make_model
+from support.step_oracle import per_sample_grads, step_against_oracle, two_steps
 from tengrad.optim import TENGraD
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.noisescale import BETA, FLOOR, NoiseScale

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_optim_oracle import perturb_parameters, run_against_oracle
+from support.optim_cases import perturb_parameters
+from support.step_oracle import run_against_oracle
 from tengrad.optim import TENGraD
 
 

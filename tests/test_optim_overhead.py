@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_optim_oracle import make_batch, make_model, run_against_oracle
+from support.optim_cases import make_batch, make_model
+from support.step_oracle import run_against_oracle
 from tengrad.optim import TENGraD, TENGraDError
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_optim_oracle import (expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
-                               rel_err)
+from support.numerics import rel_err
+from support.optim_cases import make_batch, make_model
+from support.step_oracle import step_against_oracle, two_steps
 from tengrad.optim import TENGraD, stepctl
 from tengrad.optim.errors import TENGraDError
 
@@ -21,15 +22,7 @@ def one_step(kl_clip, lr=0.3, damping=0.5, **kw):
     model = make_model("tokens")
     opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, **kw)
     x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
-    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    exact = expected_steps(opt, model, Fd, names, g, lr, damping)          # -lr d
-    dg = sum(float((exact[n] / -lr * g[n]).sum()) for n in names)          # D = sum <d, g>
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    moved, exact, dg = step_against_oracle(opt, model, x, y, damping)     # exact: -lr d, dg: D = sum <d, g>
     return opt, moved, exact, dg, lr
 
 
@@ -82,38 +75,6 @@ def test_defaults_are_documented_and_train():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
-
-
-def step_against_oracle(opt, model, x, y, damping):
-    """One TENGraD step on (x, y); returns the parameters' move, the dense oracle's exact step
-    -lr d at the group's current lr, and D = sum <d, g> (d = (F_b + a I)^-1 g_b of this batch)."""
-    lr = opt.param_groups[0]["lr"]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
-    Fd, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-    exact = expected_steps(opt, model, Fd, names, g, lr, damping)
-    dg = sum(float((exact[n] / -lr * g[n]).sum()) for n in names)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-    return moved, exact, dg
-
-
-def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5, noise_scale=False):
-    """A first step, ``schedule(opt)`` (changes lr: a scheduler or by hand), then a second step
-    against the oracle (``step_against_oracle``) at the lr the schedule left."""
-    model = make_model("tokens")
-    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, noise_scale=noise_scale)
-    gen = torch.Generator().manual_seed(0)
-    x, y = make_batch("tokens", 5, "cross_entropy", gen)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    after_first = opt.last_nu
-    schedule(opt)
-    moved, exact, dg = step_against_oracle(opt, model, *make_batch("tokens", 5, "cross_entropy", gen), damping)
-    return opt, moved, exact, dg, after_first
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # made after step 1

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from layer_cases import CASES, make_setup_input
-from oracle import (
+from support.layer_cases import CASES, make_setup_input
+from support.numerics import rel_err
+from support.jacobian_oracle import (
     oracle_gram,
     oracle_jvp,
     oracle_vjp,
     per_sample_jacobian,
     per_sample_jacobian_loop,
-    rel_err,
     split_rows,
     trainable_params,
 )

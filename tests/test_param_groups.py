@@ -1,7 +1,7 @@
 """Param groups: each block steps with its group's lr, damping, momentum and weight decay.
 
-Every step is checked against the dense float64 oracle of test_optim_oracle (per-sample gradients from
-torch.func, F_b from them): change_b = -lr_g buf_b with buf_b = mu_g buf_b + (F_b + a_g I)^-1 (g_b +
+Every step is checked against the dense float64 oracle of support/step_oracle.py (per-sample gradients
+from torch.func, F_b from them): change_b = -lr_g buf_b with buf_b = mu_g buf_b + (F_b + a_g I)^-1 (g_b +
 wd_g theta_b), where the group values are read from ``opt.param_groups`` just before the step (so a
 scheduler's or a user's change is what the oracle expects). Fallback parameters: d = (g + wd theta)/a_g.
 """
@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_optim_oracle import flat, make_batch, make_model, oracle_fisher, per_sample_grads, rel_err
+from support.numerics import rel_err
+from support.optim_cases import make_batch, make_model
+from support.step_oracle import dense_directions, oracle_fisher, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
 EXACT = dict(update_freq=1, kl_clip=None)   # curvature every step, no KL clipping (defaults since issue 11)
@@ -54,26 +56,11 @@ def run_groups(model, opt, kind, sizes, k=1, scheduler=None, before_step=None, t
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        offsets, start = {}, 0
-        for n in names:
-            offsets[n] = start
-            start += theta[n].numel()
-        shapes = {n: theta[n].shape for n in names}
         hp_of = {n: hp[group_of[id(p)]] for n, p in model.named_parameters() if id(p) in group_of}
-        d = {}
-        for b in opt.blocks:
-            h = hp_of[b.param_names[0]]
-            sl = torch.cat([torch.arange(offsets[n], offsets[n] + theta[n].numel()) for n in b.param_names])
-            gb = flat({n: g_mean[n] + h["weight_decay"] * theta[n] for n in b.param_names}, b.param_names, False)
-            Fb = F_stored[sl][:, sl]
-            db = torch.linalg.solve(Fb + h["damping"] * torch.eye(len(sl), dtype=Fb.dtype), gb)
-            lo = 0
-            for n in b.param_names:
-                d[n] = db[lo:lo + theta[n].numel()].reshape(shapes[n])
-                lo += theta[n].numel()
-        for n, p in opt.fallback:
-            h = hp_of[n]
-            d[n] = (g_mean[n] + h["weight_decay"] * theta[n]) / h["damping"]
+        g_wd = {n: g_mean[n] + hp_of[n]["weight_decay"] * theta[n] for n in hp_of}
+        d = dense_directions(F_stored, names, {n: theta[n].shape for n in names}, g_wd,
+                             [b.param_names for b in opt.blocks], {n: h["damping"] for n, h in hp_of.items()},
+                             [n for n, _ in opt.fallback])
         for n, p in model.named_parameters():
             if id(p) not in group_of:                      # frozen: in no group, never moves
                 assert torch.equal(p.detach(), theta[n]), n

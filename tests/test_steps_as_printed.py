@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tengrad
-from layer_cases import CASES, make_setup_input
-from steps_as_printed import check_layer
+from support.layer_cases import CASES, make_setup_input
+from support.steps_as_printed import check_layer
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

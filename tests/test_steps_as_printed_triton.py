@@ -15,7 +15,7 @@ except Exception as exc:  # noqa: BLE001
     pytest.skip(f"triton cannot be imported: {exc!r}", allow_module_level=True)
 
 import tengrad
-from steps_as_printed import check_layer
+from support.steps_as_printed import check_layer
 
 pytestmark = pytest.mark.interpreter
 

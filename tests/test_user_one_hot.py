@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tengrad
-from oracle import compare_plan, per_sample_jacobian, trainable_params
+from support.jacobian_oracle import compare_plan, per_sample_jacobian, trainable_params
 from tengrad_ir import LayerSpec
 
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tengrad.optim import TENGraD, TENGraDError
-from test_optim_oracle import LOSSES, expected_steps, oracle_fisher, per_sample_grads, rel_err
+from .numerics import rel_err
+from .optim_cases import LOSSES
+from .step_oracle import expected_steps, oracle_fisher, per_sample_grads
 
 
 class MixNet(nn.Module):

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from oracle import batch_stat_view
+from .jacobian_oracle import batch_stat_view
 
 __all__ = ["Case", "CASES", "CASE_IDS", "make_setup_input", "frozen_weight"]
 
@@ -28,7 +28,7 @@ class Case:
     make_input: Optional[Callable[[torch.Generator], torch.Tensor]] = None
     allow_error: bool = False
     # (module, x) -> (oracle module, oracle input): for layers whose samples couple (BatchNorm in
-    # training mode), the oracle differentiates the affine with x_hat held fixed (oracle.batch_stat_view)
+    # training mode), the oracle differentiates the affine with x_hat held fixed (jacobian_oracle.batch_stat_view)
     oracle_view: Optional[Callable] = None
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Independent autograd oracle for per-sample Jacobians (tests only; never imports tengrad).
+"""Independent autograd oracle for per-sample Jacobians of one layer (tests only; never imports tengrad).
 
 For a module y = f(x; theta) and per-sample output gradients gy (gy[i] = dl_i/dy_i), row i of
 the Jacobian is
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .numerics import rel_err
+
 __all__ = [
     "trainable_params",
     "as_oracle_module",
@@ -35,7 +37,6 @@ __all__ = [
     "oracle_jvp",
     "oracle_vjp",
     "split_rows",
-    "rel_err",
     "FixedAffine",
     "batch_stat_view",
 ]
@@ -174,17 +175,6 @@ def split_rows(v: torch.Tensor, params) -> tuple[torch.Tensor, ...]:
 def oracle_vjp(J: torch.Tensor, u: torch.Tensor, params) -> tuple[torch.Tensor, ...]:
     """J^T u split back into the parameter shapes (params: tensors, (name, tensor) pairs or shapes)."""
     return split_rows(J.T @ u.detach().to(J.dtype), params)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (the absolute error ||a - b|| when b is zero)."""
-    a = torch.as_tensor(a).detach().to(torch.float64)
-    b = torch.as_tensor(b).detach().to(torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    diff = torch.linalg.vector_norm(a - b).item()
-    nb = torch.linalg.vector_norm(b).item()
-    return diff / nb if nb > 0 else diff
 
 
 # --------------------------------------------------------------------------- plan comparison
