@@ -6,18 +6,24 @@ dtypes and evaluation orders stays fast on CPU.
 ``allow_error`` marks configurations the library may legitimately refuse (non-zero padding modes,
 a LayerNorm without parameters): for those a test accepts either exact agreement with the oracle or
 a ``tengrad.TengradError``, nothing else.
+
+``layer_setup(case_id)`` builds a case's module (random parameter values), data and float64 oracle
+Jacobian once per process, for float64 and float32 alike (the same float32-representable numbers).
 """
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .jacobian_oracle import batch_stat_view
+from .jacobian_oracle import as_oracle_module, batch_stat_view, per_sample_jacobian, trainable_params
 
-__all__ = ["Case", "CASES", "CASE_IDS", "make_setup_input", "frozen_weight"]
+__all__ = ["Case", "CASES", "CASE_IDS", "BY_ID", "DTYPES", "LayerSetup", "case_seed", "layer_setup",
+           "make_setup_input", "frozen_weight"]
 
 
 @dataclass(frozen=True)
@@ -258,3 +264,72 @@ del C
 
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS), "duplicate case ids"
+
+
+# --------------------------------------------------------------------------- cached setups
+@dataclass(frozen=True)
+class LayerSetup:
+    """One case's module, data and float64 oracle, in both dtypes (``DTYPES`` names them).
+
+    Every floating value (parameters, x, gy, p, u) is drawn in float64 and rounded to float32 once, so
+    the float64 and float32 setups hold the same numbers and one float64 oracle J serves both: J is the
+    exact truth for the float32 inputs as well. Integer ids are shared as they are.
+    """
+    case: Case
+    module: dict            # {dtype: module}; the float64 one's parameters have random, non-default values
+    x: dict                 # {dtype: module input}
+    gy: dict                # {dtype: output gradient}
+    p: dict                 # {dtype: [tangent per trainable parameter]}
+    u: dict                 # {dtype: [m] weights for J^T u}
+    oracle_module: nn.Module  # what J differentiates (float64): the module, or its affine for coupled samples
+    oracle_x: torch.Tensor    # that module's input (x, or x_hat held fixed)
+    J: torch.Tensor           # float64 oracle [m, P] (jacobian_oracle.per_sample_jacobian)
+
+
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+BY_ID = {c.id: c for c in CASES}
+
+
+def case_seed(case_id: str) -> int:
+    return zlib.crc32(case_id.encode())
+
+
+def _f32_exact(t: torch.Tensor) -> torch.Tensor:
+    """A float64 tensor of values that float32 holds exactly."""
+    return t.to(torch.float32).to(torch.float64) if t.is_floating_point() else t
+
+
+@functools.lru_cache(maxsize=None)
+def layer_setup(case_id: str) -> LayerSetup:
+    """The case's setup, built once per process (the float64 oracle J is the expensive part)."""
+    case = BY_ID[case_id]
+    torch.manual_seed(case_seed(case_id))
+    mod64 = case.make_module().double()
+    gen = torch.Generator().manual_seed(case_seed(case_id) + 7)
+    with torch.no_grad():  # random (non-default) parameter values: LayerNorm starts at 1 / 0
+        for prm in mod64.parameters():
+            prm.copy_(_f32_exact(torch.randn(prm.shape, generator=gen, dtype=prm.dtype)))
+        for buf in mod64.buffers():   # running statistics: already float32 values, kept exact
+            if buf.is_floating_point():
+                buf.copy_(_f32_exact(buf))
+    mod32 = as_oracle_module(mod64, torch.float32)
+    gen = torch.Generator().manual_seed(case_seed(case_id) + 1)
+    x = _f32_exact(make_setup_input(case, gen, torch.float64))
+    with torch.no_grad():
+        y = mod64(x)
+    gy = _f32_exact(torch.randn(y.shape, generator=gen, dtype=torch.float64))
+    p = [_f32_exact(torch.randn(t.shape, generator=gen, dtype=torch.float64)) for _, t in trainable_params(mod64)]
+    u = _f32_exact(torch.randn(x.shape[0], generator=gen, dtype=torch.float64))
+    if case.oracle_view is not None:   # samples coupled by batch statistics: x_hat held fixed
+        oracle_module, oracle_x = case.oracle_view(mod64, x)
+    else:
+        oracle_module, oracle_x = mod64, x
+    J = per_sample_jacobian(oracle_module, oracle_x, gy)
+
+    def cast(t, dtype):
+        return t.to(dtype) if t.is_floating_point() else t
+
+    dt = DTYPES.values()
+    return LayerSetup(case, {torch.float64: mod64, torch.float32: mod32}, {d: cast(x, d) for d in dt},
+                      {d: gy.to(d) for d in dt}, {d: [t.to(d) for t in p] for d in dt}, {d: u.to(d) for d in dt},
+                      oracle_module, oracle_x, J)

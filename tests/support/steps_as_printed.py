@@ -29,7 +29,9 @@ def check_layer(plan, x: torch.Tensor, gy: torch.Tensor, gen: torch.Generator) -
         fn(asked)
         records, plan.trace = plan.trace, None
         sized = plan.sized(x.shape, gy.shape, gy.dtype, backend)
-        text = texts.setdefault(id(sized), repr(sized))
+        if id(sized) not in texts:           # repr (sympy costs) once per sized plan
+            texts[id(sized)] = repr(sized)
+        text = texts[id(sized)]
         if len(records) != len(sized.terms):
             bad.append(f"{q} {asked}: {len(records)} records for {len(sized.terms)} terms")
         for (param, quantity, name, steps), (tname, sp) in zip(records, sized.terms):

@@ -1,13 +1,13 @@
-"""The oracle checked against a naive per-sample loop of torch.autograd.grad (float64).
+"""The per-sample Jacobian oracle (support/jacobian_oracle.py) against closed forms and a naive per-sample
+loop of torch.autograd.grad (float64): frozen parameters left out, Linear's J written out, an Embedding's
+padding row, float32 inputs upcast exactly, and the helpers. On every layer case the oracle is checked
+against the loop in test_layer_cases_vs_oracle.py (in the same pass that uses it).
 
 Needs no tengrad: it proves the reference the layer tests rely on.
 """
-import pytest
 import torch
 from torch import nn
 
-from support.layer_cases import CASES, make_setup_input
-from support.numerics import rel_err
 from support.jacobian_oracle import (
     oracle_gram,
     oracle_jvp,
@@ -15,38 +15,8 @@ from support.jacobian_oracle import (
     per_sample_jacobian,
     per_sample_jacobian_loop,
     split_rows,
-    trainable_params,
 )
-
-BY_ID = {c.id: c for c in CASES}
-
-
-def _setup(case, seed=0):
-    torch.manual_seed(seed)
-    module = case.make_module().double()
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = make_setup_input(case, gen, torch.float64)
-    with torch.no_grad():
-        y = module(x)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    if case.oracle_view is not None:   # coupled samples: the oracle's module is the affine, x_hat fixed
-        module, x = case.oracle_view(module, x)
-    return module, x, gy
-
-
-@pytest.mark.parametrize("case_id", [c.id for c in CASES])
-def test_vmap_oracle_matches_loop(case_id):
-    module, x, gy = _setup(BY_ID[case_id])
-    J = per_sample_jacobian(module, x, gy)
-    J_loop = per_sample_jacobian_loop(module, x, gy)
-    n_params = sum(p.numel() for _, p in trainable_params(module))
-    assert J.shape == (x.shape[0], n_params)
-    assert J.dtype == torch.float64
-    assert J_loop.shape == J.shape
-    if n_params == 0:  # e.g. LayerNorm without affine: nothing to differentiate
-        return
-    assert J.abs().sum() > 0
-    assert rel_err(J, J_loop) <= 1e-13
+from support.numerics import rel_err
 
 
 def test_frozen_params_are_excluded():
