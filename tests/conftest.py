@@ -1,13 +1,13 @@
 """Shared test setup (pytest loads this before any test module).
 
-* ``tests/`` is on ``sys.path`` (rootdir conftest), so test modules import the helper modules beside
-  them: ``layer_cases`` (layer configurations as data), ``layer_oracle`` (per-sample Jacobian oracle,
-  ``rel_err``, plan comparison), ``optim_cases`` (models and batches of the optimizer tests),
-  ``step_oracle`` (the dense float64 step -lr (F_b + a I)^-1 g_b), ``steps_as_printed``,
-  ``snapshots``, ``dist_harness`` / ``distributed_workers``. No test module imports another.
+* ``tests/`` is on ``sys.path`` (rootdir conftest), so test modules import the helpers of the
+  ``support`` package beside them (support/__init__.py lists them: the layer cases, the per-sample
+  Jacobian oracle, the optimizer's dense step oracle, rel_err, ...). No test module imports another.
+  File names say what they test: test_<component>_<what>.py, component one of layer, codegen,
+  triton, ir, optim, capture, cli, examples, benchmarks (and a few single-subject files).
 
 * One torch thread for every test. The tensors here are tiny, so intra-op threads only add
-  synchronisation (the layer battery runs about 3x slower on 2 threads than on 1 on a 2-core machine);
+  synchronisation (the layer battery ran 1.6x to 2.8x slower on 2 threads than on 1 on a 2-core machine);
   and several benchmark mains that the smoke tests call set the thread count for the whole process, so
   without this fixture the count every later test ran with depended on file order. The count is put
   back after each test. Code whose choice depends on the thread count (the per-sample conv kernel rule)

@@ -1,7 +1,7 @@
-"""What each rank runs in tests/test_distributed.py (several checks per spawned group: torch imports cost
+"""What each rank runs in tests/test_optim_distributed.py (several checks per spawned group: torch imports cost
 seconds per process). Every check returns plain data; the test asserts on it in the parent.
 
-References, never the code under test: the dense float64 oracle of tests/test_optim_oracle.py
+References, never the code under test: the dense float64 oracle of tests/support/step_oracle.py
 (per-sample gradients from torch.func, F = dense, d = solve(F_b + a I, g_b)) on the *global* batch, and a
 single-process TENGraD (distributed=None) on the global batch where momentum/weight decay are involved.
 """

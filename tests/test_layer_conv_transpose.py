@@ -1,7 +1,7 @@
 """ConvTranspose1d/2d/3d: index maps on the output (the output gradient read through them).
 
-The layer itself is oracle-tested with every order, f64 and f32, in test_layers_oracle.py (cases
-``convt*`` of layer_cases) and with hypothesis configurations in test_layers_hypothesis.py. Here: the
+The layer itself is oracle-tested with every order, f64 and f32, in test_layer_cases_vs_oracle.py (cases
+``convt*`` of support/layer_cases.py) and with hypothesis configurations in test_layer_hypothesis_vs_oracle.py. Here: the
 IR of output maps (roles, validation, costs summed over the steps, layers without output maps
 unchanged), the pure spec function, the triton backend refusing the layer by name (and 'auto'
 choosing torch for it), and a CNN with ConvTranspose2d + GroupNorm stepped against the dense

@@ -1,5 +1,5 @@
 """Data-parallel TENGraD on 2 and 3 gloo processes (CPU, float64), against the dense oracle on the global
-batch and a single-process TENGraD (tests/distributed_workers.py runs on each rank).
+batch and a single-process TENGraD (tests/support/distributed_workers.py runs on each rank).
 
 One process group per world size runs every check of that size (a torch import per process costs
 seconds); each group has a 30 s collective timeout and the parent kills it after 150 s, so a stuck rank

@@ -1,10 +1,10 @@
-"""TENGraD steps on models with the norm layers against the dense float64 oracle of test_optim_oracle.
+"""TENGraD steps on models with the norm layers against the dense float64 oracle of support/step_oracle.py.
 
 The models have no batch-statistics coupling (a BatchNorm kept in eval mode, as in fine-tuning, plus
 GroupNorm, InstanceNorm and RMSNorm), so rows of F are per-sample gradients from torch.func.
 A MobileNetV2-style block (depthwise conv + BatchNorm in eval mode + ReLU6) is one of issue 8's zoo models.
 A training-mode BatchNorm couples the samples; its layer is oracle-tested with x_hat held fixed in
-test_layers_oracle.py, and here the optimizer is checked to build its curvature from the batch
+test_layer_cases_vs_oracle.py, and here the optimizer is checked to build its curvature from the batch
 statistics of exactly the batch the layer normalised.
 """
 from __future__ import annotations
