@@ -13,6 +13,11 @@
   back after each test. Code whose choice depends on the thread count (the per-sample conv kernel rule)
   is tested with the count monkeypatched, not with the real one.
 
+* ``@pytest.mark.background("<job>")`` (declared in pyproject.toml): the test's work runs in other
+  processes (spawned process groups, a subprocess, a compiler). Those jobs start when collection ends and
+  run on the machine's second core while this process runs the other tests; the marked tests run last
+  and wait for their job's result (support/background.py).
+
 * ``@pytest.mark.interpreter`` (declared in pyproject.toml): the test runs generated Triton kernels on
   CPU tensors through the Triton interpreter. The fixture below sets ``TRITON_INTERPRET=1`` for that
   test only (monkeypatch: gone afterwards) and skips it, with the reason, when triton cannot be
@@ -62,6 +67,28 @@ def _import_triton_under_the_interpreter() -> None:
         pass
     finally:
         del os.environ["TRITON_INTERPRET"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``background`` run after the others (stable order otherwise): their jobs then have the
+    whole session to finish on the other core (support/background.py)."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
+
+
+def pytest_collection_finish(session):
+    """Start the background job of every selected test marked ``background`` (not for --collect-only)."""
+    if session.config.option.collectonly:
+        return
+    from support import background
+
+    for name in dict.fromkeys(m.args[0] for item in session.items for m in item.iter_markers("background")):
+        background.start(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from support import background
+
+    background.stop_all()
 
 
 @pytest.fixture(autouse=True)

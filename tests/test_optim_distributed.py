@@ -1,67 +1,35 @@
 """Data-parallel TENGraD on 2 and 3 gloo processes (CPU, float64), against the dense oracle on the global
 batch and a single-process TENGraD (tests/support/distributed_workers.py runs on each rank).
 
-One process group per world size runs every check of that size (a torch import per process costs
-seconds); each group has a 30 s collective timeout and the parent kills it after 150 s, so a stuck rank
-fails the tests instead of hanging them. Batches are uneven across ranks and change between steps.
+Three processes are spawned once (a torch import per process costs seconds) and run every check on 3 ranks,
+then every check on 2, then the stuck-rank check (support/distributed_workers.phases()); each group has a
+30 s collective timeout and the parent kills the processes after 150 s a phase, so a stuck rank fails the
+tests instead of hanging them. Batches are uneven across ranks and change between steps. The processes
+start when collection ends and run beside the rest of the suite (support/background.py); these tests
+run last and assert on what the ranks returned.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from support import dist_harness, distributed_workers
+from support import background, distributed_workers
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim import distributed_plan as dplan
 
 TOL = 1e-8
-UNEVEN = {2: [[3, 2], [2, 4], [1, 3], [4, 2]], 3: [[2, 3, 1], [3, 1, 2], [1, 2, 2], [2, 2, 3]]}
-
-
-def _checks(world: int) -> list:
-    s = UNEVEN[world]
-    exact = [
-        ("exact-empirical-k1", dict(fisher="empirical", k=1, ddp=False, sizes=s[:2])),
-        ("exact-empirical-k3-ddp", dict(fisher="empirical", k=3, ddp=True, sizes=s)),
-        ("exact-mc-k1-ddp", dict(fisher="mc", k=1, ddp=True, sizes=s[:2])),
-        ("exact-exact-k3-mse", dict(fisher="exact", loss="mse", k=3, ddp=False, sizes=s)),
-    ]
-    if world == 2:
-        exact += [
-            ("exact-empirical-k3", dict(fisher="empirical", k=3, ddp=False, sizes=s)),
-            ("exact-mc-k3", dict(fisher="mc", k=3, ddp=False, sizes=s)),
-            ("exact-exact-k1-ddp", dict(fisher="exact", k=1, ddp=True, sizes=s[:2])),
-        ]
-    checks = [(name, "check_exact", kw) for name, kw in exact]
-    checks += [("single-exact-k3-groups", "check_single_process",
-                dict(sizes=s, k=3, fisher="exact", param_groups=True)),
-               ("single-empirical-k1-ddp", "check_single_process",
-                dict(sizes=s[:2], k=1, fisher="empirical", ddp=True)),
-               ("local-empirical-k1", "check_local", dict(sizes=s[:2], k=1)),
-               ("local-mc-k3", "check_local", dict(sizes=s, k=3, fisher="mc")),
-               ("failures", "check_failures", dict(ddp=False)),
-               ("checkpoint", "check_checkpoint", dict(sizes=s))]
-    if world == 2:
-        checks += [("local-exact-k1", "check_local", dict(sizes=s[:2], k=1, fisher="exact", loss="mse")),
-                   ("failures-ddp", "check_failures", dict(ddp=True)),
-                   ("demo", "check_demo", {})]
-    return checks
-
-
-_RESULTS: dict[int, list] = {}
+pytestmark = pytest.mark.background("distributed")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
 def group(request):
     world = request.param
-    if world not in _RESULTS:
-        _RESULTS[world] = dist_harness.run(distributed_workers.run_many, world, _checks(world),
-                                           timeout=150.0, pg_timeout=30.0)
-    return world, _RESULTS[world]
+    run = background.get("distributed")
+    return world, run.result(distributed_workers.WORLD_2 if world == 2 else distributed_workers.WORLD_3)
 
 
 def _names(world, fn):
-    return [name for name, f, _ in _checks(world) if f == fn]
+    return [name for name, f, _ in distributed_workers.checks(world) if f == fn]
 
 
 def test_exact_equals_dense_oracle_on_global_batch(group):
@@ -150,17 +118,14 @@ def test_distributed_needs_a_process_group():
 
 def test_stuck_rank_makes_the_others_raise_within_the_group_timeout():
     # rank 1 never reaches step(); rank 0 must get an error from the 3 s collective timeout, not hang
-    results = dist_harness.run(distributed_workers.check_stuck_rank, 2, 5.0, timeout=60.0, pg_timeout=3.0)
+    results = background.get("distributed").result(distributed_workers.STUCK)
     first = results[0]
     assert first["raised"] is True, first
-    assert first["seconds"] < 5.0, first
+    assert first["seconds"] < distributed_workers.STALL, first
 
 
-def test_distributed_demo_prints_its_table(group):
-    world, results = group
-    if world != 2:
-        pytest.skip("the demo runs in the 2-rank group only (time)")
-    r = results[0]["demo"]
+def test_distributed_demo_prints_its_table():
+    r = background.get("distributed").result(distributed_workers.WORLD_2)[0]["demo"]     # 2 ranks only (time)
     assert r["code"] == 0
     for needle in ("| optimizer", "| sgd", "| tengrad ", "distributed='exact' over 2 ranks",
                    "shares [13, 12]"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tengrad.optim import TENGraD, TENGraDError
+from .dist_harness import Phase
 from .numerics import rel_err
 from .optim_cases import LOSSES
 from .step_oracle import expected_steps, oracle_fisher, per_sample_grads
@@ -326,3 +327,53 @@ def check_demo(rank, world):
                      "--width", "4", "--hidden", "16", "--batch-size", "25", "--epochs", "1",
                      "--optimizers", "sgd,tengrad"])
     return dict(code=code, out=buf.getvalue())
+
+
+# ------------------------------------------------------------------ what test_optim_distributed.py runs
+UNEVEN = {2: [[3, 2], [2, 4], [1, 3], [4, 2]], 3: [[2, 3, 1], [3, 1, 2], [1, 2, 2], [2, 2, 3]]}
+
+
+def checks(world: int) -> list:
+    """[(name, function name in this module, kwargs)]: every check of a group of ``world`` ranks."""
+    s = UNEVEN[world]
+    exact = [
+        ("exact-empirical-k1", dict(fisher="empirical", k=1, ddp=False, sizes=s[:2])),
+        ("exact-empirical-k3-ddp", dict(fisher="empirical", k=3, ddp=True, sizes=s)),
+        ("exact-mc-k1-ddp", dict(fisher="mc", k=1, ddp=True, sizes=s[:2])),
+        ("exact-exact-k3-mse", dict(fisher="exact", loss="mse", k=3, ddp=False, sizes=s)),
+    ]
+    if world == 2:
+        exact += [
+            ("exact-empirical-k3", dict(fisher="empirical", k=3, ddp=False, sizes=s)),
+            ("exact-mc-k3", dict(fisher="mc", k=3, ddp=False, sizes=s)),
+            ("exact-exact-k1-ddp", dict(fisher="exact", k=1, ddp=True, sizes=s[:2])),
+        ]
+    checks = [(name, "check_exact", kw) for name, kw in exact]
+    checks += [("single-exact-k3-groups", "check_single_process",
+                dict(sizes=s, k=3, fisher="exact", param_groups=True)),
+               ("single-empirical-k1-ddp", "check_single_process",
+                dict(sizes=s[:2], k=1, fisher="empirical", ddp=True)),
+               ("local-empirical-k1", "check_local", dict(sizes=s[:2], k=1)),
+               ("local-mc-k3", "check_local", dict(sizes=s, k=3, fisher="mc")),
+               ("failures", "check_failures", dict(ddp=False)),
+               ("checkpoint", "check_checkpoint", dict(sizes=s))]
+    if world == 2:
+        checks += [("local-exact-k1", "check_local", dict(sizes=s[:2], k=1, fisher="exact", loss="mse")),
+                   ("failures-ddp", "check_failures", dict(ddp=True)),
+                   ("demo", "check_demo", {})]
+    return checks
+
+
+STALL = 5.0             # seconds the last rank of check_stuck_rank stays away from the step
+STUCK_PG_TIMEOUT = 3.0  # the collective timeout of that group
+WORLD_3, WORLD_2, STUCK = range(3)     # phase indices
+
+
+def phases() -> list[Phase]:
+    """One spawn of 3 processes: every check on 3 ranks, then on 2 (the first two processes: no new torch
+    imports), then the stuck-rank check on 2 ranks with a 3 s collective timeout (last: it breaks its
+    group). Each group has a 30 s collective timeout and each phase 150 s (the stuck one 60 s), so a hang
+    fails the tests instead of hanging them."""
+    return [Phase(run_many, 3, (checks(3),), pg_timeout=30.0, timeout=150.0),
+            Phase(run_many, 2, (checks(2),), pg_timeout=30.0, timeout=150.0),
+            Phase(check_stuck_rank, 2, (STALL,), pg_timeout=STUCK_PG_TIMEOUT, timeout=60.0)]
