@@ -14,9 +14,10 @@
   is tested with the count monkeypatched, not with the real one.
 
 * ``@pytest.mark.background("<job>")`` (declared in pyproject.toml): the test's work runs in other
-  processes (spawned process groups, a subprocess, a compiler). Those jobs start when collection ends and
-  run on the machine's second core while this process runs the other tests; the marked tests run last
-  and wait for their job's result (support/background.py).
+  processes (spawned process groups, subprocesses, a compiler, the Triton interpreter battery). Those
+  jobs start when collection ends and run, at a lower priority, on the machine's second core while this
+  process runs the other tests; the marked tests run last and assert on their job's result
+  (support/background.py).
 
 * ``@pytest.mark.interpreter`` (declared in pyproject.toml): the test runs generated Triton kernels on
   CPU tensors through the Triton interpreter. The fixture below sets ``TRITON_INTERPRET=1`` for that
@@ -81,8 +82,12 @@ def pytest_collection_finish(session):
         return
     from support import background
 
-    for name in dict.fromkeys(m.args[0] for item in session.items for m in item.iter_markers("background")):
-        background.start(name)
+    jobs: dict[str, list] = {}
+    for item in session.items:
+        for m in item.iter_markers("background"):
+            jobs.setdefault(m.args[0], []).append(item)
+    for name, items in jobs.items():
+        background.start(name, items)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -112,9 +112,10 @@ def _gpu_tiny():
                       tmp=tmp, after=lambda: {"generated": sorted(p.name for p in cache.glob("tengrad_*.py"))})
 
 
-def _triton_battery():
+def _triton_battery(items=None):
     """test_triton_kernels_vs_torch_backend.py: the interpreter battery (support/triton_cases.py) in its own
-    process with TRITON_INTERPRET=1; the result has {case id: failure strings} as ``failures``."""
+    process with TRITON_INTERPRET=1, for the cases of the selected tests (all without ``items``); the
+    result has {case id: failure strings} as ``failures``."""
     if importlib.util.find_spec("triton") is None:
         return None          # the test module skips: triton is not installed
     tmp = tempfile.mkdtemp(prefix="tengrad-triton-battery-")
@@ -125,8 +126,9 @@ def _triton_battery():
     def failures():
         return {"failures": json.loads(out.read_text()) if out.exists() else None}
 
-    return Subprocess([sys.executable, "-m", "support.triton_cases", "--out", str(out)], timeout=600.0, env=env,
-                      tmp=tmp, after=failures)
+    cases = [] if items is None else [i.callspec.params["case_id"] for i in items if hasattr(i, "callspec")]
+    return Subprocess([sys.executable, "-m", "support.triton_cases", "--out", str(out), *cases], timeout=600.0,
+                      env=env, tmp=tmp, after=failures)
 
 
 JOBS: dict[str, Callable] = {"distributed": _distributed, "cpp_floor_tap": _cpp_floor_tap, "gpu_tiny": _gpu_tiny,
@@ -134,10 +136,12 @@ JOBS: dict[str, Callable] = {"distributed": _distributed, "cpp_floor_tap": _cpp_
 _started: dict[str, object] = {}
 
 
-def start(name: str) -> None:
-    """Start job ``name`` unless it has been started."""
+def start(name: str, items=None) -> None:
+    """Start job ``name`` unless it has been started; ``items``: the selected tests that use it (the triton
+    battery runs their cases only)."""
     if name not in _started:
-        _started[name] = JOBS[name]()
+        starter = JOBS[name]
+        _started[name] = starter(items) if name == "triton_battery" else starter()
 
 
 def get(name: str):
