@@ -7,6 +7,7 @@ import torch
 
 import tengrad
 from support.jacobian_oracle import per_sample_jacobian
+from support.numerics import rel_err
 
 _path = pathlib.Path(__file__).parents[1] / "examples" / "user_layers.py"
 _spec = importlib.util.spec_from_file_location("user_layers", _path)
@@ -18,10 +19,6 @@ CASES = {
     "locally_connected": (lambda: user_layers.LocallyConnected1d(3, 4, 11, 3, 2), (4, 3, 11)),
     "locally_connected_s1": (lambda: user_layers.LocallyConnected1d(2, 3, 6, 2, 1), (3, 2, 6)),
 }
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -42,10 +39,10 @@ def test_user_layer_matches_oracle_in_every_order(name, dtype, tol):
     u = torch.randn(shape[0], generator=gen, dtype=dtype)
     pf = torch.cat([t.double().reshape(-1) for t in p])
     for order in plan.orders("gram"):
-        assert _rel(plan.gram(x, gy, order=order).double(), J @ J.T) <= tol, order
+        assert rel_err(plan.gram(x, gy, order=order).double(), J @ J.T) <= tol, order
     for order in plan.orders("jvp"):
-        assert _rel(plan.jvp(x, gy, p, order=order).double(), J @ pf) <= tol, order
+        assert rel_err(plan.jvp(x, gy, p, order=order).double(), J @ pf) <= tol, order
     for order in plan.orders("vjp"):
         got = torch.cat([t.double().reshape(-1) for t in plan.vjp(x, gy, u, order=order)])
-        assert _rel(got, J.T @ u.double()) <= tol, order
+        assert rel_err(got, J.T @ u.double()) <= tol, order
     assert "factored_raw" in plan.orders("gram") or name == "token_mixing"
