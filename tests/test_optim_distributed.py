@@ -18,7 +18,7 @@ from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim import distributed_plan as dplan
 
 TOL = 1e-8
-pytestmark = pytest.mark.background("distributed")
+process_groups = pytest.mark.background("distributed")     # the tests that read what the ranks returned
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
@@ -32,6 +32,7 @@ def _names(world, fn):
     return [name for name, f, _ in distributed_workers.checks(world) if f == fn]
 
 
+@process_groups
 def test_exact_equals_dense_oracle_on_global_batch(group):
     world, results = group
     for name in _names(world, "check_exact"):
@@ -40,6 +41,7 @@ def test_exact_equals_dense_oracle_on_global_batch(group):
         assert all(res[name]["identical"] for res in results), name
 
 
+@process_groups
 def test_exact_equals_single_process_with_momentum_and_weight_decay(group):
     world, results = group
     for name in _names(world, "check_single_process"):
@@ -48,6 +50,7 @@ def test_exact_equals_single_process_with_momentum_and_weight_decay(group):
             assert res[name]["identical"], name
 
 
+@process_groups
 def test_local_is_bit_identical_and_averages_own_batch_directions(group):
     world, results = group
     for name in _names(world, "check_local"):
@@ -57,6 +60,7 @@ def test_local_is_bit_identical_and_averages_own_batch_directions(group):
         assert "approximation" in results[0][name]["explain"]
 
 
+@process_groups
 def test_failure_on_one_rank_raises_the_same_error_on_every_rank(group):
     world, results = group
     for name in _names(world, "check_failures"):
@@ -80,6 +84,7 @@ def test_checkpoint_from_rank0_restores_every_rank(group):
         assert res["checkpoint"]["worst"] < TOL, (rank, res["checkpoint"]["worst"])
 
 
+@process_groups
 def test_explain_shows_exchange_and_bytes(group):
     world, results = group
     text = results[0]["exact-empirical-k3-ddp"]["explain"]
@@ -116,6 +121,7 @@ def test_distributed_needs_a_process_group():
         TENGraD(model, 0.1, 1.0, distributed="everywhere")
 
 
+@process_groups
 def test_stuck_rank_makes_the_others_raise_within_the_group_timeout():
     # rank 1 never reaches step(); rank 0 must get an error from the 3 s collective timeout, not hang
     results = background.get("distributed").result(distributed_workers.STUCK)
@@ -124,6 +130,7 @@ def test_stuck_rank_makes_the_others_raise_within_the_group_timeout():
     assert first["seconds"] < distributed_workers.STALL, first
 
 
+@process_groups
 def test_distributed_demo_prints_its_table():
     r = background.get("distributed").result(distributed_workers.WORLD_2)[0]["demo"]     # 2 ranks only (time)
     assert r["code"] == 0
