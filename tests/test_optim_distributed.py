@@ -77,6 +77,7 @@ def test_failure_on_one_rank_raises_the_same_error_on_every_rank(group):
             assert all(not rep[case]["unchanged"] and rep[case]["identical"] for rep in reports)
 
 
+@process_groups
 def test_checkpoint_from_rank0_restores_every_rank(group):
     world, results = group
     for rank, res in enumerate(results):
