@@ -70,6 +70,7 @@ def _import_triton_under_the_interpreter() -> None:
         del os.environ["TRITON_INTERPRET"]
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked ``background`` run after the others (stable order otherwise): their jobs then have the
     whole session to finish on the other core (support/background.py)."""
