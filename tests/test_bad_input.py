@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tengrad
-from snapshots import assert_unchanged, snapshot_all
-from test_optim_oracle import make_batch, make_model
+from support.snapshots import assert_unchanged, snapshot_all
+from support.optim_cases import make_batch, make_model
 from tengrad import ShapeError, TengradError
 from tengrad.cli import main as cli
 from tengrad.optim import TENGraD, TENGraDError

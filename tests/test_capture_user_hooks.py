@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_optim_oracle import expected_steps, oracle_fisher
+from support.step_oracle import expected_steps, oracle_fisher
 from tengrad.optim import TENGraD
 
 

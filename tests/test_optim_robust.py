@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_optim_oracle import (LOSSES, expected_steps, make_batch, make_model, oracle_fisher,
-                               per_sample_grads, rel_err, run_against_oracle)
+from support.numerics import rel_err
+from support.optim_cases import LOSSES, make_batch, make_model
+from support.step_oracle import expected_steps, oracle_fisher, per_sample_grads, run_against_oracle
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim.curvature import paths, woodbury
 

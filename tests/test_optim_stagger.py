@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_optim_oracle import (LOSSES, expected_steps, make_batch, make_model, oracle_fisher, per_sample_grads,
-                               rel_err)
-from test_optim_zoo import TiedEncoderLM, ids_batch, lm_loss, per_sample_rows
+from support.numerics import rel_err
+from support.optim_cases import LOSSES, TiedEncoderLM, ids_batch, lm_loss, make_batch, make_model
+from support.step_oracle import (dense_directions, expected_steps, fisher_from_grads, oracle_fisher,
+                                 per_sample_grads)
 from tengrad.optim import TENGraD
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.noise import BETA, FLOOR
@@ -121,14 +122,15 @@ def test_staggered_tied_transformer_matches_the_oracle_and_arms_only_what_is_due
                       update_freq=100)
     k = opt.update_freq = len(opt.blocks)
     names = [n for n, p in oracle.named_parameters() if p.requires_grad]
-    sizes = {n: p.numel() for n, p in oracle.named_parameters()}
-    offs = dict(zip(names, [sum(sizes[q] for q in names[:i]) for i in range(len(names))]))
+    shapes = {n: p.shape for n, p in oracle.named_parameters()}
     gen = torch.Generator().manual_seed(1)
-    rows, last = {}, {}
+    fishers, last = {}, {}
     for s in range(k + 2):
         (ids,), y = ids_batch(gen)
         oracle.load_state_dict(model.state_dict())
-        rows[s] = per_sample_rows(oracle, (ids,), (0,), y, names)
+        rows = per_sample_grads(oracle, (ids,), y, lm_loss)
+        fishers[s] = fisher_from_grads(rows, names)
+        g = {n: t.mean(0) for n, t in rows.items()}
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad()
         lm_loss(model(ids), y).backward()
@@ -144,17 +146,11 @@ def test_staggered_tied_transformer_matches_the_oracle_and_arms_only_what_is_due
             assert mha == ("self_attn" in b.name), (s, b.name, mha)        # in_proj and out_proj: inside MHA
         for b in due:
             last[b.name] = s
-        g = rows[s].mean(0)
-        for b in opt.blocks:
-            cols = torch.cat([torch.arange(offs[n], offs[n] + sizes[n]) for n in b.param_names])
-            R = rows[last[b.name]][:, cols]
-            d = torch.linalg.solve(R.T @ R / R.shape[0] + damping * torch.eye(len(cols), dtype=R.dtype), g[cols])
-            o = 0
+        for b in opt.blocks:       # each block: the Fisher of its last refresh, this step's gradient
+            d = dense_directions(fishers[last[b.name]], names, shapes, g, [b.param_names], damping)
             for n in b.param_names:
-                want = -lr * d[o:o + sizes[n]].reshape(before[n].shape)
-                err = float((model.get_parameter(n).detach() - before[n] - want).norm() / want.norm())
+                err = rel_err(model.get_parameter(n).detach() - before[n], -lr * d[n])
                 assert err <= 1e-8, (s, n, err)
-                o += sizes[n]
 
 
 def test_the_noise_ratio_sums_a_whole_cycle():

@@ -1,6 +1,6 @@
 """Model zoo: Transformers with attention, tied heads and shared parameters, each step against the dense
-float64 oracle d_b = (F_b + a I)^-1 g_b per block (F_b = R_b^T R_b / m, rows R_b = per-sample gradients
-from torch.autograd on an independent copy of the model, one sample at a time), and -g / a for the
+float64 oracle d_b = (F_b + a I)^-1 g_b per block (support/step_oracle.py: F_b = R_b^T R_b / m, rows R_b =
+per-sample gradients from torch.func on an independent copy of the model), and -g / a for the
 fallback parameters. Small sizes (d_model 8, 2 heads, T 5, batch 3), dropout 0."""
 from __future__ import annotations
 
@@ -13,31 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from support.numerics import rel_err
+from support.optim_cases import E, N, T, V, TiedEncoderLM, ids_batch, lm_loss
+from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
 from tengrad import TENGraD
 from tengrad.optim.curvature.consistency import BatchDimensionError
-
-V, E, T, N = 11, 8, 5, 3
-
-
-class TiedEncoderLM(nn.Module):
-    """Embedding + nn.TransformerEncoder + output head tied to the embedding (F.linear(h, emb.weight))."""
-
-    def __init__(self, batch_first: bool):
-        super().__init__()
-        self.batch_first = batch_first
-        self.emb = nn.Embedding(V, E)
-        layer = nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0, batch_first=batch_first)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.out_bias = nn.Parameter(torch.randn(V) * 0.1)
-
-    def forward(self, ids):                       # ids [N, T]
-        h = self.emb(ids)
-        if not self.batch_first:
-            h = h.transpose(0, 1)                 # [T, N, E]
-        h = self.enc(h)
-        if not self.batch_first:
-            h = h.transpose(0, 1)
-        return F.linear(h, self.emb.weight, self.out_bias)     # [N, T, V]
 
 
 class Seq2Seq(nn.Module):
@@ -81,47 +61,16 @@ class GPT(nn.Module):
         return F.linear(self.lnf(h), self.emb.weight)
 
 
-def lm_loss(out, y):
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-def per_sample_rows(model, inputs, dims, y, names):
-    """[m, P] per-sample gradients of the per-sample loss (samples along ``dims`` of the inputs)."""
-    params = dict(model.named_parameters())
-    rows = []
-    for i in range(y.shape[0]):
-        xi = [t.narrow(d, i, 1) for t, d in zip(inputs, dims)]
-        loss = lm_loss(model(*xi), y[i:i + 1])
-        gs = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(params[n])).reshape(-1)
-                               for g, n in zip(gs, names)]))
-    return torch.stack(rows)
-
-
 def expected_change(opt, oracle, inputs, dims, y, lr, damping):
+    """{name: -lr d} with d = (F_b + a I)^-1 g_b per block of ``opt`` and g / a for its fallback: F_b from
+    the per-sample gradients (torch.func) of ``oracle``, an independent copy of the model, on this batch."""
+    rows = per_sample_grads(oracle, inputs, y, lm_loss, batch_dims=dims)
     names = [n for n, p in oracle.named_parameters() if p.requires_grad]
-    sizes = {n: p.numel() for n, p in oracle.named_parameters()}
-    shapes = {n: p.shape for n, p in oracle.named_parameters()}
-    offs, o = {}, 0
-    for n in names:
-        offs[n] = o
-        o += sizes[n]
-    R = per_sample_rows(oracle, inputs, dims, y, names)
-    m = R.shape[0]
-    g = R.mean(0)
-    out = {}
-    for b in opt.blocks:
-        cols = torch.cat([torch.arange(offs[n], offs[n] + sizes[n]) for n in b.param_names])
-        Rb, gb = R[:, cols], g[cols]
-        d = torch.linalg.solve(Rb.T @ Rb / m + damping * torch.eye(len(cols), dtype=R.dtype), gb)
-        o = 0
-        for n in b.param_names:
-            out[n] = -lr * d[o:o + sizes[n]].reshape(shapes[n])
-            o += sizes[n]
-    for n, _ in opt.fallback:
-        out[n] = -lr * g[offs[n]:offs[n] + sizes[n]].reshape(shapes[n]) / damping
-    assert set(out) == set(names), set(names) ^ set(out)
-    return out
+    d = dense_directions(fisher_from_grads(rows, names), names, {n: p.shape for n, p in oracle.named_parameters()},
+                         {n: t.mean(0) for n, t in rows.items()}, [b.param_names for b in opt.blocks], damping,
+                         [n for n, _ in opt.fallback])
+    assert set(d) == set(names), set(names) ^ set(d)
+    return {n: -lr * v for n, v in d.items()}
 
 
 def train_against_oracle(make, inputs_fn, dims, steps=3, lr=0.2, damping=0.3, **kw):
@@ -145,13 +94,9 @@ def train_against_oracle(make, inputs_fn, dims, steps=3, lr=0.2, damping=0.3, **
         # the blocks (and fallback) are final after the first step's capture
         want = expected_change(opt, oracle, inputs, dims, y, lr, damping)
         for n, p in model.named_parameters():
-            err = float((p.detach() - before[n] - want[n]).norm() / want[n].norm().clamp_min(1e-300))
+            err = rel_err(p.detach() - before[n], want[n])
             assert err <= 1e-8, (n, err)
     return opt
-
-
-def ids_batch(gen):
-    return (torch.randint(0, V, (N, T), generator=gen),), torch.randint(0, V, (N, T), generator=gen)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -327,29 +272,17 @@ def test_mc_fisher_rows_reach_op_level_uses():
         opt.zero_grad()
         opt.backward(model(ids), y, loss="cross_entropy")
         opt.step()
-        names = [n for n, _ in oracle.named_parameters()]
-        params = dict(oracle.named_parameters())
-        sizes = {n: params[n].numel() for n in names}
-        offs = dict(zip(names, [sum(sizes[k] for k in names[:i]) for i in range(len(names))]))
-
-        def rows(labels):
-            out = []
-            for i in range(N):
-                l = F.cross_entropy(oracle(ids[i:i + 1]), labels[i:i + 1])
-                out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, [params[n] for n in names])]))
-            return torch.stack(out)
-
-        g, R = rows(y).mean(0), rows(opt.last_labels)
         assert not opt.fallback
+        names = [n for n, _ in oracle.named_parameters()]
+        g = {n: t.mean(0) for n, t in per_sample_grads(oracle, ids, y, "cross_entropy").items()}
+        sampled = per_sample_grads(oracle, ids, opt.last_labels, "cross_entropy")      # rows for the mc labels
+        d = dense_directions(fisher_from_grads(sampled, names), names,
+                             {n: p.shape for n, p in oracle.named_parameters()}, g,
+                             [b.param_names for b in opt.blocks], damping)
         for b in opt.blocks:
-            cols = torch.cat([torch.arange(offs[n], offs[n] + sizes[n]) for n in b.param_names])
-            d = torch.linalg.solve(R[:, cols].T @ R[:, cols] / N + damping * torch.eye(len(cols), dtype=R.dtype), g[cols])
-            o = 0
             for n in b.param_names:
-                want = -lr * d[o:o + sizes[n]].reshape(params[n].shape)
                 got = dict(model.named_parameters())[n].detach() - before[n]
-                assert float((got - want).norm() / want.norm()) <= 1e-8, n
-                o += sizes[n]
+                assert rel_err(got, -lr * d[n]) <= 1e-8, n
 
 
 class FunctionalUpsample(nn.Module):
