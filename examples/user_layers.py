@@ -7,7 +7,7 @@
       y[n, o, l] = sum_{c,k} x[n, c, s*l + k] W[l, o, c, k]
   roles: n batch, l *group* appearing in an index map, o free, c and k independent.
 
-Run ``python examples/user_layers.py`` to print their plans; ``tests/test_examples.py`` checks them
+Run ``python examples/user_layers.py`` to print their plans; ``tests/test_examples_user_layers.py`` checks them
 against the torch.func oracle like every built-in layer.
 """
 from __future__ import annotations
