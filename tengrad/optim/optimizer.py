@@ -311,8 +311,7 @@ class TENGraD(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach this optimizer's hooks from the model (it can no longer capture curvature)."""
         self._capture.remove()
-        if self.distributed:
-            self.estimator.remove()
+        self.estimator.remove()
         self._check.remove()
 
     # ------------------------------------------------------------------ printing
@@ -327,8 +326,8 @@ class TENGraD(torch.optim.Optimizer):
         settings = (f"fisher={self.fisher!r}, update_freq={self.update_freq}, kl_clip={self.kl_clip}, "
                     f"noise_scale={self.noise_scale}{self._noise_note()}, backend={self.backend!r}"
                     f"{', stagger=True' if self.stagger else ''}")
-        extra = self.estimator.explain_lines(self.blocks) if self.distributed else []
-        return describe(settings, self.param_groups, self.blocks, self.fallback, self.skipped, extra)
+        return describe(settings, self.param_groups, self.blocks, self.fallback, self.skipped,
+                        self.estimator.explain_lines(self.blocks))
 
     def __repr__(self) -> str:
         return self.explain()

@@ -64,6 +64,12 @@ class LocalEstimator:
     def noise_ratio(self) -> float:
         return self.noise.ratio
 
+    def explain_lines(self, blocks: list[Block]) -> list[str]:
+        return []
+
+    def remove(self) -> None:
+        """Nothing of its own is hooked to the model."""
+
     # ------------------------------------------------------------------ the step
     def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
         out: list[Direction] = []
