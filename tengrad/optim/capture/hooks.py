@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 from torch.utils.hooks import RemovableHandle
 
 try:
@@ -72,7 +73,66 @@ def on_node(node, i: int, fn: Callable[[Tensor], None]) -> None:
     node.register_prehook(pre)
 
 
-def keep_grad(out: Tensor, record, received: list) -> None:
+class GradientPass:
+    """Whether the backward pass running now accumulates into the parameters' ``.grad``.
+
+    Only such a pass (``loss.backward()``, also with ``create_graph``, and the backward of a reentrant
+    checkpoint inside it) gives the gradient the step uses; an extra ``torch.autograd.grad(loss, ...)``
+    pass (a logged gradient norm, a saliency map) or ``backward(inputs=[x])`` runs the same hooks, and
+    recording it too would count its output gradients again (the Fisher would be 4F). Asked once per
+    graph task (``torch._C._current_graph_task_id``) with the captured output's autograd node: the
+    nearest parameter's gradient accumulator (breadth first, at most ``LIMIT`` nodes) is asked whether
+    the engine runs it in this task; the engine refuses the question for a leaf that autograd.grad
+    captures, which means the same (not accumulating). With no parameter within reach (a call whose
+    parameters were detached for the gradient from the Jacobian, inside a reentrant checkpoint) the
+    other leaves found answer; with no leaf at all, accumulating.
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._task: int | None = None
+        self._answer = True
+
+    def accumulating(self, node) -> bool:
+        task = torch._C._current_graph_task_id()
+        if task == self._task:
+            return self._answer
+        answer = _runs_a_leaf(node, self.LIMIT)
+        self._task, self._answer = task, answer
+        return answer
+
+
+def _runs_a_leaf(node, limit: int) -> bool:
+    """Whether this task runs the gradient accumulator of a parameter near ``node`` (breadth first,
+    at most ``limit`` nodes); with no parameter there, of another leaf (a reentrant checkpoint's
+    detached input); with no leaf at all, True."""
+    seen, queue, others = set(), [node], []
+    while queue and len(seen) < limit:
+        n = queue.pop(0)
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if type(n).__name__ == "AccumulateGrad":
+            if not isinstance(n.variable, Parameter):
+                others.append(n)
+                continue
+            try:
+                return bool(torch._C._will_engine_execute_node(n))
+            except RuntimeError:        # a parameter autograd.grad captures: an extra pass
+                return False
+        queue.extend(f for f, _ in n.next_functions)
+    try:
+        return any(torch._C._will_engine_execute_node(n) for n in others) if others else True
+    except RuntimeError:
+        return False
+
+
+def always(node=None) -> bool:
+    return True
+
+
+def keep_grad(out: Tensor, record, received: list, accumulating: Callable = always) -> None:
     """``store_grad`` in the GRADIENT phase as one tensor hook on ``out`` (the empirical Fisher's
     capture: no curvature passes run through it), without the dispatch through ``on_grad`` /
     ``partial`` / ``phase()``.
@@ -86,8 +146,13 @@ def keep_grad(out: Tensor, record, received: list) -> None:
     (docs/experiments/capture-overhead.md). A hook the user adds later goes into the same dict
     through ``register_hook`` and removes itself as usual.
     An output that already has a hook dict, or a torch without ``_register_hook_dict``, takes
-    ``register_hook``."""
+    ``register_hook``. ``accumulating()`` (GradientPass): passes that do not accumulate into
+    ``.grad`` are not recorded."""
+    node = out.grad_fn
+
     def hook(g):
+        if not accumulating(node):
+            return
         if g.requires_grad:         # create_graph backward: keep the value, not the graph
             g = g.detach()
         record.grad = g if record.grad is None else record.grad + g
@@ -104,20 +169,22 @@ def keep_grad(out: Tensor, record, received: list) -> None:
     grad_fn._register_hook_dict(out)
 
 
-def store_grad(record, grad: Tensor, phase: str, received: list) -> None:
+def store_grad(record, grad: Tensor, phase: str, received: list, accumulating: Callable = always,
+               node=None) -> None:
     """Keep a captured output gradient on ``record`` (a ``Use``, record.py: ``grad``, ``rows``):
     appended to ``rows`` in the CURVATURE phase, else stored as ``grad`` (a second ordinary backward
-    through the same graph, retain_graph, accumulates); the record joins ``received`` once."""
+    through the same graph, retain_graph, accumulates; a pass that does not accumulate into ``.grad``
+    is not recorded, ``GradientPass``); the record joins ``received`` once."""
     if phase == CURVATURE:
         record.rows.append(grad.detach())
+    elif not accumulating(node):
+        return
     elif record.grad is None:
         record.grad = grad.detach()
     else:
         record.grad = record.grad + grad.detach()
     if not any(r is record for r in received):
         received.append(record)
-
-
 
 
 class HookSet:

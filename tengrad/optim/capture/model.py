@@ -26,7 +26,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from tengrad.optim.capture.hooks import CURVATURE, GRADIENT
+from tengrad.optim.capture.hooks import CURVATURE, GRADIENT, GradientPass
 from tengrad.optim.capture.module import LayerCapture
 from tengrad.optim.capture.ops import OpCapture
 from tengrad.optim.capture.record import Use
@@ -44,14 +44,15 @@ class ModelCapture:
         self._due_blocks = due_blocks
         self._memo: tuple | None = None  # staggered: (due list, tracked params, select's answer)
         self._tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+        self.passes = GradientPass()     # only backward passes that accumulate into .grad count
         self.ops = OpCapture(model, self._tracked_params, armed, lambda: self.phase, batch_dim,
-                             keep_edges=keep_edges, select=self._select)
+                             keep_edges=keep_edges, select=self._select, accumulating=self.passes.accumulating)
         for b in blocks:                 # armed per block: a block without curvature yet arms only itself
             if b.plan is None:           # captured at its ops only
                 continue
             b.capture = LayerCapture(b.name, b.module, b.plan, partial(block_due, b), lambda: self.phase,
                                      keep_edges=keep_edges, training=lambda: model.training,
-                                     forward=self.ops.current_forward)
+                                     forward=self.ops.current_forward, accumulating=self.passes.accumulating)
             b.capture.jacobian_grad_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
             b.capture.on_jacobian_grad = partial(on_jacobian_grad, b)
             if b.module is model:        # the root: hooks after the gate's (wrappers.py wraps submodules)

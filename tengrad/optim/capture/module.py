@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from tengrad.optim.capture.hooks import (CURVATURE, OwnHook, get_gradient_edge, keep_grad, on_grad,
+from tengrad.optim.capture.hooks import (CURVATURE, OwnHook, always, get_gradient_edge, keep_grad, on_grad,
                                          store_grad, transformed)
 from tengrad.optim.capture.record import Use
 from tengrad.optim.errors import TENGraDError
@@ -72,7 +72,9 @@ class LayerCapture:
     def __init__(self, name: str, module: nn.Module, plan, armed: Callable[[], bool],
                  phase: Callable[[], str], keep_edges: bool = False,
                  training: Callable[[], bool] | None = None,
-                 forward: Callable[[], tuple[int, int | None]] | None = None) -> None:
+                 forward: Callable[[], tuple[int, int | None]] | None = None,
+                 accumulating: Callable = always) -> None:
+        self._accumulating = accumulating
         self._forward_info = forward or (lambda: (0, None))
         self.name = name
         self.plan = plan
@@ -163,18 +165,21 @@ class LayerCapture:
         fwd, m = self._forward_info()
         record = Use(self.name, self.plan, args[0].detach(), fwd, m)
         if not (swapped or self._keep_edges_asked):
-            keep_grad(output, record, self._received)
+            keep_grad(output, record, self._received, self._accumulating)
             return
         record.jacobian_grad = bool(swapped)
-        on_grad(output, partial(self._backward, record), node=not self._keep_edges_asked)
+        on_grad(output, partial(self._backward, record, output.grad_fn), node=not self._keep_edges_asked)
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
 
-    def _backward(self, record: Use, grad: Tensor) -> None:
-        if record.jacobian_grad and self._phase() != CURVATURE:
+    def _backward(self, record: Use, node, grad: Tensor) -> None:
+        phase = self._phase()
+        if phase != CURVATURE and not self._accumulating(node):
+            return                  # an extra autograd.grad pass: neither recorded nor added to .grad
+        if record.jacobian_grad and phase != CURVATURE:
             self.jacobian_grad_calls += 1
             self.on_jacobian_grad(record, grad.detach())
-        store_grad(record, grad, self._phase(), self._received)
+        store_grad(record, grad, phase, self._received)
 
     def peek(self) -> list[Use]:
         """The records that received gradients since the last take/clear (not taken)."""

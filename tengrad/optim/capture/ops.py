@@ -44,8 +44,8 @@ from torch.overrides import TorchFunctionMode
 from tengrad.compiler.compiled import CompiledLayer
 from tengrad.errors import TengradError
 from tengrad.layers import ops as op_specs
-from tengrad.optim.capture.hooks import (HookSet, OwnHook, get_gradient_edge, keep_grad, on_grad, store_grad,
-                                         transformed)
+from tengrad.optim.capture.hooks import (HookSet, OwnHook, always, get_gradient_edge, keep_grad, on_grad,
+                                         store_grad, transformed)
 from tengrad.optim.capture.record import Use
 from tengrad.optim.capture.wrappers import ForwardWraps
 
@@ -75,9 +75,11 @@ class OpCapture:
     def __init__(self, model: nn.Module, params: Callable[[], dict[int, tuple[str, Tensor]]],
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
                  keep_edges: bool = False,
-                 select: Callable[[bool], tuple[bool, bool, list]] | None = None) -> None:
+                 select: Callable[[bool], tuple[bool, bool, list]] | None = None,
+                 accumulating: Callable | None = None) -> None:
         self.model = model
         self.params = params
+        self.accumulating = accumulating or always
         self._armed = armed
         self._phase = phase
         self.batch_dim = batch_dim
@@ -394,9 +396,9 @@ class OpCapture:
         k = self._count[label] = self._count.get(label, 0) + 1
         use = Use(f"{label}#{k}", plan, x.detach(), self.fwd, self.m, parts, lead, self._seq > 0)
         if self._node_hooks:
-            keep_grad(out, use, self.uses)
+            keep_grad(out, use, self.uses, self.accumulating)
             return
-        on_grad(out, lambda grad, use=use: self._backward(use, grad), False)
+        on_grad(out, lambda grad, use=use, node=out.grad_fn: self._backward(use, grad, node), False)
         if self.keep_edges:
             self.edges.append(get_gradient_edge(out))
 
@@ -499,8 +501,8 @@ class OpCapture:
         self._plans[key] = (plan, where)
         return plan, tensors
 
-    def _backward(self, use: Use, grad: Tensor) -> None:
-        store_grad(use, grad, self._phase(), self.uses)
+    def _backward(self, use: Use, grad: Tensor, node=None) -> None:
+        store_grad(use, grad, self._phase(), self.uses, self.accumulating, node)
 
     # ------------------------------------------------------------------ the step's side
     def current_forward(self) -> tuple[int, int | None]:
