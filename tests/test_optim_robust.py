@@ -73,8 +73,9 @@ def test_frozen_params_are_left_out_and_untouched():
         p.requires_grad_(False)
     opt = run_against_oracle("conv", "empirical", "cross_entropy", k=2, sizes=[5, 3, 4], model=model)
     names = {b.name: b.param_names for b in opt.blocks}
-    assert names["conv2"] == ["conv2.bias"] and "norm" not in names
-    assert all("norm" not in n for n, _ in opt.fallback)
+    assert names["conv2"] == ["conv2.bias"] and names["norm"] == []        # frozen: a block with nothing to train
+    assert all("norm" not in n and "conv2" not in n for n, _ in opt.fallback)
+    assert opt.skipped["norm"].startswith("frozen") and "skipped at the last step: frozen" in opt.explain()
 
 
 # ---------------------------------------------------------------- capture rules

@@ -165,3 +165,93 @@ def test_a_declared_batch_dim_that_is_not_the_batch_raises_naming_the_layer_and_
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(b.curv is None for b in opt.blocks) and opt._steps == 0
+
+
+# ---------------------------------------------------------------- the trainable set follows requires_grad
+def _deep():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_layer_frozen_after_construction_never_moves_and_the_rest_is_exact(k):
+    model = _deep()
+    opt = _opt(model, k=k)
+    kept: dict = {}
+    for step in range(2 * k + 1):
+        if step == 1:
+            model[4].requires_grad_(False)           # fine-tuning: freeze the head after building
+            kept.pop("4", None)
+        x, y = _batch(seed=step)
+        head = [p.detach().clone() for p in model[4].parameters()]
+
+        def loop():
+            F.cross_entropy(model(x), y).backward()
+
+        _check_step_with_curvature_from(opt, model, x, y, loop, kept)
+        if step >= 1:
+            assert all(torch.equal(a, p) for a, p in zip(head, model[4].parameters())), "a frozen head moved"
+            assert all(p.grad is None for p in model[4].parameters())
+    assert "skipped at the last step: frozen" in opt.explain()
+
+
+def _check_step_with_curvature_from(opt, model, x, y, loop, kept):
+    """As _check_step; the kept Fisher is refreshed when a block refreshes (here: every curvature step
+    and the step after the trainable set changed, which drops the changed block's curvature only:
+    the others keep theirs, so the oracle keeps a Fisher per block)."""
+    lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = per_sample_grads(model, x, y, "cross_entropy")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    g = {n: t.mean(0) for n, t in rows.items() if n in names}
+    F_now = fisher_from_grads({n: rows[n] for n in names}, names)
+    opt.zero_grad()
+    due = {b.name for b in opt.blocks if opt.estimator.due(b, opt._steps, opt.update_freq)}
+    offsets, start = {}, 0
+    for n in names:
+        size = rows[n][0].numel()
+        offsets[n], start = torch.arange(start, start + size), start + size
+    for b in opt.blocks:                                 # per block: its Fisher from its last refresh
+        if b.param_names and (b.name in due or b.name not in kept):
+            idx = torch.cat([offsets[n] for n in b.param_names])
+            kept[b.name] = F_now[idx][:, idx]
+    loop()
+    opt.step()
+    for b in opt.blocks:
+        if not b.param_names:
+            continue
+        gb = torch.cat([g[n].reshape(-1) for n in b.param_names])
+        d = torch.linalg.solve(kept[b.name] + damping * torch.eye(len(gb), dtype=gb.dtype), gb)
+        moved = torch.cat([(dict(model.named_parameters())[n].detach() - before[n]).reshape(-1)
+                           for n in b.param_names])
+        assert rel_err(moved, -lr * d) <= TOL, b.name
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_layer_unfrozen_later_joins_at_its_next_curvature_step_exactly(k):
+    model = _deep()
+    model[0].requires_grad_(False)                   # gradual unfreezing: the first layer starts frozen
+    opt = _opt(model, k=k)
+    assert [b.param_names for b in opt.blocks if b.name == "0"] == [[]]
+    kept: dict = {}
+    first = [p.detach().clone() for p in model[0].parameters()]
+    for step in range(2 * k + 1):
+        if step == 2:
+            model[0].requires_grad_(True)
+        x, y = _batch(seed=step)
+        _check_step_with_curvature_from(opt, model, x, y, lambda: F.cross_entropy(model(x), y).backward(), kept)
+        moved = not all(torch.equal(a, p) for a, p in zip(first, model[0].parameters()))
+        assert moved == (step >= 2), step
+    assert [b.param_names for b in opt.blocks if b.name == "0"] == [["0.weight", "0.bias"]]
+
+
+def test_a_parameter_replaced_after_construction_is_refused_naming_it():
+    model = _deep()
+    opt = _opt(model)
+    x, y = _batch()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    model[2].weight = nn.Parameter(torch.randn(5, 6, dtype=torch.float64))
+    with pytest.raises(Exception, match=r"'2\.weight'.*in no param group.*added or replaced"):
+        opt.zero_grad()

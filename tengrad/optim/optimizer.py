@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
 from tengrad.optim.curvature import fisher as fisher_mod
-from tengrad.optim.curvature.block import find_blocks, promote, resolve_backend
+from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
@@ -138,7 +138,7 @@ class TENGraD(torch.optim.Optimizer):
             raise TENGraDError("stagger=True is single-process only: the distributed step decides curvature "
                                "steps for all ranks together (estimator/distributed.py)")
         groups_given = options.build_groups(model, param_groups)
-        if not any(g["params"] for g in groups_given):
+        if not any(p.requires_grad for g in groups_given for p in g["params"]):
             raise TENGraDError("the model has no trainable parameters")
         super().__init__(groups_given, defaults)
         self.model = model
@@ -158,7 +158,8 @@ class TENGraD(torch.optim.Optimizer):
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend, not self.distributed)
         where = options.index_of(self.param_groups)
         for b in self.blocks:          # a block straddling groups is refused now, not at step()
-            options.group_of_block(b.name, b.param_names, b.params, where)
+            if b.params:
+                options.group_of_block(b.name, b.param_names, b.params, where)
         self.batch_dim, self.layer_dims = options.batch_dims(batch_dim)
         self._steps = 0
         self._opt_backward = False
@@ -173,8 +174,9 @@ class TENGraD(torch.optim.Optimizer):
         self._check = ConsistencyCheck(model, check, self.batch_dim, hooks=self._capture.hooks)
         self._check.names = {b.name for b in self.blocks}
         self._labels_for_blocks()
-        if self.fallback:
-            warnings.warn(fallback_warning(model, self.fallback, self.fallback_why), stacklevel=2)
+        trainable_fallback = [(n, p) for n, p in self.fallback if p.requires_grad]
+        if trainable_fallback:
+            warnings.warn(fallback_warning(model, trainable_fallback, self.fallback_why), stacklevel=2)
 
     def add_param_group(self, param_group: dict) -> None:
         """Groups are fixed at construction (``param_groups=``): the blocks and hooks are built from the
@@ -199,9 +201,37 @@ class TENGraD(torch.optim.Optimizer):
         return self.estimator.due_blocks(self.blocks, self._steps, self.update_freq)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and forget the output gradients captured since the last step."""
+        """Zero the gradients and forget the output gradients captured since the last step; a change of
+        ``requires_grad`` since the last step is taken in here (the next forward captures the new set)."""
         super().zero_grad(set_to_none=set_to_none)
         self._capture.clear()
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> set[str]:
+        """Re-read ``requires_grad`` for every block (curvature/block.py ``refresh``); the names of the
+        blocks whose trainable set changed. A parameter that trains now but is in no param group (added
+        or replaced after construction) is refused naming it."""
+        changed = [b for b in self.blocks if refresh(b, self.backend)]
+        if not changed:
+            return set()
+        for b in changed:
+            self._capture.rewire(b)
+            self._check.forget(b.name)
+            self.estimator.drop(b.name)
+        self.fallback = fallback_of(self.model, self.blocks)
+        self._capture.set_fallback(self.fallback)
+        self._labels_for_blocks()
+        where = options.index_of(self.param_groups)
+        for b in changed:
+            missing = [n for n, p in zip(b.param_names, b.params) if id(p) not in where]
+            if missing:
+                raise TENGraDError(f"layer {b.name!r}: parameter(s) {missing} train but are in no param group: "
+                                   "they were added or replaced after TENGraD was built; build the optimizer "
+                                   "again for the new parameters")
+            if b.params:
+                options.group_of_block(b.name, b.param_names, b.params, where)
+        self.estimator.forget()
+        return {b.name for b in changed}
 
     # ------------------------------------------------------------------ backward for any Fisher
     def backward(self, out: Tensor, y: Tensor, loss: str | Callable = "cross_entropy",
@@ -253,6 +283,7 @@ class TENGraD(torch.optim.Optimizer):
             raise TENGraDError(f"fisher={self.fisher!r} needs its own backward passes: use "
                                "out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss=...); "
                                "opt.step() instead of loss.backward()")
+        changed = self._refresh_trainable()       # requires_grad changed since zero_grad()
         op_uses = self._capture.take_ops()
         if not self.distributed and op_uses:      # fallback parameters read by ops with a spec: blocks
             new, self.fallback = promote(self.model, self.blocks, self.fallback, op_uses)
@@ -262,7 +293,7 @@ class TENGraD(torch.optim.Optimizer):
         where = options.index_of(self.param_groups)
         uses = self._capture.take(op_uses, self._block_due)
         inputs = StepInput(self._steps, self.update_freq, self.blocks, self.fallback, self.param_groups,
-                           where, uses, self._rules(), self._check)
+                           where, uses, self._rules(), self._check, frozenset(changed))
         skipped: dict[str, str] = {}
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:

@@ -29,8 +29,9 @@ model first (the optimizer hooks its layers) and takes torch-style group dicts a
 * Trainable parameters listed in no group form one more group, built from the keyword arguments and
   appended *last* (so ``opt.param_groups[i]`` is still the user's i-th group); without
   ``param_groups`` that default group is the only one.
-* Frozen parameters (``requires_grad=False``) listed in a group are dropped from it: they are never
-  updated. A parameter that is not the model's, or that is listed twice, is an error naming it.
+* Frozen parameters (``requires_grad=False``) stay in their group, as in torch.optim: ``requires_grad``
+  is read at every step, so a frozen parameter never moves and one unfrozen later trains from then on.
+  A parameter that is not the model's, or that is listed twice, is an error naming it.
 * A Fisher block (one module's trainable parameters) takes its hyperparameters from its group; the
   parameters of one block must share a group, else the error names the block and the groups.
   Fallback parameters (d = g / a) use their own group.
@@ -169,9 +170,9 @@ def _param_list(params: object, where: str) -> list:
 
 def build_groups(model: nn.Module, param_groups: object) -> list[dict]:
     """torch-style group dicts (missing hyperparameters are filled from the defaults by torch)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    every = list(model.parameters())     # frozen ones too: requires_grad is read at each step
     if param_groups is None:
-        return [{"params": trainable}]
+        return [{"params": every}]
     if isinstance(param_groups, dict) or not isinstance(param_groups, (list, tuple)):
         raise TENGraDError(f"param_groups must be a list of dicts like [{{'params': [...], 'lr': ...}}], "
                            f"got {type(param_groups).__name__}")
@@ -199,13 +200,12 @@ def build_groups(model: nn.Module, param_groups: object) -> list[dict]:
                 raise TENGraDError(f"parameter {names[id(p)]!r} is listed in param_groups[{claimed[id(p)]}] "
                                    f"and in {where}")
             claimed[id(p)] = i
-            if p.requires_grad:
-                kept.append(p)
+            kept.append(p)
         hyper = {k: spec[k] for k in GROUP_KEYS if k in spec}
         for k, v in hyper.items():
             check_value(k, v, where)
         groups.append({"params": kept, **hyper})
-    rest = [p for p in trainable if id(p) not in claimed]
+    rest = [p for p in every if id(p) not in claimed]
     if rest:
         groups.append({"params": rest})
     return groups

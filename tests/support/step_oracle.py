@@ -150,8 +150,8 @@ def expected_steps(opt, model, F_dense, names, g: Mapping[str, torch.Tensor], lr
     """{param name: expected change} = -lr (F_b + a I)^-1 g_b for each of ``opt.blocks`` (their
     ``param_names``), -lr g / a for each of ``opt.fallback``; every trainable parameter exactly once."""
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    d = dense_directions(F_dense, names, shapes, g, [b.param_names for b in opt.blocks], damping,
-                         [n for n, _ in opt.fallback])
+    d = dense_directions(F_dense, names, shapes, g, [b.param_names for b in opt.blocks if b.param_names],
+                         damping, [n for n, p in opt.fallback if p.requires_grad])
     assert set(d) == set(names), set(d) ^ set(names)
     return {n: -lr * v for n, v in d.items()}
 

@@ -48,12 +48,12 @@ class ModelCapture:
         self.ops = OpCapture(model, self._tracked_params, armed, lambda: self.phase, batch_dim,
                              keep_edges=keep_edges, select=self._select, accumulating=self.passes.accumulating)
         for b in blocks:                 # armed per block: a block without curvature yet arms only itself
-            if b.plan is None:           # captured at its ops only
+            if not b.module_level:       # captured at its ops only
                 continue
             b.capture = LayerCapture(b.name, b.module, b.plan, partial(block_due, b), lambda: self.phase,
                                      keep_edges=keep_edges, training=lambda: model.training,
                                      forward=self.ops.current_forward, accumulating=self.passes.accumulating)
-            b.capture.jacobian_grad_params = [(n, p) for n, p in b.plan.params if p.requires_grad]
+            b.capture.jacobian_grad_params = [] if b.plan is None else list(b.plan.params)
             b.capture.on_jacobian_grad = partial(on_jacobian_grad, b)
             if b.module is model:        # the root: hooks after the gate's (wrappers.py wraps submodules)
                 b.capture.attach(self.ops.hooks)
@@ -66,6 +66,18 @@ class ModelCapture:
     def hooks(self):
         """The root's hooks switched off while no curvature is due (hooks.HookSet)."""
         return self.ops.hooks
+
+    def rewire(self, b) -> None:
+        """Block ``b``'s trainable set changed (curvature/block.py ``refresh``): its capture records with
+        the new plan, detaches the new parameters for the gradient from the Jacobian (once a curvature
+        step has chosen the path again) and covers them from the op-level mode."""
+        if b.capture is None:
+            return
+        b.capture.plan = b.plan
+        b.capture.jacobian_grad_params = [] if b.plan is None else list(b.plan.params)
+        b.capture.set_jacobian_grad(None)
+        self.ops.cover(b.module, b.params)
+        self.forget()
 
     def set_fallback(self, fallback: list) -> None:
         self.fallback = fallback

@@ -16,6 +16,7 @@ from torch import nn
 
 from tengrad.compiler import CompiledLayer
 from tengrad.errors import UnsupportedLayerError
+from tengrad.layers import factory_for
 from tengrad.optim.capture.module import LayerCapture
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.curvature.paths import PathChoice
@@ -37,6 +38,14 @@ class Block:
     offset: int = 0                 # its index: the step of the cycle it refreshes on (estimator/stagger.py)
     mode_used: bool | None = None   # its last capture had op-level uses outside MultiheadAttention
     mha_used: bool | None = None    # ... inside MultiheadAttention (None: not captured yet)
+    module_level: bool = True       # its parameters are its module's own (else given: op-level uses)
+    prefix: str = ""                # the module's qualified name (parameter names are prefix.name)
+    given: list = field(default_factory=list)   # op-level blocks: every parameter given, frozen or not
+    param_names_given: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.module_level and not self.param_names_given:
+            self.param_names_given = list(self.param_names)
 
     @property
     def numel(self) -> int:
@@ -67,9 +76,11 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
     why: dict[str, str] = {}
     for mname, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
         label = mname or type(module).__name__
+        if not own:
+            if dormant(module) and all(len(owners[id(p)]) == 1 for p in module.parameters(recurse=False)):
+                candidates.append(Block(label, module, None, [], [], prefix=mname))   # frozen: may wake
+            continue
         shared = [n for n, p in own if len(owners[id(p)]) > 1]
         if shared:
             why[label] = f"parameter(s) {shared} shared with {owners[id(dict(own)[shared[0]])]}"
@@ -78,7 +89,8 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
             proj = [(n, p) for n, p in own if n in MHA_PROJECTIONS]
             if proj:      # captured at its F.linear calls (capture/ops.py); a block from the start
                 names = [f"{mname}.{n}" if mname else n for n, _ in proj]
-                candidates.append(Block(label, module, None, [p for _, p in proj], names))
+                candidates.append(Block(label, module, None, [p for _, p in proj], names, module_level=False,
+                                        prefix=mname, given=[p for _, p in proj]))
             continue
         try:
             plan = CompiledLayer(module, backend=backend)
@@ -89,13 +101,54 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
         if not plan_params:
             continue
         names = [f"{mname}.{n}" if mname else n for n, p in plan.params if p.requires_grad]
-        candidates.append(Block(label, module, plan, plan_params, names))
+        candidates.append(Block(label, module, plan, plan_params, names, prefix=mname))
 
     for i, b in enumerate(candidates):
         b.offset = i
-    covered = {id(p) for b in candidates for p in b.params}
-    fallback = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
-    return candidates, fallback, why
+    return candidates, fallback_of(model, candidates), why
+
+
+def fallback_of(model: nn.Module, blocks: list[Block]) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter of the model that no block holds or may hold: a module-level block's module's
+    own parameters belong to it frozen or not (``refresh`` takes them in when they train); the rest,
+    frozen ones too (one unfrozen later steps as g / a)."""
+    covered = {id(p) for b in blocks for p in b.params}
+    covered |= {id(p) for b in blocks if b.module_level for p in b.module.parameters(recurse=False)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in covered]
+
+
+def dormant(module: nn.Module) -> bool:
+    """A module whose parameters are all frozen but whose type has a spec: a block that may wake."""
+    try:
+        factory_for(module)
+    except UnsupportedLayerError:
+        return False
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def refresh(b: Block, backend: str) -> bool:
+    """Re-read which of the block's parameters train now (``requires_grad``, as torch.optim does at
+    each step); True when that changed. A module-level block recompiles its plan for the new set (no
+    parameter training: no plan, the block is frozen); an op-level block keeps the given parameters that
+    train. A change drops the kept curvature and path choices: the block refreshes at its next
+    curvature step."""
+    if b.module_level:
+        live = [p for _, p in b.module.named_parameters(recurse=False) if p.requires_grad]
+        have = [] if b.plan is None else [p for _, p in b.plan.params]
+        if len(live) == len(have) and all(p is q for p, q in zip(live, have)):
+            return False
+        b.plan = CompiledLayer(b.module, backend=backend) if live else None
+        pairs = [] if b.plan is None else list(b.plan.params)
+        b.params = [p for _, p in pairs]
+        b.param_names = [f"{b.prefix}.{n}" if b.prefix else n for n, _ in pairs]
+    else:
+        live = [p for p in b.given if p.requires_grad]
+        if len(live) == len(b.params) and all(p is q for p, q in zip(live, b.params)):
+            return False
+        names = dict(zip(map(id, b.given), b.param_names_given))
+        b.params, b.param_names = live, [names[id(p)] for p in live]
+    b.curv, b.choice, b.choices = None, None, {}
+    return True
 
 
 
@@ -107,7 +160,7 @@ def promote(model: nn.Module, blocks: list[Block], fallback: list, uses) -> tupl
     named after their owner module(s) (``enc.layers.0.self_attn`` for ``in_proj_weight`` and
     ``in_proj_bias``). A use touching two existing blocks is refused (they would have to merge).
     ``blocks`` is extended in place; returns (the new blocks, the remaining fallback)."""
-    fb = {id(p): n for n, p in fallback}
+    fb = {id(p): n for n, p in fallback if p.requires_grad}
     owner = {id(p): b for b in blocks for p in b.params}
     parent: dict[int, int] = {}
 
@@ -148,11 +201,14 @@ def promote(model: nn.Module, blocks: list[Block], fallback: list, uses) -> tupl
         if host is not None:
             host.params.extend(params)
             host.param_names.extend(names)
+            host.given.extend(params)
+            host.param_names_given.extend(names)
             host.curv = None
             continue
         mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
         name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
-        b = Block(name, modules.get(mods[0], model), None, params, names, offset=len(blocks))
+        b = Block(name, modules.get(mods[0], model), None, params, names, offset=len(blocks), module_level=False,
+                  given=list(params))
         blocks.append(b)
         new.append(b)
     moved = {i for members in comps.values() for i in members if i in fb}

@@ -150,7 +150,9 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
     with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
         x = u.x.to(dtype) if u.x.is_floating_point() else u.x
         jac = b.plan.jacobian(x, grad.to(dtype))
-        for p, j in zip(b.params, jac):
+        for (_, p), j in zip(b.plan.params, jac):
+            if not p.requires_grad:     # frozen since the plan was made: no gradient, never moves
+                continue
             gp = j.sum(0).to(p.dtype)
             if p.grad is None:
                 p.grad = gp

@@ -113,6 +113,10 @@ class ConsistencyCheck:
     def mark_checked(self, name: str) -> None:
         self.checked.add(name)
 
+    def forget(self, name: str) -> None:
+        """Check ``name`` again (its parameters changed)."""
+        self.checked.discard(name)
+
     def due(self, name: str) -> bool:
         return self.mode is True or (self.mode is False and name not in self.checked)
 

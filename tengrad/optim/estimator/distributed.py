@@ -107,13 +107,20 @@ class DistributedEstimator:
     # ------------------------------------------------------------------ the estimator protocol
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
         """Capture armed for block b: a curvature step, or no kept curvature for it (same on all ranks)."""
-        return steps % update_freq == 0 or b.name not in self.kept
+        return bool(b.params) and (steps % update_freq == 0 or b.name not in self.kept)
 
     def curvature_due(self, blocks: list[Block], steps: int, update_freq: int) -> bool:
         return any(self.due(b, steps, update_freq) for b in blocks)
 
     def due_blocks(self, blocks, steps, update_freq):
         return None
+
+    def forget(self) -> None:
+        """Nothing is worked out ahead of a step."""
+
+    def drop(self, name: str) -> None:
+        """Block ``name`` changed its parameters: its kept curvature no longer fits."""
+        self.kept.pop(name, None)
 
     def commit(self) -> None:
         self.kept.update(self.pending)
@@ -161,6 +168,13 @@ class DistributedEstimator:
         recs, active, cur = {}, [False] * len(step.blocks), [False] * len(step.blocks)
         try:
             for i, b in enumerate(step.blocks):
+                if not b.params:
+                    skipped[b.name] = "frozen (no parameter of it requires grad)"
+                    continue
+                if b.name in step.changed:
+                    raise TENGraDError(f"layer {b.name!r}: its trainable parameters changed between the forward "
+                                       "and step(); with several ranks, change requires_grad before "
+                                       "zero_grad() and the forward")
                 due = self.due(b, step.steps, step.update_freq)
                 uses = [u for u in step.uses.get(i, []) if u.parts is None] if due else []
                 refuse_several(b, uses)

@@ -37,6 +37,8 @@ class LocalEstimator:
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
+        if not b.params:                # frozen: nothing to capture
+            return False
         if self.staggered:
             return stagger.due(steps, b.offset, update_freq, b.curv is not None)
         return steps % update_freq == 0 or b.curv is None
@@ -44,7 +46,7 @@ class LocalEstimator:
     def curvature_due(self, blocks: list[Block], steps: int, update_freq: int) -> bool:
         if self.staggered:
             return bool(self.due_blocks(blocks, steps, update_freq))
-        return steps % update_freq == 0 or any(b.curv is None for b in blocks)
+        return steps % update_freq == 0 or any(b.curv is None and b.params for b in blocks)
 
     def due_blocks(self, blocks: list[Block], steps: int, update_freq: int) -> list[Block] | None:
         """Staggered: the blocks due at this step, worked out once per step (the gate asks before
@@ -59,6 +61,9 @@ class LocalEstimator:
 
     def forget(self) -> None:
         self._due_memo = None
+
+    def drop(self, name: str) -> None:
+        """Block ``name`` changed its parameters: its curvature (``Block.curv``) was dropped with them."""
 
     @property
     def noise_ratio(self) -> float:
@@ -76,8 +81,16 @@ class LocalEstimator:
         self._pending, self._blocks = {}, step.blocks
         traces, squares, fresh, rows_m = [], [], [], 0
         for i, b in enumerate(step.blocks):
+            if not b.params:
+                skipped[b.name] = "frozen (no parameter of it requires grad)"
+                continue
             group = step.group(b)
             a = group["damping"]
+            if b.name in step.changed:      # set changed after its forward: no rows for the new set yet
+                skipped[b.name] = ("its trainable parameters changed after the forward: d = g / damping "
+                                   "this step, its curvature from the next curvature step")
+                out += damped_identity(b.params, group)
+                continue
             due = self.due(b, step.steps, step.update_freq)
             captured = step.uses.get(i, []) if due else []
             why = usage.unused(b.params, captured[0] if captured else None)
@@ -136,6 +149,16 @@ class LocalEstimator:
         if self._cycle is not None:
             self._cycle = stagger.CycleSums()
         self._due_memo = None
+
+
+def damped_identity(params, group: dict) -> list[Direction]:
+    """d = g / a for ``params`` (those with a gradient) in ``group``."""
+    out = []
+    for p in params:
+        if p.grad is not None:
+            g = gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
+            out.append((p, g / group["damping"], g, group))
+    return out
 
 
 def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Direction]:
