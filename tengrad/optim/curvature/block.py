@@ -42,6 +42,7 @@ class Block:
     prefix: str = ""                # the module's qualified name (parameter names are prefix.name)
     given: list = field(default_factory=list)   # op-level blocks: every parameter given, frozen or not
     param_names_given: list = field(default_factory=list)
+    own: tuple = ()                 # module-level: its module's parameters that trained at the last refresh
 
     def __post_init__(self) -> None:
         if not self.module_level and not self.param_names_given:
@@ -105,6 +106,8 @@ def find_blocks(model: nn.Module, backend: str, op_blocks: bool = True
 
     for i, b in enumerate(candidates):
         b.offset = i
+        if b.module_level:
+            b.own = tuple(p for p in b.module._parameters.values() if p is not None and p.requires_grad)
     return candidates, fallback_of(model, candidates), why
 
 
@@ -133,10 +136,13 @@ def refresh(b: Block, backend: str) -> bool:
     train. A change drops the kept curvature and path choices: the block refreshes at its next
     curvature step."""
     if b.module_level:
-        live = [p for _, p in b.module.named_parameters(recurse=False) if p.requires_grad]
-        have = [] if b.plan is None else [p for _, p in b.plan.params]
+        # the module's own parameters (its _parameters dict: named_parameters' generator costs more on a
+        # path every step takes) against the plan's, in order
+        live = [p for p in b.module._parameters.values() if p is not None and p.requires_grad]
+        have = b.own
         if len(live) == len(have) and all(p is q for p, q in zip(live, have)):
             return False
+        b.own = tuple(live)
         b.plan = CompiledLayer(b.module, backend=backend) if live else None
         pairs = [] if b.plan is None else list(b.plan.params)
         b.params = [p for _, p in pairs]
