@@ -255,3 +255,68 @@ def test_a_parameter_replaced_after_construction_is_refused_naming_it():
     model[2].weight = nn.Parameter(torch.randn(5, 6, dtype=torch.float64))
     with pytest.raises(Exception, match=r"'2\.weight'.*in no param group.*added or replaced"):
         opt.zero_grad()
+
+
+# ---------------------------------------------------------------- gradient accumulation
+def _union_step_check(opt, model, batches, weights, kept):
+    """k micro-batches, loss_j * weight_j backpropagated each, one step: against the union batch's
+    oracle (F from all samples; g = the accumulated gradient, which is the union mean here)."""
+    lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = per_sample_grads(model, x, y, "cross_entropy")
+    if opt._steps % opt.update_freq == 0:
+        kept["F"] = fisher_from_grads(rows, names)
+    g = {n: t.mean(0) for n, t in rows.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exact = expected_steps(opt, model, kept["F"], names, g, lr, damping)
+    opt.zero_grad()
+    for (xb, yb), w in zip(batches, weights):
+        (F.cross_entropy(model(xb), yb) * w).backward()
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, g[n]) <= 1e-12, n           # the loop's gradient is the union mean
+    opt.step()
+    for n, p in model.named_parameters():
+        assert rel_err(p.detach() - before[n], exact[n]) <= TOL, n
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("sizes", [[4, 4], [3, 3, 3, 3], [5, 2], [2, 4, 1, 3]],
+                         ids=["2 equal", "4 equal", "2 uneven", "4 uneven"])
+def test_gradient_accumulation_gives_the_union_batch_step(sizes, k):
+    """Equal micro-batches with the common loss / n_micro; uneven ones weighted m_j / M (so that the
+    accumulated gradient is the union batch's mean)."""
+    model = _deep()
+    opt = _opt(model, k=k)
+    kept: dict = {}
+    M = sum(sizes)
+    equal = len(set(sizes)) == 1
+    weights = [1.0 / len(sizes)] * len(sizes) if equal else [m / M for m in sizes]
+    for step in range(k + 1):
+        gen = torch.Generator().manual_seed(10 + step)
+        batches = [(torch.randn(m, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (m,), generator=gen))
+                   for m in sizes]
+        _union_step_check(opt, model, batches, weights, kept)
+    assert all(b.curv.m == M for b in opt.blocks)
+
+
+def test_accumulation_through_a_shared_block_is_the_union_step():
+    """A weight read by two calls in each of two forwards (the summed-J path)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inp(torch.tanh(self.inp(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    opt = _opt(model)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(m, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (m,), generator=gen))
+               for m in (3, 5)]
+    _union_step_check(opt, model, batches, [3 / 8, 5 / 8], {})
+    assert len(next(b for b in opt.blocks if b.name == "inp").uses) == 4

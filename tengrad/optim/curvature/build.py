@@ -6,8 +6,8 @@ single-process steps, staggered steps, blocks with several uses and both distrib
 the uses of one step (capture/record.py ``Use``):
 
 1. No use received an output gradient: ``MissingCaptureError`` (consistency.py) naming the block.
-   Uses from several root forwards (gradients accumulated over several forward/backward passes):
-   refused naming the block.
+   Uses from several root forwards (gradients accumulated over micro-batches, empirical Fisher): the
+   rows of the union batch, M = the forwards' batches together, M * dL/dy each (``_union``).
 2. Each use's sample is moved to dimension 0 (uses.py ``sample_first``; a declared ``batch_dim`` for
    the layer wins).
 3. One module call of a block that trains all of its plan's parameters (the common case):
@@ -54,19 +54,34 @@ def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCh
     captured = [u for u in captured if u.received]
     if not captured:
         raise check.missing_capture(b)
-    fwds = {u.fwd for u in captured}
-    if len(fwds) > 1:
-        raise TENGraDError(
-            f"layer {b.name!r} received output gradients from {len(fwds)} forward passes since the "
-            "last zero_grad()/step(): gradients were accumulated over several forward/backward passes; "
-            "TENGraD's curvature needs one forward per step")
     dtype = compute_dtype(b.params[0].dtype)
     moved = [sample_first(b, u, rules.layer_dims) for u in captured]
-    plain = (b.plan is not None and len(moved) == 1 and moved[0].parts is None
+    by_forward: dict[int, list[Use]] = {}
+    for u in moved:
+        by_forward.setdefault(u.fwd, []).append(u)
+    if len(by_forward) > 1 and rules.fisher != "empirical":
+        raise TENGraDError(
+            f"layer {b.name!r} received output gradients from {len(by_forward)} forward passes since the "
+            f"last zero_grad()/step(): gradient accumulation is supported for the empirical Fisher, not "
+            f"fisher={rules.fisher!r} (its curvature passes run per opt.backward)")
+    one_call = all(len(us) == 1 and us[0].parts is None for us in by_forward.values())
+    plain = (b.plan is not None and one_call
              and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
     if plain:
-        return _module_rows(b, moved[0], rules, check, dtype, keep_factors)
-    return _summed_rows(b, moved, rules, check, dtype)
+        use = moved[0] if len(moved) == 1 else _union(moved)
+        return _module_rows(b, use, rules, check, dtype, keep_factors,
+                            batch=None if len(moved) == 1 else int(use.x.shape[0]))
+    return _summed_rows(b, by_forward, rules, check, dtype)
+
+
+def _union(uses: list[Use]) -> Use:
+    """One use for the calls of several forwards (gradient accumulation): their samples side by side,
+    the union batch M = sum of the forwards' batches. Rows are M * dL/dy (``_module_rows``), so
+    J^T 1 / M is the accumulated gradient, and they are the per-sample gradients when that is the
+    union batch's mean gradient (equal micro-batches with loss / k, or any with loss * m_j / M)."""
+    x = torch.cat([u.x for u in uses])
+    grad = torch.cat([u.grad for u in uses])
+    return uses[0].moved(x, grad, [])
 
 
 def sample_first(b: Block, u: Use, layer_dims: dict[str, int]) -> Use:
@@ -85,10 +100,10 @@ def sample_first(b: Block, u: Use, layer_dims: dict[str, int]) -> Use:
 
 
 def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype: torch.dtype,
-                 keep_factors: bool) -> Rows:
+                 keep_factors: bool, batch: int | None = None) -> Rows:
     x = u.x.to(dtype) if u.x.is_floating_point() else u.x
     m = x.shape[0]
-    check.verify(b, x, u.grad)
+    check.verify(b, x, u.grad, batch)
     if rules.fisher == "empirical" and u.grad is not None:   # gy = m * grad, formed below if needed
         gy, gy_shape = None, tuple(u.grad.shape)
     else:
@@ -117,24 +132,32 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     return rows.explicit(b.plan) if explicit else rows
 
 
-def _summed_rows(b: Block, calls: list[Use], rules: Rules, check: ConsistencyCheck, dtype) -> Rows:
-    """R = sum_u J_u over several uses, op-level uses or slices (uses.py)."""
+def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check: ConsistencyCheck,
+                 dtype) -> Rows:
+    """R = sum_u J_u over several uses, op-level uses or slices (uses.py); the rows of several
+    forwards (gradient accumulation) stacked, each scaled to M * dL/dy as in ``_union``."""
     whole = [(p, None) if any(p is q for q in b.params) else None for _, p in b.plan.params] \
         if b.plan is not None else None
-    calls = [c if c.parts is not None else _with_parts(c, whole) for c in calls]
-    m = int(calls[0].x.shape[0])
-    if any(int(c.x.shape[0]) != m for c in calls):
-        raise TENGraDError(f"layer {b.name!r}: its uses saw batches {[int(c.x.shape[0]) for c in calls]}")
     empirical = rules.fisher == "empirical"
-    J = uses_mod.jacobian(b.params, calls, m, dtype, empirical)
-    grads = [c.grad for c in calls if c.grad is not None]
+    groups = []
+    for calls in by_forward.values():
+        calls = [c if c.parts is not None else _with_parts(c, whole) for c in calls]
+        m = int(calls[0].x.shape[0])
+        if any(int(c.x.shape[0]) != m for c in calls):
+            raise TENGraDError(f"layer {b.name!r}: its uses saw batches {[int(c.x.shape[0]) for c in calls]}")
+        groups.append((m, calls))
+    M = sum(m for m, _ in groups)
+    J = torch.cat([uses_mod.jacobian(b.params, calls, m, dtype, empirical) * (M / m) if len(groups) > 1
+                   else uses_mod.jacobian(b.params, calls, m, dtype, empirical) for m, calls in groups])
+    calls_all = [c for _, calls in groups for c in calls]
+    grads = [c.grad for c in calls_all if c.grad is not None]
     if check.due(b.name) and grads:
-        Jg = J if empirical else uses_mod.jacobian(b.params, calls, m, dtype, True)
-        uses_mod.check(b.name, b.params, Jg, m, grads[0].dtype)
+        Jg = J if empirical else uses_mod.jacobian(b.params, calls_all, M, dtype, True)
+        uses_mod.check(b.name, b.params, Jg, M, grads[0].dtype)
         check.mark_checked(b.name)
-    b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls)} use(s), uses.py")
-    b.uses = [c.name for c in calls]
-    return Rows(paths.JACOBIAN, m, jac=J)
+    b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls_all)} use(s), uses.py")
+    b.uses = [c.name for c in calls_all]
+    return Rows(paths.JACOBIAN, M, jac=J)
 
 
 def _with_parts(u: Use, parts) -> Use:

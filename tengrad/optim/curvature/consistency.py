@@ -120,17 +120,20 @@ class ConsistencyCheck:
     def due(self, name: str) -> bool:
         return self.mode is True or (self.mode is False and name not in self.checked)
 
-    def verify(self, b, x: Tensor, grad: Tensor | None) -> None:
+    def verify(self, b, x: Tensor, grad: Tensor | None, batch: int | None = None) -> None:
         """Raise a ConsistencyError naming the block if its capture contradicts its gradient.
 
-        ``x``: the captured input [m, ...] (compute dtype, or ids); ``grad``: the captured dL/dy."""
+        ``x``: the captured input [m, ...] (compute dtype, or ids); ``grad``: the captured dL/dy;
+        ``batch``: the batch the rows must have (the union of accumulated micro-batches), else the
+        model's input's in the last training forward."""
         if grad is None or not self.due(b.name):
             return
         m = int(x.shape[0])
-        if self.batch is not None and m != self.batch:
+        batch = batch if batch is not None else self.batch
+        if batch is not None and m != batch:
             raise BatchDimensionError(
                 f"{_describe(b)}: its input has leading dimension {m} but the model's input has batch "
-                f"{self.batch}. TENGraD takes dimension 0 of every layer input and output as the sample "
+                f"{batch}. TENGraD takes dimension 0 of every layer input and output as the sample "
                 "dimension, so this block's curvature would be built from rows that are not samples "
                 "(e.g. a Linear on a sequence-first [T, N, d] tensor, or on tokens flattened to [N*T, d]). "
                 "Keep the batch first at this layer (batch_first=True, or transpose before it).")
