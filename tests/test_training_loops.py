@@ -7,6 +7,8 @@ read from a keyword argument (``model(ids=...)``) and declared ``batch_dim`` ent
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +301,88 @@ def test_accumulation_through_a_shared_block_is_the_union_step():
                for m in (3, 5)]
     _union_step_check(opt, model, batches, [3 / 8, 5 / 8], {})
     assert len(next(b for b in opt.blocks if b.name == "inp").uses) == 4
+
+
+# ---------------------------------------------------------------- loss scaling
+def _scaled_step(opt, model, x, y, kept, scale_and_step):
+    """One step whose loop scales the loss (``scale_and_step(loss)`` backpropagates and steps), against
+    the oracle of the unscaled loss (per-block Fisher from each block's last refresh)."""
+    lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
+    twin = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    m64 = copy.deepcopy(model).double()
+    rows = per_sample_grads(m64, x.double(), y, "cross_entropy")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    g = {n: t.mean(0) for n, t in rows.items()}
+    F_now = fisher_from_grads(rows, names)
+    if opt._steps % opt.update_freq == 0:
+        kept["F"] = F_now
+    exact = expected_steps(opt, m64, kept["F"], names, g, lr, damping)
+    opt.zero_grad()
+    scale_and_step(F.cross_entropy(model(x), y))
+    return {n: rel_err(p.detach().double() - twin[n], exact[n]) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_grad_scaler_steps_are_the_unscaled_step_and_an_inf_step_is_skipped(k):
+    model = _deep().float()
+    opt = _opt(model, k=k)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    kept: dict = {}
+
+    def amp(loss):
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for step in range(2 * k + 1):
+        x, y = _batch(seed=step)
+        if step == 1:                                      # an overflow: GradScaler skips the step
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            curv = [b.curv for b in opt.blocks]
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x.float()), y)).backward()
+            model[0].weight.grad.view(-1)[0] = float("inf")
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            assert scaler.get_scale() < scale and opt._steps == 1
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+            assert all(b.curv is c for b, c in zip(opt.blocks, curv))
+            continue
+        errs = _scaled_step(opt, model, x.float(), y, kept, amp)
+        assert max(errs.values()) <= 1e-4, errs
+        assert opt.estimator.last_loss_scale in (1.0, scaler.get_scale()) or opt._steps % k != 1
+
+
+def test_a_manual_power_of_two_loss_scale_is_exact_and_clipping_keeps_the_unclipped_fisher():
+    model = _deep()
+    opt = _opt(model)
+    kept: dict = {}
+
+    def manual(loss):
+        (loss * 1024.0).backward()
+        for p in model.parameters():
+            p.grad /= 1024.0
+        opt.step()
+
+    errs = _scaled_step(opt, model, *_batch(seed=3), kept, manual)
+    assert max(errs.values()) <= TOL, errs
+    assert opt.estimator.last_loss_scale == 1024.0
+    # clipping after backward: the step preconditions the clipped gradient with the unclipped Fisher
+    x, y = _batch(seed=4)
+    lr, damping = 0.2, 0.5
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = per_sample_grads(model, x, y, "cross_entropy")
+    names = [n for n, _ in model.named_parameters()]
+    g = {n: t.mean(0) for n, t in rows.items()}
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g.values()))
+    c = float(0.1 / (norm + 1e-6))                         # clip_grad_norm_: max_norm / (norm + 1e-6)
+    exact = expected_steps(opt, model, fisher_from_grads(rows, names), names, {n: c * t for n, t in g.items()},
+                           lr, damping)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    opt.step()
+    assert c < 1 and opt.estimator.last_loss_scale == 1.0
+    for n, p in model.named_parameters():
+        assert rel_err(p.detach() - before[n], exact[n]) <= TOL, n

@@ -24,6 +24,7 @@ step) keeps x and gy beside an explicit J, as the owner may gather either.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -182,3 +183,35 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
             else:
                 p.grad.add_(gp)
     u.jac = list(jac) if u.jac is None else [a + c for a, c in zip(u.jac, jac)]
+
+
+#: a factor within this relative distance of a power of two 2^k (k >= 1) is taken for a loss scale
+SCALE_TOL = 1e-4
+
+
+def loss_scale(b: Block, rows: Rows) -> float:
+    """The loss scale S the captured rows carry, or 1: the factor between the gradient the rows imply
+    (J^T 1 / m, the output gradients as the backward saw them) and ``param.grad`` as the step sees it,
+    when that factor is a power of two 2^k, k >= 1, to ``SCALE_TOL``. That is what a loss scaled before
+    backward and its gradients unscaled before the step leave (torch.amp.GradScaler's scales are powers
+    of two; ``(loss * s).backward()`` then ``p.grad /= s`` with s = 2^k), while the factor that gradient
+    clipping leaves (clip_grad_norm_'s max_norm / norm) is kept: the step then preconditions the
+    clipped gradient with the Fisher of the unclipped rows, as without clipping. Empirical rows only
+    (r = m); a block with no gradient or a non-finite one: 1."""
+    if rows.n_rows != rows.m:
+        return 1.0
+    grads = [p.grad for p in b.params]
+    if any(g is None for g in grads):
+        return 1.0
+    like = [g.to(rows.gy.dtype if rows.gy is not None else g.dtype) for g in grads]
+    ones = torch.full((rows.m,), 1.0 / rows.m, dtype=like[0].dtype, device=like[0].device)
+    a = torch.cat([t.reshape(-1).to(torch.float64) for t in rows.jtu(b.plan, ones, like)])
+    w = torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1).to(torch.float64) for g in grads])
+    ww = float(w @ w)
+    if not (ww > 0) or not torch.isfinite(a).all():
+        return 1.0
+    f = float(a @ w) / ww
+    if not f >= 2 - 2 * SCALE_TOL:
+        return 1.0
+    k = round(math.log2(f))
+    return float(2 ** k) if abs(f / 2 ** k - 1) <= SCALE_TOL else 1.0

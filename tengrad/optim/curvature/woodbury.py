@@ -50,13 +50,14 @@ class Rows:
     Jacobians as formed, e.g. J / m from the backward pass: no concatenated or rescaled copy is made).
     """
 
-    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "_x_rep")
+    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep")
 
     def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
                  jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
         self.path, self.m, self.x, self.gy, self.jac = path, int(m), x, gy, jac
         self.pieces = None if pieces is None else tuple(p.reshape(p.shape[0], -1) for p in pieces)
         self.scale = float(scale) if pieces is not None else 1.0
+        self.factor = 1.0           # R = factor * (the rows as held): a loss scale taken out (build.py)
         self._x_rep = None
 
     @property
@@ -85,11 +86,21 @@ class Rows:
         """The same R, also held as an explicit Jacobian (formed from x and gy; x and gy are kept)."""
         if self.explicit_held:
             return self
-        return Rows("jacobian", self.m, self.x, self.gy, pieces=plan.jacobian(self.x_rep(), self.gy))
+        out = Rows("jacobian", self.m, self.x, self.gy, pieces=plan.jacobian(self.x_rep(), self.gy))
+        out.factor = self.factor
+        return out
+
+    def scaled(self, f: float) -> "Rows":
+        """The same rows times ``f`` (no copy of the tensors)."""
+        out = Rows(self.path, self.m, self.x, self.gy, self.jac, self.pieces, self.scale)
+        out.factor, out._x_rep = self.factor * f, self._x_rep
+        return out
 
     def matrix(self) -> Tensor:
         """R [r, P] as one tensor (the explicit J; a copy when held as scaled pieces)."""
-        return self.jac if self.jac is not None else flatten_jacobian(self.pieces, self.scale)
+        if self.jac is not None:
+            return self.jac if self.factor == 1.0 else self.jac * self.factor
+        return flatten_jacobian(self.pieces, self.scale * self.factor)
 
     def gram(self, plan) -> Tensor:
         """K = R R^T [r, r]; a large piece's product from its blocks on and above the diagonal."""
@@ -97,15 +108,20 @@ class Rows:
             gram = _gram(self.pieces[0])
             for p in self.pieces[1:]:
                 gram += _gram(p)
-            if self.scale != 1.0:
-                gram *= self.scale * self.scale
-            return gram
-        if self.jac is not None:
-            return _gram(self.jac)
-        return plan.gram(self.x_rep(), self.gy)
+            c = self.scale * self.factor
+        else:
+            gram = _gram(self.jac) if self.jac is not None else plan.gram(self.x_rep(), self.gy)
+            c = self.factor
+        if c != 1.0:
+            gram *= c * c
+        return gram
 
     def jg(self, plan, g: Sequence[Tensor]) -> Tensor:
         """R g [r] for g shaped like the block's parameters."""
+        rg = self._jg(plan, g)
+        return rg * self.factor if self.factor != 1.0 else rg
+
+    def _jg(self, plan, g: Sequence[Tensor]) -> Tensor:
         if self.pieces is not None:     # R = scale [P_0 | P_1 | ...]: R g = scale sum_i P_i g_i
             rg = self.pieces[0] @ g[0].reshape(-1).to(self.pieces[0].dtype)
             for p, t in zip(self.pieces[1:], g[1:]):
@@ -118,6 +134,8 @@ class Rows:
 
     def jtu(self, plan, u: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         """R^T u shaped like ``like`` (the block's parameters), in the rows' dtype."""
+        if self.factor != 1.0:
+            u = u * self.factor
         if self.pieces is not None:     # R^T u = [P_i^T (scale u)]_i
             us = u * self.scale if self.scale != 1.0 else u
             return [(p.T @ us.to(p.dtype)).view(t.shape) for p, t in zip(self.pieces, like)]
@@ -134,8 +152,8 @@ class Rows:
         """What a checkpoint keeps: x (repeated to r rows) and gy, or "jac": R / scale (pieces side by side)."""
         if self.path == "jacobian":
             jac = self.jac if self.pieces is None else flatten_jacobian(self.pieces)
-            return {"x": None, "gy": None, "jac": jac}
-        return {"x": self.x_rep(), "gy": self.gy, "jac": None}
+            return {"x": None, "gy": None, "jac": jac if self.factor == 1.0 else jac * self.factor}
+        return {"x": self.x_rep(), "gy": self.gy if self.factor == 1.0 else self.gy * self.factor, "jac": None}
 
     def split(self) -> list[int] | None:
         """The pieces' column counts (None: R is held whole)."""

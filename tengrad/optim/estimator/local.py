@@ -34,6 +34,7 @@ class LocalEstimator:
         self._pending: dict[int, woodbury.BlockCurvature] = {}
         self._stats: tuple[list, list, list, int] = ([], [], [], 0)
         self._blocks: list[Block] = []
+        self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -80,12 +81,12 @@ class LocalEstimator:
         out: list[Direction] = []
         self._pending, self._blocks = {}, step.blocks
         traces, squares, fresh, rows_m = [], [], [], 0
+        taking: list[tuple[int, Block, dict, list]] = []        # blocks that take part: (i, b, group, uses)
         for i, b in enumerate(step.blocks):
             if not b.params:
                 skipped[b.name] = "frozen (no parameter of it requires grad)"
                 continue
             group = step.group(b)
-            a = group["damping"]
             if b.name in step.changed:      # set changed after its forward: no rows for the new set yet
                 skipped[b.name] = ("its trainable parameters changed after the forward: d = g / damping "
                                    "this step, its curvature from the next curvature step")
@@ -97,10 +98,16 @@ class LocalEstimator:
             if why is not None:
                 skipped[b.name] = why
                 continue
+            taking.append((i, b, group, captured if due else None))
+        rows = {i: build.block_rows(b, uses, step.rules, step.check) for i, b, _, uses in taking if uses is not None}
+        scale = self.loss_scale(step, rows)
+        for i, b, group, uses in taking:
+            a = group["damping"]
             dtype = woodbury.compute_dtype(b.params[0].dtype)
             g = [gradient(p, group["weight_decay"], dtype) for p in b.params]
-            if due:
-                curv = woodbury.curvature(build.block_rows(b, captured, step.rules, step.check), b.plan, a, b.name)
+            if i in rows:
+                r = rows[i] if scale == 1.0 else rows[i].scaled(1.0 / scale)
+                curv = woodbury.curvature(r, b.plan, a, b.name)
                 if self.estimate_noise and step.rules.fisher == "empirical" and curv.gram.shape[0] == curv.m:
                     traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
                     squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
@@ -112,7 +119,21 @@ class LocalEstimator:
             d = woodbury.direction(curv, b.plan, g, b.name)
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g) if p.grad is not None]
         self._stats = (traces, squares, fresh, rows_m)
+        self.last_loss_scale = scale
         return out + fallback_directions(step)
+
+    @staticmethod
+    def loss_scale(step: StepInput, rows: dict) -> float:
+        """The loss scale the fresh rows of this step carry (build.loss_scale on the smallest fresh
+        block with a plan: one product J^T 1 per step), taken out of every fresh block's rows."""
+        if step.rules.fisher != "empirical" or not rows:
+            return 1.0
+        candidates = [(step.blocks[i].numel, i) for i in rows if step.blocks[i].plan is not None
+                      or rows[i].explicit_held]
+        if not candidates:
+            return 1.0
+        i = min(candidates)[1]
+        return build.loss_scale(step.blocks[i], rows[i])
 
     def commit(self) -> None:
         for i, curv in self._pending.items():
