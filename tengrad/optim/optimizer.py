@@ -310,7 +310,6 @@ class TENGraD(torch.optim.Optimizer):
         self.skipped = skipped
         update.apply(self.state, directions, nu)
         self._steps += 1
-        self._capture.forget()
         return loss
 
     # ------------------------------------------------------------------ state
@@ -336,7 +335,6 @@ class TENGraD(torch.optim.Optimizer):
         self.estimator.load(self.blocks, prepared)
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
-        self._capture.forget()
         self.skipped = {}
 
     def remove_hooks(self) -> None:

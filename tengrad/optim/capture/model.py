@@ -30,7 +30,6 @@ from tengrad.optim.capture.hooks import CURVATURE, GRADIENT, GradientPass
 from tengrad.optim.capture.module import LayerCapture
 from tengrad.optim.capture.ops import OpCapture
 from tengrad.optim.capture.record import Use
-from tengrad.optim.errors import TENGraDError
 
 
 class ModelCapture:
@@ -176,13 +175,3 @@ class ModelCapture:
             if b.capture is not None:
                 b.capture.remove()
         self.ops.remove()
-
-
-def refuse_several(block, uses: list[Use]) -> None:
-    """The error for a block captured more than once in a step where only one call is supported."""
-    if len(uses) > 1:
-        raise TENGraDError(
-            f"layer {block.name!r} ({type(block.module).__name__}) received output gradients from "
-            f"{len(uses)} forward calls since the last zero_grad()/step(): it is called more "
-            "than once per forward (weight sharing) or gradients were accumulated over several "
-            "backward passes; TENGraD's per-layer curvature needs exactly one call per step")

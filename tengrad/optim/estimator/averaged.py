@@ -15,6 +15,7 @@ from tengrad.optim.curvature import build
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.estimator.comm import Failure, raise_if_any, world
 from tengrad.optim.estimator.distributed import DistributedEstimator
+from tengrad.optim.estimator.local import fallback_directions
 
 
 class AveragedEstimator(DistributedEstimator):
@@ -82,4 +83,4 @@ class AveragedEstimator(DistributedEstimator):
                 if p.grad is not None:
                     out.append((p, d, g, grp[i]))
             self.pending[b.name] = curv[i]
-        return out + self.fallback_directions(step, grads)
+        return out + fallback_directions(step, grads)

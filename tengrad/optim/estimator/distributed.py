@@ -49,14 +49,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tengrad.optim.capture.model import refuse_several
 from tengrad.optim.curvature import usage, woodbury
+from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.estimator.comm import Failure, Traffic, raise_if_any, world
 from tengrad.optim.estimator.gradients import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
                                                reduce_gradients, split_gradients)
-from tengrad.optim.estimator.local import fallback_directions
 from tengrad.optim.errors import TENGraDError
 
 MODES = ("exact", "local")
@@ -257,10 +256,6 @@ class DistributedEstimator:
             if p.grad is not None and not torch.isfinite(dense_grad(p)).all():
                 raise TENGraDError(f"parameter {n!r}: non-finite gradient")
 
-    @staticmethod
-    def fallback_directions(step: StepInput, grads: dict[int, Tensor]) -> list[Direction]:
-        return fallback_directions(step, grads)
-
     # ------------------------------------------------------------------ printing
     def explain_lines(self, blocks: list[Block]) -> list[str]:
         rank, R = world(self.group)
@@ -287,3 +282,14 @@ class DistributedEstimator:
 
     def block_line(self, b: Block, last: str) -> str:
         return f"    {b.name}: last step sent {last}"
+
+
+def refuse_several(block, uses: list[Use]) -> None:
+    """The distributed step takes one module call per block and step (its blocks are modules with a
+    plan; several calls or micro-batches are the single-process estimator's)."""
+    if len(uses) > 1:
+        raise TENGraDError(
+            f"layer {block.name!r} ({type(block.module).__name__}) received output gradients from "
+            f"{len(uses)} forward calls since the last zero_grad()/step(): it is called more "
+            "than once per forward (weight sharing) or gradients were accumulated over several "
+            "backward passes; TENGraD's per-layer curvature needs exactly one call per step")

@@ -23,6 +23,7 @@ from tengrad.optim.estimator import owners as dplan
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.estimator.comm import Failure, global_rank, pad0, raise_if_any, unpad_cat, world
 from tengrad.optim.estimator.distributed import DistributedEstimator
+from tengrad.optim.estimator.local import fallback_directions
 
 
 @dataclass
@@ -221,7 +222,7 @@ class ExactEstimator(DistributedEstimator):
                     raise TENGraDError(f"layer {b.name!r}: the preconditioned direction has non-finite entries")
                 if p.grad is not None:
                     out.append((p, d, g, grp[i]))
-        return out + self.fallback_directions(step, grads)
+        return out + fallback_directions(step, grads)
 
     def mode_lines(self) -> list[str]:
         return []

@@ -172,24 +172,22 @@ class LocalEstimator:
         self._due_memo = None
 
 
-def damped_identity(params, group: dict) -> list[Direction]:
-    """d = g / a for ``params`` (those with a gradient) in ``group``."""
+def damped_identity(params, group: dict, grads: dict | None = None) -> list[Direction]:
+    """d = g / a for ``params`` (those with a gradient) in ``group``; ``grads``: {id(param): g}, else g
+    from param.grad (update.gradient)."""
     out = []
     for p in params:
-        if p.grad is not None:
-            g = gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
-            out.append((p, g / group["damping"], g, group))
+        if p.grad is None:
+            continue
+        g = grads[id(p)] if grads is not None else gradient(p, group["weight_decay"],
+                                                            woodbury.compute_dtype(p.dtype))
+        out.append((p, g / group["damping"], g, group))
     return out
 
 
 def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Direction]:
-    """d = g / a for the parameters in no block (``grads``: {id(param): g}, else from param.grad)."""
+    """d = g / a for the parameters in no block, each in its own group."""
     out = []
     for _, p in step.fallback:
-        if p.grad is None:
-            continue
-        group = step.groups[step.where[id(p)]]
-        g = grads[id(p)] if grads is not None else gradient(p, group["weight_decay"],
-                                                            woodbury.compute_dtype(p.dtype))
-        out.append((p, g / group["damping"], g, group))
+        out += damped_identity([p], step.groups[step.where[id(p)]], grads)
     return out
