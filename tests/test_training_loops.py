@@ -17,7 +17,7 @@ from torch import nn
 from support.numerics import rel_err
 from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
 from tengrad.optim import TENGraD
-from tengrad.optim.curvature.consistency import BatchDimensionError
+from tengrad.optim.curvature.consistency import BatchDimensionError, UnexplainedGradientError
 
 TOL = 1e-8
 
@@ -176,15 +176,18 @@ def test_a_layer_frozen_after_construction_never_moves_and_the_rest_is_exact(k):
     assert "skipped at the last step: frozen" in opt.explain()
 
 
-def _check_step(opt, model, x, y, loop, kept):
+def _check_step(opt, model, x, y, loop, kept, gradient=None):
     """``loop()`` runs the training loop's passes (leaving .grad); then one step, each block against
     -lr (F_b + a I)^-1 g_b with F_b from that block's last refresh (``kept``: {block name: F_b},
-    updated for the blocks due at this step: curvature steps, and a block whose trainable set changed)."""
+    updated for the blocks due at this step: curvature steps, and a block whose trainable set changed);
+    g the mean of the per-sample gradients, or ``gradient(twin)`` ({name: g} on a float64 twin)."""
     lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = per_sample_grads(model, x, y, "cross_entropy")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     g = {n: t.mean(0) for n, t in rows.items() if n in names}
+    if gradient is not None:
+        g = {n: t for n, t in gradient(copy.deepcopy(model)).items() if n in names}
     F_now = fisher_from_grads({n: rows[n] for n in names}, names)
     opt.zero_grad()
     due = {b.name for b in opt.blocks if opt.estimator.due(b, opt._steps, opt.update_freq)}
@@ -386,3 +389,54 @@ def test_a_manual_power_of_two_loss_scale_is_exact_and_clipping_keeps_the_unclip
     assert c < 1 and opt.estimator.last_loss_scale == 1.0
     for n, p in model.named_parameters():
         assert rel_err(p.detach() - before[n], exact[n]) <= TOL, n
+
+
+# ---------------------------------------------------------------- gradient penalties
+def _penalised(model, x, y, gamma=0.5):
+    """CE + gamma ||d CE / d x||^2 (an input-gradient penalty, R1-style), built with create_graph."""
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    gx, = torch.autograd.grad(loss, x, create_graph=True)
+    return loss + gamma * gx.pow(2).sum()
+
+
+@pytest.mark.parametrize("grad_from_jacobian", [True, False])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_lazy_gradient_penalty_is_refused_on_curvature_steps_and_exact_on_reuse_steps(k, grad_from_jacobian):
+    """At the default check (per step: K 1 / m against R g for every fresh block, and the loss-scale
+    block's J^T 1 / m against param.grad) a step whose gradient has a penalty the per-sample rows do not
+    explain is refused on every curvature step, with nothing changed; on reuse steps the kept Fisher
+    preconditions the whole gradient, penalty included (the oracle's g). With the gradient from the
+    Jacobian the create_graph pass itself is what names it (the detached weights would lose its terms)."""
+    model = _deep()
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k,
+                  grad_from_jacobian=grad_from_jacobian)
+    kept: dict = {}
+    refused = 0
+    for step in range(2 * k + 2):
+        x, y = _batch(seed=step)
+        penalty = step % 2 == 1                              # lazy regularisation: every other step
+        if penalty and opt._steps % k == 0:                  # a curvature step: refused, nothing changed
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            curv = [b.curv for b in opt.blocks]
+            opt.zero_grad()
+            _penalised(model, x, y).backward()
+            with pytest.raises(UnexplainedGradientError, match="create_graph" if grad_from_jacobian else "explain"):
+                opt.step()
+            assert opt._steps == step                        # each iteration steps once in the end
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+            assert all(b.curv is c for b, c in zip(opt.blocks, curv))
+            refused += 1
+            penalty = False                                  # the user drops the penalty on this step
+        if penalty:
+            def loop():
+                _penalised(model, x, y).backward()
+
+            def total(twin):
+                _penalised(twin, x, y).backward()
+                return {n: p.grad for n, p in twin.named_parameters()}
+
+            _check_step(opt, model, x, y, loop, kept, gradient=total)
+        else:
+            _check_step(opt, model, x, y, loop=lambda: F.cross_entropy(model(x), y).backward(), kept=kept)
+    assert refused == (2 if k == 1 else 1)

@@ -19,6 +19,9 @@ L = (1/m) sum_i l_i it holds
     jacobian_grad  the block's parameters were detached for this call: its weight gradient comes
            from its Jacobian (``grad_from_jacobian``), formed during the backward
     jac    J / m per parameter ([m, *p.shape]) formed then
+    graph_pass  a ``create_graph`` pass that does not accumulate into ``.grad`` (``torch.autograd.grad(
+           loss, x, create_graph=True)``: a gradient penalty in the making) reached the output of a
+           ``jacobian_grad`` call; its terms through the detached parameters would be lost (build.py)
 
 ``sample_first`` (curvature/uses.py) returns a copy with the sample moved to dimension 0.
 """
@@ -28,7 +31,7 @@ from torch import Tensor
 
 
 class Use:
-    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "jacobian_grad", "jac")
+    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "jacobian_grad", "jac", "graph_pass")
 
     def __init__(self, name: str, plan, x: Tensor, fwd: int = 0, m: int | None = None, parts=None,
                  lead: int | None = None, seq_first: bool = False) -> None:
@@ -38,6 +41,7 @@ class Use:
         self.rows: list[Tensor] = []
         self.jacobian_grad = False
         self.jac: list[Tensor] | None = None
+        self.graph_pass = False
 
     @property
     def received(self) -> bool:
@@ -49,4 +53,5 @@ class Use:
         (on the old layout) is not carried over."""
         out = Use(self.name, self.plan, x, self.fwd, self.m, self.parts, self.lead, False)
         out.grad, out.rows, out.jacobian_grad = grad, rows, self.jacobian_grad     # jac: formed on the old layout, dropped
+        out.graph_pass = self.graph_pass
         return out

@@ -34,7 +34,7 @@ from tengrad.layers.ops import module_leading_dims
 from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature import paths, uses as uses_mod
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.consistency import ConsistencyCheck
+from tengrad.optim.curvature.consistency import ConsistencyCheck, graph_pass_error, unexplained
 from tengrad.optim.curvature.fisher import output_rows
 from tengrad.optim.curvature.woodbury import Rows, compute_dtype
 from tengrad.optim.errors import TENGraDError
@@ -55,6 +55,8 @@ def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCh
     captured = [u for u in captured if u.received]
     if not captured:
         raise check.missing_capture(b)
+    if check.mode is not None and any(u.jacobian_grad and u.graph_pass for u in captured):
+        raise graph_pass_error(b)
     dtype = compute_dtype(b.params[0].dtype)
     moved = [sample_first(b, u, rules.layer_dims) for u in captured]
     by_forward: dict[int, list[Use]] = {}
@@ -189,7 +191,7 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
 SCALE_TOL = 1e-4
 
 
-def loss_scale(b: Block, rows: Rows) -> float:
+def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
     """The loss scale S the captured rows carry, or 1: the factor between the gradient the rows imply
     (J^T 1 / m, the output gradients as the backward saw them) and ``param.grad`` as the step sees it,
     when that factor is a power of two 2^k, k >= 1, to ``SCALE_TOL``. That is what a loss scaled before
@@ -197,7 +199,10 @@ def loss_scale(b: Block, rows: Rows) -> float:
     of two; ``(loss * s).backward()`` then ``p.grad /= s`` with s = 2^k), while the factor that gradient
     clipping leaves (clip_grad_norm_'s max_norm / norm) is kept: the step then preconditions the
     clipped gradient with the Fisher of the unclipped rows, as without clipping. Empirical rows only
-    (r = m); a block with no gradient or a non-finite one: 1."""
+    (r = m); a block with no gradient or a non-finite one: 1.
+
+    ``tol``: also check that param.grad is that factor times J^T 1 / m to ``tol`` (consistency.mismatch),
+    else raise ``UnexplainedGradientError`` (a gradient penalty; the check on every curvature step)."""
     if rows.n_rows != rows.m:
         return 1.0
     grads = [p.grad for p in b.params]
@@ -210,6 +215,8 @@ def loss_scale(b: Block, rows: Rows) -> float:
     ww = float(w @ w)
     if not (ww > 0) or not torch.isfinite(a).all():
         return 1.0
+    if tol is not None:
+        unexplained(b, a, w, tol)
     f = float(a @ w) / ww
     if not f >= 2 - 2 * SCALE_TOL:
         return 1.0

@@ -23,6 +23,14 @@ sequence-first ``[T, N, d]`` tensor (rows = T) or on tokens flattened to ``[N*T,
 With several ranks (an initialised process group) ``param.grad`` is the all-reduced mean while the
 capture is local, so only the batch-dimension check runs there.
 
+Every curvature step (unless ``check=None``; single process) also screens for a loss term the rows do
+not explain, a gradient penalty, at no extra product with R (``screen``, ``unexplained``): each fresh
+block without weight decay compares R g with s K 1 / m (both formed by the step anyway), the smallest
+fresh block's J^T 1 / m (formed for the loss scale, curvature/build.py) is compared with param.grad, and
+a ``create_graph`` pass reaching a call whose weights were detached for the gradient from the Jacobian
+is refused (``graph_pass_error``). Measured cost of the alternative, ``verify`` on every curvature step:
+docs/experiments/step-cost.md.
+
 Cost: one ``plan.vjp`` per block (and one binding of its input and output gradient) on the first
 curvature step; with ``check=True`` one per block on every curvature step. A failure raises before
 anything is written, so parameters, momentum buffers and stored curvature stay untouched.
@@ -58,6 +66,11 @@ class SpecMismatchError(ConsistencyError):
 
 class BatchDimensionError(ConsistencyError):
     """A block's captured input has a leading dimension other than the batch of the forward."""
+
+
+class UnexplainedGradientError(ConsistencyError):
+    """On a curvature step ``param.grad`` has a part the per-sample rows do not explain: a loss term
+    that is not a mean of per-sample losses through the layers' outputs (a gradient penalty)."""
 
 
 class MissingCaptureError(ConsistencyError):
@@ -138,7 +151,7 @@ class ConsistencyCheck:
                 "(e.g. a Linear on a sequence-first [T, N, d] tensor, or on tokens flattened to [N*T, d]). "
                 "Keep the batch first at this layer (batch_first=True, or transpose before it).")
         grads = [p.grad for p in b.params]
-        if all(g is None for g in grads) or _multi_rank():
+        if all(g is None for g in grads) or multi_rank():
             return    # several ranks: param.grad is the all-reduced mean, the capture is local
         dtype = torch.promote_types(b.params[0].dtype, torch.float32)
         gy = m * grad.to(dtype)
@@ -148,7 +161,7 @@ class ConsistencyCheck:
         if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
             return    # non-finite values: the step's own checks name them
         err, scale = mismatch(a, w)
-        tol = max(TOL.get(b.params[0].dtype, LOW_PRECISION_TOL), TOL.get(grad.dtype, LOW_PRECISION_TOL))
+        tol = tolerance(b.params[0].dtype, grad.dtype)
         if not (err <= tol and scale > 0):
             raise SpecMismatchError(
                 f"{_describe(b)}: J^T 1 / m from the captured input and output gradient does not match "
@@ -173,7 +186,68 @@ class ConsistencyCheck:
             "or the hooks were removed.")
 
 
-def _multi_rank() -> bool:
+PENALTY_HINT = ("TENGraD's Fisher is built from the per-sample gradients of a mean loss L = (1/m) sum_i l_i "
+                "through the layers' outputs; a term they do not explain, such as a gradient penalty "
+                "(R1, a gradient norm: torch.autograd.grad(..., create_graph=True) added to the loss) or an "
+                "L2 term on the parameters written into the loss (pass weight_decay= instead), would give "
+                "a step with another function's curvature. Curvature steps with such a term are refused "
+                "with nothing changed; on reuse steps (update_freq > 1) the kept curvature preconditions "
+                "the whole gradient, penalty included. Move the penalty to a step where curvature is not "
+                "due, or pass TENGraD(..., check=None) to accept the step (README 'Losses and conventions').")
+
+
+def graph_pass_error(b) -> UnexplainedGradientError:
+    """A ``create_graph`` pass (not accumulating into .grad) reached the output of a call whose
+    parameters were detached for the gradient from the Jacobian: the penalty built from it would
+    lose its terms through those parameters, so the step is refused."""
+    return UnexplainedGradientError(
+        f"{_describe(b)}: a torch.autograd.grad(..., create_graph=True) pass reached its output on this "
+        "curvature step, and its weight gradient comes from its Jacobian (grad_from_jacobian=True, the "
+        "default): a gradient penalty built from that pass would lose its terms through this layer's "
+        "weights. Pass TENGraD(..., grad_from_jacobian=False) to keep them in the graph. " + PENALTY_HINT)
+
+
+def screen(b, gram: Tensor, rg: Tensor, m: int, tol: float) -> None:
+    """The per-step check that costs no product with R: on a curvature step with empirical rows and
+    g = param.grad (no weight decay folded in), g = s R^T 1 / m (s > 0: clipping, an undetected loss
+    scale) implies
+
+        R g = s R R^T 1 / m = s K 1 / m        ([m]; K and R g are both formed by the step anyway)
+
+    so a mismatch beyond ``tol`` after the best s (``mismatch``) means param.grad has a part the rows do
+    not explain (a gradient penalty; UnexplainedGradientError). Blind to a part orthogonal to the rows
+    (R r = 0); the full check (``verify``, one J^T u per block) is not."""
+    k1 = gram.sum(1).to(torch.float64) / m
+    got = rg.reshape(-1).to(torch.float64)
+    if not (torch.isfinite(k1).all() and torch.isfinite(got).all()):
+        return    # non-finite values: the step's own checks name them
+    err, scale = mismatch(k1, got)
+    if not (err <= tol and scale > 0):
+        raise UnexplainedGradientError(
+            f"{_describe(b)}: on this curvature step R g != s K 1 / m for its rows R, K = R R^T and "
+            f"g = param.grad (relative error {err:.3g} after the best factor {scale:.3g}; tolerance {tol:g}): "
+            "the gradient has a part its per-sample rows do not explain. " + PENALTY_HINT)
+
+
+def unexplained(b, a: Tensor, w: Tensor, tol: float) -> None:
+    """Raise UnexplainedGradientError unless w (param.grad, flat) = s a (a = J^T 1 / m, flat), s > 0,
+    to ``tol`` after the best s."""
+    if not torch.isfinite(w).all():
+        return    # the step's own checks name it
+    err, scale = mismatch(a, w)
+    if not (err <= tol and scale > 0):
+        raise UnexplainedGradientError(
+            f"{_describe(b)}: on this curvature step param.grad != s J^T 1 / m for its per-sample rows J "
+            f"(relative error {err:.3g} after the best factor {scale:.3g}; tolerance {tol:g}): the gradient "
+            "has a part its per-sample rows do not explain. " + PENALTY_HINT)
+
+
+def tolerance(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> float:
+    """The check's tolerance for the parameters' and the captured output gradients' dtypes."""
+    return max(TOL.get(param_dtype, LOW_PRECISION_TOL), TOL.get(grad_dtype, LOW_PRECISION_TOL))
+
+
+def multi_rank() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -194,4 +268,5 @@ def mismatch(a: Tensor, w: Tensor) -> tuple[float, float]:
 
 
 __all__: Sequence[str] = ("ConsistencyCheck", "ConsistencyError", "SpecMismatchError",
-                          "BatchDimensionError", "MissingCaptureError")
+                          "BatchDimensionError", "MissingCaptureError",
+                          "UnexplainedGradientError")

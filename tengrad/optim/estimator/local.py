@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tengrad.optim.curvature import usage, woodbury
+from tengrad.optim.curvature import consistency, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -115,17 +115,32 @@ class LocalEstimator:
                     rows_m = curv.m
             else:
                 curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
+            rg = None
+            if i in rows and self.screens(step, b, curv, group):     # R g, also the direction's
+                rg = curv.rows.jg(b.plan, g)
+                tol = _tolerance(b, uses)
+                consistency.screen(b, curv.gram, rg, curv.m, tol)
             self._pending[i] = curv
-            d = woodbury.direction(curv, b.plan, g, b.name)
+            d = woodbury.direction(curv, b.plan, g, b.name, rg)
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g) if p.grad is not None]
         self._stats = (traces, squares, fresh, rows_m)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
 
     @staticmethod
+    def screens(step: StepInput, b: Block, curv: woodbury.BlockCurvature, group: dict) -> bool:
+        """Whether this fresh block gets the per-step screen (consistency.screen): empirical rows
+        (one per sample), g = param.grad (every parameter has one; no weight decay folded in), a
+        single process, checks on."""
+        return (step.check.mode is not None and step.rules.fisher == "empirical" and not group["weight_decay"]
+                and curv.rows.n_rows == curv.m and all(p.grad is not None for p in b.params)
+                and not consistency.multi_rank())
+
+    @staticmethod
     def loss_scale(step: StepInput, rows: dict) -> float:
         """The loss scale the fresh rows of this step carry (build.loss_scale on the smallest fresh
-        block with a plan: one product J^T 1 per step), taken out of every fresh block's rows."""
+        block with a plan: one product J^T 1 per step), taken out of every fresh block's rows. The same
+        product checks that block's param.grad against its rows (a gradient penalty: refused)."""
         if step.rules.fisher != "empirical" or not rows:
             return 1.0
         candidates = [(step.blocks[i].numel, i) for i in rows if step.blocks[i].plan is not None
@@ -133,7 +148,9 @@ class LocalEstimator:
         if not candidates:
             return 1.0
         i = min(candidates)[1]
-        return build.loss_scale(step.blocks[i], rows[i])
+        checked = step.check.mode is not None and not consistency.multi_rank()
+        return build.loss_scale(step.blocks[i], rows[i],
+                                _tolerance(step.blocks[i], step.uses.get(i, [])) if checked else None)
 
     def commit(self) -> None:
         for i, curv in self._pending.items():
@@ -170,6 +187,12 @@ class LocalEstimator:
         if self._cycle is not None:
             self._cycle = stagger.CycleSums()
         self._due_memo = None
+
+
+def _tolerance(b: Block, uses) -> float:
+    """The check's tolerance for the block's parameters and its uses' captured output gradients."""
+    dtypes = [u.grad.dtype for u in uses if u.grad is not None] or [b.params[0].dtype]
+    return max(consistency.tolerance(b.params[0].dtype, d) for d in dtypes)
 
 
 def damped_identity(params, group: dict, grads: dict | None = None) -> list[Direction]:
