@@ -53,6 +53,22 @@ def test_exact_equals_single_process_with_momentum_and_weight_decay(group):
 
 
 @process_groups
+def test_gradient_accumulation_with_no_sync_is_the_global_union_step(group):
+    """Uneven micro-batches on each rank (DDP's no_sync() for all but the last, or a plain model), with
+    update_freq 1 and 3: the dense oracle on the union of every rank's micro-batches."""
+    world, results = group
+    names = _names(world, "check_accumulation")
+    if world != 2:
+        pytest.skip("accumulation runs on the 2-rank group only (one spawn per suite; the 3-rank group "
+                    "runs the other checks)")
+    assert names
+    for name in names:
+        for rank, res in enumerate(results):
+            assert res[name]["identical"], (name, rank)
+        assert results[0][name]["worst"] < TOL, (name, results[0][name]["worst"])
+
+
+@process_groups
 def test_local_is_bit_identical_and_averages_own_batch_directions(group):
     world, results = group
     for name in _names(world, "check_local"):
@@ -67,7 +83,7 @@ def test_failure_on_one_rank_raises_the_same_error_on_every_rank(group):
     world, results = group
     for name in _names(world, "check_failures"):
         reports = [res[name] for res in results]
-        for case, needle in (("nan-grad", "non-finite gradient"), ("capture", "2 forward calls"),
+        for case, needle in (("nan-grad", "non-finite gradient"), ("capture", "2 calls in one forward"),
                              ("cholesky", "Cholesky")):
             messages = reports[0][case]["messages"]
             assert messages[0] is not None and needle in messages[0], (name, case, messages)

@@ -16,7 +16,7 @@ from torch import nn
 
 from support.numerics import rel_err
 from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
-from tengrad.optim import TENGraD
+from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim.curvature.consistency import BatchDimensionError, UnexplainedGradientError
 
 TOL = 1e-8
@@ -440,3 +440,81 @@ def test_a_lazy_gradient_penalty_is_refused_on_curvature_steps_and_exact_on_reus
         else:
             _check_step(opt, model, x, y, loop=lambda: F.cross_entropy(model(x), y).backward(), kept=kept)
     assert refused == (2 if k == 1 else 1)
+
+
+# ---------------------------------------------------------------- loss conventions
+def _convention_step(opt, model, x, y, run, counted, reduction):
+    """One curvature step of ``run()`` against -lr (F + a I)^-1 g per block, where F and g are those of
+    the loss as written (curvature/conventions.py): over the counted samples (rows = per-sample
+    gradients of their losses), F their mean (reduction "mean") or sum ("sum"), g likewise."""
+    lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
+    names = [n for n, _ in model.named_parameters()]
+    rows = per_sample_grads(model, x[counted], y[counted], "cross_entropy")
+    n_eff = int(counted.sum())
+    F_true = fisher_from_grads(rows, names) * (n_eff if reduction == "sum" else 1)
+    g = {n: t.mean(0) * (n_eff if reduction == "sum" else 1) for n, t in rows.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exact = expected_steps(opt, model, F_true, names, g, lr, damping)
+    opt.zero_grad()
+    run()
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, g[n]) <= 1e-12, n
+    opt.step()
+    return {n: rel_err(p.detach() - before[n], exact[n]) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignored", [0, 3])
+def test_opt_backward_with_ignore_index_and_reduction_gives_the_fisher_of_the_loss_as_written(ignored, reduction):
+    model = _deep()
+    opt = _opt(model)
+    x, y = _batch(m=8, seed=7)
+    y[:ignored] = -100                                   # cross_entropy's default ignore_index
+    counted = y != -100
+    errs = _convention_step(opt, model, x, y, lambda: opt.backward(model(x), y, reduction=reduction),
+                            counted, reduction)
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_a_plain_backward_with_ignored_samples_or_a_sum_gives_the_stated_step():
+    """README: a plain loss.backward() reads the loss as a mean over all m samples: ignored samples
+    scale F by m / m_eff, a sum by m^2 (curvature/conventions.py docstring), against the oracle."""
+    for reduction, ignored in (("mean", 3), ("sum", 0)):
+        model = _deep()
+        opt = _opt(model)
+        lr, damping = opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]
+        x, y = _batch(m=8, seed=8)
+        y[:ignored] = 5
+        counted = y != 5
+        m, n_eff = 8, int(counted.sum())
+        names = [n for n, _ in model.named_parameters()]
+        rows = per_sample_grads(model, x[counted], y[counted], "cross_entropy")
+        F_eff = fisher_from_grads(rows, names)
+        if reduction == "mean":
+            F_stated, g = F_eff * (m / n_eff), {n: t.mean(0) for n, t in rows.items()}
+        else:
+            F_stated, g = F_eff * m * m, {n: t.sum(0) for n, t in rows.items()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        exact = expected_steps(opt, model, F_stated, names, g, lr, damping)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, ignore_index=5, reduction=reduction).backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            assert rel_err(p.detach() - before[n], exact[n]) <= TOL, (reduction, n)
+
+
+def test_ignored_labels_are_refused_where_the_fisher_cannot_follow_them():
+    model = _deep()
+    x, y = _batch(m=8, seed=9)
+    y[:2] = -100
+    opt = TENGraD(model, lr=0.2, damping=0.5, fisher="mc")
+    with pytest.raises(TENGraDError, match="fisher='empirical'"):
+        opt.backward(model(x), y)
+    opt = _opt(model)
+    opt.backward(model(x[:4]), y[:4])
+    with pytest.raises(TENGraDError, match="one opt.backward per step"):
+        opt.backward(model(x[4:]), y[4:])
+    y[:] = -100
+    opt.zero_grad()
+    with pytest.raises(TENGraDError, match="only ignored labels"):
+        opt.backward(model(x), y)

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import fisher as fisher_mod
+from tengrad.optim.curvature import conventions, fisher as fisher_mod
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -163,6 +163,7 @@ class TENGraD(torch.optim.Optimizer):
         self.batch_dim, self.layer_dims = options.batch_dims(batch_dim)
         self._steps = 0
         self._opt_backward = False
+        self._row_factor = 1.0                   # rows' factor for the loss convention (opt.backward)
         self.skipped: dict[str, str] = {}        # block name -> why the last step left it alone
         self.last_labels: Tensor | None = None   # labels drawn by the last opt.backward (fisher="mc")
         self.last_nu = 1.0                       # the KL-clipping factor of the last step (update.py)
@@ -204,6 +205,7 @@ class TENGraD(torch.optim.Optimizer):
         """Zero the gradients and forget the output gradients captured since the last step; a change of
         ``requires_grad`` since the last step is taken in here (the next forward captures the new set)."""
         super().zero_grad(set_to_none=set_to_none)
+        self._row_factor, self._opt_backward = 1.0, False
         self._capture.clear()
         self._refresh_trainable()
 
@@ -235,18 +237,38 @@ class TENGraD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ backward for any Fisher
     def backward(self, out: Tensor, y: Tensor, loss: str | Callable = "cross_entropy",
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Run the backward passes this optimizer's Fisher needs; returns the (detached) mean loss.
+                 generator: torch.Generator | None = None, *, ignore_index: int = -100,
+                 reduction: str = "mean") -> Tensor:
+        """Run the backward passes this optimizer's Fisher needs; returns the (detached) loss.
 
         The loss gradient (true labels ``y``) always goes into ``param.grad``. When curvature is due,
         "mc" adds one backward with labels drawn from the model (``generator`` or the optimizer's,
         kept in ``opt.last_labels``) and "exact" one backward per output unit (curvature/fisher.py);
         those extra passes only feed the captures (they stop at the layer outputs: no weight gradients).
+
+        ``ignore_index`` (cross_entropy) and ``reduction`` ("mean", "sum") are passed to the loss, and the
+        Fisher follows them (curvature/conventions.py): the mean over the samples with a counted label,
+        or the sum over samples for "sum" (empirical Fisher, one process, one call per step).
         """
         name, loss_fn = fisher_mod.resolve_loss(loss)
         if self.fisher != "empirical" and callable(loss):
             raise TENGraDError(f"fisher={self.fisher!r} needs loss 'cross_entropy' or 'mse', not a callable")
-        value = loss_fn(out, y)
+        m = int(out.shape[0]) if out.dim() else 1
+        counted = conventions.counted_samples(y, m, ignore_index if name == "cross_entropy" else None)
+        factor = conventions.row_factor(m, counted, reduction)
+        if callable(loss) and reduction != "mean":
+            raise TENGraDError("opt.backward(..., reduction=) applies to loss 'cross_entropy' or 'mse'; a "
+                               "callable loss is taken as a mean over the batch")
+        several = self._row_factor != 1.0 or (factor != 1.0 and self._opt_backward)
+        if factor != 1.0 or several:
+            where = ("fisher='empirical'" if self.fisher != "empirical" else "one process" if self.distributed
+                     else "one opt.backward per step (no accumulation)" if several else None)
+            if where is not None:
+                raise TENGraDError(f"opt.backward with {m - counted} of {m} samples ignored or reduction="
+                                   f"{reduction!r} is supported with {where} only (curvature/conventions.py)")
+        kwargs = {"reduction": reduction} | ({"ignore_index": ignore_index} if name == "cross_entropy" else {})
+        value = loss_fn(out, y, **kwargs) if not callable(loss) else loss_fn(out, y)
+        self._row_factor = factor
         if self.fisher != "empirical" and self._curvature_due():
             if self.fisher == "mc":
                 self.last_labels = fisher_mod.sample_labels(out, name, generator or self.generator)
@@ -293,7 +315,7 @@ class TENGraD(torch.optim.Optimizer):
         where = options.index_of(self.param_groups)
         uses = self._capture.take(op_uses, self._block_due)
         inputs = StepInput(self._steps, self.update_freq, self.blocks, self.fallback, self.param_groups,
-                           where, uses, self._rules(), self._check, frozenset(changed))
+                           where, uses, self._rules(), self._check, frozenset(changed), self._row_factor)
         skipped: dict[str, str] = {}
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:
@@ -301,7 +323,7 @@ class TENGraD(torch.optim.Optimizer):
                 directions = self.estimator.directions(inputs, skipped)   # every rank the same, or raises
                 update.check_finite(directions, self._labels)
         finally:
-            self._opt_backward = False
+            self._opt_backward, self._row_factor = False, 1.0
         nu = update.kl_scale(directions, self.kl_clip, self.estimator.noise_ratio if self.noise_scale else 1.0)
         # commit: nothing above wrote to parameters, buffers or stored curvature
         self.last_nu = nu

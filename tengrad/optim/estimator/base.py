@@ -46,6 +46,7 @@ class StepInput:
     rules: Rules
     check: ConsistencyCheck
     changed: frozenset[str] = frozenset()   # blocks whose trainable set changed since the forward
+    row_factor: float = 1.0                 # the loss convention's factor on the rows (curvature/conventions.py)
 
     def group(self, b: Block) -> dict:
         return self.groups[group_of_block(b.name, b.param_names, b.params, self.where)]

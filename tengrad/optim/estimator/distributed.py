@@ -285,11 +285,14 @@ class DistributedEstimator:
 
 
 def refuse_several(block, uses: list[Use]) -> None:
-    """The distributed step takes one module call per block and step (its blocks are modules with a
-    plan; several calls or micro-batches are the single-process estimator's)."""
-    if len(uses) > 1:
+    """The distributed step takes one module call per block and forward (its blocks are modules with a
+    plan; several calls in one forward are the single-process estimator's). Several forwards before one
+    step (gradient accumulation, DDP's ``no_sync()``) are the union batch (curvature/build.py)."""
+    calls: dict[int, int] = {}
+    for u in uses:
+        calls[u.fwd] = calls.get(u.fwd, 0) + 1
+    if any(n > 1 for n in calls.values()):
         raise TENGraDError(
             f"layer {block.name!r} ({type(block.module).__name__}) received output gradients from "
-            f"{len(uses)} forward calls since the last zero_grad()/step(): it is called more "
-            "than once per forward (weight sharing) or gradients were accumulated over several "
-            "backward passes; TENGraD's per-layer curvature needs exactly one call per step")
+            f"{max(calls.values())} calls in one forward: it is called more than once per forward (weight "
+            "sharing); with several ranks TENGraD's per-layer curvature needs one call per forward")

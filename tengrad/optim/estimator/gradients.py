@@ -16,10 +16,13 @@ element, so no separate reduction of the batch sizes is needed:
   (``weighted_mean_hook``) that does the same per gradient bucket, in DDP's own overlapped backward,
   replacing DDP's equal average; ``param.grad`` then already holds g and the step sends no gradient.
 
-m_r is the size of dimension 0 of the first tensor argument of the model's first training-mode
-forward with grad enabled since the last step, outside torch.func transforms (``BatchSize``, a
-forward pre-hook; the batch is dimension 0, as everywhere in TENGraD). On curvature steps the
-captured layers' batch is used instead (they must agree).
+m_r is the batch of this rank's step: the sum, over the training-mode forwards with grad enabled since
+the last step (outside torch.func transforms) whose output a backward reached, of dimension 0 of the
+forward's first tensor argument (``BatchSize``, a forward hook; the batch is dimension 0, as everywhere
+in TENGraD). Gradient accumulation over micro-batches (DDP's ``no_sync()`` for all but the last) sums
+them: with (loss * m_j / M_r).backward() per micro-batch the accumulated g_r is the mean over the M_r
+samples. A forward no backward reached (a reference or logging forward) does not count. On curvature
+steps the captured layers' batch (the union of the micro-batches) is used instead (they must agree).
 """
 from __future__ import annotations
 
@@ -38,28 +41,53 @@ def _first_tensor(args, kwargs) -> Tensor | None:
     return None
 
 
-class BatchSize:
-    """Forward pre-hook on the model recording m_r of the first training forward since the last step.
+def _first_grad_tensor(output) -> Tensor | None:
+    """The first tensor that requires grad in a model output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(output, Tensor):
+        return output if output.requires_grad else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, Tensor) and v.requires_grad:
+            return v
+    return None
 
-    The first one: forwards run after the backward (a reference or logging forward in training mode)
-    do not change the batch the gradients came from. ``next_step()`` unlocks it after each step.
-    """
+
+class BatchSize:
+    """Forward hook on the model: m_r, the summed batch of the forwards of this step that a backward
+    reached (module docstring). ``next_step()`` starts a new sum with the next such forward."""
 
     def __init__(self, model: nn.Module) -> None:
         self.value: int | None = None
-        self._locked = False
-        self._handle = model.register_forward_pre_hook(OwnHook(self._hook), with_kwargs=True)
+        self._fresh = True
+        self._handle = model.register_forward_hook(OwnHook(self._hook), with_kwargs=True)
 
-    def _hook(self, module, args, kwargs):
-        if torch.is_grad_enabled() and module.training and not self._locked:
-            t = _first_tensor(args, kwargs)
-            if t is not None and t.dim() > 0 and not transformed(t):
-                self.value = int(t.shape[0])
-                self._locked = True
+    def _hook(self, module, args, kwargs, output):
+        if not (torch.is_grad_enabled() and module.training):
+            return None
+        t = _first_tensor(args, kwargs)
+        if t is None or t.dim() == 0 or transformed(t):
+            return None
+        m, out = int(t.shape[0]), _first_grad_tensor(output)
+        if out is None:
+            self._count(m)
+            return None
+        counted = []
+
+        def reached(grad):
+            if not counted:             # once per forward, however many backwards run through it
+                counted.append(True)
+                self._count(m)
+
+        out.register_hook(reached)
         return None
 
+    def _count(self, m: int) -> None:
+        if self._fresh:
+            self.value, self._fresh = 0, False
+        self.value += m
+
     def next_step(self) -> None:
-        self._locked = False
+        self._fresh = True
 
     def get(self) -> int:
         if self.value is None:

@@ -106,7 +106,8 @@ class LocalEstimator:
             dtype = woodbury.compute_dtype(b.params[0].dtype)
             g = [gradient(p, group["weight_decay"], dtype) for p in b.params]
             if i in rows:
-                r = rows[i] if scale == 1.0 else rows[i].scaled(1.0 / scale)
+                f = step.row_factor / scale
+                r = rows[i] if f == 1.0 else rows[i].scaled(f)
                 curv = woodbury.curvature(r, b.plan, a, b.name)
                 if self.estimate_noise and step.rules.fisher == "empirical" and curv.gram.shape[0] == curv.m:
                     traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
