@@ -37,6 +37,7 @@ anything is written, so parameters, momentum buffers and stored curvature stay u
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -217,11 +218,16 @@ def screen(b, gram: Tensor, rg: Tensor, m: int, tol: float) -> None:
     so a mismatch beyond ``tol`` after the best s (``mismatch``) means param.grad has a part the rows do
     not explain (a gradient penalty; UnexplainedGradientError). Blind to a part orthogonal to the rows
     (R r = 0); the full check (``verify``, one J^T u per block) is not."""
-    k1 = gram.sum(1).to(torch.float64) / m
+    k1 = gram.sum(1, dtype=torch.float64)
     got = rg.reshape(-1).to(torch.float64)
-    if not (torch.isfinite(k1).all() and torch.isfinite(got).all()):
+    # one read-back: |K 1|^2, |R g|^2, <K 1, R g>; err = the sine of their angle (as ``mismatch``)
+    kk, gg, kg = torch.stack([k1 @ k1, got @ got, k1 @ got]).tolist()
+    if not all(math.isfinite(v) for v in (kk, gg, kg)):
         return    # non-finite values: the step's own checks name them
-    err, scale = mismatch(k1, got)
+    if kk == 0.0 or gg == 0.0:
+        err, scale = (0.0, 1.0) if kk == gg else (1.0, 0.0)
+    else:
+        err, scale = math.sqrt(max(0.0, 1.0 - kg * kg / (kk * gg))), kg / kk * m
     if not (err <= tol and scale > 0):
         raise UnexplainedGradientError(
             f"{_describe(b)}: on this curvature step R g != s K 1 / m for its rows R, K = R R^T and "
