@@ -26,8 +26,11 @@ no plan, no Gram, checks nothing; it only shows the floor under TENGraD's armed-
 """
 from __future__ import annotations
 
+import os
+
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -64,10 +67,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
+#: a build lock older than this belongs to a build that was killed (a build takes ~40 s): torch's lock
+#: has no timeout, so a stale one would make every later build wait forever
+STALE_LOCK_S = 600.0
+
+
 def cpp_tap():
-    """The compiled C++ tap (module with ``Store`` and ``tap``); raises when it cannot be built."""
+    """The compiled C++ tap (module with ``Store`` and ``tap``); raises when it cannot be built.
+    Built in its own directory under the temp dir, per torch version; a stale build lock is removed."""
+    import tempfile
+    import time
+
     from torch.utils.cpp_extension import load_inline
-    return load_inline("tengrad_floor_tap", cpp_sources=[_CPP], extra_cflags=["-O2"], verbose=False)
+    build = os.path.join(tempfile.gettempdir(), f"tengrad_floor_tap-torch{torch.__version__.replace('+', '-')}")
+    os.makedirs(build, exist_ok=True)
+    lock = os.path.join(build, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+    except FileNotFoundError:
+        pass
+    return load_inline("tengrad_floor_tap", cpp_sources=[_CPP], extra_cflags=["-O2"], verbose=False,
+                       build_directory=build)
 
 
 def _keep(out: Tensor, use: list) -> None:
