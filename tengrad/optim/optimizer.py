@@ -71,7 +71,7 @@ from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, ref
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
-from tengrad.optim.estimator import LocalEstimator, StepInput, resolve_distributed
+from tengrad.optim.estimator import LocalEstimator, StepInput, agreement, resolve_distributed
 from tengrad.optim.explain import describe, fallback_warning
 
 
@@ -175,6 +175,9 @@ class TENGraD(torch.optim.Optimizer):
         self._check = ConsistencyCheck(model, check, self.batch_dim, hooks=self._capture.hooks)
         self._check.names = {b.name for b in self.blocks}
         self._labels_for_blocks()
+        if self.distributed:          # every rank the same model, parameters and settings, or all raise
+            self.estimator.agree([p for g in self.param_groups for p in g["params"]], self._settings(),
+                                 self.param_groups[0]["params"][0].device)
         trainable_fallback = [(n, p) for n, p in self.fallback if p.requires_grad]
         if trainable_fallback:
             warnings.warn(fallback_warning(model, trainable_fallback, self.fallback_why), stacklevel=2)
@@ -190,6 +193,12 @@ class TENGraD(torch.optim.Optimizer):
     def _labels_for_blocks(self) -> None:
         self._labels = {id(p): f"layer {b.name!r}" for b in self.blocks for p in b.params}
         self._labels.update({id(p): f"parameter {n!r}" for n, p in self.fallback})
+
+    def _settings(self) -> list:
+        """The hyperparameters every rank must share (estimator/agreement.py)."""
+        return agreement.settings(self.param_groups, dict(
+            fisher=self.fisher, update_freq=self.update_freq, kl_clip=self.kl_clip, noise_scale=self.noise_scale,
+            max_jacobian_numel=self.max_jacobian_numel, mode=self.estimator.mode))
 
     # ------------------------------------------------------------------ when curvature is captured
     def _block_due(self, b) -> bool:
@@ -315,7 +324,8 @@ class TENGraD(torch.optim.Optimizer):
         where = options.index_of(self.param_groups)
         uses = self._capture.take(op_uses, self._block_due)
         inputs = StepInput(self._steps, self.update_freq, self.blocks, self.fallback, self.param_groups,
-                           where, uses, self._rules(), self._check, frozenset(changed), self._row_factor)
+                           where, uses, self._rules(), self._check, frozenset(changed), self._row_factor,
+                           self._settings() if self.distributed else None)
         skipped: dict[str, str] = {}
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:

@@ -173,6 +173,93 @@ def check_accumulation(rank, world, sizes, micro=2, k=1, ddp=True, lr=0.3, dampi
     return dict(worst=worst, identical=identical, batch=opt.estimator.batch.value)
 
 
+class Deeper(MixNet):
+    """MixNet with one more Linear: a rank that builds another depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.extra(super().forward(x))
+
+
+def check_agreement(rank, world):
+    """Ranks that disagree (estimator/agreement.py): each case returns, per rank, the error raised (type
+    and text) and whether parameters and step count stayed as they were."""
+    out = {}
+
+    def attempt(name, build, spoil=None, batch=4):
+        try:
+            model, opt = build()
+        except TENGraDError as err:
+            out[name] = dict(where="construction", error=type(err).__name__, text=str(err), unchanged=True)
+            return
+        x, y = global_batch(torch.Generator().manual_seed(7), 4, "cross_entropy")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()                                       # one agreed step first
+        if spoil is not None:
+            spoil(model, opt)
+        x, y = global_batch(torch.Generator().manual_seed(8), 4, "cross_entropy")
+        if rank == 1:
+            x, y = x[:batch], y[:batch]
+        before = _flat_params(model).clone()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+            out[name] = dict(where=None, error=None, text="", unchanged=None)
+        except TENGraDError as err:
+            out[name] = dict(where="step", error=type(err).__name__, text=str(err),
+                             unchanged=torch.equal(before, _flat_params(model)) and opt._steps == 1)
+
+    def same_seed():
+        model = make_model(0)
+        return model, _make_opt(model, "exact", "empirical", 1, seed=0)
+
+    def own_seed():
+        model = make_model(rank)
+        return model, _make_opt(model, "exact", "empirical", 1, seed=0)
+
+    def own_depth():
+        torch.manual_seed(0)
+        model = (Deeper() if rank == 1 else MixNet()).to(torch.float64)
+        return model, _make_opt(model, "exact", "empirical", 1, seed=0)
+
+    def lr_on_rank_1(model, opt):
+        if rank == 1:
+            opt.param_groups[0]["lr"] = 0.1
+
+    attempt("different seeds", own_seed)
+    attempt("different depths", own_depth)
+    attempt("lr changed on one rank", same_seed, lr_on_rank_1)
+    attempt("empty rank", same_seed, batch=0)
+    attempt("agreeing ranks", same_seed)
+    return out
+
+
+def check_dead_peer(rank, world):
+    """The last rank leaves its process group (its sockets close, as a killed process's do) before the
+    step; the others raise PeerError, not hang, within the group's timeout."""
+    import time
+
+    model = make_model()
+    opt = _make_opt(model, "exact", "empirical", 1, seed=0)
+    x, y = global_batch(torch.Generator().manual_seed(0), 4, "cross_entropy")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if rank == world - 1:
+        dist.destroy_process_group()
+        return dict(raised=None, seconds=0.0, error="")
+    t0 = time.monotonic()
+    try:
+        opt.step()
+    except Exception as err:   # noqa: BLE001 - the type is what the test checks
+        return dict(raised=True, seconds=time.monotonic() - t0, error=f"{type(err).__name__}: {err}"[:300])
+    return dict(raised=False, seconds=time.monotonic() - t0, error="")
+
+
 def _groups(model):
     """Two param groups: the conv and the embedding with their own lr, damping and weight decay."""
     return [{"params": [model.conv.weight, model.conv.bias, model.emb.weight], "lr": 0.1, "damping": 0.8,
@@ -404,13 +491,15 @@ def checks(world: int) -> list:
                    ("accumulate-plain-2-k3", "check_accumulation", dict(sizes=acc, micro=2, k=3, ddp=False))]
         checks += [("local-exact-k1", "check_local", dict(sizes=s[:2], k=1, fisher="exact", loss="mse")),
                    ("failures-ddp", "check_failures", dict(ddp=True)),
+                   ("agreement", "check_agreement", {}),
                    ("demo", "check_demo", {})]
     return checks
 
 
 STALL = 5.0             # seconds the last rank of check_stuck_rank stays away from the step
 STUCK_PG_TIMEOUT = 3.0  # the collective timeout of that group
-WORLD_3, WORLD_2, STUCK = range(3)     # phase indices
+DEAD_PG_TIMEOUT = 10.0  # the collective timeout of the dead-peer group
+WORLD_3, WORLD_2, STUCK, DEAD = range(4)     # phase indices
 
 
 def phases() -> list[Phase]:
@@ -420,4 +509,5 @@ def phases() -> list[Phase]:
     fails the tests instead of hanging them."""
     return [Phase(run_many, 3, (checks(3),), pg_timeout=30.0, timeout=150.0),
             Phase(run_many, 2, (checks(2),), pg_timeout=30.0, timeout=150.0),
-            Phase(check_stuck_rank, 2, (STALL,), pg_timeout=STUCK_PG_TIMEOUT, timeout=60.0)]
+            Phase(check_stuck_rank, 2, (STALL,), pg_timeout=STUCK_PG_TIMEOUT, timeout=60.0),
+            Phase(check_dead_peer, 2, (), pg_timeout=DEAD_PG_TIMEOUT, timeout=60.0)]

@@ -47,6 +47,7 @@ class StepInput:
     check: ConsistencyCheck
     changed: frozenset[str] = frozenset()   # blocks whose trainable set changed since the forward
     row_factor: float = 1.0                 # the loss convention's factor on the rows (curvature/conventions.py)
+    settings: list | None = None            # hyperparameters every rank must share (estimator/agreement.py)
 
     def group(self, b: Block) -> dict:
         return self.groups[group_of_block(b.name, b.param_names, b.params, self.where)]

@@ -53,6 +53,7 @@ from tengrad.optim.curvature import usage, woodbury
 from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.estimator.base import Direction, StepInput
+from tengrad.optim.estimator import agreement
 from tengrad.optim.estimator.comm import Failure, Traffic, raise_if_any, world
 from tengrad.optim.estimator.gradients import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
                                                reduce_gradients, split_gradients)
@@ -102,6 +103,7 @@ class DistributedEstimator:
         self.traffic = Traffic()              # this rank's bytes in the last step
         self.bytes_sent = 0                   # ... and since construction
         self.steps_seen = 0
+        self._settings = 0.0                  # the settings hash of the last agreed step
 
     # ------------------------------------------------------------------ the estimator protocol
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -188,18 +190,40 @@ class DistributedEstimator:
             fail.record(err)
         return recs, active, cur
 
+    def agree(self, params: list[Tensor], values: list, device) -> None:
+        """At construction: every rank's model, parameters and hyperparameters agree (agreement.py)."""
+        agreement.check(params, values, self.group, device, "construction")
+        self._settings = agreement.settings_hash(values)
+
     def status(self, step: StepInput, fail: Failure, m_r: int, sig: list[float]) -> list[int]:
-        """Step 1: all-gather [failed, m_r, signature]; raises everywhere on any failure/mismatch."""
+        """Step 1: all-gather [failed, m_r, forward batch, settings hash, parameter checksums,
+        signature]; raises everywhere on any failure or disagreement (agreement.py): an empty batch
+        on some rank, hyperparameters changed on some ranks only, then the failure of a rank."""
         rank, R = world(self.group)
-        device = step.groups[0]["params"][0].device     # NCCL needs CUDA tensors; gloo takes any
-        status = torch.tensor([fail.flag, float(m_r)] + sig, dtype=torch.float64, device=device)
+        params = [p for group in step.groups for p in group["params"]]
+        device = params[0].device     # NCCL needs CUDA tensors; gloo takes any
+        h = agreement.settings_hash(step.settings) if step.settings is not None else 0.0
+        sums = agreement.checksums(params) if h != self._settings else (0.0, 0.0)
+        counted = self.batch.this_step()
+        forward = -1.0 if counted is None else float(counted)
+        status = torch.tensor([fail.flag, float(m_r), forward, h, *sums] + sig, dtype=torch.float64, device=device)
         table = [torch.empty_like(status) for _ in range(R)]
-        dist.all_gather(table, status, group=self.group)
+        agreement.collective(f"status all-gather of step {step.steps}", dist.all_gather, table, status,
+                             group=self.group)
         self.traffic.add("(status)", "status all-gather", status)
         table = torch.stack(table)
+        empty = (table[:, 2] == 0).nonzero()
+        if len(empty):
+            raise TENGraDError(f"rank {int(empty[0])} at step {step.steps}: an empty batch (0 samples in its "
+                               "forward); every rank needs at least one sample per step (drop_last=True, or "
+                               "DistributedSampler's padding) (raised on every rank; nothing was updated)")
+        when = f"step {step.steps}"
+        agreement.raise_if_different(table[:, 3:4], step.settings, self.group, when, ("hyperparameters",))
+        agreement.raise_if_different(table[:, 4:6], None, self.group, when, agreement.COLUMNS[3:])
+        self._settings = h
         raise_if_any(bool(table[:, 0].any()), fail, self.group, step.steps)
         for i, b in enumerate(step.blocks):
-            cols = table[:, 2 + 4 * i:6 + 4 * i]
+            cols = table[:, 6 + 4 * i:10 + 4 * i]
             if not bool((cols == cols[0]).all()):
                 raise TENGraDError(
                     f"rank disagreement at step {step.steps}: layer {b.name!r} has (active, per-sample "

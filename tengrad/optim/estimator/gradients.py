@@ -89,6 +89,10 @@ class BatchSize:
     def next_step(self) -> None:
         self._fresh = True
 
+    def this_step(self) -> int | None:
+        """The batch counted since the last step (None: no forward a backward reached yet)."""
+        return None if self._fresh else self.value
+
     def get(self) -> int:
         if self.value is None:
             raise TENGraDError("distributed TENGraD: no forward with grad enabled since construction, "
