@@ -19,7 +19,7 @@ from support.keyword_oracle import curvature_and_reuse
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 
-V, T, B, D = 64, 8, 4, 32
+V, T, B, D = 64, 8, 4, 16
 
 
 def _ids(gen):
@@ -27,7 +27,7 @@ def _ids(gen):
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=D, n_layer=2, n_head=2, resid_pdrop=0.0,
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=D, n_inner=2 * D, n_layer=2, n_head=2, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg), lambda g: (lambda ids: {"input_ids": ids, "labels": ids})(_ids(g))
 
