@@ -160,3 +160,30 @@ def test_training_mode_batchnormact_is_captured_at_its_op():
     assert not opt.fallback
     assert {"bn1", "bn2", "bn3", "head"} <= {b.name for b in opt.blocks}
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_parametrized_layer_alone_falls_back_with_its_reason(wrap):
+    """weight_norm / spectral_norm on one layer: that layer's parameters keep the damped identity (the
+    warning says why, naming the layer), every other layer is an exact block; never the whole optimizer
+    refused."""
+    import warnings
+
+    import tengrad
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), getattr(parametrizations, wrap)(nn.Linear(5, 3))).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = tengrad.TENGraD(model, kl_clip=None)
+    assert any("2.parametrizations.weight.original" in str(w.message) and "parametrized" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+    fallback = {n for n, _ in opt.fallback}
+    assert fallback and all(n.startswith("2.") for n in fallback), fallback
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert [b.name for b in opt.blocks] == ["0"]
+    assert all(n.startswith("2.") for n, _ in opt.fallback)

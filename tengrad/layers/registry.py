@@ -80,6 +80,12 @@ def factory_for(module: nn.Module) -> SpecFactory:
     ``UnsupportedLayerError`` here, and the optimizer captures it at the ops its forward calls
     (capture/ops.py), unless its own type is registered."""
     kind = type(module)
+    if getattr(module, "parametrizations", None) is not None and isinstance(module.parametrizations, nn.ModuleDict):
+        names = ", ".join(module.parametrizations.keys())
+        raise UnsupportedLayerError(
+            f"no tengrad spec for {kind.__name__}: its {names} is parametrized (torch.nn.utils.parametrize: "
+            "weight_norm, spectral_norm, ...), so the tensor its forward reads is computed from other "
+            "parameters; they keep the damped identity, the rest of the model is unaffected")
     for cls in kind.__mro__:
         if cls in _REGISTRY:
             if cls is kind or getattr(kind, "forward", None) is getattr(cls, "forward", None):
