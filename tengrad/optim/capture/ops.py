@@ -14,6 +14,12 @@ op's parameter tensors sits in its parameter (``(param, first row)``; a slice su
 output gradient (``grad``) or the curvature passes' rows (``rows``), in a ``Use`` (record.py) as a
 module-level capture (module.py) does.
 
+Ops linear in a parameter that are no registered op (``torch.addmm``, ``torch.einsum``, ``x * w``,
+``w.expand(..)``, ...: tengrad/layers/linear_ops.py) go to ``linear`` (capture/linear_uses.py), which
+records them through the public ``owner`` and ``record``. Where a call can say where its sample is
+(a size-1 dim broadcast over the batch, a tie among leading dims of a permuted view) the record is made
+sample first there (``_canonical_record``, capture/sample.py).
+
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
 ``covered``) are not recorded again: its ``cover`` wrapper marks its parameters as covered.
 ``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function whose projections
