@@ -96,15 +96,19 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return with_params(m, {"weight": weight, "bias": bias})
 
 
-def _stats_norm(cls):
+def _stats_norm(classes):
+    """The builder of ``F.batch_norm`` / ``F.instance_norm``: the module of the input's spatial rank
+    (``classes[k]`` for k = 0..3 spatial dims: BatchNorm1d takes [N, C] and [N, C, L]; instance norm has
+    no k = 0, its input is [N, C, L] at least)."""
     def build(input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
               momentum=0.1, eps=1e-5, *rest, **kw):
         if weight is None and bias is None:
             return None
-        if cls is nn.InstanceNorm1d:        # instance_norm(input, rm, rv, w, b, use_input_stats, ...)
-            m = cls(input.shape[1], eps=eps, affine=True, track_running_stats=False, device="meta")
-        else:
-            m = cls(input.shape[1], eps=eps, affine=True, track_running_stats=False, device="meta")
+        spatial = input.dim() - 2
+        cls = classes[spatial] if 0 <= spatial <= 3 else None
+        if cls is None:
+            return None
+        m = cls(input.shape[1], eps=eps, affine=True, track_running_stats=False, device="meta")
         m.running_mean, m.running_var = running_mean, running_var
         m.train(bool(training))
         return with_params(m, {"weight": weight, "bias": bias})
@@ -124,8 +128,8 @@ for _f, _b in ((F.linear, _linear), (F.conv1d, _conv(nn.Conv1d)), (F.conv2d, _co
                (F.conv3d, _conv(nn.Conv3d)), (F.conv_transpose1d, _conv_transpose(nn.ConvTranspose1d)),
                (F.conv_transpose2d, _conv_transpose(nn.ConvTranspose2d)),
                (F.conv_transpose3d, _conv_transpose(nn.ConvTranspose3d)), (F.layer_norm, _layer_norm), (F.rms_norm, _rms_norm),
-               (F.group_norm, _group_norm), (F.batch_norm, _stats_norm(nn.BatchNorm1d)),
-               (F.instance_norm, _stats_norm(nn.InstanceNorm1d)), (F.embedding, _embedding)):
+               (F.group_norm, _group_norm), (F.batch_norm, _stats_norm((nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))),
+               (F.instance_norm, _stats_norm((None, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))), (F.embedding, _embedding)):
     register_op(_f, _b)
 
 #: ops whose output has the batch as dimension 0 only (the rest may be "*t" leading dims)

@@ -21,7 +21,8 @@ _REGISTRY: dict[type, SpecFactory] = {}
 
 def register_layer(module_type: type, spec_factory: SpecFactory) -> SpecFactory:
     """Declare ``spec_factory(module) -> [Term, ...]`` for modules of ``module_type`` (and subclasses
-    without a registration of their own). Re-registering a type replaces its factory."""
+    without a registration of their own whose ``forward`` is ``module_type``'s: ``factory_for``).
+    Re-registering a type replaces its factory."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_layer: module_type must be an nn.Module subclass, got {module_type!r}")
     if not callable(spec_factory):
@@ -70,10 +71,29 @@ def _checked(factory: SpecFactory) -> SpecFactory:
 
 
 def factory_for(module: nn.Module) -> SpecFactory:
-    """The registered factory of ``module``'s type (or nearest base), its output checked (``_checked``)."""
-    for cls in type(module).__mro__:
+    """The registered factory of ``module``'s type, or of its nearest registered base class when the
+    type runs that base's own ``forward``; its output checked (``_checked``).
+
+    A spec describes what a forward computes, so a subclass with a ``forward`` of its own (timm's
+    ``BatchNormAct2d`` applies its activation inside it, ``LayerNorm2d`` permutes NCHW around
+    ``F.layer_norm``, a user's ``Linear`` variant rescales its output) gets no module spec: it raises
+    ``UnsupportedLayerError`` here, and the optimizer captures it at the ops its forward calls
+    (capture/ops.py), unless its own type is registered."""
+    kind = type(module)
+    if getattr(module, "parametrizations", None) is not None and isinstance(module.parametrizations, nn.ModuleDict):
+        names = ", ".join(module.parametrizations.keys())
+        raise UnsupportedLayerError(
+            f"no tengrad spec for {kind.__name__}: its {names} is parametrized (torch.nn.utils.parametrize: "
+            "weight_norm, spectral_norm, ...), so the tensor its forward reads is computed from other "
+            "parameters; they keep the damped identity, the rest of the model is unaffected")
+    for cls in kind.__mro__:
         if cls in _REGISTRY:
-            return _checked(_REGISTRY[cls])
+            if cls is kind or getattr(kind, "forward", None) is getattr(cls, "forward", None):
+                return _checked(_REGISTRY[cls])
+            raise UnsupportedLayerError(
+                f"no tengrad spec for module type {kind.__name__}: it subclasses {cls.__name__} but "
+                f"defines its own forward, which {cls.__name__}'s spec does not describe; its ops are "
+                f"captured instead (or declare it: tengrad.register_layer({kind.__name__}, spec_factory))")
     names = ", ".join(sorted(t.__name__ for t in _REGISTRY))
     raise UnsupportedLayerError(
         f"no tengrad spec for module type {type(module).__name__}; registered: {names}. "

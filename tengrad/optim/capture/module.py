@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from tengrad.optim.capture.hooks import (CURVATURE, OwnHook, always, get_gradient_edge, keep_grad, on_grad,
                                          store_grad, transformed)
+from tengrad.optim.capture import sample
 from tengrad.optim.capture.record import Use
 from tengrad.optim.errors import TENGraDError
 
@@ -114,8 +115,7 @@ class LayerCapture:
                 finally:                # put the parameters back, also when the forward raises
                     for name, p in swapped:
                         own[name] = p
-            self._forward(args, out, swapped)
-            return out
+            return self._forward(args, out, swapped)
         return forward
 
     def attach(self, hooks) -> None:
@@ -154,23 +154,30 @@ class LayerCapture:
             own[name] = p.detach()
         return list(self.jacobian_grad_params)
 
-    def _forward(self, args: tuple, output: object, swapped) -> None:
+    def _forward(self, args: tuple, output: object, swapped) -> object:
+        """Record the call; returns what the forward hands on: ``output``, or ``output`` expanded over the
+        batch when the call has none (capture/sample.py ``expand_batch``: position ids [1, T])."""
         if not (torch.is_grad_enabled() and self._training() and self._armed()):
-            return
+            return output
         if not isinstance(output, Tensor) or not output.requires_grad or transformed(output):
-            return
+            return output
         if not args or not isinstance(args[0], Tensor):
             raise TENGraDError(f"layer {self.name!r} ({type(self.module).__name__}): TENGraD needs the "
                                "layer input as the first positional argument of its forward")
         fwd, m = self._forward_info()
-        record = Use(self.name, self.plan, args[0].detach(), fwd, m)
+        x = args[0]
+        pair = sample.expand_batch(x, output, m) if swapped is None else None
+        if pair is not None and all(x.shape[d] != m for d in range(x.dim())):
+            x, output = pair
+        record = Use(self.name, self.plan, x.detach(), fwd, m)
         if not (swapped or self._keep_edges_asked):
             keep_grad(output, record, self._received, self._accumulating)
-            return
+            return output
         record.jacobian_grad = bool(swapped)
         on_grad(output, partial(self._backward, record, output.grad_fn), node=not self._keep_edges_asked)
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
+        return output
 
     def _backward(self, record: Use, node, grad: Tensor) -> None:
         phase = self._phase()

@@ -14,6 +14,12 @@ op's parameter tensors sits in its parameter (``(param, first row)``; a slice su
 output gradient (``grad``) or the curvature passes' rows (``rows``), in a ``Use`` (record.py) as a
 module-level capture (module.py) does.
 
+Ops linear in a parameter that are no registered op (``torch.addmm``, ``torch.einsum``, ``x * w``,
+``w.expand(..)``, ...: tengrad/layers/linear_ops.py) go to ``linear`` (capture/linear_uses.py), which
+records them through the public ``owner`` and ``record``. Where a call can say where its sample is
+(a size-1 dim broadcast over the batch, a tie among leading dims of a permuted view) the record is made
+sample first there (``_canonical_record``, capture/sample.py).
+
 Ops inside a module whose block is captured at module level (a module type with a registered spec,
 ``covered``) are not recorded again: its ``cover`` wrapper marks its parameters as covered.
 ``nn.MultiheadAttention`` runs ``F.multi_head_attention_forward``, a Python function whose projections
@@ -46,6 +52,8 @@ from tengrad.errors import TengradError
 from tengrad.layers import ops as op_specs
 from tengrad.optim.capture.hooks import (HookSet, OwnHook, always, get_gradient_edge, keep_grad, on_grad,
                                          store_grad, transformed)
+from tengrad.optim.capture import sample
+from tengrad.optim.capture.linear_uses import LINEAR_OPS, LinearUses
 from tengrad.optim.capture.record import Use
 from tengrad.optim.capture.wrappers import ForwardWraps
 
@@ -62,6 +70,8 @@ class _Mode(TorchFunctionMode):
         cap = self.cap
         if func in cap.ops:
             return cap.call(func, args, kwargs or {})
+        if func in LINEAR_OPS:
+            return cap.linear.call(func, args, kwargs or {})
         if func in SEQ_FIRST_COMPOSITES and cap._mha_depth == 0:
             return cap.composite(self, func, args, kwargs or {})
         if kwargs:
@@ -83,6 +93,8 @@ class OpCapture:
         self._armed = armed
         self._phase = phase
         self.batch_dim = batch_dim
+        self.batch_first = batch_dim == 0     # the model input is batch first (sample.by_provenance)
+        self.linear = LinearUses(self)        # ops linear in a parameter without a registered spec
         self.keep_edges = keep_edges and get_gradient_edge is not None
         self._node_hooks = not keep_edges      # capture.on_grad: node pre-hooks unless edges are kept
         self.ops = op_specs.OPS
@@ -354,6 +366,10 @@ class OpCapture:
             g["linear"] = orig
             self._seq -= 1
 
+    def owner(self, t) -> tuple[str, Tensor] | None:
+        """(name, parameter) of a tracked, uncovered parameter that ``t`` is or is a view of, else None."""
+        return self._owner(t)
+
     def _owner(self, t) -> tuple[str, Tensor] | None:
         if not isinstance(t, Tensor):
             return None
@@ -386,13 +402,33 @@ class OpCapture:
                 if all(a is t for a, t in zip(args[1:], tensors)):
                     out = func(*args)
                     if isinstance(out, Tensor) and out.requires_grad and not transformed(out):
-                        self._record(out, args[0], plan, parts, label, lead)
+                        return self._canonical_record(out, args[0], plan, parts, label, lead)
                     return out
             if key is not None:          # not cached yet, or an id reused by another tensor
                 return self._general(func, args, kwargs, key)
         return self._general(func, args, kwargs, None)
 
-    def _record(self, out: Tensor, x: Tensor, plan, parts, label: str, lead: int) -> None:
+    def _canonical_record(self, out: Tensor, x: Tensor, plan, parts, label: str, lead: int) -> Tensor:
+        """Record a registered op's call with its sample settled where the call can tell
+        (capture/sample.py: a size-1 dim broadcast over the batch is expanded, a tie among the leading
+        dims is broken by the view's provenance); returns what the call hands on."""
+        m = self.m
+        if m is not None and not self._seq:
+            pair = sample.expand_batch(x, out, m)
+            if pair is not None and all(x.shape[d] != m for d in range(min(lead, x.dim()))):
+                x, out = pair
+            elif self.batch_first and lead > 1:
+                dims = [d for d in range(min(lead, x.dim())) if x.shape[d] == m]
+                d = sample.by_provenance(x, dims, m) if len(dims) > 1 else None
+                if d is not None:
+                    yc = out.movedim(d, 0)
+                    self.record(yc, x.movedim(d, 0), plan, parts, label, 1)
+                    return yc.movedim(0, d)
+        self.record(out, x, plan, parts, label, lead)
+        return out
+
+    def record(self, out: Tensor, x: Tensor, plan, parts, label: str, lead: int) -> None:
+        """One use: ``x`` (kept detached) and a gradient hook on ``out`` (record.py ``Use``)."""
         k = self._count[label] = self._count.get(label, 0) + 1
         use = Use(f"{label}#{k}", plan, x.detach(), self.fwd, self.m, parts, lead, self._seq > 0)
         if self._node_hooks:
@@ -442,8 +478,7 @@ class OpCapture:
                 and all(ids.get(id(a)) is not None and ids[id(a)][1] is a
                         for a in args[1:] if isinstance(a, Tensor))):
             self._fast[key] = (tuple(args[1:]), plan, parts, label, lead)
-        self._record(out, x, plan, parts, label, lead)
-        return out
+        return self._canonical_record(out, x, plan, parts, label, lead)
 
     def _key(self, func, args, kwargs):
         """What the op's plan depends on: the op, the parameters' shapes (a parameter or a view of one

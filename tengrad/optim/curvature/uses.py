@@ -10,7 +10,8 @@ per-sample Jacobian is
     J[r, :] = sum_u  scatter_u( plan_u.jacobian(x_u, gy_u)[r] )          [r, P]
 
 (scatter_u places each of the use's parameter Jacobians at its parameter's columns, a slice at its rows'
-columns), so K = J J^T = sum_{u,v} J_u J_v^T, J p = sum_u J_u p_u and J^T w = sum_u J_u^T w exactly.
+columns, any other view - ``w.expand(..)``, ``pos[:, :T]`` - at the flat positions of its elements, summed
+where a position repeats: capture/linear_uses.py), so K = J J^T = sum_{u,v} J_u J_v^T, J p = sum_u J_u p_u and J^T w = sum_u J_u^T w exactly.
 The cross terms are formed through the explicit J (the "jacobian" path of woodbury.py); their
 factored forms are not derived here. Memory: r x P per block.
 
@@ -108,6 +109,9 @@ def jacobian(params: Sequence[Tensor], calls: Sequence[Use], m: int, dtype, empi
                 continue
             p, row0 = part
             j = jac.reshape(r, -1).to(dtype)
+            if isinstance(row0, Tensor):    # a view of p: the flat positions of its elements in p
+                J.index_add_(1, offsets[id(p)] + row0.reshape(-1).to(J.device), j)
+                continue
             off = offsets[id(p)] + (0 if row0 is None else row0 * (p[0].numel() if p.dim() else 1))
             J[:, off:off + j.shape[1]] += j
     return J
