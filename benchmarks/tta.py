@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     task = tasks.get(args.task, args.quick, **settings)
     if args.targets:
         task.targets = tuple(args.targets)
+    if args.quick:      # smoke run: two cells per grid (the first hyperparameter's first two values)
+        task.grids = {m: {k: v[:2] if i == 0 else v[:1] for i, (k, v) in enumerate(g.items())}
+                      for m, g in task.grids.items()}
     if args.tune_steps:
         task.tune_steps = args.tune_steps
     data = task.load()

@@ -151,13 +151,20 @@ def plot(spec: Spec, runs: list[dict], path: str) -> str | None:
     axes[0, 1].set(xlabel="training seconds", ylabel="training loss", yscale="log")
     axes[1, 0].set(xlabel="step", ylabel=unit)
     axes[1, 1].set(xlabel="training seconds", ylabel=unit)
+    scale = 100 if spec.metric.endswith("acc") else 1
+    vals = [p[spec.metric] * scale for r in runs for p in r["points"] if p[spec.metric] == p[spec.metric]]
+    lo, hi = min(spec.targets) * scale, max(spec.targets) * scale
+    pad = (hi - lo) or abs(hi) * 0.1
+    if vals:   # the targets' band, widened to the data, but not to a start far from it
+        if spec.higher:
+            ylim = (max(min(min(vals), lo - 3 * pad), lo - 10 * pad), max(max(vals), hi) + pad)
+        else:
+            ylim = (min(min(vals), lo) - pad, min(max(max(vals), hi + 3 * pad), hi + 10 * pad))
     for ax in axes[1]:
         for t in spec.targets:
-            ax.axhline(t * (100 if spec.metric.endswith("acc") else 1), color="red", lw=0.6, ls=":")
-        lo = min(spec.targets) * (100 if spec.metric.endswith("acc") else 1)
-        hi = max(spec.targets) * (100 if spec.metric.endswith("acc") else 1)
-        pad = (hi - lo) or abs(hi) * 0.1
-        ax.set_ylim(lo - 3 * pad, hi + pad) if spec.higher else ax.set_ylim(lo - pad, hi + 3 * pad)
+            ax.axhline(t * scale, color="red", lw=0.6, ls=":")
+        if vals:
+            ax.set_ylim(*ylim)
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
