@@ -41,7 +41,7 @@ from common import machine  # noqa: E402
 from peers import METHODS, available  # noqa: E402
 from runner import load_average  # noqa: E402
 from task_run import TaskRun, round_robin  # noqa: E402
-from tta_report import report  # noqa: E402
+from tta_report import report, truncate  # noqa: E402,F401  (truncate: tta.truncate, as before)
 from tune import tuned_point  # noqa: E402
 
 # task settings a flag may override (None: the task's default); each task takes the ones it knows

@@ -175,12 +175,20 @@ def plot(spec: Spec, runs: list[dict], path: str) -> str | None:
     return path
 
 
-def truncate(spec: Spec, run: dict, upto: float | None) -> dict:
-    """The run over its first ``upto`` epochs (one budget for seeds that ran for different lengths)."""
+def truncate(run: dict, upto: float | None, spec: Spec | None = None) -> dict:
+    """The run over its first ``upto`` epochs (one budget for seeds that ran for different lengths): later
+    points dropped, the best metric and the time recomputed (``spec``: the task's metric; without it,
+    test accuracy)."""
     if upto is None or not run["points"]:
         return run
     pts = [p for p in run["points"] if p["epoch"] <= upto + 1e-9]
-    return dict(run, points=pts, seconds=pts[-1]["seconds"], steps=pts[-1]["step"], truncated_at=upto)
+    out = dict(run, points=pts, seconds=pts[-1]["seconds"], steps=pts[-1].get("step", run.get("steps")),
+               truncated_at=upto)
+    if spec is not None:
+        out["best"] = spec.best(out)
+    if "test_acc" in pts[-1]:
+        out["best_acc"] = max(p["test_acc"] for p in pts)
+    return out
 
 
 def report(out: str, methods: list[str], upto: float | None = None) -> int:
@@ -195,7 +203,7 @@ def report(out: str, methods: list[str], upto: float | None = None) -> int:
         metas.append(d["meta"])
         runs += d["runs"]
     spec = Spec(metas[0])
-    runs = [truncate(spec, r, upto) for r in runs]
+    runs = [truncate(r, upto, spec) for r in runs]
     methods = [m for m in methods if any(r["method"] == m for r in runs)] or sorted({r["method"] for r in runs})
     png = plot(spec, runs, os.path.join(out, "tta.png"))
     with open(os.path.join(out, "tta.json"), "w") as f:
