@@ -18,7 +18,8 @@ from tengrad.demo.model import three_c_one_f  # noqa: E402
 
 def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, test: int = 0,
          batch: int = 128, width: int = 32, hidden: int = 500, epochs: float = 2.0,
-         evals_per_epoch: int = 6, eval_every: int = 0) -> Task:
+         evals_per_epoch: int = 6, eval_every: int = 0, steps: int = 0) -> Task:
+    """The task; ``steps`` > 0 overrides ``epochs``, ``eval_every`` > 0 overrides ``evals_per_epoch``."""
     if quick:
         dataset, train, test, batch, width, hidden, epochs, evals_per_epoch = "digits", 256, 128, 32, 4, 16, 0.5, 2
     cache = {}
@@ -42,7 +43,7 @@ def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, te
         evaluate=images.evaluate,
         metric="test_acc", higher_is_better=True,
         targets=(0.85, 0.88, 0.90),
-        steps=max(1, int(round(epochs * per_epoch))), eval_every=every, steps_per_epoch=per_epoch,
+        steps=steps or max(1, int(round(epochs * per_epoch))), eval_every=every, steps_per_epoch=per_epoch,
         tune_steps=max(2, per_epoch // 6) if not quick else 2,
         grids=dict(
             sgd=dict(lr=[0.01, 0.03, 0.1], weight_decay=wd),

@@ -52,7 +52,8 @@ class WideResNet(nn.Module):
 
 def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, test: int = 0,
          batch: int = 128, width: int = 12, epochs: float = 4.0, evals_per_epoch: int = 4,
-         eval_every: int = 0) -> Task:
+         eval_every: int = 0, steps: int = 0) -> Task:
+    """The task; ``steps`` > 0 overrides ``epochs``, ``eval_every`` > 0 overrides ``evals_per_epoch``."""
     blocks = 2
     if quick:
         dataset, train, test, batch, width, blocks, epochs, evals_per_epoch = "digits", 256, 128, 32, 4, 1, 0.5, 2
@@ -71,7 +72,7 @@ def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, te
         evaluate=images.evaluate,
         metric="test_acc", higher_is_better=True,
         targets=(0.90, 0.92),
-        steps=max(1, int(round(epochs * per_epoch))), eval_every=every, steps_per_epoch=per_epoch,
+        steps=steps or max(1, int(round(epochs * per_epoch))), eval_every=every, steps_per_epoch=per_epoch,
         tune_steps=max(2, per_epoch // 4) if not quick else 2,
         grids=dict(
             sgd=dict(lr=[0.03, 0.1, 0.3], weight_decay=wd),

@@ -79,7 +79,7 @@ def evaluate(model, data, chunk: int = 64) -> dict:
 
 
 def task(quick: bool = False, batch: int = 32, context: int = 128, d: int = 128, layers: int = 6,
-         heads: int = 4, steps: int = 3000, eval_every: int = 100, n_val: int = 256) -> Task:
+         heads: int = 4, steps: int = 2000, eval_every: int = 100, n_val: int = 256) -> Task:
     max_bytes = 0
     if quick:
         batch, context, d, layers, heads, steps, eval_every, n_val, max_bytes = 8, 32, 32, 1, 2, 8, 4, 16, 200_000
