@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 from .base import Task
 
 NAMES = ("3c1f", "resnet", "lm")
@@ -20,4 +22,8 @@ def get(name: str, quick: bool = False, **settings) -> Task:
         from .stdlib_lm import task
     else:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(NAMES)}")
+    known = set(inspect.signature(task).parameters) - {"quick"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"task {name!r} takes no setting {', '.join(unknown)}; its settings: {', '.join(sorted(known))}")
     return task(quick, **settings)
