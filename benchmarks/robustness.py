@@ -7,7 +7,8 @@ batches for a short budget; a cell is its best test accuracy and whether it dive
 
 Writes ``robustness.json``, ``robustness.png`` (heat maps: best test accuracy per cell, "x" where the
 run diverged) and prints a markdown table (the one in benchmarks/README.md). A diverging run (non-finite
-loss, or an optimizer that raises) is reported as such; no exception escapes a cell. Every cell runs
+loss, or an optimizer that raises) is reported as such; no exception escapes a cell. A method whose
+package is missing (ASDL's K-FAC) is not run: it is named once and has no cells. Every cell runs
 on its own (timing plays no part here; the grid is also the tuning grid of ``tta.py``).
 """
 from __future__ import annotations
@@ -228,9 +229,16 @@ def main(argv=None) -> int:
           f"{args.epochs:g} epoch(s); {torch.get_num_threads()} threads; load {load_average()}", flush=True)
     results = []
     t0 = time.perf_counter()
+    skipped = {}
     for meth, hp in cells(args):
+        if meth in skipped:
+            continue
         r = Run(f"{meth} {hp}", meth, hp, data, epochs=args.epochs, seed=args.seed, batch=args.batch,
                 width=args.width, hidden=args.hidden, evals_per_epoch=args.evals_per_epoch)
+        if r.not_run:       # a missing package: the method's cells are left out, not counted as diverged
+            skipped[meth] = r.not_run
+            print(f"  {meth:<8} {r.not_run}", flush=True)
+            continue
         while not r.done:
             r.advance()
         s = r.summary()
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
             json.dump(dict(results=results), f)
     meta = dict(dataset=name, train=len(data[1]), test=len(data[3]), epochs=args.epochs, width=args.width,
                 hidden=args.hidden, batch=args.batch, update_freq=args.update_freq, kl_clip=args.kl_clip,
-                threads=torch.get_num_threads(), load_end=load_average(),
+                threads=torch.get_num_threads(), load_end=load_average(), not_run=skipped,
                 total_seconds=time.perf_counter() - t0)
     with open(os.path.join(args.out, "robustness.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)

@@ -8,7 +8,8 @@ load of a shared machine hits all of them alike.
 
 A run *diverges* when its minibatch loss is not finite or its optimizer raises (TENGraD refuses a
 non-finite gradient or direction; ASDL's Cholesky may fail): it stops and reports the reason; no
-exception escapes.
+exception escapes. A method whose package is missing (ASDL) is *not run* (``not_run`` says why), not
+diverged.
 
 Methods and hyperparameters (``hp``):
 
@@ -105,6 +106,7 @@ class Run:
     seconds: float = 0.0
     steps: int = 0
     diverged: str = ""                   # empty, or why the run stopped
+    not_run: str = ""                    # empty, or why the method could not start (a missing package)
 
     def __post_init__(self):
         torch.manual_seed(self.seed)
@@ -121,15 +123,17 @@ class Run:
             warnings.simplefilter("ignore")
             try:
                 self.step_fn, self.opt = make_step(self.method, self.model, self.hp, self.batch)
+            except ModuleNotFoundError as exc:
+                self.not_run = f"not run: {exc}"
             except Exception as exc:  # a configuration the optimizer refuses is reported, not raised
                 self.diverged = f"refused: {type(exc).__name__}: {exc}"
-        if not self.diverged:
+        if not (self.diverged or self.not_run):
             tl, ta = evaluate(self.model, *self.data[2:])
             self.points.append(Point(0.0, 0.0, float("nan"), tl, ta))
 
     @property
     def done(self) -> bool:
-        return bool(self.diverged) or self.steps >= self.total or (
+        return bool(self.diverged or self.not_run) or self.steps >= self.total or (
             self.stop_at_acc is not None and bool(self.points) and self.points[-1].test_acc >= self.stop_at_acc)
 
     def advance(self) -> None:
@@ -171,7 +175,7 @@ class Run:
 
     def summary(self) -> dict:
         return dict(label=self.label, method=self.method, hp=self.hp, seed=self.seed, steps=self.steps,
-                    seconds=self.seconds, diverged=self.diverged, best_acc=self.best_acc(),
+                    seconds=self.seconds, diverged=self.diverged, not_run=self.not_run, best_acc=self.best_acc(),
                     points=[p.__dict__ for p in self.points])
 
 

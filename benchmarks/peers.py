@@ -1,0 +1,101 @@
+"""The optimizers of ``tta.py``: one training step per method, for any model and loss.
+
+Methods (arms) and their hyperparameters ``hp``:
+
+* ``sgd``: torch.optim.SGD(lr, momentum 0.9, weight_decay; coupled).
+* ``adamw``: torch.optim.AdamW(lr, weight_decay; decoupled), betas (0.9, 0.999).
+* ``soap``: ``pytorch_optimizer.SOAP`` (Adam in Shampoo's eigenbasis; lr, weight_decay, betas (0.95, 0.95),
+  precondition_frequency 10: the package's defaults), from the optional ``bench`` extra.
+* ``kfac``: ASDL 0.1a5 ``KfacGradientMaker`` (empirical Fisher; damping; curvature and inverse every
+  ``update_freq`` = 10 steps) feeding SGD(lr, momentum 0.9, weight_decay), from the ``bench`` extra.
+* ``tengrad``: ``tengrad.TENGraD(model, **hp)``: its defaults (only weight_decay tuned).
+* ``tengrad-tuned``: the same optimizer at a tuned (lr, damping).
+
+A method whose package is not installed raises ``NotRun`` (reported as "not run", never as divergence).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned")
+LABELS = {"sgd": "SGD + momentum (tuned)", "adamw": "AdamW (tuned)", "soap": "SOAP (tuned)",
+          "kfac": "ASDL K-FAC (tuned)", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)"}
+PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),
+            "kfac": ("asdl", "pip install asdfghjkl==0.1a5 (the bench extra)")}
+
+
+class NotRun(Exception):
+    """The method cannot run here (its optional package is missing); the message says how to get it."""
+
+
+def available(method: str) -> str:
+    """'' when ``method`` can run here, else why not."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method in PACKAGES:
+        mod, how = PACKAGES[method]
+        if importlib.util.find_spec(mod) is None:
+            return f"not run: no module {mod!r} ({how})"
+    return ""
+
+
+def _guarded(opt, model, loss_fn, forward_backward=None):
+    """step(x, y) -> loss: zero_grad, forward, backward, and the optimizer step if the loss is finite."""
+    def step(x, y):
+        opt.zero_grad()
+        if forward_backward is None:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        else:
+            loss = forward_backward(x, y)
+        lv = float(loss)
+        if math.isfinite(lv):
+            opt.step()
+        return lv
+    return step
+
+
+def make_step(method: str, model, hp: dict, loss_fn, batch: int):
+    """(step, optimizer) for ``method`` at ``hp``; ``step(x, y)`` does one full training step and returns
+    the minibatch loss (a float). Raises ``NotRun`` when the method's package is missing."""
+    why = available(method)
+    if why:
+        raise NotRun(why)
+    hp = dict(hp)
+    wd = hp.pop("weight_decay", 0.0)
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=hp.pop("lr"), momentum=hp.pop("momentum", 0.9), weight_decay=wd)
+    elif method == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=hp.pop("lr"), weight_decay=wd)
+    elif method == "soap":
+        from pytorch_optimizer import SOAP
+
+        opt = SOAP(model.parameters(), lr=hp.pop("lr"), weight_decay=wd)
+    elif method in ("tengrad", "tengrad-tuned"):
+        import tengrad
+
+        opt = tengrad.TENGraD(model, weight_decay=wd, **hp)
+        hp = {}
+    elif method == "kfac":
+        from asdl import KfacGradientMaker, PreconditioningConfig
+
+        k = int(hp.pop("update_freq", 10))
+        cfg = PreconditioningConfig(data_size=batch, damping=hp.pop("damping"), preconditioner_upd_interval=k,
+                                    curvature_upd_interval=k)
+        gm = KfacGradientMaker(model, cfg, fisher_type="fisher_emp")
+        opt = torch.optim.SGD(model.parameters(), lr=hp.pop("lr"), momentum=hp.pop("momentum", 0.9), weight_decay=wd)
+
+        def forward_backward(x, y):
+            dummy = gm.setup_model_call(model, x)
+            gm.setup_loss_call(loss_fn, dummy, y)
+            _, loss = gm.forward_and_backward()
+            return loss
+        if hp:
+            raise ValueError(f"kfac: unknown hyperparameters {sorted(hp)}")
+        return _guarded(opt, model, loss_fn, forward_backward), opt
+    if hp:
+        raise ValueError(f"{method}: unknown hyperparameters {sorted(hp)}")
+    return _guarded(opt, model, loss_fn), opt

@@ -1,0 +1,66 @@
+"""Smoke runs of benchmarks/tta.py --task lm|resnet (--quick --no-tune: a tiny model, a few steps, two
+methods) and benchmarks/robustness_lm.py (one cell): the scripts run end to end and write their JSON and
+PNG; the LM corpus split is deterministic and by file; a method whose package is missing is "not run",
+never "diverged". The benchmarks themselves are not run here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+pytest.importorskip("sklearn", reason="the resnet smoke run uses scikit-learn's digits")
+pytest.importorskip("matplotlib", reason="the benchmarks plot with matplotlib")
+
+
+def test_lm_corpus_split_is_by_file_and_deterministic():
+    from tasks import stdlib_corpus
+
+    files = stdlib_corpus.source_files(stdlib_corpus.sysconfig.get_paths()["stdlib"])
+    assert files == sorted(files) and all(f.endswith(".py") for f in files)
+    assert not any("site-packages" in f for f in files)
+    val = [f for f in files if stdlib_corpus.is_validation(f, 0.1)]
+    assert 0 < len(val) < len(files) // 4
+    assert val == [f for f in files if stdlib_corpus.is_validation(f, 0.1)]
+
+
+@pytest.mark.parametrize("task,methods", [("lm", "adamw,tengrad"), ("resnet", "tengrad")])
+def test_tta_task_quick_writes_the_report(task, methods, tmp_path, capsys):
+    import tta
+
+    assert tta.main(["--task", task, "--quick", "--no-tune", "--seeds", "0", "--methods", methods,
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "TENGraD (defaults)" in out and "acceptance" in out
+    assert (tmp_path / "tta.png").stat().st_size > 0
+    with open(tmp_path / "tta_seed0.json") as f:
+        blob = json.load(f)
+    assert [r["method"] for r in blob["runs"]] == methods.split(",")
+    metric = blob["meta"]["metric"]
+    assert all(len(r["points"]) >= 2 and metric in r["points"][-1] for r in blob["runs"])
+
+
+def test_a_missing_package_is_not_run(monkeypatch):
+    import peers
+    from task_run import TaskRun
+    import tasks
+
+    monkeypatch.setitem(peers.PACKAGES, "kfac", ("no_such_module_xyz", "install it"))
+    task = tasks.get("lm", quick=True)
+    r = TaskRun("kfac", "kfac", dict(lr=0.1, damping=0.1), task, task.load(), steps=2)
+    assert r.done and r.not_run.startswith("not run") and not r.diverged
+
+
+def test_robustness_lm_quick_one_cell(tmp_path, capsys):
+    import robustness_lm
+
+    assert robustness_lm.main(["--quick", "--lrs", "0.3", "--dampings", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "robustness_lm.json") as f:
+        res = json.load(f)["results"]
+    assert len(res) == 1 and res[0]["method"] == "tengrad" and res[0]["best"] == res[0]["best"]
+    assert (tmp_path / "robustness_lm.png").stat().st_size > 0
+    assert "damping \\ lr" in capsys.readouterr().out
