@@ -48,6 +48,10 @@ from tengrad.optim.capture.hooks import (HookSet, OwnHook, always, get_gradient_
                                          store_grad, transformed)
 from tengrad.optim.capture.record import Use
 from tengrad.optim.capture.wrappers import ForwardWraps
+from tengrad_ir.lru import LRU
+
+#: op plans kept, one per call signature (shapes, hyperparameters): least recently used go first
+OP_PLANS_KEPT = 512
 
 #: Python-level ops whose inner ops must be seen, and whose uses are sequence first
 SEQ_FIRST_COMPOSITES = {F.multi_head_attention_forward}
@@ -100,7 +104,7 @@ class OpCapture:
         self._linear_orig = None
         self._has_mha = False   # the model holds an nn.MultiheadAttention (skip_builtin_subtrees)
         self._patched = False   # functional's ``linear`` is the recording one for this forward
-        self._plans: dict = {}
+        self._plans = LRU(OP_PLANS_KEPT)   # op plans by call signature (``_key``), bounded
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
         self._covers: dict[int, list[int]] = {}     # id(module) -> ids of its block's parameters (cover)
