@@ -80,8 +80,10 @@ class OpCapture:
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
                  keep_edges: bool = False,
                  select: Callable[[bool], tuple[bool, bool, list]] | None = None,
-                 accumulating: Callable | None = None) -> None:
+                 accumulating: Callable | None = None,
+                 before_capture: Callable[[], None] | None = None) -> None:
         self.model = model
+        self._before_capture = before_capture   # called once per captured root forward, before it records
         self.params = params
         self.accumulating = accumulating or always
         self._armed = armed
@@ -131,6 +133,8 @@ class OpCapture:
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
         if isinstance(first, Tensor) and transformed(first):
             return
+        if self._before_capture is not None:
+            self._before_capture()
         self.fwd += 1       # a captured forward: its batch m is what its uses' rows are split by
         self.m = int(first.shape[self.batch_dim]) if isinstance(first, Tensor) and first.dim() > self.batch_dim else None
         self._ids = self.params()
