@@ -5,7 +5,9 @@ count bit-identical afterwards (support/snapshots.py); every case made to work i
 dense float64 oracle (support/step_oracle.py)."""
 from __future__ import annotations
 
+import copy
 import gc
+import io
 import warnings
 import weakref
 
@@ -17,7 +19,6 @@ from torch import nn
 import tengrad
 from support.optim_cases import make_batch, make_model
 from support.snapshots import assert_unchanged, snapshot_all
-from support.step_oracle import step_against_oracle
 from tengrad.optim import TENGraD, TENGraDError
 
 
@@ -82,3 +83,119 @@ def test_accumulated_forwards_keep_their_records_and_step_exactly():
     assert opt._capture.held() == 2 * held and opt._capture.dropped == 0
     opt.step()
     assert all(b.curv.m == 6 for b in opt.blocks)
+
+
+# ---------------------------------------------------------------- state integrity
+def trained(path: str, dtype=torch.float64):
+    """TokenNet after 2 steps of update_freq 3 (curvature kept, momentum buffers set)."""
+    model = make_model("tokens", dtype=dtype)
+    kw = dict(momentum=0.9, update_freq=3, kl_clip=1e-2)
+    if path == "reuse":
+        kw["max_jacobian_numel"] = 0
+    opt = quiet_opt(model, lr=0.2, damping=0.3, **kw)
+    train(model, opt, batches("tokens", [5, 4]))
+    return model, opt
+
+
+def fresh_sd(opt):
+    """A state_dict to tamper with: torch's holds the optimizer's live per-parameter dicts and tensors."""
+    return copy.deepcopy(opt.state_dict())
+
+
+def refused(model, opt, sd, match):
+    snap = snapshot_all(model, opt)
+    with pytest.raises(TENGraDError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(model, opt, snap)
+
+
+def kept(opt, path, float_x=False):
+    """The first block keeping curvature on ``path`` (``float_x``: with a floating-point input)."""
+    return next(b for b in opt.blocks if b.curv is not None and b.curv.path == path
+                and (not float_x or b.curv.x.is_floating_point()))
+
+
+def test_both_paths_are_kept_by_the_fixtures():
+    assert kept(trained("auto")[1], "jacobian") and kept(trained("reuse")[1], "reuse")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_momentum_buffer_is_refused_by_name(value):
+    model, opt = trained("auto")
+    sd = fresh_sd(opt)
+    sd["state"][2]["momentum_buffer"].view(-1)[1] = value
+    refused(model, opt, sd, r"state of parameter 'norm.bias'.*'momentum_buffer' has 1 non-finite entry.*unchanged")
+
+
+@pytest.mark.parametrize("path, key", [("reuse", "x"), ("reuse", "gy"), ("auto", "jac"), ("auto", "gram"),
+                                       ("auto", "chol")])
+def test_non_finite_kept_curvature_is_refused_by_name(path, key):
+    model, opt = trained(path)
+    b = kept(opt, "reuse" if key in ("x", "gy") else "jacobian", float_x=key == "x")
+    sd = fresh_sd(opt)
+    t = sd["tengrad"]["blocks"][b.name][key]
+    t[(0,) * t.dim()] = float("nan")
+    refused(model, opt, sd, rf"block '{b.name}': '{key}' has 1 non-finite entry")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_a_factor_of_another_damping_or_a_gram_of_other_rows_is_refused(dtype):
+    model, opt = trained("auto", dtype)
+    b = kept(opt, "jacobian")
+    sd = fresh_sd(opt)
+    c = sd["tengrad"]["blocks"][b.name]
+    eye = torch.eye(c["gram"].shape[0], dtype=c["gram"].dtype)
+    c["chol"] = torch.linalg.cholesky(c["gram"] + 2 * c["m"] * c["damping"] * eye)     # not K + m a I
+    refused(model, opt, sd, rf"block '{b.name}': 'chol' does not factor 'gram' \+ m\*damping\*I")
+    sd = fresh_sd(opt)
+    c = sd["tengrad"]["blocks"][b.name]
+    c["gram"] = c["gram"] * 1.5                    # self-consistent factor, but not the rows' Gram
+    c["chol"] = torch.linalg.cholesky(c["gram"] + c["m"] * c["damping"] * eye)
+    refused(model, opt, sd, rf"block '{b.name}': 'gram' is not the Gram matrix of the kept rows \('jac'\)")
+    sd = fresh_sd(opt)
+    sd["tengrad"]["blocks"][b.name]["chol"] = sd["tengrad"]["blocks"][b.name]["chol"].T.contiguous()
+    refused(model, opt, sd, rf"block '{b.name}': 'chol' is not a Cholesky factor")
+    sd = fresh_sd(opt)
+    sd["tengrad"]["blocks"][b.name]["jac"] = sd["tengrad"]["blocks"][b.name]["jac"].to(torch.float16)
+    refused(model, opt, sd, rf"block '{b.name}': 'jac' is torch.float16, this block computes in")
+
+
+def _flip_in_file(blob: bytes, t: torch.Tensor) -> bytes:
+    """The saved file with bit 0x40 of the most significant byte of one entry of ``t``'s storage
+    flipped (the top exponent bit: the largest entry below 2 in magnitude becomes ~2^128 in float32,
+    ~2^1024 in float64, the corruption that made training diverge), found by the storage's raw bytes in
+    the file (torch.save stores each storage uncompressed)."""
+    storage = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    raw = storage.numpy().tobytes()
+    at = blob.find(raw)
+    assert at >= 0 and blob.find(raw, at + 1) < 0, "the tensor's bytes are not found once in the file"
+    k = int(torch.where(storage.abs() < 2, storage.abs(), torch.zeros_like(storage)).argmax())
+    pos = at + (k + 1) * t.element_size() - 1      # little endian: the last byte of the entry
+    out = bytearray(blob)
+    out[pos] ^= 0x40
+    return bytes(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path, key", [("auto", "jac"), ("reuse", "x"), ("reuse", "gy"), ("auto", "chol"),
+                                       ("reuse", "chol")])
+def test_a_checkpoint_with_flipped_bytes_in_its_kept_curvature_is_refused(path, key, dtype):
+    model, opt = trained(path, dtype)
+    b = kept(opt, "reuse" if key in ("x", "gy") or path == "reuse" else "jacobian", float_x=key == "x")
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    clean = buf.getvalue()
+    target = opt.state_dict()["tengrad"]["blocks"][b.name][key]
+    flipped = torch.load(io.BytesIO(_flip_in_file(clean, target)))
+    refused(model, opt, flipped, rf"curvature of block '{b.name}'")
+    opt.load_state_dict(torch.load(io.BytesIO(clean)))     # the clean file loads (no false alarm)
+
+
+def test_deepcopy_and_pickling_are_refused_with_the_supported_pattern():
+    model, opt = trained("auto")
+    snap = snapshot_all(model, opt)
+    with pytest.raises(TENGraDError, match=r"copy\.deepcopy\(opt\) is not supported.*opt\.state_dict\(\)"):
+        copy.deepcopy(opt)
+    with pytest.raises(TENGraDError, match=r"torch\.save\(opt\).*load_state_dict"):
+        torch.save(opt, io.BytesIO())
+    assert_unchanged(model, opt, snap)

@@ -75,6 +75,12 @@ from tengrad.optim.estimator import LocalEstimator, StepInput, resolve_distribut
 from tengrad.optim.explain import describe, fallback_warning
 
 
+_NOT_COPIED = ("{what} is not supported: TENGraD is wired to its model's forward and gradient hooks, "
+               "which a copy would not own. Save and restore its state instead: sd = opt.state_dict() "
+               "(torch.save(sd, path) works), then opt2 = TENGraD(model2, <same arguments>); "
+               "opt2.load_state_dict(sd)")
+
+
 class TENGraD(torch.optim.Optimizer):
     """Time-efficient natural gradient with exact per-layer Fisher blocks.
 
@@ -336,6 +342,12 @@ class TENGraD(torch.optim.Optimizer):
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
         self.skipped = {}
+
+    def __deepcopy__(self, memo):
+        raise TENGraDError(_NOT_COPIED.format(what="copy.deepcopy(opt)"))
+
+    def __reduce_ex__(self, protocol):
+        raise TENGraDError(_NOT_COPIED.format(what="pickling the optimizer (torch.save(opt))"))
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's hooks from the model (it can no longer capture curvature)."""
