@@ -199,3 +199,68 @@ def test_deepcopy_and_pickling_are_refused_with_the_supported_pattern():
     with pytest.raises(TENGraDError, match=r"torch\.save\(opt\).*load_state_dict"):
         torch.save(opt, io.BytesIO())
     assert_unchanged(model, opt, snap)
+
+
+# ---------------------------------------------------------------- clear refusals
+def test_a_compiled_model_is_refused_at_construction_with_the_supported_pattern():
+    model = make_model("mlp")
+    with pytest.raises(tengrad.TengradError, match=r"torch\.compile.*opt = TENGraD\(model, \.\.\.\); "
+                                                   r"compiled = torch\.compile\(model\)"):
+        TENGraD(torch.compile(model))
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["curvature step", "reuse step"])
+def test_a_batch_of_zero_is_refused_by_name_and_changes_nothing(first):
+    model = make_model("mlp")
+    opt = quiet_opt(model, update_freq=2)
+    if not first:
+        train(model, opt, batches("mlp", [4]))
+    x, y = torch.randn(0, 5, dtype=torch.float64), torch.randint(0, 3, (0,))
+    snap = snapshot_all(model, opt)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(tengrad.TengradError, match=r"batch of 0 samples \(dimension 0 of the model input\)"):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    train(model, opt, batches("mlp", [4], seed=1))          # the next real batch steps
+    assert opt._steps == snap["steps"] + 1
+
+
+def test_the_exact_fisher_over_its_memory_cap_is_refused_with_the_number_and_the_alternative():
+    """1000 classes, batch 32: the 1000 output vectors [32, 1000] and K and its factor, 32000^2 float32
+    each: 7.75 GiB before any layer's rows."""
+    need = 1000 * 32 * 1000 * 4 + 2 * 32000 ** 2 * 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1000))
+    opt = TENGraD(model, fisher="exact")
+    x, y = torch.randn(32, 4), torch.randint(0, 1000, (32,))
+    snap = snapshot_all(model, opt)
+    out = model(x)
+    opt.zero_grad()
+    assert f"{need / 2**30:.2f}" == "7.75"
+    with pytest.raises(TENGraDError, match=rf"fisher='exact' would allocate about {need / 2**30:.2f} GiB for C=1000 output "
+                                           r"units and m=32 samples.*max_exact_fisher_bytes=2147483648.*fisher='mc'"):
+        opt.backward(out, y, loss="cross_entropy")
+    assert_unchanged(model, opt, snap)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(TENGraDError, match="max_exact_fisher_bytes must be an integer >= 1"):
+        TENGraD(model, fisher="exact", max_exact_fisher_bytes=0)
+
+
+def test_the_exact_fisher_at_its_cap_runs_and_one_byte_under_is_refused():
+    """Linear(4, 3), m = 5: 3 output vectors [5, 3] and K and its factor, 15 x 15, in float64."""
+    need = 3 * 15 * 8 + 2 * 15 ** 2 * 8
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for cap, ok in ((need, True), (need - 1, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3)).double()
+        opt = TENGraD(model, fisher="exact", max_exact_fisher_bytes=cap)
+        out = model(x)
+        opt.zero_grad()
+        if ok:
+            opt.backward(out, y, loss="cross_entropy")
+            opt.step()
+            assert opt._steps == 1
+        else:
+            with pytest.raises(TENGraDError, match=f"over max_exact_fisher_bytes={cap} "):
+                opt.backward(out, y, loss="cross_entropy")

@@ -109,6 +109,9 @@ class TENGraD(torch.optim.Optimizer):
     with the noise ratio (options.py; chosen with benchmarks/robustness.py and benchmarks/tta.py, the
     runs in docs/experiments/robustness.md and docs/experiments/time-to-accuracy.md).
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) a block may keep.
+    ``max_exact_fisher_bytes``: ``fisher="exact"`` estimates what a curvature step allocates (its C
+    output passes, and per block K and its factor, (C m)^2 each; curvature/fisher.py ``exact_bytes``)
+    and refuses above this many bytes (default 2 GiB), before any pass runs.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (one vjp per block)
     on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
@@ -128,13 +131,15 @@ class TENGraD(torch.optim.Optimizer):
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
-                 grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False) -> None:
+                 grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
+                 max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
             options.check_value(key, value)
         options.check_options(fisher, update_freq, kl_clip, max_jacobian_numel, generator)
         self.noise_scale = options.check_bool("noise_scale", noise_scale)
+        self.max_exact_fisher_bytes = options.check_count("max_exact_fisher_bytes", max_exact_fisher_bytes)
         self.stagger = options.check_bool("stagger", stagger)
         if stagger and fisher != "empirical":
             raise TENGraDError(f"stagger=True needs fisher='empirical', not {fisher!r}: the {fisher} Fisher runs "
@@ -258,6 +263,10 @@ class TENGraD(torch.optim.Optimizer):
                 self.last_labels = fisher_mod.sample_labels(out, name, generator or self.generator)
                 vs = fisher_mod.mc_grad_outputs(out, loss_fn, self.last_labels)
             else:
+                due = [b for b in self.blocks if b.params and self._block_due(b)]
+                itemsize = max((torch.promote_types(b.params[0].dtype, torch.float32).itemsize for b in due),
+                               default=4)
+                fisher_mod.check_exact_memory(out, len(due), itemsize, self.max_exact_fisher_bytes)
                 vs = fisher_mod.exact_grad_outputs(out, name)
             # differentiate w.r.t. the layer outputs' gradient edges: the hooks see gy, and no
             # weight gradient is computed (parameters are the fallback on torch without edges)
@@ -285,6 +294,10 @@ class TENGraD(torch.optim.Optimizer):
                 loss = closure()
         options.check_all(self.fisher, self.update_freq, self.kl_clip, self.max_jacobian_numel,
                           self.generator, self.param_groups)     # values a scheduler or the user changed
+        if self._capture.last_batch == 0:
+            raise TENGraDError(f"the last training forward had a batch of 0 samples (dimension {self.batch_dim} "
+                               "of the model input): there is no gradient to precondition; skip empty batches "
+                               "(nothing was changed)")
         if self.fisher != "empirical" and not self._opt_backward:
             raise TENGraDError(f"fisher={self.fisher!r} needs its own backward passes: use "
                                "out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss=...); "

@@ -159,6 +159,11 @@ class ModelCapture:
             self.blocks[i].mode_used, self.blocks[i].mha_used = outside, inside
         self._kinds = {}
 
+    @property
+    def last_batch(self) -> int | None:
+        """The batch (``batch_dim`` of the first input) of the last training forward with grad enabled."""
+        return self.ops.last_batch
+
     def held(self) -> int:
         """How many records (uses that received output gradients) wait for a step."""
         return sum(len(b.capture.peek()) for b in self.blocks if b.capture is not None) + len(self.ops.uses)

@@ -97,6 +97,7 @@ class OpCapture:
         self.edges: list = []
         self.fwd = 0            # id of the last captured root forward
         self.m: int | None = None
+        self.last_batch: int | None = None   # batch of the last training forward with grad (captured or not)
         self._seq = 0
         self._select = select or (lambda due: (due, due, []))
         self._active = False    # a captured root forward is running
@@ -127,11 +128,13 @@ class OpCapture:
         mode, mha, captures = self._select(due)     # what this forward needs, if it is captured
         if due != self.hooks.active:    # the exit hook exists only while it is needed (hooks.HookSet)
             (self.hooks.on if due else self.hooks.off)()
-        if self._active or not (due and torch.is_grad_enabled() and module.training):
+        if self._active or not (torch.is_grad_enabled() and module.training):
             return
         # the batch: the first tensor among the positional, then the keyword arguments (model(ids=...))
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
-        if isinstance(first, Tensor) and transformed(first):
+        self.last_batch = (int(first.shape[self.batch_dim]) if isinstance(first, Tensor)
+                           and first.dim() > self.batch_dim else None)
+        if not due or (isinstance(first, Tensor) and transformed(first)):
             return
         if self._before_capture is not None:
             self._before_capture()
