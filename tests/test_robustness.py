@@ -18,7 +18,9 @@ from torch import nn
 
 import tengrad
 from support.optim_cases import make_batch, make_model
+from support.numerics import rel_err
 from support.snapshots import assert_unchanged, snapshot_all
+from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
 
@@ -207,6 +209,27 @@ def test_a_compiled_model_is_refused_at_construction_with_the_supported_pattern(
     with pytest.raises(tengrad.TengradError, match=r"torch\.compile.*opt = TENGraD\(model, \.\.\.\); "
                                                    r"compiled = torch\.compile\(model\)"):
         TENGraD(torch.compile(model))
+
+
+def test_compiling_after_construction_steps_exactly():
+    """The supported pattern: TENGraD on the plain model, the loop on torch.compile(model) (dynamo's
+    eager backend: the test checks the capture through dynamo's frames, not inductor's kernels)."""
+    model = make_model("mlp")
+    opt = quiet_opt(model, lr=0.3, damping=0.5, momentum=0.0, update_freq=1, kl_clip=None)
+    compiled = torch.compile(model, backend="eager")
+    x, y = batches("mlp", [4])[0]
+    rows = per_sample_grads(model, x, y, "cross_entropy")
+    g = {n: t.mean(0) for n, t in rows.items()}
+    names = [n for n, _ in model.named_parameters()]
+    exact = expected_steps(opt, model, fisher_from_grads(rows, names), names, g, 0.3, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # dynamo's notes on the hooks it does not trace
+        opt.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert rel_err(p.detach() - before[n], exact[n]) <= 1e-10, n
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["curvature step", "reuse step"])
