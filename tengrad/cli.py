@@ -45,8 +45,8 @@ def parse_module(text: str) -> tuple[type, list, dict]:
         raise CliError(f"cannot build {text!r}: not an expression ({exc.msg})") from None
     call = tree.body
     if not isinstance(call, ast.Call):
-        raise CliError(f"cannot build {text!r}: expected a call such as nn.Conv2d(16, 32, 3, padding=1), "
-                       f"got {type(call).__name__}")
+        raise CliError(f"cannot build {text!r}: {text!r} is not an nn.Module call such as "
+                       f"nn.Conv2d(16, 32, 3, padding=1) (got {type(call).__name__})")
     func = call.func
     path = []
     while isinstance(func, ast.Attribute):
