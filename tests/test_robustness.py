@@ -200,6 +200,8 @@ def test_deepcopy_and_pickling_are_refused_with_the_supported_pattern():
         copy.deepcopy(opt)
     with pytest.raises(TENGraDError, match=r"torch\.save\(opt\).*load_state_dict"):
         torch.save(opt, io.BytesIO())
+    with pytest.raises(TENGraDError, match=r"copy\.copy\(opt\)"):
+        copy.copy(opt)
     assert_unchanged(model, opt, snap)
 
 

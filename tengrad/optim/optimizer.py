@@ -360,7 +360,8 @@ class TENGraD(torch.optim.Optimizer):
         raise TENGraDError(_NOT_COPIED.format(what="copy.deepcopy(opt)"))
 
     def __reduce_ex__(self, protocol):
-        raise TENGraDError(_NOT_COPIED.format(what="pickling the optimizer (torch.save(opt))"))
+        raise TENGraDError(_NOT_COPIED.format(what="pickling or copying the optimizer (torch.save(opt), "
+                                                   "pickle.dumps(opt), copy.copy(opt))"))
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's hooks from the model (it can no longer capture curvature)."""
