@@ -20,7 +20,7 @@ import tengrad
 from support.optim_cases import make_batch, make_model
 from support.numerics import rel_err
 from support.snapshots import assert_unchanged, snapshot_all
-from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
+from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads, step_against_oracle
 from tengrad.optim import TENGraD, TENGraDError
 
 
@@ -193,14 +193,49 @@ def test_a_checkpoint_with_flipped_bytes_in_its_kept_curvature_is_refused(path, 
     opt.load_state_dict(torch.load(io.BytesIO(clean)))     # the clean file loads (no false alarm)
 
 
-def test_deepcopy_and_pickling_are_refused_with_the_supported_pattern():
+def _steps_alike(pairs, sizes, seed):
+    """Step every (model, opt) of ``pairs`` on the same batches; their parameters must stay bit-identical."""
+    for x, y in batches("tokens", sizes, seed=seed):
+        for model, opt in pairs:
+            train(model, opt, [(x, y)])
+        ref = pairs[0][0]
+        for model, _ in pairs[1:]:
+            for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+                assert torch.equal(p, q), n
+
+
+def test_a_deep_copy_steps_exactly_against_the_oracle_and_as_the_original():
+    model = make_model("tokens")
+    opt = quiet_opt(model, lr=0.2, damping=0.3, momentum=0.0, update_freq=1, kl_clip=None)
+    train(model, opt, batches("tokens", [5]))
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.model is model2 and opt2 is not opt and opt2._steps == 1
+    x, y = batches("tokens", [6], seed=4)[0]
+    moved, exact, _ = step_against_oracle(opt2, model2, x, y, 0.3)
+    for n in exact:
+        assert rel_err(moved[n], exact[n]) <= 1e-10, n
+    train(model, opt, [(x, y)])          # the original, on the same batch: the same parameters
+    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("path", ["auto", "reuse"])
+def test_a_pickled_optimizer_resumes_bit_for_bit_mid_cycle(path):
+    """torch.save((model, opt)) after 2 steps of update_freq 3 (kept curvature, momentum, KL clip and
+    noise ratio): the loaded pair steps as the original does."""
+    model, opt = trained(path)
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    model2, opt2 = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert opt2.model is model2 and all(b.curv is not None for b in opt2.blocks)
+    deep = copy.deepcopy((model, opt))
+    _steps_alike([(model, opt), (model2, opt2), deep], [4, 6, 3, 5], seed=7)
+
+
+def test_a_shallow_copy_is_refused_and_changes_nothing():
     model, opt = trained("auto")
     snap = snapshot_all(model, opt)
-    with pytest.raises(TENGraDError, match=r"copy\.deepcopy\(opt\) is not supported.*opt\.state_dict\(\)"):
-        copy.deepcopy(opt)
-    with pytest.raises(TENGraDError, match=r"torch\.save\(opt\).*load_state_dict"):
-        torch.save(opt, io.BytesIO())
-    with pytest.raises(TENGraDError, match=r"copy\.copy\(opt\)"):
+    with pytest.raises(TENGraDError, match=r"copy\.copy\(opt\) would be a second optimizer.*copy\.deepcopy"):
         copy.copy(opt)
     assert_unchanged(model, opt, snap)
 

@@ -58,6 +58,7 @@ Rules a user sees:
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Callable
 
@@ -75,10 +76,22 @@ from tengrad.optim.estimator import LocalEstimator, StepInput, resolve_distribut
 from tengrad.optim.explain import describe, fallback_warning
 
 
-_NOT_COPIED = ("{what} is not supported: TENGraD is wired to its model's forward and gradient hooks, "
-               "which a copy would not own. Save and restore its state instead: sd = opt.state_dict() "
-               "(torch.save(sd, path) works), then opt2 = TENGraD(model2, <same arguments>); "
-               "opt2.load_state_dict(sd)")
+def _rebuilt(model: nn.Module, spec: dict, state_dict: dict) -> "TENGraD":
+    """A TENGraD on ``model`` from ``TENGraD._copy_spec()`` (its options and groups by parameter name)
+    with ``state_dict`` loaded: what a deep copy or an unpickled optimizer is."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups = []
+    for names, hyper in spec["groups"]:
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise TENGraDError(f"copying TENGraD: the model copy has no parameter {missing[0]!r}")
+        groups.append({"params": [params[n] for n in names], **hyper})
+    generator = None if spec["generator"] is None else torch.Generator(device=spec["generator"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the fallback warning was given for the original
+        opt = TENGraD(model, param_groups=groups, generator=generator, **spec["options"])
+    opt.load_state_dict(state_dict)
+    return opt
 
 
 class TENGraD(torch.optim.Optimizer):
@@ -157,6 +170,8 @@ class TENGraD(torch.optim.Optimizer):
         self.update_freq = int(update_freq)
         self.kl_clip = kl_clip
         self.generator = generator
+        self._given = dict(backend=backend, check=check, batch_dim=batch_dim, grad_from_jacobian=grad_from_jacobian,
+                           stagger=stagger)   # what a copy is built with (``_copy_spec``)
         self.max_jacobian_numel = int(max_jacobian_numel)
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
         # gradients through their own hooks)
@@ -356,12 +371,39 @@ class TENGraD(torch.optim.Optimizer):
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
         self.skipped = {}
 
+    # ------------------------------------------------------------------ copies
+    def _copy_spec(self) -> dict:
+        """What rebuilds this optimizer on a copy of its model (``_rebuilt``): the options as they stand,
+        and each param group as its parameters' names and hyperparameters."""
+        if self.distributed:
+            raise TENGraDError("copying or pickling a distributed TENGraD is not supported: every rank builds "
+                               "its own; save opt.state_dict() and load it into TENGraD(model, ...) on each rank")
+        names = checkpoint.param_names(self.model, self.param_groups)
+        groups, k = [], 0
+        for g in self.param_groups:
+            groups.append((names[k:k + len(g["params"])], {key: g[key] for key in options.GROUP_KEYS if key in g}))
+            k += len(g["params"])
+        opts = dict(self.defaults, update_freq=self.update_freq, fisher=self.fisher, kl_clip=self.kl_clip,
+                    max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
+                    max_exact_fisher_bytes=self.max_exact_fisher_bytes, distributed=None, **self._given)
+        return {"options": opts, "groups": groups,
+                "generator": None if self.generator is None else str(self.generator.device)}
+
     def __deepcopy__(self, memo):
-        raise TENGraDError(_NOT_COPIED.format(what="copy.deepcopy(opt)"))
+        """A working optimizer on ``copy.deepcopy(opt.model, memo)`` (so ``copy.deepcopy((model, opt))``
+        pairs the model copy with the optimizer copy) with this one's state loaded: it steps exactly as
+        this one would. (A copy of the model alone is a plain model: capture/hooks.py ``OwnHook``.)"""
+        spec = self._copy_spec()
+        return _rebuilt(copy.deepcopy(self.model, memo), spec, self.state_dict())
+
+    def __copy__(self):
+        raise TENGraDError("copy.copy(opt) would be a second optimizer hooked to the same model: use "
+                           "copy.deepcopy((model, opt)) for a model and optimizer pair, or opt.state_dict()")
 
     def __reduce_ex__(self, protocol):
-        raise TENGraDError(_NOT_COPIED.format(what="pickling or copying the optimizer (torch.save(opt), "
-                                                   "pickle.dumps(opt), copy.copy(opt))"))
+        """Pickled (``torch.save(opt)``) as its model, options and ``state_dict()``; loaded,
+        it is a TENGraD on the unpickled model (the same object when pickled together with it)."""
+        return _rebuilt, (self.model, self._copy_spec(), self.state_dict())
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's hooks from the model (it can no longer capture curvature)."""
