@@ -3,12 +3,16 @@
     tengrad explain "nn.Conv2d(128, 128, 3, padding=1)" --input 128,128,28,28
     tengrad explain "nn.Linear(1024, 1024)" --input 128,1024 --batch 8,32,128,512
 
-Errors (a bad argument, a module expression that does not build, a TengradError such as a wrong
-channel count or an unsupported module) print one line on stderr and exit with code 2.
+The module expression is parsed, never evaluated (``parse_module``: a call of an ``nn`` class with
+literal arguments) and the module is built on the meta device, so explaining a layer allocates none
+of its weights. Errors (a bad argument, a module expression that is not such a call or does not
+build, a TengradError such as a wrong channel count or an unsupported module) print one line on
+stderr and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 
@@ -27,14 +31,59 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see {self.prog} --help)")
 
 
-def build_module(text: str) -> nn.Module:
-    """Evaluate a module expression such as ``"nn.Conv2d(3, 8, 3)"`` with only ``nn`` in scope."""
+def parse_module(text: str) -> tuple[type, list, dict]:
+    """(class, args, kwargs) of a module expression ``nn.Name(literal, ..., key=literal, ...)``.
+
+    The text is parsed, never evaluated: through ``ast``, it must be one call of an attribute of
+    ``nn`` (or ``torch.nn``) that is an ``nn.Module`` class, whose arguments are Python literals
+    (numbers, strings, booleans, None, tuples, lists, dicts of them; ``ast.literal_eval``). Anything
+    else is a ``CliError`` naming what was found.
+    """
     try:
-        module = eval(text, {"__builtins__": {}}, {"nn": nn, "torch": torch})  # noqa: S307 (the user's own CLI input)
-    except Exception as exc:  # any error in the user's expression is reported, not raised
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise CliError(f"cannot build {text!r}: not an expression ({exc.msg})") from None
+    call = tree.body
+    if not isinstance(call, ast.Call):
+        raise CliError(f"cannot build {text!r}: {text!r} is not an nn.Module call such as "
+                       f"nn.Conv2d(16, 32, 3, padding=1) (got {type(call).__name__})")
+    func = call.func
+    path = []
+    while isinstance(func, ast.Attribute):
+        path.insert(0, func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        path.insert(0, func.id)
+    if not (isinstance(func, ast.Name) and len(path) >= 2 and path[:-1] in (["nn"], ["torch", "nn"])):
+        raise CliError(f"cannot build {text!r}: the call must be of nn.<Module> (e.g. nn.Linear), got "
+                       f"{ast.unparse(call.func)!r}")
+    cls = getattr(nn, path[-1], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CliError(f"cannot build {text!r}: nn.{path[-1]} is not an nn.Module class")
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        raise CliError(f"cannot build {text!r}: write the arguments out (no *args or **kwargs)")
+    args = [_literal(text, a) for a in call.args]
+    return cls, args, {k.arg: _literal(text, k.value) for k in call.keywords}
+
+
+def _literal(text: str, node: ast.AST) -> object:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise CliError(f"cannot build {text!r}: arguments must be literals (numbers, strings, tuples, ...), "
+                       f"got {ast.unparse(node)!r}") from None
+
+
+def build_module(text: str) -> nn.Module:
+    """The module of a module expression (``parse_module``), built on the meta device: its parameters
+    have shapes but no storage, so even ``nn.Linear(20000, 20000)`` allocates nothing (a plan needs
+    only the sizes)."""
+    cls, args, kwargs = parse_module(text)
+    try:
+        with torch.device("meta"):
+            module = cls(*args, **kwargs)
+    except Exception as exc:  # any error of the constructor is reported, not raised
         raise CliError(f"cannot build {text!r}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(module, nn.Module):
-        raise CliError(f"{text!r} is not an nn.Module")
     return module
 
 

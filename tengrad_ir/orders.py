@@ -36,11 +36,13 @@ so its direct count forms J twice; ``flops`` (what the choice uses) forms it onc
 from __future__ import annotations
 
 import functools
+from typing import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import sympy
 
+from .cost_fn import compile_expr
 from .derive import primed
 from .einsum import Einsum, Tensor
 from .geometry import ConvGeometry, conv_geometry, raw_factorable
@@ -80,6 +82,11 @@ class Order:
     @cached_property
     def memory(self) -> sympy.Expr:
         return sympy.Add(sympy.Integer(0), *[s.size for s in self.steps[:-1] if not s.view])
+
+    @cached_property
+    def cost_fns(self) -> tuple[Callable[[dict], int], Callable[[dict], int]]:
+        """(flops, memory) compiled once per order (cost_fn.py): {class symbol: size} -> int."""
+        return compile_expr(self.flops), compile_expr(self.memory)
 
 
 def _flops(e: Einsum) -> sympy.Expr:
@@ -151,7 +158,7 @@ def _factored_raw_grad(t: Term) -> tuple[Step, ...]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1024)   # one entry per distinct layer spec
 def enumerate_orders(spec: LayerSpec) -> dict[str, tuple[Order, ...]]:
     """Every valid evaluation order of each program, in a fixed order of preference for ties."""
     t = Term.of(spec)

@@ -136,9 +136,15 @@ class SizedPlan:
 
     @cached_property
     def _costs(self) -> dict[int, Cost]:
-        """Every order's cost at these sizes, evaluated once (sympy stays out of repeated calls)."""
-        return {id(o): Cost(int(o.flops.subs(self.values)), int(sympy.sympify(o.memory).subs(self.values)))
-                for orders in self.orders.values() for o in orders}
+        """Every order's cost at these sizes, evaluated once through the order's compiled cost
+        functions (cost_fn.py: no sympy substitution per plan)."""
+        values = self.values
+        out = {}
+        for orders in self.orders.values():
+            for o in orders:
+                flops, memory = o.cost_fns
+                out[id(o)] = Cost(flops(values), memory(values))
+        return out
 
     def _cost(self, o: Order) -> Cost:
         return self._costs[id(o)]

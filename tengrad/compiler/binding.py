@@ -13,6 +13,7 @@ import math
 import torch
 
 from tengrad_ir import LayerSpec, kind_of
+from tengrad_ir.lru import LRU
 from tengrad_ir.notation import Axes, format_axes
 
 from ..errors import ShapeError
@@ -69,6 +70,10 @@ def to_indexed(t: torch.Tensor, axes: Axes, sizes: dict[str, int], what: str) ->
     return t.reshape([sizes[n.lstrip("*")] for axis, _ in dims for n in axis])
 
 
+#: output shapes kept per module, one per input shape and dtype (least recently used go first)
+OUTPUTS_KEPT = 128
+
+
 class Shapes:
     """Shape inference for one module: the output shape of ``module(x)`` (on the meta device,
     cached per input shape and dtype), index sizes per term, and the check of (x, gy)."""
@@ -76,11 +81,15 @@ class Shapes:
     def __init__(self, module: torch.nn.Module, name: str, terms):
         self.module, self.name, self.terms = module, name, terms
         self.integer_ids = any(kind_of(t.spec).integer_ids for t in terms)
-        self._out: dict = {}
+        self._out = LRU(OUTPUTS_KEPT)     # {(x.shape, dtype): output shape}, bounded
 
     def output(self, x: torch.Tensor) -> tuple[int, ...]:
         key = (tuple(x.shape), x.dtype)
         if key not in self._out:
+            shape = self._from_spec(tuple(x.shape))
+            if shape is not None:
+                self._out[key] = shape
+                return shape
             # floating tensors on meta in x's dtype (bf16 parameters meet the float32-upcast x);
             # integer buffers (BatchNorm's num_batches_tracked, read by momentum=None) as real copies
             dt = x.dtype if x.is_floating_point() else None
@@ -95,6 +104,48 @@ class Shapes:
                                  f"{self.module}: {exc}") from None
             self._out[key] = tuple(y.shape)
         return self._out[key]
+
+    def _from_spec(self, x_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The output shape of a torch.nn layer read off a term's spec, without running the module
+        on the meta device (about a millisecond per call, most of the cost of planning a new shape):
+        the sizes bound from x and the parameter give every output index, a variadic output axis
+        ``*t`` takes the dims of the input's ``*t``. None when no term determines it (index maps,
+        a pre-map that changes the shape, a user's layer, sizes that do not bind): then the module
+        runs on the meta device."""
+        if not type(self.module).__module__.startswith("torch.nn."):
+            return None
+        for t in self.terms:
+            s = t.spec
+            kind = kind_of(s)
+            x_axes = kind.x_axes(s)
+            param = getattr(self.module, t.param, None)
+            if (x_axes is None or s.maps or s.out_maps or not isinstance(param, torch.Tensor)
+                    or (t.pre_map is not None and not t.pre_map_keeps_shape and not kind.integer_ids)):
+                continue
+            try:
+                sizes = bind_sizes(s, [(x_axes, x_shape, "input"), (s.param_axes, tuple(param.shape), "param")])
+            except ShapeError:
+                return None
+            fixed = sum(1 for a in x_axes if not a[0].startswith("*"))
+            variadic, pos = {}, 0
+            for axis in x_axes:
+                take = len(x_shape) - fixed if axis[0].startswith("*") else 1
+                if axis[0].startswith("*"):
+                    variadic[axis[0][1:]] = tuple(x_shape[pos:pos + take])
+                pos += take
+            out: list[int] = []
+            for axis in s.output_axes:
+                if axis[0].startswith("*"):
+                    if axis[0][1:] not in variadic:
+                        break
+                    out += variadic[axis[0][1:]]
+                elif all(n in sizes for n in axis):
+                    out.append(math.prod(sizes[n] for n in axis))
+                else:
+                    break
+            else:
+                return tuple(out)
+        return None
 
     def check(self, x: torch.Tensor, gy: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(gy, torch.Tensor):
@@ -136,7 +187,7 @@ class Shapes:
                (s.param_axes, param_shape, f"{self.name}.{term.param}")]
         x_axes = kind.x_axes(s)
         if x_axes is not None:
-            if term.pre_map is not None and not kind.integer_ids:
+            if term.pre_map is not None and not kind.integer_ids and not term.pre_map_keeps_shape:
                 x_shape = tuple(term.pre_map(torch.empty(x_shape, device="meta")).shape)
             ops.append((x_axes, tuple(x_shape), f"{self.name} input" + (" (after pre-map)" if term.pre_map else "")))
         return bind_sizes(s, ops)

@@ -19,6 +19,8 @@ from torch import nn
 
 from tengrad_ir import DEFAULT_MEMORY_CAP, PROGRAMS, Order, SizedPlan, enumerate_orders, kind_of
 
+from tengrad_ir.lru import LRU
+
 from .binding import Shapes
 from .checks import check_call
 from ..codegen.backend import BACKENDS, Backend, backend_named
@@ -31,6 +33,10 @@ from .terms import match_terms
 def _interpreting() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: plans a layer keeps, one per (input shape, output shape, dtype, backend): least recently used go first
+PLANS_KEPT = 128
 
 
 class CompiledLayer:
@@ -50,7 +56,7 @@ class CompiledLayer:
         self.terms, self.params = match_terms(module, self.name)
         self.shapes = Shapes(module, self.name, self.terms)
         self.trace: list | None = None
-        self._plans: dict = {}
+        self._plans = LRU(PLANS_KEPT)
         self._last: ModulePlan | None = None
         self._bound: tuple | None = None  # (x, gy, versions, plan, runs) of the last call
 
@@ -123,13 +129,14 @@ class CompiledLayer:
         orders ``backend`` runs (default: ``planning_backend()``)."""
         backend = backend or self.planning_backend()
         key = (tuple(x_shape), tuple(gy_shape), dtype, backend.name)
-        if key not in self._plans:
+        plan = self._plans.get(key)
+        if plan is None:
             params = dict(self.params)
             sizes = [self.shapes.term_sizes(t, tuple(x_shape), tuple(gy_shape), tuple(params[t.param].shape))
                      for t in self.terms]
             itemsize = torch.empty((), dtype=dtype).element_size()
-            self._plans[key] = self._plan_for_terms(sizes, itemsize, backend)
-        self._last = self._plans[key]
+            plan = self._plans[key] = self._plan_for_terms(sizes, itemsize, backend)
+        self._last = plan
         return self._last
 
     def source(self) -> str:

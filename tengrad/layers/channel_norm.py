@@ -42,7 +42,7 @@ def channel_affine_terms(module: nn.Module, x_hat: Callable[[torch.Tensor], torc
     terms = []
     if getattr(module, "weight", None) is not None:
         terms.append(Term("weight", LayerSpec.parse("n c *s, c -> n c *s", name=f"{cls}.weight",
-                                                    pre_map=label), x_hat))
+                                                    pre_map=label), x_hat, pre_map_keeps_shape=True))
     if getattr(module, "bias", None) is not None:
         terms.append(Term("bias", LayerSpec.parse("n *s, c -> n c *s", name=f"{cls}.bias", source="ones")))
     return terms

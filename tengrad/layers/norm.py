@@ -19,7 +19,8 @@ def layer_norm_terms(module: nn.LayerNorm):
     eps = module.eps
     x_hat = lambda x: F.layer_norm(x, shape, None, None, eps)  # noqa: E731
     terms = [Term("weight", LayerSpec.parse(f"n *t {ds}, {ds} -> n *t {ds}", name="LayerNorm.weight",
-                                            pre_map="layer_norm (no affine)"), x_hat)]
+                                            pre_map="layer_norm (no affine)"), x_hat,
+                  pre_map_keeps_shape=True)]
     if module.bias is not None:
         terms.append(Term("bias", LayerSpec.parse(f"n *t {ds}, {ds} -> n *t {ds}", name="LayerNorm.bias",
                                                   source="ones")))

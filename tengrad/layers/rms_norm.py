@@ -25,4 +25,4 @@ def rms_norm_terms(module: nn.RMSNorm) -> list[Term]:
 
     label = f"rms_norm (eps={module.eps if module.eps is not None else 'finfo(dtype).eps'}, no affine)"
     return [Term("weight", LayerSpec.parse(f"n *t {ds}, {ds} -> n *t {ds}", name="RMSNorm.weight",
-                                           pre_map=label), x_hat)]
+                                           pre_map=label), x_hat, pre_map_keeps_shape=True)]

@@ -58,6 +58,7 @@ Rules a user sees:
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Callable
 
@@ -73,6 +74,24 @@ from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.estimator import LocalEstimator, StepInput, agreement, resolve_distributed
 from tengrad.optim.explain import describe, fallback_warning
+
+
+def _rebuilt(model: nn.Module, spec: dict, state_dict: dict) -> "TENGraD":
+    """A TENGraD on ``model`` from ``TENGraD._copy_spec()`` (its options and groups by parameter name)
+    with ``state_dict`` loaded: what a deep copy or an unpickled optimizer is."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups = []
+    for names, hyper in spec["groups"]:
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise TENGraDError(f"copying TENGraD: the model copy has no parameter {missing[0]!r}")
+        groups.append({"params": [params[n] for n in names], **hyper})
+    generator = None if spec["generator"] is None else torch.Generator(device=spec["generator"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the fallback warning was given for the original
+        opt = TENGraD(model, param_groups=groups, generator=generator, **spec["options"])
+    opt.load_state_dict(state_dict)
+    return opt
 
 
 class TENGraD(torch.optim.Optimizer):
@@ -103,6 +122,9 @@ class TENGraD(torch.optim.Optimizer):
     with the noise ratio (options.py; chosen with benchmarks/robustness.py and benchmarks/tta.py, the
     runs in docs/experiments/robustness.md and docs/experiments/time-to-accuracy.md).
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) a block may keep.
+    ``max_exact_fisher_bytes``: ``fisher="exact"`` estimates what a curvature step allocates (its C
+    output passes, and per block K and its factor, (C m)^2 each; curvature/fisher.py ``exact_bytes``)
+    and refuses above this many bytes (default 2 GiB), before any pass runs.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (one vjp per block)
     on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
@@ -122,13 +144,15 @@ class TENGraD(torch.optim.Optimizer):
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
-                 grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False) -> None:
+                 grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
+                 max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
             options.check_value(key, value)
         options.check_options(fisher, update_freq, kl_clip, max_jacobian_numel, generator)
         self.noise_scale = options.check_bool("noise_scale", noise_scale)
+        self.max_exact_fisher_bytes = options.check_count("max_exact_fisher_bytes", max_exact_fisher_bytes)
         self.stagger = options.check_bool("stagger", stagger)
         if stagger and fisher != "empirical":
             raise TENGraDError(f"stagger=True needs fisher='empirical', not {fisher!r}: the {fisher} Fisher runs "
@@ -146,6 +170,8 @@ class TENGraD(torch.optim.Optimizer):
         self.update_freq = int(update_freq)
         self.kl_clip = kl_clip
         self.generator = generator
+        self._given = dict(backend=backend, check=check, batch_dim=batch_dim, grad_from_jacobian=grad_from_jacobian,
+                           stagger=stagger)   # what a copy is built with (``_copy_spec``)
         self.max_jacobian_numel = int(max_jacobian_numel)
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
         # gradients through their own hooks)
@@ -283,6 +309,10 @@ class TENGraD(torch.optim.Optimizer):
                 self.last_labels = fisher_mod.sample_labels(out, name, generator or self.generator)
                 vs = fisher_mod.mc_grad_outputs(out, loss_fn, self.last_labels)
             else:
+                due = [b for b in self.blocks if b.params and self._block_due(b)]
+                itemsize = max((torch.promote_types(b.params[0].dtype, torch.float32).itemsize for b in due),
+                               default=4)
+                fisher_mod.check_exact_memory(out, len(due), itemsize, self.max_exact_fisher_bytes)
                 vs = fisher_mod.exact_grad_outputs(out, name)
             # differentiate w.r.t. the layer outputs' gradient edges: the hooks see gy, and no
             # weight gradient is computed (parameters are the fallback on torch without edges)
@@ -310,6 +340,10 @@ class TENGraD(torch.optim.Optimizer):
                 loss = closure()
         options.check_all(self.fisher, self.update_freq, self.kl_clip, self.max_jacobian_numel,
                           self.generator, self.param_groups)     # values a scheduler or the user changed
+        if self._capture.last_batch == 0:
+            raise TENGraDError(f"the last training forward had a batch of 0 samples (dimension {self.batch_dim} "
+                               "of the model input): there is no gradient to precondition; skip empty batches "
+                               "(nothing was changed)")
         if self.fisher != "empirical" and not self._opt_backward:
             raise TENGraDError(f"fisher={self.fisher!r} needs its own backward passes: use "
                                "out = model(x); opt.zero_grad(); loss = opt.backward(out, y, loss=...); "
@@ -368,6 +402,40 @@ class TENGraD(torch.optim.Optimizer):
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
         self.skipped = {}
+
+    # ------------------------------------------------------------------ copies
+    def _copy_spec(self) -> dict:
+        """What rebuilds this optimizer on a copy of its model (``_rebuilt``): the options as they stand,
+        and each param group as its parameters' names and hyperparameters."""
+        if self.distributed:
+            raise TENGraDError("copying or pickling a distributed TENGraD is not supported: every rank builds "
+                               "its own; save opt.state_dict() and load it into TENGraD(model, ...) on each rank")
+        names = checkpoint.param_names(self.model, self.param_groups)
+        groups, k = [], 0
+        for g in self.param_groups:
+            groups.append((names[k:k + len(g["params"])], {key: g[key] for key in options.GROUP_KEYS if key in g}))
+            k += len(g["params"])
+        opts = dict(self.defaults, update_freq=self.update_freq, fisher=self.fisher, kl_clip=self.kl_clip,
+                    max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
+                    max_exact_fisher_bytes=self.max_exact_fisher_bytes, distributed=None, **self._given)
+        return {"options": opts, "groups": groups,
+                "generator": None if self.generator is None else str(self.generator.device)}
+
+    def __deepcopy__(self, memo):
+        """A working optimizer on ``copy.deepcopy(opt.model, memo)`` (so ``copy.deepcopy((model, opt))``
+        pairs the model copy with the optimizer copy) with this one's state loaded: it steps exactly as
+        this one would. (A copy of the model alone is a plain model: capture/hooks.py ``OwnHook``.)"""
+        spec = self._copy_spec()
+        return _rebuilt(copy.deepcopy(self.model, memo), spec, self.state_dict())
+
+    def __copy__(self):
+        raise TENGraDError("copy.copy(opt) would be a second optimizer hooked to the same model: use "
+                           "copy.deepcopy((model, opt)) for a model and optimizer pair, or opt.state_dict()")
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (``torch.save(opt)``) as its model, options and ``state_dict()``; loaded,
+        it is a TENGraD on the unpickled model (the same object when pickled together with it)."""
+        return _rebuilt, (self.model, self._copy_spec(), self.state_dict())
 
     def remove_hooks(self) -> None:
         """Detach this optimizer's hooks from the model (it can no longer capture curvature)."""

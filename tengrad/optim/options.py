@@ -45,6 +45,7 @@ Batch dimensions (``batch_dim``): an int, the dim of the model's input holding t
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Integral, Real
 from typing import Iterable
 
@@ -120,7 +121,16 @@ def check_options(fisher: object, update_freq: object, kl_clip: object, max_jaco
 
 
 def check_model(model: object) -> nn.Module:
-    """TENGraD hooks the model's layers, so it takes the module itself, not its parameters."""
+    """TENGraD hooks the model's layers, so it takes the module itself, not its parameters; a
+    ``torch.compile``-d model is refused with the pattern that works (the hooks and per-forward
+    wrappers would be traced into, or broken by, dynamo's graph)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        raise TENGraDError(
+            "TENGraD(torch.compile(model)) is not supported: TENGraD hooks the plain model's layers. "
+            "Build the optimizer on the plain model, then compile: opt = TENGraD(model, ...); "
+            "compiled = torch.compile(model); train with compiled(x) and opt.step() "
+            "(for a compiled model m, TENGraD(m._orig_mod, ...))")
     if isinstance(model, nn.Module):
         return model
     raise TENGraDError(
@@ -136,6 +146,13 @@ def check_all(fisher: object, update_freq: object, kl_clip: object, max_jacobian
     check_options(fisher, update_freq, kl_clip, max_jacobian_numel, generator)
     for i, group in enumerate(param_groups):
         check_group(group, i)
+
+
+def check_count(name: str, value: object) -> int:
+    """A positive integer option (a byte cap, a count)."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < 1:
+        raise TENGraDError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -18,6 +18,15 @@ Staggered steps (estimator/stagger.py) capture only the due blocks: only their w
 installed, the parameters the op-level mode tracks are theirs and the fallback's, and the mode /
 MultiheadAttention's recording run only when a due block had uses there at its last capture
 (``Block.mode_used`` / ``mha_used``; a block not captured yet turns both on).
+
+Records no step consumed are bounded (``drop_stale``): at the start of each captured forward, the
+records held from earlier forwards (each holds a layer input and its output gradient) are dropped when
+no tracked parameter holds a nonzero gradient any more, i.e. the gradients they belong to were reset
+(``zero_grad()`` of any optimizer, ``model.zero_grad()``, ``p.grad = None``) and no ``step()`` took
+them. An optimizer nobody steps any more (dropped, but still referenced by its LR scheduler, its hooks
+never removed) therefore holds at most one step's records; gradient accumulation (several forwards
+and backwards into the same ``.grad`` before one ``step()``) keeps every forward's records, since
+the gradients are nonzero at each later forward. ``remove_hooks()`` stops capture altogether.
 """
 from __future__ import annotations
 
@@ -45,7 +54,9 @@ class ModelCapture:
         self._tracked = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}
         self.passes = GradientPass()     # only backward passes that accumulate into .grad count
         self.ops = OpCapture(model, self._tracked_params, armed, lambda: self.phase, batch_dim,
-                             keep_edges=keep_edges, select=self._select, accumulating=self.passes.accumulating)
+                             keep_edges=keep_edges, select=self._select, accumulating=self.passes.accumulating,
+                             before_capture=self.drop_stale)
+        self.dropped = 0                 # records dropped by ``drop_stale`` (none consumed them)
         for b in blocks:                 # armed per block: a block without curvature yet arms only itself
             if not b.module_level:       # captured at its ops only
                 continue
@@ -148,6 +159,29 @@ class ModelCapture:
             self.blocks[i].mode_used, self.blocks[i].mha_used = outside, inside
         self._kinds = {}
 
+    @property
+    def last_batch(self) -> int | None:
+        """The batch (``batch_dim`` of the first input) of the last training forward with grad enabled."""
+        return self.ops.last_batch
+
+    def held(self) -> int:
+        """How many records (uses that received output gradients) wait for a step."""
+        return sum(len(b.capture.peek()) for b in self.blocks if b.capture is not None) + len(self.ops.uses)
+
+    def drop_stale(self) -> None:
+        """Before a captured forward: drop the held records when their gradients were reset since
+        (module docstring). Costs nothing while none are held; while accumulating, one ``any()`` on the
+        first parameter that holds a gradient."""
+        held = self.held()
+        if held == 0 or _gradients_held(p for _, p in self._tracked.values()):
+            return
+        self.dropped += held
+        for b in self.blocks:
+            if b.capture is not None:
+                b.capture.clear()
+        self.ops.uses.clear()
+        self.ops.edges = []
+
     def clear(self) -> None:
         for b in self.blocks:
             if b.capture is not None:
@@ -175,3 +209,17 @@ class ModelCapture:
             if b.capture is not None:
                 b.capture.remove()
         self.ops.remove()
+
+
+def _gradients_held(params) -> bool:
+    """Whether some parameter holds a nonzero gradient (stops at the first one that holds any gradient
+    and is nonzero; a gradient zeroed in place, ``zero_grad(set_to_none=False)``, counts as reset)."""
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce().values()
+        if bool(g.any()):
+            return True
+    return False

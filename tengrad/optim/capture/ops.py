@@ -56,6 +56,10 @@ from tengrad.optim.capture import sample
 from tengrad.optim.capture.linear_uses import LINEAR_OPS, LinearUses
 from tengrad.optim.capture.record import Use
 from tengrad.optim.capture.wrappers import ForwardWraps
+from tengrad_ir.lru import LRU
+
+#: op plans kept, one per call signature (shapes, hyperparameters): least recently used go first
+OP_PLANS_KEPT = 512
 
 #: Python-level ops whose inner ops must be seen, and whose uses are sequence first
 SEQ_FIRST_COMPOSITES = {F.multi_head_attention_forward}
@@ -86,8 +90,10 @@ class OpCapture:
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
                  keep_edges: bool = False,
                  select: Callable[[bool], tuple[bool, bool, list]] | None = None,
-                 accumulating: Callable | None = None) -> None:
+                 accumulating: Callable | None = None,
+                 before_capture: Callable[[], None] | None = None) -> None:
         self.model = model
+        self._before_capture = before_capture   # called once per captured root forward, before it records
         self.params = params
         self.accumulating = accumulating or always
         self._armed = armed
@@ -103,6 +109,7 @@ class OpCapture:
         self.edges: list = []
         self.fwd = 0            # id of the last captured root forward
         self.m: int | None = None
+        self.last_batch: int | None = None   # batch of the last training forward with grad (captured or not)
         self._seq = 0
         self._select = select or (lambda due: (due, due, []))
         self._active = False    # a captured root forward is running
@@ -112,7 +119,7 @@ class OpCapture:
         self._linear_orig = None
         self._has_mha = False   # the model holds an nn.MultiheadAttention (skip_builtin_subtrees)
         self._patched = False   # functional's ``linear`` is the recording one for this forward
-        self._plans: dict = {}
+        self._plans = LRU(OP_PLANS_KEPT)   # op plans by call signature (``_key``), bounded
         self._ids: dict[int, tuple[str, Tensor]] = {}
         self._count: dict[str, int] = {}
         self._covers: dict[int, list[int]] = {}     # id(module) -> ids of its block's parameters (cover)
@@ -133,12 +140,16 @@ class OpCapture:
         mode, mha, captures = self._select(due)     # what this forward needs, if it is captured
         if due != self.hooks.active:    # the exit hook exists only while it is needed (hooks.HookSet)
             (self.hooks.on if due else self.hooks.off)()
-        if self._active or not (due and torch.is_grad_enabled() and module.training):
+        if self._active or not (torch.is_grad_enabled() and module.training):
             return
         # the batch: the first tensor among the positional, then the keyword arguments (model(ids=...))
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
-        if isinstance(first, Tensor) and transformed(first):
+        self.last_batch = (int(first.shape[self.batch_dim]) if isinstance(first, Tensor)
+                           and first.dim() > self.batch_dim else None)
+        if not due or (isinstance(first, Tensor) and transformed(first)):
             return
+        if self._before_capture is not None:
+            self._before_capture()
         self.fwd += 1       # a captured forward: its batch m is what its uses' rows are split by
         self.m = int(first.shape[self.batch_dim]) if isinstance(first, Tensor) and first.dim() > self.batch_dim else None
         self._ids = self.params()

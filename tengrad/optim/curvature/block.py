@@ -21,6 +21,14 @@ from tengrad.optim.capture.module import LayerCapture
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.curvature.paths import PathChoice
 from tengrad.optim.curvature.woodbury import BlockCurvature
+from tengrad_ir.lru import LRU
+
+#: path choices a block keeps, by (x.shape, gy.shape): the least recently used go first
+CHOICES_KEPT = 64
+
+
+def _choices() -> LRU:
+    return LRU(CHOICES_KEPT)
 
 
 @dataclass(eq=False)
@@ -33,7 +41,7 @@ class Block:
     capture: LayerCapture | None = None
     curv: BlockCurvature | None = None
     choice: PathChoice | None = None
-    choices: dict[tuple, PathChoice] = field(default_factory=dict)   # by (x.shape, gy.shape)
+    choices: LRU = field(default_factory=_choices)   # {(x.shape, gy.shape): PathChoice}, bounded
     uses: list[str] = field(default_factory=list)   # the calls of the last curvature step (several: uses.py)
     offset: int = 0                 # its index: the step of the cycle it refreshes on (estimator/stagger.py)
     mode_used: bool | None = None   # its last capture had op-level uses outside MultiheadAttention
@@ -153,7 +161,7 @@ def refresh(b: Block, backend: str) -> bool:
             return False
         names = dict(zip(map(id, b.given), b.param_names_given))
         b.params, b.param_names = live, [names[id(p)] for p in live]
-    b.curv, b.choice, b.choices = None, None, {}
+    b.curv, b.choice, b.choices = None, None, _choices()
     return True
 
 

@@ -81,6 +81,37 @@ def mc_grad_outputs(out: Tensor, loss_fn: Callable, labels: Tensor) -> list[Tens
     return [v.to(out.dtype)]
 
 
+#: the default cap on the exact Fisher's estimated memory (``TENGraD(max_exact_fisher_bytes=...)``)
+DEFAULT_MAX_EXACT_BYTES = 2 ** 31
+
+
+def exact_bytes(out: Tensor, n_blocks: int, compute_itemsize: int) -> int:
+    """The memory the exact Fisher's curvature step allocates at least, in bytes, before any of it is:
+    with m = out.shape[0] samples and C = out[0].numel() output units, the C output vectors (one per
+    backward pass, each like ``out``), then per due block its Gram matrix K and its Cholesky factor,
+    each (C m) x (C m) in the compute dtype:
+
+        C * out.numel() * out.element_size()  +  n_blocks * 2 * (C m)^2 * compute_itemsize
+
+    (the layers' output-gradient rows, C times each layer output, come on top)."""
+    c, m = out[0].numel() if out.dim() else 1, out.shape[0] if out.dim() else 1
+    return c * out.numel() * out.element_size() + n_blocks * 2 * (c * m) ** 2 * compute_itemsize
+
+
+def check_exact_memory(out: Tensor, n_blocks: int, compute_itemsize: int, cap: int) -> None:
+    """Refuse the exact Fisher's passes when ``exact_bytes`` exceeds ``cap``, with the number and the
+    alternatives."""
+    need = exact_bytes(out, n_blocks, compute_itemsize)
+    if need > cap:
+        c, m = out[0].numel(), out.shape[0]
+        raise TENGraDError(
+            f"fisher='exact' would allocate about {need / 2**30:.2f} GiB for C={c} output units and m={m} samples "
+            f"({c} backward passes, and per block ({n_blocks} due) a Gram matrix and its factor of (C*m)^2 = "
+            f"{(c * m) ** 2:.3g} entries), over max_exact_fisher_bytes={cap} ({cap / 2**30:.2f} GiB). Use "
+            "fisher='mc' (one sampled backward, m rows per block: the same Fisher in expectation) or "
+            "fisher='empirical', a smaller batch, or raise max_exact_fisher_bytes; nothing was changed")
+
+
 def exact_grad_outputs(out: Tensor, loss: str) -> list[Tensor]:
     """The columns of S_i (H_i = S_i S_i^T) for every sample at once: one [m, ...] tensor per pass."""
     m = out.shape[0]
