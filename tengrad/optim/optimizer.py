@@ -340,7 +340,9 @@ class TENGraD(torch.optim.Optimizer):
                 loss = closure()
         options.check_all(self.fisher, self.update_freq, self.kl_clip, self.max_jacobian_numel,
                           self.generator, self.param_groups)     # values a scheduler or the user changed
-        if self._capture.last_batch == 0:
+        # several ranks: the step's status all-gather names an empty rank on every rank (a local raise
+        # here would leave the other ranks in a collective this rank never joins)
+        if self._capture.last_batch == 0 and not self.distributed:
             raise TENGraDError(f"the last training forward had a batch of 0 samples (dimension {self.batch_dim} "
                                "of the model input): there is no gradient to precondition; skip empty batches "
                                "(nothing was changed)")
