@@ -194,17 +194,26 @@ class BlockCurvature:
                     jac_split=self.split(), jac_scale=self.scale)
 
 
+def non_finite_gram(layer: str) -> TENGraDError:
+    return TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+
+
+def factor_failed(layer: str, damping: float, m: int) -> TENGraDError:
+    return TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
+                        f"(damping={damping}, m={m}); increase the damping")
+
+
 def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, float]:
-    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer."""
+    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer
+    (batched.factor_all: the same for many blocks at once)."""
     if not torch.isfinite(gram).all():
-        raise TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+        raise non_finite_gram(layer)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for a in (damping, 10.0 * damping):
         chol, info = torch.linalg.cholesky_ex(gram + (m * a) * eye)
         if int(info) == 0:
             return chol, a
-    raise TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
-                       f"(damping={damping}, m={m}); increase the damping")
+    raise factor_failed(layer, damping, m)
 
 
 def curvature(rows: Rows, plan, damping: float, layer: str) -> BlockCurvature:
