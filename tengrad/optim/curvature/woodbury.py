@@ -96,6 +96,22 @@ class Rows:
         out.factor, out._x_rep = self.factor * f, self._x_rep
         return out
 
+    def sampled(self, idx: Tensor) -> "Rows":
+        """The rows of the samples ``idx`` [c] (of this batch's m): m = c, and for r = reps * m rows
+        the rows c' m + i, i in idx, for every c' (a copy of those rows; the rest is dropped)."""
+        c, reps = int(idx.numel()), self.reps
+        rows = idx if reps == 1 else torch.cat([idx + j * self.m for j in range(reps)])
+        if self.jac is not None:
+            out = Rows(self.path, c, jac=self.jac[rows])
+        elif self.pieces is not None:
+            out = Rows(self.path, c, pieces=[p[rows] for p in self.pieces], scale=self.scale)
+            if self.x is not None:
+                out.x, out.gy = self.x[idx], self.gy[rows]
+        else:
+            out = Rows(self.path, c, self.x[idx], self.gy[rows])
+        out.factor = self.factor
+        return out
+
     def matrix(self) -> Tensor:
         """R [r, P] as one tensor (the explicit J; a copy when held as scaled pieces)."""
         if self.jac is not None:

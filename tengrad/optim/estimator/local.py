@@ -46,6 +46,7 @@ class LocalEstimator:
         self._blocks: list[Block] = []
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
+        self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -111,13 +112,15 @@ class LocalEstimator:
             taking.append((i, b, group, captured if due else None))
         rows = {i: build.block_rows(b, uses, step.rules, step.check) for i, b, _, uses in taking if uses is not None}
         scale = self.loss_scale(step, rows)
+        full = rows
+        rows, self.last_rows = sample_rows(rows, step.rules)
         curvs = self._curvatures(step, taking, rows, scale)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
         rgs = []
         for (i, b, group, uses), curv, g in zip(taking, curvs, gs):
             rg = curv.rows.jg(b.plan, g)
-            if i in rows and self.screens(step, b, curv, group):     # the screen reuses the direction's R g
+            if i in rows and rows[i] is full[i] and self.screens(step, b, curv, group):   # reuses the direction's R g
                 consistency.screen(b, curv.gram, rg, curv.m, _tolerance(b, uses))
             rgs.append(rg)
             self._pending[i] = curv
@@ -238,6 +241,27 @@ class LocalEstimator:
         if self._cycle is not None:
             self._cycle = stagger.CycleSums()
         self._due_memo = None
+
+
+def sample_rows(rows: dict, rules) -> tuple[dict, dict | None]:
+    """``rules.curvature_batch`` c: every block's rows cut to the same min(c, m) sampled samples (one
+    draw per batch size m, sorted, from ``rules.generator``); ({i: rows}, {m: indices}) or (rows, None).
+    The screen and the loss scale were run on the whole batch's rows before (local.py)."""
+    c = rules.curvature_batch
+    if c is None or not any(r.m > c for r in rows.values()):
+        return rows, None
+    drawn: dict[int, Tensor] = {}
+    out = {}
+    for i, r in rows.items():
+        if r.m <= c:
+            out[i] = r
+            continue
+        if r.m not in drawn:
+            device = (r.jac if r.jac is not None else r.pieces[0] if r.pieces is not None else r.gy).device
+            perm = torch.randperm(r.m, generator=rules.generator)
+            drawn[r.m] = perm[:c].sort().values.to(device)
+        out[i] = r.sampled(drawn[r.m])
+    return out, drawn
 
 
 def _tolerance(b: Block, uses) -> float:
