@@ -96,6 +96,15 @@ class Rows:
         out.factor, out._x_rep = self.factor * f, self._x_rep
         return out
 
+    def released(self) -> "Rows":
+        """The same R without x and gy when it is held as an explicit J (after K is formed nothing of
+        the step reads them: the captured tensors go), else itself."""
+        if not self.explicit_held or (self.x is None and self.gy is None):
+            return self
+        out = Rows(self.path, self.m, jac=self.jac, pieces=self.pieces, scale=self.scale)
+        out.factor = self.factor
+        return out
+
     def sampled(self, idx: Tensor) -> "Rows":
         """The rows of the samples ``idx`` [c] (of this batch's m): m = c, and for r = reps * m rows
         the rows c' m + i, i in idx, for every c' (a copy of those rows; the rest is dropped)."""

@@ -151,7 +151,8 @@ class LocalEstimator:
             if i in rows:
                 f = step.row_factor / scale
                 r = rows[i] if f == 1.0 else rows[i].scaled(f)
-                todo.append((k, r, r.gram(b.plan), a))
+                gram = r.gram(b.plan)
+                todo.append((k, r.released(), gram, a))      # K formed: an explicit J's x and gy go
                 out.append(None)
             elif b.curv.requested != a:
                 todo.append((k, None, b.curv.gram, a))
