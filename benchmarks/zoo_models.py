@@ -9,7 +9,8 @@ Each ``build(name)`` returns (model factory, x, y, loss, one-line size) with a f
 * ``gpt``: a GPT-2-like causal LM (token + position embeddings, pre-norm blocks with qkv/proj and a
   4x GELU MLP, final LayerNorm, head tied to the token embedding), batch 8, T 128; d, layers and
   vocabulary from the arguments (GPT-2 small is d 768, 12 layers, vocab 50257: too large for a
-  2-core CPU run; the default is d 256, 4 layers, vocab 4096).
+  2-core CPU run; the default is d 256, 4 layers, vocab 4096). Positions are given per sample
+  ([batch, T]): TENGraD refuses a [T] position input, which has no sample dimension.
 * ``mlp4096``: Linear 4096 -> 4096, ReLU, Linear 4096 -> 10, batch 512.
 * ``3c1f``: the paper's 3C1F (tengrad.demo.model) at width 128, 28x28 grey, batch 128.
 """
@@ -104,7 +105,8 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(self, ids):
-        h = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)   # [batch, T]: see the docstring
+        h = self.wte(ids) + self.wpe(pos)
         return F.linear(self.norm(self.blocks(h)), self.wte.weight)      # tied head, as GPT-2
 
 
