@@ -37,6 +37,12 @@ on a shared machine).
 
     .venv/bin/python benchmarks/step.py --models transformer resnet --threads 1 --clock cpu
 
+Issue 23's models (benchmarks/step_zoo.py, zoo_models.py): SGD, AdamW, TENGraD curvature/reuse/k = 10
+steps, CPU-time ratios, and per arm the working memory (peak RSS over the baseline) and optimizer bytes:
+
+    .venv/bin/python benchmarks/step.py --zoo resnet18 vit_tiny gpt mlp4096 3c1f --repeats 5
+    .venv/bin/python benchmarks/step.py --zoo mlp4096 --curvature-batch 64
+
 ``--baseline REF`` adds TENGraD as it was at git ref REF (benchmarks/baseline.py imports that package
 under another name) to the same round robin, so a change is compared with its parent in one process:
 
@@ -243,6 +249,13 @@ def main(argv=None) -> int:
                    help="cpu: the thread's CPU clock (time.thread_time), for a shared machine")
     p.add_argument("--baseline", metavar="REF", default=None,
                    help="also time TENGraD as it was at git ref REF, in the same round robin (baseline.py)")
+    p.add_argument("--zoo", nargs="+", default=None, metavar="MODEL",
+                   help="issue 23's rows (step_zoo.py): resnet18 vit_tiny gpt mlp4096 3c1f")
+    p.add_argument("--curvature-batch", type=int, default=None, help="--zoo: also TENGraD with this curvature_batch")
+    p.add_argument("--gpt-d", type=int, default=256)
+    p.add_argument("--gpt-layers", type=int, default=4)
+    p.add_argument("--gpt-vocab", type=int, default=4096)
+    p.add_argument("--no-memory", action="store_true", help="--zoo: skip the per-arm memory processes")
     args = p.parse_args(argv)
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -251,6 +264,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # ASDL's hook and scalar-conversion warnings
+    if args.zoo:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from step_zoo import run_zoo
+        run_zoo(args, Timer, run_round_robin, machine)
+        return 0
 
     import tengrad
 

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import conventions, fisher as fisher_mod
+from tengrad.optim.curvature import conventions, fisher as fisher_mod, roofline
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -128,6 +128,10 @@ class TENGraD(torch.optim.Optimizer):
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (one vjp per block)
     on its first curvature step (False), on every curvature step (True) or never (None).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
+    ``curvature_batch``: None (default: every row of the batch) or c: each curvature step samples
+    min(c, m) of its m rows (the same rows for every block, ``generator`` or torch's, kept in
+    ``opt.last_curvature_rows``); the step is the exact damped step of the Fisher of those rows and
+    the gradient is the whole batch's (single process).
     ``stagger``: False (default): every block refreshes its curvature on steps 0, k, 2k, ...; True:
     block i on steps t with (t - i) mod k == 0, so every step captures about 1/k of the blocks
     (estimator/stagger.py; empirical Fisher, one process).
@@ -145,7 +149,8 @@ class TENGraD(torch.optim.Optimizer):
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
-                 max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES) -> None:
+                 max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
+                 curvature_batch: int | None = None) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -173,6 +178,10 @@ class TENGraD(torch.optim.Optimizer):
         self._given = dict(backend=backend, check=check, batch_dim=batch_dim, grad_from_jacobian=grad_from_jacobian,
                            stagger=stagger)   # what a copy is built with (``_copy_spec``)
         self.max_jacobian_numel = int(max_jacobian_numel)
+        self.curvature_batch = options.check_curvature_batch(curvature_batch)
+        if self.curvature_batch is not None and dist_estimator is not None:
+            raise TENGraDError("curvature_batch is single-process only: the distributed step's rows are the "
+                               "ranks' whole batches (estimator/distributed.py)")
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
         # gradients through their own hooks)
         self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical" and dist_estimator is None
@@ -329,8 +338,14 @@ class TENGraD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _rules(self) -> Rules:
+        device = next(p for g in self.param_groups for p in g["params"]).device
         return Rules(self.fisher, self.update_freq, self.max_jacobian_numel, self.grad_from_jacobian,
-                     self.layer_dims)
+                     self.layer_dims, roofline.measured(device), self.curvature_batch, self.generator)
+
+    @property
+    def last_curvature_rows(self) -> dict | None:
+        """{m: the sampled row indices [c]} of the last curvature step with ``curvature_batch``, else None."""
+        return getattr(self.estimator, "last_rows", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

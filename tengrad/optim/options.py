@@ -120,6 +120,16 @@ def check_options(fisher: object, update_freq: object, kl_clip: object, max_jaco
         raise TENGraDError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def check_curvature_batch(value: object) -> int | None:
+    """None (every row of the batch) or an integer >= 1: the rows sampled per curvature step."""
+    if value is None:
+        return None
+    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < 1:
+        raise TENGraDError(f"curvature_batch must be None or an integer >= 1, got {value!r} "
+                           f"({type(value).__name__})")
+    return int(value)
+
+
 def check_model(model: object) -> nn.Module:
     """TENGraD hooks the model's layers, so it takes the module itself, not its parameters; a
     ``torch.compile``-d model is refused with the pattern that works (the hooks and per-forward

@@ -47,6 +47,9 @@ class Rules:
     max_jacobian_numel: int = 2 ** 26
     grad_from_jacobian: bool = False
     layer_dims: dict[str, int] = field(default_factory=dict)   # declared sample dim per layer name
+    roofline: object = None     # roofline.Roofline: paths priced in seconds (flops and bytes), or flops only
+    curvature_batch: int | None = None    # rows sampled per curvature step (None: all)
+    generator: object = None              # torch.Generator for those rows (None: torch's default)
 
 
 def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCheck,
@@ -117,7 +120,7 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     choice = b.choices.get(key)
     if choice is None:              # pricing runs the cost model: once per block and sizes
         choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
-                                               rules.max_jacobian_numel)
+                                               rules.max_jacobian_numel, rules.roofline, dtype.itemsize)
     b.choice = choice
     explicit = choice.path == paths.JACOBIAN
     if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit)):

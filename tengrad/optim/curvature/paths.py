@@ -14,6 +14,14 @@ from measurements in docs/experiments/step-cost.md; a J in cache keeps w = 1 (th
 and on a curvature step its J also replaces autograd's weight gradient). The cheaper path wins, unless
 r P exceeds ``max_jacobian_numel``. A cost model that fails is an error (``TENGraDError`` naming the
 layer), never a silent fallback: a bug there would otherwise show only as a slowdown.
+
+With a measured ``roofline`` (roofline.py: matmul rate F, memory bandwidth B) a J out of cache is
+priced in seconds instead, counting the bytes each operation reads (s bytes per element):
+
+    reuse:     (gram + k (jvp + vjp)) / F + 2 k s (|x| + |gy|) / B
+    jacobian:  (J + r^2 P + 2 k r P) / F + (2 + 2 k) s r P / B       (write J, read it for K, 2 per step)
+
+so the fixed weight w is replaced by what the machine measures (the optimizer passes it).
 """
 from __future__ import annotations
 
@@ -48,15 +56,31 @@ def priced(layer, x_shape, gy_shape, quantities: tuple[str, ...]) -> list[float]
 
 
 def choose(layer, x_shape, gy_shape, n_params: int, update_freq: int,
-           max_jacobian_numel: int) -> PathChoice:
-    """``layer``: a ``CompiledLayer`` (anything with ``sized(x_shape, gy_shape).cost(quantity)``)."""
+           max_jacobian_numel: int, roofline=None, itemsize: int = 4) -> PathChoice:
+    """``layer``: a ``CompiledLayer`` (anything with ``sized(x_shape, gy_shape).cost(quantity)``);
+    ``roofline``: a ``roofline.Roofline`` (seconds from flops and bytes for a J out of cache), or None
+    (flops, the mat-vecs weighted by ``MATVEC_WEIGHT``); ``itemsize``: bytes per element of x, gy, J."""
     r = int(gy_shape[0])
     k = int(update_freq)
     gram, jvp, vjp, form = priced(layer, x_shape, gy_shape, ("gram", "jvp", "vjp", "jacobian"))
-    reuse = gram + k * (jvp + vjp)
-    w = MATVEC_WEIGHT if r * n_params > 2 ** 20 else 1
-    explicit = form + r * r * n_params + w * 2 * k * r * n_params
-    costs = f"reuse {reuse:.3g} vs jacobian {explicit:.3g} flops per {k}-step cycle"
-    if r * n_params > max_jacobian_numel:
+    rp = r * n_params
+    if roofline is not None and rp > 2 ** 20:
+        held = itemsize * (_numel(x_shape) + _numel(gy_shape))
+        reuse = roofline.seconds(gram + k * (jvp + vjp), 2 * k * held)
+        explicit = roofline.seconds(form + r * rp + 2 * k * rp, (2 + 2 * k) * itemsize * rp)
+        costs = f"reuse {reuse * 1e3:.3g} vs jacobian {explicit * 1e3:.3g} ms per {k}-step cycle (roofline)"
+    else:
+        reuse = gram + k * (jvp + vjp)
+        w = MATVEC_WEIGHT if rp > 2 ** 20 else 1
+        explicit = form + r * rp + w * 2 * k * rp
+        costs = f"reuse {reuse:.3g} vs jacobian {explicit:.3g} flops per {k}-step cycle"
+    if rp > max_jacobian_numel:
         return PathChoice(REUSE, f"{costs}; jacobian {r}x{n_params} over the memory cap")
     return PathChoice(JACOBIAN if explicit < reuse else REUSE, costs)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

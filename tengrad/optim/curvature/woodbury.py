@@ -96,6 +96,31 @@ class Rows:
         out.factor, out._x_rep = self.factor * f, self._x_rep
         return out
 
+    def released(self) -> "Rows":
+        """The same R without x and gy when it is held as an explicit J (after K is formed nothing of
+        the step reads them: the captured tensors go), else itself."""
+        if not self.explicit_held or (self.x is None and self.gy is None):
+            return self
+        out = Rows(self.path, self.m, jac=self.jac, pieces=self.pieces, scale=self.scale)
+        out.factor = self.factor
+        return out
+
+    def sampled(self, idx: Tensor) -> "Rows":
+        """The rows of the samples ``idx`` [c] (of this batch's m): m = c, and for r = reps * m rows
+        the rows c' m + i, i in idx, for every c' (a copy of those rows; the rest is dropped)."""
+        c, reps = int(idx.numel()), self.reps
+        rows = idx if reps == 1 else torch.cat([idx + j * self.m for j in range(reps)])
+        if self.jac is not None:
+            out = Rows(self.path, c, jac=self.jac[rows])
+        elif self.pieces is not None:
+            out = Rows(self.path, c, pieces=[p[rows] for p in self.pieces], scale=self.scale)
+            if self.x is not None:
+                out.x, out.gy = self.x[idx], self.gy[rows]
+        else:
+            out = Rows(self.path, c, self.x[idx], self.gy[rows])
+        out.factor = self.factor
+        return out
+
     def matrix(self) -> Tensor:
         """R [r, P] as one tensor (the explicit J; a copy when held as scaled pieces)."""
         if self.jac is not None:
@@ -194,17 +219,26 @@ class BlockCurvature:
                     jac_split=self.split(), jac_scale=self.scale)
 
 
+def non_finite_gram(layer: str) -> TENGraDError:
+    return TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+
+
+def factor_failed(layer: str, damping: float, m: int) -> TENGraDError:
+    return TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
+                        f"(damping={damping}, m={m}); increase the damping")
+
+
 def factor(gram: Tensor, m: int, damping: float, layer: str) -> tuple[Tensor, float]:
-    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer."""
+    """(L, a) with L L^T = K + m a I; retries once with 10 a, else raises naming the layer
+    (batched.factor_all: the same for many blocks at once)."""
     if not torch.isfinite(gram).all():
-        raise TENGraDError(f"layer {layer!r}: the Gram matrix J J^T has non-finite entries")
+        raise non_finite_gram(layer)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for a in (damping, 10.0 * damping):
         chol, info = torch.linalg.cholesky_ex(gram + (m * a) * eye)
         if int(info) == 0:
             return chol, a
-    raise TENGraDError(f"layer {layer!r}: Cholesky of K + m*damping*I failed even with 10x damping "
-                       f"(damping={damping}, m={m}); increase the damping")
+    raise factor_failed(layer, damping, m)
 
 
 def curvature(rows: Rows, plan, damping: float, layer: str) -> BlockCurvature:

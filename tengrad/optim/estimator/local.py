@@ -3,9 +3,16 @@
 Per block b and step, with the group's damping a and weight decay (update.py ``gradient``):
 
 * due (``update_freq`` k: steps 0, k, 2k, ...; staggered, stagger.py; or no curvature kept yet):
-  R from this step's uses (curvature/build.py), K and its factor (woodbury.curvature);
-* otherwise the kept curvature, refactored when the group's damping changed (woodbury.redamp);
-* d_b = (F_b + a I)^-1 g_b (woodbury.direction); fallback parameters d = g / a.
+  R from this step's uses (curvature/build.py) and K = R R^T;
+* otherwise the kept curvature, refactored when the group's damping changed;
+* d_b = (F_b + a I)^-1 g_b = g_b / a + R_b^T u_b', u_b' = -(K_b + m a I)^-1 R_b g_b / a (woodbury.py);
+  fallback parameters d = g / a.
+
+The blocks are solved together (curvature/batched.py): every K to factor this step (fresh, or kept
+with a changed damping) in one batched Cholesky per row count r, every u' in one batched
+``cholesky_solve`` against the stacked factors (kept across reuse steps), d = g / a + R^T u' as one
+foreach add per damping. Per block remain only R g and R^T u' (the plan's jvp/vjp on the block's x
+and gy, or mat-vecs on its explicit J).
 
 A block that took no part in this forward is skipped (curvature/usage.py). The noise statistics
 tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block feed the gradient-noise ratio (noise.py);
@@ -13,9 +20,12 @@ staggered, ``stagger.CycleSums`` collects them over a cycle. Nothing is kept unt
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
 
-from tengrad.optim.curvature import consistency, usage, woodbury
+import torch
+from torch import Tensor
+
+from tengrad.optim.curvature import batched, consistency, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -34,7 +44,9 @@ class LocalEstimator:
         self._pending: dict[int, woodbury.BlockCurvature] = {}
         self._stats: tuple[list, list, list, int] = ([], [], [], 0)
         self._blocks: list[Block] = []
+        self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
+        self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -80,7 +92,6 @@ class LocalEstimator:
     def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
         out: list[Direction] = []
         self._pending, self._blocks = {}, step.blocks
-        traces, squares, fresh, rows_m = [], [], [], 0
         taking: list[tuple[int, Block, dict, list]] = []        # blocks that take part: (i, b, group, uses)
         for i, b in enumerate(step.blocks):
             if not b.params:
@@ -101,32 +112,75 @@ class LocalEstimator:
             taking.append((i, b, group, captured if due else None))
         rows = {i: build.block_rows(b, uses, step.rules, step.check) for i, b, _, uses in taking if uses is not None}
         scale = self.loss_scale(step, rows)
-        for i, b, group, uses in taking:
+        full = rows
+        rows, self.last_rows = sample_rows(rows, step.rules)
+        curvs = self._curvatures(step, taking, rows, scale)
+        gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
+              for _, b, group, _ in taking]
+        rgs = []
+        for (i, b, group, uses), curv, g in zip(taking, curvs, gs):
+            rg = curv.rows.jg(b.plan, g)
+            if i in rows and rows[i] is full[i] and self.screens(step, b, curv, group):   # reuses the direction's R g
+                consistency.screen(b, curv.gram, rg, curv.m, _tolerance(b, uses))
+            rgs.append(rg)
+            self._pending[i] = curv
+        # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
+        us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
+        by_damping: dict[float, tuple[list, list]] = {}
+        for (i, b, group, _), curv, g, u in zip(taking, curvs, gs, us):
+            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, g), g)]
+            lists = by_damping.setdefault(curv.damping, ([], []))
+            lists[0].extend(back)
+            lists[1].extend(g)
+            out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
+        for a, (backs, grads) in by_damping.items():   # d = g / a + R^T u' in place on R^T u'
+            torch._foreach_add_(backs, grads, alpha=1.0 / a)
+        self._stats = self._noise_stats(step, taking, rows, curvs)
+        self.last_loss_scale = scale
+        return out + fallback_directions(step)
+
+    @staticmethod
+    def _curvatures(step: StepInput, taking: list, rows: dict, scale: float) -> list[woodbury.BlockCurvature]:
+        """Each taking block's curvature for this step: fresh from ``rows`` (K formed here), or the kept
+        one; every fresh factor and every kept one whose group's damping changed in one batched
+        factorisation (batched.factor_all)."""
+        out: list = []
+        todo: list[tuple[int, woodbury.Rows | None, Tensor, float]] = []   # (position, rows, K, a)
+        for k, (i, b, group, _) in enumerate(taking):
             a = group["damping"]
-            dtype = woodbury.compute_dtype(b.params[0].dtype)
-            g = [gradient(p, group["weight_decay"], dtype) for p in b.params]
             if i in rows:
                 f = step.row_factor / scale
                 r = rows[i] if f == 1.0 else rows[i].scaled(f)
-                curv = woodbury.curvature(r, b.plan, a, b.name)
-                if self.estimate_noise and step.rules.fisher == "empirical" and curv.gram.shape[0] == curv.m:
-                    traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
-                    squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
-                    fresh.append(b.name)
-                    rows_m = curv.m
+                gram = r.gram(b.plan)
+                todo.append((k, r.released(), gram, a))      # K formed: an explicit J's x and gy go
+                out.append(None)
+            elif b.curv.requested != a:
+                todo.append((k, None, b.curv.gram, a))
+                out.append(None)
             else:
-                curv = b.curv if b.curv.requested == a else woodbury.redamp(b.curv, a, b.name)
-            rg = None
-            if i in rows and self.screens(step, b, curv, group):     # R g, also the direction's
-                rg = curv.rows.jg(b.plan, g)
-                tol = _tolerance(b, uses)
-                consistency.screen(b, curv.gram, rg, curv.m, tol)
-            self._pending[i] = curv
-            d = woodbury.direction(curv, b.plan, g, b.name, rg)
-            out += [(p, di, gi, group) for p, di, gi in zip(b.params, d, g) if p.grad is not None]
-        self._stats = (traces, squares, fresh, rows_m)
-        self.last_loss_scale = scale
-        return out + fallback_directions(step)
+                out.append(b.curv)
+        if todo:
+            factors = batched.factor_all([t[2] for t in todo],
+                                         [t[1].m if t[1] is not None else taking[t[0]][1].curv.m for t in todo],
+                                         [t[3] for t in todo], [taking[t[0]][1].name for t in todo])
+            for (k, r, gram, a), (chol, used) in zip(todo, factors):
+                kept = taking[k][1].curv
+                out[k] = (woodbury.BlockCurvature(r, gram, chol, used, a) if r is not None
+                          else replace(kept, chol=chol, damping=used, requested=a))
+        return out
+
+    def _noise_stats(self, step: StepInput, taking: list, rows: dict, curvs: list) -> tuple[list, list, list, int]:
+        """tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block (noise.py)."""
+        traces, squares, fresh, rows_m = [], [], [], 0
+        if not self.estimate_noise or step.rules.fisher != "empirical":
+            return traces, squares, fresh, rows_m
+        for (i, b, _, _), curv in zip(taking, curvs):
+            if i in rows and curv.gram.shape[0] == curv.m:
+                traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
+                squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
+                fresh.append(b.name)
+                rows_m = curv.m
+        return traces, squares, fresh, rows_m
 
     @staticmethod
     def screens(step: StepInput, b: Block, curv: woodbury.BlockCurvature, group: dict) -> bool:
@@ -188,6 +242,27 @@ class LocalEstimator:
         if self._cycle is not None:
             self._cycle = stagger.CycleSums()
         self._due_memo = None
+
+
+def sample_rows(rows: dict, rules) -> tuple[dict, dict | None]:
+    """``rules.curvature_batch`` c: every block's rows cut to the same min(c, m) sampled samples (one
+    draw per batch size m, sorted, from ``rules.generator``); ({i: rows}, {m: indices}) or (rows, None).
+    The screen and the loss scale were run on the whole batch's rows before (local.py)."""
+    c = rules.curvature_batch
+    if c is None or not any(r.m > c for r in rows.values()):
+        return rows, None
+    drawn: dict[int, Tensor] = {}
+    out = {}
+    for i, r in rows.items():
+        if r.m <= c:
+            out[i] = r
+            continue
+        if r.m not in drawn:
+            device = (r.jac if r.jac is not None else r.pieces[0] if r.pieces is not None else r.gy).device
+            perm = torch.randperm(r.m, generator=rules.generator)
+            drawn[r.m] = perm[:c].sort().values.to(device)
+        out[i] = r.sampled(drawn[r.m])
+    return out, drawn
 
 
 def _tolerance(b: Block, uses) -> float:
