@@ -434,7 +434,8 @@ class TENGraD(torch.optim.Optimizer):
             k += len(g["params"])
         opts = dict(self.defaults, update_freq=self.update_freq, fisher=self.fisher, kl_clip=self.kl_clip,
                     max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
-                    max_exact_fisher_bytes=self.max_exact_fisher_bytes, distributed=None, **self._given)
+                    max_exact_fisher_bytes=self.max_exact_fisher_bytes, curvature_batch=self.curvature_batch,
+                    distributed=None, **self._given)
         return {"options": opts, "groups": groups,
                 "generator": None if self.generator is None else str(self.generator.device)}
 

@@ -208,7 +208,10 @@ class BlockCurvature:
     scale = property(lambda self: self.rows.scale)
 
     def tensors(self) -> dict[str, Tensor | None]:
-        return dict(self.rows.tensors(), gram=self.gram, chol=self.chol)
+        """The rows' tensors, K and L; L is a view into the step's stacked factors (batched.py) and is
+        copied, so that a checkpoint entry owns its storage (saved alone, checked alone)."""
+        chol = self.chol if self.chol._base is None else self.chol.clone()
+        return dict(self.rows.tensors(), gram=self.gram, chol=chol)
 
     def split(self) -> list[int] | None:
         return self.rows.split()
