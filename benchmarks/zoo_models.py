@@ -13,6 +13,7 @@ Each ``build(name)`` returns (model factory, x, y, loss, one-line size) with a f
   ([batch, T]): TENGraD refuses a [T] position input, which has no sample dimension.
 * ``mlp4096``: Linear 4096 -> 4096, ReLU, Linear 4096 -> 10, batch 512.
 * ``3c1f``: the paper's 3C1F (tengrad.demo.model) at width 128, 28x28 grey, batch 128.
+* ``hf_gpt2``, ``hf_llama``, ``hf_vit``: Hugging Face models from small configs (zoo_hf.py, issue 22).
 """
 from __future__ import annotations
 
@@ -114,11 +115,14 @@ def seq_loss(logits, y):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-NAMES = ("resnet18", "vit_tiny", "gpt", "mlp4096", "3c1f")
+NAMES = ("resnet18", "vit_tiny", "gpt", "mlp4096", "3c1f", "hf_gpt2", "hf_llama", "hf_vit")
 
 
 def build(name: str, seed: int = 0, gpt_d: int = 256, gpt_layers: int = 4, gpt_vocab: int = 4096):
     """(factory, x, y, loss, size): ``factory()`` builds the model with the same weights every call."""
+    if name.startswith("hf_"):               # Hugging Face models (zoo_hf.py; transformers needed)
+        from zoo_hf import build as build_hf
+        return build_hf(name, seed)
     g = torch.Generator().manual_seed(seed)
     if name == "resnet18":
         make, batch = (lambda: ResNet18(16)), 32

@@ -1,4 +1,6 @@
-"""Robust at the edges (issue 21), single process: state integrity, bounded capture, clear refusals.
+"""Robust at the edges (issue 21): state integrity, bounded capture, clear refusals (single process), and
+ranks that disagree (2 gloo ranks: the spawned group of tests/test_optim_distributed.py, whose workers
+run ``check_agreement`` / ``check_dead_peer`` in tests/support/distributed_workers.py).
 
 Every refusal is a named ``TengradError`` with parameters, momentum buffers, kept curvature and step
 count bit-identical afterwards (support/snapshots.py); every case made to work is checked against the
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tengrad
+from support import background, distributed_workers
 from support.optim_cases import make_batch, make_model
 from support.numerics import rel_err
 from support.snapshots import assert_unchanged, snapshot_all
@@ -324,3 +327,36 @@ def test_the_exact_fisher_at_its_cap_runs_and_one_byte_under_is_refused():
         else:
             with pytest.raises(TENGraDError, match=f"over max_exact_fisher_bytes={cap} "):
                 opt.backward(out, y, loss="cross_entropy")
+
+
+# ---------------------------------------------------------------- ranks that disagree (2 gloo ranks)
+process_groups = pytest.mark.background("distributed")
+
+
+@process_groups
+def test_a_dead_peer_gives_a_named_error_within_the_group_timeout():
+    """Rank 1 leaves its group before the step (its sockets close, as a killed process's do)."""
+    first = background.get("distributed").result(distributed_workers.DEAD)[0]
+    assert first["raised"] is True, first
+    assert first["error"].startswith("PeerError") and "status all-gather" in first["error"], first
+    assert first["seconds"] < distributed_workers.DEAD_PG_TIMEOUT + 5, first
+
+
+@process_groups
+def test_ranks_that_disagree_raise_the_same_named_error_with_nothing_changed():
+    """2 ranks: a plain model initialised with another seed, another depth (once a SIGABRT inside gloo),
+    lr changed on one rank, an empty batch on one rank; agreeing ranks step."""
+    results = background.get("distributed").result(distributed_workers.WORLD_2)
+    reports = [r["agreement"] for r in results]
+    expect = {"different seeds": ("construction", "ReplicaMismatchError", "parameter values"),
+              "different depths": ("construction", "ReplicaMismatchError", "number of parameter"),
+              "lr changed on one rank": ("step", "ReplicaMismatchError", "param_groups[0].lr: rank 0 0.3, rank 1 0.1"),
+              "empty rank": ("step", "TENGraDError", "rank 1 at step 1: an empty batch")}
+    for case, (where, error, needle) in expect.items():
+        texts = {r[case]["text"] for r in reports}
+        assert len(texts) == 1, (case, texts)                    # the same error on every rank
+        for r in reports:
+            assert (r[case]["where"], r[case]["error"]) == (where, error), (case, r[case])
+            assert needle in r[case]["text"], (case, r[case]["text"])
+            assert r[case]["unchanged"] is True, case
+    assert all(r["agreeing ranks"]["error"] is None for r in reports)
