@@ -38,7 +38,8 @@ def build(name: str, seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     if name == "hf_gpt2":
-        cfg = hf.GPT2Config(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+        cfg = hf.GPT2Config(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0,
+                             eos_token_id=0)
         make, key, batch = (lambda: hf.GPT2LMHeadModel(cfg)), "input_ids", 8
         x, y = torch.randint(0, 4096, (batch, 128), generator=g), torch.randint(0, 4096, (batch, 128), generator=g)
         loss, size = _seq_loss, "HF GPT2LMHeadModel (d 256, 4 layers, vocab 4096), batch 8, T 128"
