@@ -74,3 +74,25 @@ def model_at(model, theta):
 def test_curvature_batch_is_checked(bad):
     with pytest.raises(TENGraDError, match="curvature_batch must be None or an integer >= 1"):
         TENGraD(make_model("mlp"), curvature_batch=bad)
+
+
+def test_the_explicit_jacobian_is_formed_for_the_sampled_rows_only(monkeypatch):
+    """A block on the explicit-J path forms J after the sampling, from the c sampled rows' x and gy (the
+    gradient then comes from autograd, not from J): the curvature step's J is c x P, never m x P."""
+    model = make_model("mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, 0.3, 0.5, momentum=0.0, update_freq=1, kl_clip=None, curvature_batch=3,
+                      generator=torch.Generator().manual_seed(7))
+    assert opt.grad_from_jacobian is False
+    formed = []
+    for b in opt.blocks:
+        real = b.plan.jacobian
+        monkeypatch.setattr(b.plan, "jacobian", lambda x, gy, _real=real: formed.append(x.shape[0]) or _real(x, gy))
+    x, y = make_batch("mlp", 8, "cross_entropy", torch.Generator().manual_seed(3))
+    opt.zero_grad()
+    LOSSES["cross_entropy"](model(x), y).backward()
+    opt.step()
+    explicit = [b for b in opt.blocks if b.curv.rows.explicit_held]
+    assert explicit and formed and set(formed) == {3}, formed
+    assert all(b.curv.m == 3 and b.curv.rows.matrix().shape[0] == 3 for b in explicit)

@@ -184,7 +184,10 @@ class TENGraD(torch.optim.Optimizer):
                                "ranks' whole batches (estimator/distributed.py)")
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
         # gradients through their own hooks)
-        self.grad_from_jacobian = bool(grad_from_jacobian) and fisher == "empirical" and dist_estimator is None
+        # ... and without a curvature batch: J is then formed for the sampled rows only, after the
+        # backward, so the gradient comes from autograd
+        self.grad_from_jacobian = (bool(grad_from_jacobian) and fisher == "empirical" and dist_estimator is None
+                                   and curvature_batch is None)
         self.distributed = dist_estimator is not None
         self.estimator = dist_estimator or LocalEstimator(staggered=stagger, noise=noise_scale)
         self.backend = resolve_backend(model, backend)

@@ -122,7 +122,9 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
         choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
                                                rules.max_jacobian_numel, rules.roofline, dtype.itemsize)
     b.choice = choice
-    explicit = choice.path == paths.JACOBIAN
+    # with a curvature batch the explicit J is formed after the rows are sampled, for those rows only
+    # (estimator/local.py ``sample_rows``): here the rows stay x and gy
+    explicit = choice.path == paths.JACOBIAN and rules.curvature_batch is None
     if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit)):
         x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
     from_jacobian = explicit and rules.grad_from_jacobian

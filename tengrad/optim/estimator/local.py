@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, consistency, usage, woodbury
+from tengrad.optim.curvature import batched, consistency, paths, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -114,6 +114,8 @@ class LocalEstimator:
         scale = self.loss_scale(step, rows)
         full = rows
         rows, self.last_rows = sample_rows(rows, step.rules)
+        if step.rules.curvature_batch is not None:     # J deferred past the sampling (build.py): c rows only
+            rows = {i: r.explicit(step.blocks[i].plan) if _deferred(step.blocks[i], r) else r for i, r in rows.items()}
         curvs = self._curvatures(step, taking, rows, scale)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
@@ -263,6 +265,12 @@ def sample_rows(rows: dict, rules) -> tuple[dict, dict | None]:
             drawn[r.m] = perm[:c].sort().values.to(device)
         out[i] = r.sampled(drawn[r.m])
     return out, drawn
+
+
+def _deferred(b: Block, r) -> bool:
+    """A block whose path keeps an explicit J but whose rows came as x and gy (a curvature batch)."""
+    return (b.choice is not None and b.choice.path == paths.JACOBIAN and not r.explicit_held
+            and b.plan is not None and r.x is not None)
 
 
 def _tolerance(b: Block, uses) -> float:
