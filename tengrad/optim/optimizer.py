@@ -132,6 +132,9 @@ class TENGraD(torch.optim.Optimizer):
     min(c, m) of its m rows (the same rows for every block, ``generator`` or torch's, kept in
     ``opt.last_curvature_rows``); the step is the exact damped step of the Fisher of those rows and
     the gradient is the whole batch's (single process).
+    ``curvature_memory``: None (default: no cap) or a number of bytes: blocks that would keep an
+    explicit J are moved to x and gy, the largest first, until the curvature kept by all blocks fits
+    (curvature/memory.py; the step is unchanged, reuse steps read x and gy instead of J).
     ``stagger``: False (default): every block refreshes its curvature on steps 0, k, 2k, ...; True:
     block i on steps t with (t - i) mod k == 0, so every step captures about 1/k of the blocks
     (estimator/stagger.py; empirical Fisher, one process).
@@ -150,7 +153,7 @@ class TENGraD(torch.optim.Optimizer):
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
-                 curvature_batch: int | None = None) -> None:
+                 curvature_batch: int | None = None, curvature_memory: int | None = None) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -179,6 +182,10 @@ class TENGraD(torch.optim.Optimizer):
                            stagger=stagger)   # what a copy is built with (``_copy_spec``)
         self.max_jacobian_numel = int(max_jacobian_numel)
         self.curvature_batch = options.check_curvature_batch(curvature_batch)
+        self.curvature_memory = options.check_curvature_memory(curvature_memory)
+        if self.curvature_memory is not None and dist_estimator is not None:
+            raise TENGraDError("curvature_memory is single-process only: the distributed step places rows and "
+                               "factors by its own exchange plan (estimator/owners.py)")
         if self.curvature_batch is not None and dist_estimator is not None:
             raise TENGraDError("curvature_batch is single-process only: the distributed step's rows are the "
                                "ranks' whole batches (estimator/distributed.py)")
@@ -343,7 +350,8 @@ class TENGraD(torch.optim.Optimizer):
     def _rules(self) -> Rules:
         device = next(p for g in self.param_groups for p in g["params"]).device
         return Rules(self.fisher, self.update_freq, self.max_jacobian_numel, self.grad_from_jacobian,
-                     self.layer_dims, roofline.measured(device), self.curvature_batch, self.generator)
+                     self.layer_dims, roofline.measured(device), self.curvature_batch, self.generator,
+                     self.curvature_memory)
 
     @property
     def last_curvature_rows(self) -> dict | None:
@@ -438,6 +446,7 @@ class TENGraD(torch.optim.Optimizer):
         opts = dict(self.defaults, update_freq=self.update_freq, fisher=self.fisher, kl_clip=self.kl_clip,
                     max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
                     max_exact_fisher_bytes=self.max_exact_fisher_bytes, curvature_batch=self.curvature_batch,
+                    curvature_memory=self.curvature_memory,
                     distributed=None, **self._given)
         return {"options": opts, "groups": groups,
                 "generator": None if self.generator is None else str(self.generator.device)}

@@ -130,6 +130,16 @@ def check_curvature_batch(value: object) -> int | None:
     return int(value)
 
 
+def check_curvature_memory(value: object) -> int | None:
+    """None (no cap) or an integer >= 0: the bytes of curvature kept between steps (curvature/memory.py)."""
+    if value is None:
+        return None
+    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < 0:
+        raise TENGraDError(f"curvature_memory must be None or a number of bytes >= 0, got {value!r} "
+                           f"({type(value).__name__})")
+    return int(value)
+
+
 def check_model(model: object) -> nn.Module:
     """TENGraD hooks the model's layers, so it takes the module itself, not its parameters; a
     ``torch.compile``-d model is refused with the pattern that works (the hooks and per-forward

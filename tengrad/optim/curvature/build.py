@@ -50,6 +50,7 @@ class Rules:
     roofline: object = None     # roofline.Roofline: paths priced in seconds (flops and bytes), or flops only
     curvature_batch: int | None = None    # rows sampled per curvature step (None: all)
     generator: object = None              # torch.Generator for those rows (None: torch's default)
+    curvature_memory: int | None = None   # bytes of kept curvature (curvature/memory.py; None: no cap)
 
 
 def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCheck,
@@ -121,6 +122,8 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     if choice is None:              # pricing runs the cost model: once per block and sizes
         choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
                                                rules.max_jacobian_numel, rules.roofline, dtype.itemsize)
+    if choice.path == paths.JACOBIAN and b.memory_reuse:    # moved to x and gy by the memory cap
+        choice = memory_choice(choice)
     b.choice = choice
     # with a curvature batch the explicit J is formed after the rows are sampled, for those rows only
     # (estimator/local.py ``sample_rows``): here the rows stay x and gy
@@ -138,6 +141,12 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
         gy = output_rows(f"layer {b.name!r}", rules.fisher, u.grad, u.rows, m, dtype)
     rows = Rows(paths.REUSE, m, x, gy)
     return rows.explicit(b.plan) if explicit else rows
+
+
+def memory_choice(priced: paths.PathChoice) -> paths.PathChoice:
+    """The path of a block the memory cap moved from its explicit J to x and gy (curvature/memory.py)."""
+    return paths.PathChoice(paths.REUSE, "x and gy kept: its J would exceed curvature_memory "
+                            f"(curvature/memory.py; priced: {priced.note})")
 
 
 def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check: ConsistencyCheck,

@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, consistency, paths, usage, woodbury
+from tengrad.optim.curvature import batched, consistency, memory, paths, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -116,6 +116,13 @@ class LocalEstimator:
         rows, self.last_rows = sample_rows(rows, step.rules)
         if step.rules.curvature_batch is not None:     # J deferred past the sampling (build.py): c rows only
             rows = {i: r.explicit(step.blocks[i].plan) if _deferred(step.blocks[i], r) else r for i, r in rows.items()}
+        if step.rules.curvature_memory is not None:
+            uses_of = {i: uses for i, _, _, uses in taking}
+            rows, moved = memory.fit(rows, step.rules.curvature_memory,
+                                     lambda i: self._as_reuse(step, step.blocks[i], uses_of[i]))
+            for i in moved:                             # sticky: its J is not formed again
+                b = step.blocks[i]
+                b.memory_reuse, b.choice = True, build.memory_choice(b.choice)
         curvs = self._curvatures(step, taking, rows, scale)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
@@ -140,6 +147,23 @@ class LocalEstimator:
         self._stats = self._noise_stats(step, taking, rows, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
+
+    def _as_reuse(self, step: StepInput, b: Block, uses) -> woodbury.Rows | None:
+        """Block b's rows as x and gy (the memory cap, curvature/memory.py), sampled like the others;
+        None when they have no such form (several uses: an explicit J summed over them)."""
+        if b.plan is None:
+            return None
+        b.memory_reuse, choice = True, b.choice
+        try:
+            r = build.block_rows(b, uses, step.rules, step.check)
+        finally:
+            b.memory_reuse = False      # set for good by the caller if the move is taken
+        if r.explicit_held:
+            return None
+        b.choice = choice               # the caller's decision names the path (build.py on the next step)
+        if self.last_rows is not None and r.m in self.last_rows:
+            r = r.sampled(self.last_rows[r.m])
+        return r
 
     @staticmethod
     def _curvatures(step: StepInput, taking: list, rows: dict, scale: float) -> list[woodbury.BlockCurvature]:
