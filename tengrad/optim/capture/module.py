@@ -169,6 +169,8 @@ class LayerCapture:
         pair = sample.expand_batch(x, output, m) if swapped is None else None
         if pair is not None and all(x.shape[d] != m for d in range(x.dim())):
             x, output = pair
+        elif swapped is None and (pair := sample.prepend_batch(x, output, m)) is not None:
+            x, output = pair          # ids [T] with no batch dim (wpe(arange(T))): expanded to [m, T]
         record = Use(self.name, self.plan, x.detach(), fwd, m)
         if not (swapped or self._keep_edges_asked):
             keep_grad(output, record, self._received, self._accumulating)

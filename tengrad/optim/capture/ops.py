@@ -426,8 +426,12 @@ class OpCapture:
         m = self.m
         if m is not None and not self._seq:
             pair = sample.expand_batch(x, out, m)
+            ids = sample.prepend_batch(x, out, m) if pair is None and lead >= x.dim() else None
             if pair is not None and all(x.shape[d] != m for d in range(min(lead, x.dim()))):
                 x, out = pair
+            elif ids is not None:       # ids [T] with no batch dim (F.embedding(arange(T), w)): [m, T]
+                x, out = ids
+                lead += 1
             elif self.batch_first and lead > 1:
                 dims = [d for d in range(min(lead, x.dim())) if x.shape[d] == m]
                 d = sample.by_provenance(x, dims, m) if len(dims) > 1 else None

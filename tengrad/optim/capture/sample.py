@@ -10,7 +10,8 @@ reaches y_c's node, which the capture hooks):
   while the batch has m > 1 (an ``nn.Embedding`` of ``arange(T)[None]``, GPT-2's and BERT's position
   ids): in the captured forward only, both are expanded to m along it; the caller's broadcast then
   meets an output that already has the batch, the values are the same, and each sample gets its own
-  output gradient (their sum is what the parameter's gradient was).
+  output gradient (their sum is what the parameter's gradient was). Integer ids with no batch dim at
+  all (``wpe(torch.arange(T))``, x [T]) get a new dim 0 expanded to m (``prepend_batch``).
 * **a tie broken by provenance** (``by_provenance``): several leading dims of size m, and x a
   permuted view of a tensor whose dim 0 has size m and is outermost in memory, in a model whose input is batch first
   (timm's LayerNorm2d: ``F.layer_norm(x.permute(0, 2, 3, 1))`` at batch 8 on an 8x8 map): the sample
@@ -29,6 +30,17 @@ def expand_batch(x: Tensor, y: Tensor, m: int | None) -> tuple[Tensor, Tensor] |
     if (m is None or m <= 1 or x.dim() == 0 or y.dim() == 0 or x.shape[0] != 1 or y.shape[0] != 1):
         return None
     return x.expand(m, *x.shape[1:]), y.expand(m, *y.shape[1:])
+
+
+def prepend_batch(x: Tensor, y: Tensor, m: int | None) -> tuple[Tensor, Tensor] | None:
+    """Ids with no batch dimension at all (nanoGPT's ``wpe(torch.arange(T))``: x [T], y [T, d]) and no
+    dim of size m: (x, y) with a new dim 0 expanded to m (the caller's broadcast ``tok + pos`` meets an
+    output that already has the batch; each sample gets its own output gradient), else None. Integer
+    x only (an embedding's ids); when a dim of x has size m (T == m) the ids are taken as samples."""
+    if (m is None or m <= 1 or x.dim() == 0 or x.is_floating_point() or x.is_complex()
+            or any(s == m for s in x.shape) or tuple(y.shape[:x.dim()]) != tuple(x.shape)):
+        return None
+    return x.unsqueeze(0).expand(m, *x.shape), y.unsqueeze(0).expand(m, *y.shape)
 
 
 def by_provenance(x: Tensor, dims: list[int], m: int) -> int | None:
