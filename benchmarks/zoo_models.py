@@ -10,7 +10,7 @@ Each ``build(name)`` returns (model factory, x, y, loss, one-line size) with a f
   4x GELU MLP, final LayerNorm, head tied to the token embedding), batch 8, T 128; d, layers and
   vocabulary from the arguments (GPT-2 small is d 768, 12 layers, vocab 50257: too large for a
   2-core CPU run; the default is d 256, 4 layers, vocab 4096). Positions are given per sample
-  ([batch, T]): TENGraD refuses a [T] position input, which has no sample dimension.
+  ([batch, T]; a [T] position input works too since capture/sample.py ``prepend_batch``).
 * ``mlp4096``: Linear 4096 -> 4096, ReLU, Linear 4096 -> 10, batch 512.
 * ``3c1f``: the paper's 3C1F (tengrad.demo.model) at width 128, 28x28 grey, batch 128.
 * ``hf_gpt2``, ``hf_llama``, ``hf_vit``: Hugging Face models from small configs (zoo_hf.py, issue 22).
