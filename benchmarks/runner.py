@@ -89,6 +89,21 @@ def make_step(method: str, model, hp: dict, batch: int):
     raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
 
 
+def timed_step(step_fn, x, y, width: int = 160) -> tuple[float, str, float]:
+    """(loss, why it failed or "", seconds) of one ``step_fn(x, y)``: any exception or a non-finite loss
+    is a divergence (its reason cut to ``width`` characters), never raised."""
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lv = step_fn(x, y)
+    except Exception as exc:  # noqa: BLE001 - every failure of a run is reported as divergence
+        lv, why = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:width]}"
+    else:
+        why = "" if math.isfinite(lv) else "non-finite loss"
+    return lv, why, time.perf_counter() - t0
+
+
 @dataclass
 class Run:
     label: str
@@ -144,16 +159,8 @@ class Run:
         if s == 0:
             self.perm = torch.randperm(len(y_tr), generator=self.gen)
         idx = self.perm[s * self.batch:(s + 1) * self.batch]
-        t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lv = self.step_fn(x_tr[idx], y_tr[idx])
-        except Exception as exc:  # noqa: BLE001 - every failure of a run is reported as divergence
-            lv, why = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        else:
-            why = "" if math.isfinite(lv) else "non-finite loss"
-        self.seconds += time.perf_counter() - t0
+        lv, why, seconds = timed_step(self.step_fn, x_tr[idx], y_tr[idx], width=120)
+        self.seconds += seconds
         self.steps += 1
         if why:
             self.diverged = f"step {self.steps}: {why}"

@@ -13,14 +13,13 @@ hyperparameters): it stops and keeps the reason. A method whose package is missi
 """
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from peers import NotRun, make_step
+from runner import round_robin, timed_step  # noqa: F401 - round_robin serves TaskRun too
 
 
 @dataclass
@@ -70,16 +69,8 @@ class TaskRun:
         if self.done:
             return
         x, y = next(self.batches)
-        t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lv = self.step_fn(x, y)
-        except Exception as exc:  # noqa: BLE001 - every failure of a run is reported as divergence
-            lv, why = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        else:
-            why = "" if math.isfinite(lv) else "non-finite loss"
-        self.seconds += time.perf_counter() - t0
+        lv, why, seconds = timed_step(self.step_fn, x, y)
+        self.seconds += seconds
         self.n += 1
         if why:
             self.diverged = f"step {self.n}: {why}"
@@ -110,14 +101,3 @@ class TaskRun:
         if self.task.metric == "test_acc":
             out["best_acc"] = out["best"]        # the field robustness.json's readers know
         return out
-
-
-def round_robin(runs: list[TaskRun], on_point=None) -> None:
-    """Advance every run one step at a time in turn until all are done; ``on_point()`` is called after
-    each round in which some run took an evaluation (e.g. to save partial results)."""
-    while not all(r.done for r in runs):
-        n = sum(len(r.points) for r in runs)
-        for r in runs:
-            r.advance()
-        if on_point is not None and sum(len(r.points) for r in runs) != n:
-            on_point()
