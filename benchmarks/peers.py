@@ -21,8 +21,10 @@ import math
 import torch
 
 METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned")
-LABELS = {"sgd": "SGD + momentum (tuned)", "adamw": "AdamW (tuned)", "soap": "SOAP (tuned)",
-          "kfac": "ASDL K-FAC (tuned)", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)"}
+#: the peers' labels do not say "tuned": whether a run's point came from its grid or is the task's
+#: fallback point (``--no-tune``) is printed with its hyperparameters (tune.py)
+LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
+          "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)"}
 PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),
             "kfac": ("asdl", "pip install asdfghjkl==0.1a5 (the bench extra)")}
 

@@ -57,7 +57,7 @@ def test_gradient_accumulation_with_no_sync_is_the_global_union_step(group):
     """Uneven micro-batches on each rank (DDP's no_sync() for all but the last, or a plain model), with
     update_freq 1 and 3: the dense oracle on the union of every rank's micro-batches."""
     world, results = group
-    names = _names(world, "check_accumulation")
+    names = [name for name, _, _ in distributed_workers.checks(world) if name.startswith("accumulate-")]
     if world != 2:
         pytest.skip("accumulation runs on the 2-rank group only (one spawn per suite; the 3-rank group "
                     "runs the other checks)")

@@ -7,6 +7,7 @@ single-process TENGraD (distributed=None) on the global batch where momentum/wei
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from types import SimpleNamespace
@@ -105,9 +106,26 @@ def _backward(opt, out, y, fisher, loss, step):
         opt.backward(out, y, loss=loss)
 
 
+def _accumulate(net, x, y, micro: int, ddp: bool) -> None:
+    """Gradient accumulation on this rank: its batch in ``micro`` uneven micro-batches (the first the
+    largest), (loss * m_j / M_r).backward() each, all but the last under DDP's ``no_sync()``."""
+    M_r = x.shape[0]
+    parts = [M_r // micro] * micro
+    parts[0] += M_r % micro
+    if len(set(parts)) == 1 and parts[-1] > 1:
+        parts[0], parts[-1] = parts[0] + 1, parts[-1] - 1
+    cuts = [sum(parts[:j]) for j in range(micro + 1)]
+    for j in range(micro):
+        xb, yb = x[cuts[j]:cuts[j + 1]], y[cuts[j]:cuts[j + 1]]
+        with net.no_sync() if ddp and j < micro - 1 else contextlib.nullcontext():
+            (F.cross_entropy(net(xb), yb) * (xb.shape[0] / M_r)).backward()
+
+
 def check_exact(rank, world, fisher="empirical", loss="cross_entropy", k=1, ddp=False, sizes=None,
-                lr=0.3, damping=0.5):
-    """Steps of distributed="exact" against the dense oracle on the global batch (momentum 0)."""
+                lr=0.3, damping=0.5, micro=1):
+    """Steps of distributed="exact" against the dense oracle on the global batch (momentum 0); with
+    ``micro`` > 1 (empirical, cross-entropy) each rank accumulates its batch over that many micro-batches
+    (``_accumulate``): the oracle's batch is then the union of every rank's micro-batches."""
     model = make_model()
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = _make_opt(net, "exact", fisher, k, seed=100 + rank, lr=lr, damping=damping)
@@ -119,7 +137,11 @@ def check_exact(rank, world, fisher="empirical", loss="cross_entropy", k=1, ddp=
         sl = _slice(step_sizes, rank)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, loss).items()} if rank == 0 else None
-        _backward(opt, net(x[sl]), y[sl], fisher, loss, s)
+        if micro > 1:
+            opt.zero_grad()
+            _accumulate(net, x[sl], y[sl], micro, ddp)
+        else:
+            _backward(opt, net(x[sl]), y[sl], fisher, loss, s)
         labels = _gather_labels(opt.last_labels) if fisher == "mc" and s % k == 0 else None
         if rank == 0 and s % k == 0:
             F_stored, names = oracle_fisher(model, x, y, fisher, loss, labels=labels)
@@ -131,46 +153,6 @@ def check_exact(rank, world, fisher="empirical", loss="cross_entropy", k=1, ddp=
         identical &= _identical_everywhere(model)
     text = opt.explain()
     return dict(worst=worst, identical=identical, explain=text)
-
-
-def check_accumulation(rank, world, sizes, micro=2, k=1, ddp=True, lr=0.3, damping=0.5):
-    """Gradient accumulation on every rank: its slice of the global batch in ``micro`` uneven
-    micro-batches, (loss * m_j / M_r).backward() each, all but the last under DDP's ``no_sync()``;
-    against the dense oracle on the global batch (the union of every rank's micro-batches)."""
-    import contextlib
-    model = make_model()
-    net = nn.parallel.DistributedDataParallel(model) if ddp else model
-    opt = _make_opt(net, "exact", "empirical", k, seed=100 + rank, lr=lr, damping=damping)
-    view = _view(opt, "module.")
-    gen = torch.Generator().manual_seed(2)
-    worst, identical, F_stored, names = 0.0, True, None, None
-    for s, step_sizes in enumerate(sizes):
-        x, y = global_batch(gen, sum(step_sizes), "cross_entropy")
-        sl = _slice(step_sizes, rank)
-        xr, yr = x[sl], y[sl]
-        M_r = xr.shape[0]
-        parts = [M_r // micro] * micro                   # uneven: the first micro-batch the largest
-        parts[0] += M_r % micro
-        if len(set(parts)) == 1 and parts[-1] > 1:
-            parts[0], parts[-1] = parts[0] + 1, parts[-1] - 1
-        cuts = [sum(parts[:j]) for j in range(micro + 1)]
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()} if rank == 0 else None
-        if rank == 0 and s % k == 0:
-            F_stored, names = oracle_fisher(model, x, y, "empirical", "cross_entropy")
-        opt.zero_grad()
-        for j in range(micro):
-            xb, yb = xr[cuts[j]:cuts[j + 1]], yr[cuts[j]:cuts[j + 1]]
-            quiet = net.no_sync() if ddp and j < micro - 1 else contextlib.nullcontext()
-            with quiet:
-                (F.cross_entropy(net(xb), yb) * (xb.shape[0] / M_r)).backward()
-        opt.step()
-        if rank == 0:
-            exp = expected_steps(view, model, F_stored, names, g, lr, damping)
-            for n, p in model.named_parameters():
-                worst = max(worst, rel_err(p.detach() - before[n], exp[n]))
-        identical &= _identical_everywhere(model)
-    return dict(worst=worst, identical=identical, batch=opt.estimator.batch.value)
 
 
 class Deeper(MixNet):
@@ -486,9 +468,9 @@ def checks(world: int) -> list:
                ("checkpoint", "check_checkpoint", dict(sizes=s))]
     if world == 2:
         acc = [[5, 4], [4, 6], [6, 5], [4, 4]]           # each rank's slice, split into micro-batches
-        checks += [("accumulate-ddp-2-k1", "check_accumulation", dict(sizes=acc[:2], micro=2, k=1, ddp=True)),
-                   ("accumulate-ddp-3-k3", "check_accumulation", dict(sizes=acc, micro=3, k=3, ddp=True)),
-                   ("accumulate-plain-2-k3", "check_accumulation", dict(sizes=acc, micro=2, k=3, ddp=False))]
+        checks += [("accumulate-ddp-2-k1", "check_exact", dict(sizes=acc[:2], micro=2, k=1, ddp=True)),
+                   ("accumulate-ddp-3-k3", "check_exact", dict(sizes=acc, micro=3, k=3, ddp=True)),
+                   ("accumulate-plain-2-k3", "check_exact", dict(sizes=acc, micro=2, k=3, ddp=False))]
         checks += [("local-exact-k1", "check_local", dict(sizes=s[:2], k=1, fisher="exact", loss="mse")),
                    ("failures-ddp", "check_failures", dict(ddp=True)),
                    ("agreement", "check_agreement", {}),
