@@ -120,24 +120,23 @@ def check_options(fisher: object, update_freq: object, kl_clip: object, max_jaco
         raise TENGraDError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def check_curvature_batch(value: object) -> int | None:
-    """None (every row of the batch) or an integer >= 1: the rows sampled per curvature step."""
+def _optional_int(name: str, value: object, minimum: int, what: str) -> int | None:
+    """None, or ``value`` as an int >= ``minimum`` (bools refused), else a TENGraDError naming ``name``."""
     if value is None:
         return None
-    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < 1:
-        raise TENGraDError(f"curvature_batch must be None or an integer >= 1, got {value!r} "
-                           f"({type(value).__name__})")
+    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < minimum:
+        raise TENGraDError(f"{name} must be None or {what} >= {minimum}, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def check_curvature_batch(value: object) -> int | None:
+    """None (every row of the batch) or an integer >= 1: the rows sampled per curvature step."""
+    return _optional_int("curvature_batch", value, 1, "an integer")
 
 
 def check_curvature_memory(value: object) -> int | None:
     """None (no cap) or an integer >= 0: the bytes of curvature kept between steps (curvature/memory.py)."""
-    if value is None:
-        return None
-    if not isinstance(value, Integral) or isinstance(value, bool) or int(value) < 0:
-        raise TENGraDError(f"curvature_memory must be None or a number of bytes >= 0, got {value!r} "
-                           f"({type(value).__name__})")
-    return int(value)
+    return _optional_int("curvature_memory", value, 0, "a number of bytes")
 
 
 def check_model(model: object) -> nn.Module:
