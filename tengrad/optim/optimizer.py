@@ -126,7 +126,9 @@ class TENGraD(torch.optim.Optimizer):
     output passes, and per block K and its factor, (C m)^2 each; curvature/fisher.py ``exact_bytes``)
     and refuses above this many bytes (default 2 GiB), before any pass runs.
     ``check``: verify J^T 1 / m == param.grad and the batch dimension per block (one vjp per block)
-    on its first curvature step (False), on every curvature step (True) or never (None).
+    on its first curvature step (False), on every curvature step (True) or never (None); unless None,
+    every curvature step also screens for a gradient part the rows do not explain, a gradient penalty
+    (curvature/consistency.py ``screen``: no extra product with R).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
     ``curvature_batch``: None (default: every row of the batch) or c: each curvature step samples
     min(c, m) of its m rows (the same rows for every block, ``generator`` or torch's, kept in
