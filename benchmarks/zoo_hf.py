@@ -1,9 +1,9 @@
 """Hugging Face models for ``benchmarks/step.py --zoo`` (issue 22's rows), built from small configs
 (random weights, nothing downloaded) and called as their users call them (keywords):
 
-* ``hf_gpt2``: ``GPT2LMHeadModel`` (d 256, 4 layers, 4 heads, vocab 4096, context 128), batch 8, T 128;
+* ``hf_gpt2``: ``GPT2LMHeadModel`` (d 256, 4 layers, 4 heads, vocab 4096, context 128), batch 16, T 128;
   ``model(input_ids=x).logits``.
-* ``hf_llama``: ``LlamaForCausalLM`` (d 256, 4 layers, 4 heads, MLP 688, vocab 4096), batch 8, T 128.
+* ``hf_llama``: ``LlamaForCausalLM`` (d 256, 4 layers, 4 heads, MLP 688, vocab 4096), batch 16, T 128.
 * ``hf_vit``: ``ViTForImageClassification`` (ViT-tiny: d 192, 12 layers, 3 heads, MLP 768, patch 8 on
   32x32, 10 classes), batch 32; ``model(pixel_values=x).logits``.
 
@@ -40,15 +40,15 @@ def build(name: str, seed: int = 0):
     if name == "hf_gpt2":
         cfg = hf.GPT2Config(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0,
                              eos_token_id=0)
-        make, key, batch = (lambda: hf.GPT2LMHeadModel(cfg)), "input_ids", 8
+        make, key, batch = (lambda: hf.GPT2LMHeadModel(cfg)), "input_ids", 16
         x, y = torch.randint(0, 4096, (batch, 128), generator=g), torch.randint(0, 4096, (batch, 128), generator=g)
-        loss, size = _seq_loss, "HF GPT2LMHeadModel (d 256, 4 layers, vocab 4096), batch 8, T 128"
+        loss, size = _seq_loss, "HF GPT2LMHeadModel (d 256, 4 layers, vocab 4096), batch 16, T 128"
     elif name == "hf_llama":
         cfg = hf.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-        make, key, batch = (lambda: hf.LlamaForCausalLM(cfg)), "input_ids", 8
+        make, key, batch = (lambda: hf.LlamaForCausalLM(cfg)), "input_ids", 16
         x, y = torch.randint(0, 4096, (batch, 128), generator=g), torch.randint(0, 4096, (batch, 128), generator=g)
-        loss, size = _seq_loss, "HF LlamaForCausalLM (d 256, 4 layers, vocab 4096), batch 8, T 128"
+        loss, size = _seq_loss, "HF LlamaForCausalLM (d 256, 4 layers, vocab 4096), batch 16, T 128"
     elif name == "hf_vit":
         cfg = hf.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=192, num_hidden_layers=12,
                            num_attention_heads=3, intermediate_size=768, num_labels=10)
