@@ -286,13 +286,12 @@ def solve(chol: Tensor, rg: Tensor) -> Tensor:
     return torch.cholesky_solve(rg.reshape(-1, 1).to(chol.dtype), chol).reshape(-1)
 
 
-def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str, rg: Tensor | None = None) -> list[Tensor]:
-    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype);
-    ``rg``: R g when the caller formed it already.
+def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> list[Tensor]:
+    """d = (1/a)(g - R^T (K + m a I)^-1 R g) for g shaped like the block's params (compute dtype).
 
     Finiteness is not checked here: the optimizer checks every direction of a step at once.
     """
-    u = solve(curv.chol, curv.rows.jg(plan, g) if rg is None else rg)
+    u = solve(curv.chol, curv.rows.jg(plan, g))
     # d = g / a + R^T (-u / a): the -1/a rides on the r-vector u, so d is one pass over the parameters
     back = curv.rows.jtu(plan, u * (-1.0 / curv.damping), g)
     inv_a = 1.0 / curv.damping
