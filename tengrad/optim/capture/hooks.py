@@ -93,11 +93,33 @@ class GradientPass:
     def __init__(self) -> None:
         self._task: int | None = None
         self._answer = True
+        self._held: list[list] = []
+
+    def hold(self, node) -> list:
+        """A holder [node] for a hook to pass to ``accumulating`` instead of the node itself. A hook
+        registered on a node (or on a tensor bound to it) that kept the node in its closure would make a
+        cycle through autograd's C++ hook list, which Python's gc cannot see: the step's whole graph and
+        its records would never be freed (a leak of one curvature step per step). ``release`` empties
+        the holders when the step's records are taken or cleared."""
+        holder = [node]
+        self._held.append(holder)
+        return holder
+
+    def release(self) -> None:
+        for holder in self._held:
+            holder[0] = None
+        self._held = []
 
     def accumulating(self, node) -> bool:
+        """``node``: the captured output's autograd node, or a holder from ``hold`` (released: True,
+        its step is over)."""
+        if type(node) is list:
+            node = node[0]
         task = torch._C._current_graph_task_id()
         if task == self._task:
             return self._answer
+        if node is None:
+            return True
         answer = _runs_a_leaf(node, self.LIMIT)
         self._task, self._answer = task, answer
         return answer
@@ -132,7 +154,11 @@ def always(node=None) -> bool:
     return True
 
 
-def keep_grad(out: Tensor, record, received: list, accumulating: Callable = always) -> None:
+def _same(node):
+    return node
+
+
+def keep_grad(out: Tensor, record, received: list, accumulating: Callable = always, hold: Callable = _same) -> None:
     """``store_grad`` in the GRADIENT phase as one tensor hook on ``out`` (the empirical Fisher's
     capture: no curvature passes run through it), without the dispatch through ``on_grad`` /
     ``partial`` / ``phase()``.
@@ -148,7 +174,7 @@ def keep_grad(out: Tensor, record, received: list, accumulating: Callable = alwa
     An output that already has a hook dict, or a torch without ``_register_hook_dict``, takes
     ``register_hook``. ``accumulating()`` (GradientPass): passes that do not accumulate into
     ``.grad`` are not recorded."""
-    node = out.grad_fn
+    node = hold(out.grad_fn)     # not the node itself: a cycle through C++ (GradientPass.hold)
 
     def hook(g):
         if not accumulating(node):

@@ -55,6 +55,7 @@ class ModelCapture:
         self.passes = GradientPass()     # only backward passes that accumulate into .grad count
         self.ops = OpCapture(model, self._tracked_params, armed, lambda: self.phase, batch_dim,
                              keep_edges=keep_edges, select=self._select, accumulating=self.passes.accumulating,
+                             hold=self.passes.hold,
                              before_capture=self.drop_stale)
         self.dropped = 0                 # records dropped by ``drop_stale`` (none consumed them)
         for b in blocks:                 # armed per block: a block without curvature yet arms only itself
@@ -62,7 +63,8 @@ class ModelCapture:
                 continue
             b.capture = LayerCapture(b.name, b.module, b.plan, partial(block_due, b), lambda: self.phase,
                                      keep_edges=keep_edges, training=lambda: model.training,
-                                     forward=self.ops.current_forward, accumulating=self.passes.accumulating)
+                                     forward=self.ops.current_forward, accumulating=self.passes.accumulating,
+                                     hold=self.passes.hold)
             b.capture.jacobian_grad_params = [] if b.plan is None else list(b.plan.params)
             b.capture.on_jacobian_grad = partial(on_jacobian_grad, b)
             if b.module is model:        # the root: hooks after the gate's (wrappers.py wraps submodules)
@@ -134,7 +136,9 @@ class ModelCapture:
 
     def take(self, op_uses: list[Use], due: Callable[[object], bool]) -> dict[int, list[Use]]:
         """{block index: its uses in this step} for the blocks ``due`` refresh (module calls first,
-        then op calls); every block's module records are cleared."""
+        then op calls); every block's module records are cleared, and the hooks' node holders released
+        (hooks.py ``GradientPass.hold``: the step's graph is freed with its last tensor)."""
+        self.passes.release()
         owner = {id(p): i for i, b in enumerate(self.blocks) for p in b.params}
         by_block: dict[int, list[Use]] = {}
         for u in op_uses:
@@ -176,6 +180,7 @@ class ModelCapture:
         if held == 0 or _gradients_held(p for _, p in self._tracked.values()):
             return
         self.dropped += held
+        self.passes.release()
         for b in self.blocks:
             if b.capture is not None:
                 b.capture.clear()
@@ -183,6 +188,7 @@ class ModelCapture:
         self.ops.edges = []
 
     def clear(self) -> None:
+        self.passes.release()
         for b in self.blocks:
             if b.capture is not None:
                 b.capture.clear()

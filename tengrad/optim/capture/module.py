@@ -74,8 +74,9 @@ class LayerCapture:
                  phase: Callable[[], str], keep_edges: bool = False,
                  training: Callable[[], bool] | None = None,
                  forward: Callable[[], tuple[int, int | None]] | None = None,
-                 accumulating: Callable = always) -> None:
+                 accumulating: Callable = always, hold: Callable = lambda node: node) -> None:
         self._accumulating = accumulating
+        self._hold = hold               # GradientPass.hold: hooks keep the node in a released holder
         self._forward_info = forward or (lambda: (0, None))
         self.name = name
         self.plan = plan
@@ -173,10 +174,10 @@ class LayerCapture:
             x, output = pair          # ids [T] with no batch dim (wpe(arange(T))): expanded to [m, T]
         record = Use(self.name, self.plan, x.detach(), fwd, m)
         if not (swapped or self._keep_edges_asked):
-            keep_grad(output, record, self._received, self._accumulating)
+            keep_grad(output, record, self._received, self._accumulating, self._hold)
             return output
         record.jacobian_grad = bool(swapped)
-        on_grad(output, partial(self._backward, record, output.grad_fn), node=not self._keep_edges_asked)
+        on_grad(output, partial(self._backward, record, self._hold(output.grad_fn)), node=not self._keep_edges_asked)
         if self._keep_edges:
             self._edges.append(get_gradient_edge(output))
         return output

@@ -90,12 +90,13 @@ class OpCapture:
                  armed: Callable[[], bool], phase: Callable[[], str], batch_dim: int = 0,
                  keep_edges: bool = False,
                  select: Callable[[bool], tuple[bool, bool, list]] | None = None,
-                 accumulating: Callable | None = None,
+                 accumulating: Callable | None = None, hold: Callable | None = None,
                  before_capture: Callable[[], None] | None = None) -> None:
         self.model = model
         self._before_capture = before_capture   # called once per captured root forward, before it records
         self.params = params
         self.accumulating = accumulating or always
+        self.hold = hold or (lambda node: node)     # GradientPass.hold (hooks keep no node themselves)
         self._armed = armed
         self._phase = phase
         self.batch_dim = batch_dim
@@ -447,9 +448,9 @@ class OpCapture:
         k = self._count[label] = self._count.get(label, 0) + 1
         use = Use(f"{label}#{k}", plan, x.detach(), self.fwd, self.m, parts, lead, self._seq > 0)
         if self._node_hooks:
-            keep_grad(out, use, self.uses, self.accumulating)
+            keep_grad(out, use, self.uses, self.accumulating, self.hold)
             return
-        on_grad(out, lambda grad, use=use, node=out.grad_fn: self._backward(use, grad, node), False)
+        on_grad(out, lambda grad, use=use, node=self.hold(out.grad_fn): self._backward(use, grad, node), False)
         if self.keep_edges:
             self.edges.append(get_gradient_edge(out))
 
