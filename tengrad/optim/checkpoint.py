@@ -126,6 +126,22 @@ def _consistent(b, curv: woodbury.BlockCurvature, where: str) -> None:
                     f"{residual:.3g} > {tol:g}")
 
 
+def _prior(b, s: object, where: str, dtype: torch.dtype, dev) -> tuple | None:
+    """The kept S = D^-1/2 of a block under a prior (curvature/prior.py): one positive finite tensor
+    per parameter, shaped like it; None or absent: no prior."""
+    if s is None:
+        return None
+    if not isinstance(s, (list, tuple)) or len(s) != len(b.params):
+        raise _fail(f"{where}: 'prior' must be a list of {len(b.params)} tensors (one per parameter)")
+    out = []
+    for k, (t, p) in enumerate(zip(s, b.params)):
+        t = _tensor({"prior": t}, "prior", f"{where}, parameter {k}", tuple(p.shape), dtype)
+        if not bool((t > 0).all()):
+            raise _fail(f"{where}, parameter {k}: 'prior' (D^-1/2) must be positive")
+        out.append(t.to(dev).clone())
+    return tuple(out)
+
+
 def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice | None]:
     where = f"curvature of block {b.name!r}"
     if not isinstance(c, dict):
@@ -192,6 +208,7 @@ def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice 
             raise _fail(f"{where}: 'choice' must be (path, note), got {choice!r}")
         choice = paths.PathChoice(choice[0], choice[1])
     rows = woodbury.Rows(c["path"], int(m), x, gy, jac, pieces, float(scale))
+    rows.prior = _prior(b, c.get("prior"), where, dtype, dev)
     curv = woodbury.BlockCurvature(rows, gram.to(dev).clone(), chol.to(dev).clone(), float(c["damping"]),
                                    float(c["requested"]))
     _consistent(b, curv, where)
@@ -248,11 +265,15 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
         where = f"state of parameter {name_of[id(p)]!r}"
         if not isinstance(s, dict):
             raise _fail(f"{where} must be a dict")
-        unknown = [k for k in s if k != "momentum_buffer"]
+        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v")]
         if unknown:
-            raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer')")
+            raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer' "
+                        "and, with a prior, 'prior_v')")
         if "momentum_buffer" in s:
             _tensor(s, "momentum_buffer", where, tuple(p.shape))
+        if "prior_v" in s:          # Adam's second moments of the prior (curvature/prior.py): >= 0
+            if not bool((_tensor(s, "prior_v", where, tuple(p.shape)) >= 0).all()):
+                raise _fail(f"{where}: 'prior_v' (second moments) has negative entries")
     blocks = ours.get("blocks", {})
     if not isinstance(blocks, dict):
         raise _fail("'blocks' must be a dict of block name -> curvature")

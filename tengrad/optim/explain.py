@@ -59,6 +59,10 @@ def describe(settings: str, groups: list[dict], blocks: list, fallback: list, sk
         line = f"  block {b.name} ({kind}, {b.numel} params{rows}{grp}) {how}"
         if b.uses:
             line += f"; uses: {', '.join(b.uses)}"
+        if b.curv is not None and (b.curv.rows.prior is not None or b.curv.rows.prior_note is not None):
+            kept = b.curv.rows
+            line += ("; prior: " + (kept.prior_note or ("diagonal D (x and gy scaled: Kronecker-diagonal)"
+                                                        if not kept.explicit_held else "diagonal D")))
         if b.name in skipped:
             line += f"; skipped at the last step: {skipped[b.name]}"
         lines.append(line)

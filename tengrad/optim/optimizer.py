@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import conventions, fisher as fisher_mod, roofline
+from tengrad.optim.curvature import conventions, fisher as fisher_mod, prior as prior_mod, roofline
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -137,6 +137,10 @@ class TENGraD(torch.optim.Optimizer):
     ``curvature_memory``: None (default: no cap) or a number of bytes: blocks that would keep an
     explicit J are moved to x and gy, the largest first, until the curvature kept by all blocks fits
     (curvature/memory.py; the step is unchanged, reuse steps read x and gy instead of J).
+    ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
+    diagonal of Adam's second moments (decay ``prior_beta``), normalised to mean 1 per block and floored
+    at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
+    Conv x/gy rows, so their Gram keeps the reuse form; single process).
     ``stagger``: False (default): every block refreshes its curvature on steps 0, k, 2k, ...; True:
     block i on steps t with (t - i) mod k == 0, so every step captures about 1/k of the blocks
     (estimator/stagger.py; empirical Fisher, one process).
@@ -155,7 +159,9 @@ class TENGraD(torch.optim.Optimizer):
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
-                 curvature_batch: int | None = None, curvature_memory: int | None = None) -> None:
+                 curvature_batch: int | None = None, curvature_memory: int | None = None,
+                 prior: str | None = None, prior_beta: float = prior_mod.DEFAULT_BETA,
+                 prior_floor: float = prior_mod.DEFAULT_FLOOR) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -185,6 +191,11 @@ class TENGraD(torch.optim.Optimizer):
         self.max_jacobian_numel = int(max_jacobian_numel)
         self.curvature_batch = options.check_curvature_batch(curvature_batch)
         self.curvature_memory = options.check_curvature_memory(curvature_memory)
+        self.prior, self.prior_beta, self.prior_floor = options.check_prior(prior, prior_beta, prior_floor)
+        if self.prior is not None and dist_estimator is not None:
+            raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
+                               "plain rows (estimator/distributed.py)")
+        self._moments = prior_mod.SecondMoments(self.prior_beta) if self.prior is not None else None
         if self.curvature_memory is not None and dist_estimator is not None:
             raise TENGraDError("curvature_memory is single-process only: the distributed step places rows and "
                                "factors by its own exchange plan (estimator/owners.py)")
@@ -353,7 +364,8 @@ class TENGraD(torch.optim.Optimizer):
         device = next(p for g in self.param_groups for p in g["params"]).device
         return Rules(self.fisher, self.update_freq, self.max_jacobian_numel, self.grad_from_jacobian,
                      self.layer_dims, roofline.measured(device), self.curvature_batch, self.generator,
-                     self.curvature_memory)
+                     self.curvature_memory,
+                     None if self.prior is None else prior_mod.Prior(self.prior, self.prior_floor, self.state))
 
     @property
     def last_curvature_rows(self) -> dict | None:
@@ -405,6 +417,9 @@ class TENGraD(torch.optim.Optimizer):
         self._capture.commit()
         self.skipped = skipped
         update.apply(self.state, directions, nu)
+        if self._moments is not None:     # v for the prior's next curvature step (curvature/prior.py)
+            self._moments.update(self.state, [p for p, _, _, _ in directions],
+                                 lambda dt: torch.promote_types(dt, torch.float32))
         self._steps += 1
         return loss
 
@@ -448,8 +463,8 @@ class TENGraD(torch.optim.Optimizer):
         opts = dict(self.defaults, update_freq=self.update_freq, fisher=self.fisher, kl_clip=self.kl_clip,
                     max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
                     max_exact_fisher_bytes=self.max_exact_fisher_bytes, curvature_batch=self.curvature_batch,
-                    curvature_memory=self.curvature_memory,
-                    distributed=None, **self._given)
+                    curvature_memory=self.curvature_memory, prior=self.prior, prior_beta=self.prior_beta,
+                    prior_floor=self.prior_floor, distributed=None, **self._given)
         return {"options": opts, "groups": groups,
                 "generator": None if self.generator is None else str(self.generator.device)}
 

@@ -139,6 +139,17 @@ def check_curvature_memory(value: object) -> int | None:
     return _optional_int("curvature_memory", value, 0, "a number of bytes")
 
 
+def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:
+    """prior None or "adam" (curvature/prior.py); beta in [0, 1); floor in (0, 1]."""
+    if prior not in (None, "adam"):
+        raise TENGraDError(f"prior must be None or 'adam', got {prior!r}")
+    for name, value, ok, what in (("prior_beta", beta, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                                  ("prior_floor", floor, lambda v: 0.0 < v <= 1.0, "in (0, 1]")):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(float(value)):
+            raise TENGraDError(f"{name} must be a number {what}, got {value!r}")
+    return prior, float(beta), float(floor)
+
+
 def check_model(model: object) -> nn.Module:
     """TENGraD hooks the model's layers, so it takes the module itself, not its parameters; a
     ``torch.compile``-d model is refused with the pattern that works (the hooks and per-forward

@@ -51,6 +51,7 @@ class Rules:
     curvature_batch: int | None = None    # rows sampled per curvature step (None: all)
     generator: object = None              # torch.Generator for those rows (None: torch's default)
     curvature_memory: int | None = None   # bytes of kept curvature (curvature/memory.py; None: no cap)
+    prior: object = None                  # prior.Prior: a diagonal prior outside the rows (None: a I)
 
 
 def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCheck,

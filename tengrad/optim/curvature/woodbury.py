@@ -50,7 +50,7 @@ class Rows:
     Jacobians as formed, e.g. J / m from the backward pass: no concatenated or rescaled copy is made).
     """
 
-    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep")
+    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep", "prior", "prior_note")
 
     def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
                  jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
@@ -59,6 +59,8 @@ class Rows:
         self.scale = float(scale) if pieces is not None else 1.0
         self.factor = 1.0           # R = factor * (the rows as held): a loss scale taken out (build.py)
         self._x_rep = None
+        self.prior = None           # S = D^-1/2 per parameter when these are the rows R S of a prior (prior.py)
+        self.prior_note = None      # why a block under a prior keeps the identity prior
 
     @property
     def n_rows(self) -> int:
@@ -87,12 +89,16 @@ class Rows:
         if self.explicit_held:
             return self
         out = Rows("jacobian", self.m, self.x, self.gy, pieces=plan.jacobian(self.x_rep(), self.gy))
-        out.factor = self.factor
+        out._copy_marks(self)
         return out
+
+    def _copy_marks(self, other: "Rows") -> None:
+        self.factor, self.prior, self.prior_note = other.factor, other.prior, other.prior_note
 
     def scaled(self, f: float) -> "Rows":
         """The same rows times ``f`` (no copy of the tensors)."""
         out = Rows(self.path, self.m, self.x, self.gy, self.jac, self.pieces, self.scale)
+        out._copy_marks(self)
         out.factor, out._x_rep = self.factor * f, self._x_rep
         return out
 
@@ -102,7 +108,7 @@ class Rows:
         if not self.explicit_held or (self.x is None and self.gy is None):
             return self
         out = Rows(self.path, self.m, jac=self.jac, pieces=self.pieces, scale=self.scale)
-        out.factor = self.factor
+        out._copy_marks(self)
         return out
 
     def sampled(self, idx: Tensor) -> "Rows":
@@ -118,7 +124,31 @@ class Rows:
                 out.x, out.gy = self.x[idx], self.gy[rows]
         else:
             out = Rows(self.path, c, self.x[idx], self.gy[rows])
-        out.factor = self.factor
+        out._copy_marks(self)
+        return out
+
+    def column_scaled(self, s: Sequence[Tensor]) -> "Rows":
+        """R S for S = diag(s) (``s`` per parameter, shaped like it; the rows must be an explicit J):
+        a scaled copy of J, carrying ``prior = s`` (curvature/prior.py)."""
+        flat = [t.reshape(1, -1) for t in s]
+        if self.pieces is not None:
+            out = Rows(self.path, self.m, pieces=[p * f.to(p.dtype) for p, f in zip(self.pieces, flat)],
+                       scale=self.scale)
+        else:
+            out = Rows(self.path, self.m, jac=self.jac * torch.cat(flat, dim=1).to(self.jac.dtype))
+        out.factor, out.prior = self.factor, tuple(s)
+        return out
+
+    def feature_scaled(self, s_in: Tensor, x_dim: int, s_out: Tensor, gy_dim: int, s: Sequence[Tensor]) -> "Rows":
+        """The x/gy rows of x * s_in (on x's dim ``x_dim``) and gy * s_out (on gy's ``gy_dim``): R S for the
+        Kronecker-diagonal S = ``s`` (per parameter) that this scaling is for a Linear or a Conv
+        (curvature/prior.py), carrying ``prior = s``."""
+        def on(v: Tensor, t: Tensor, dim: int) -> Tensor:
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            return t * v.reshape(shape).to(t.dtype)
+        out = Rows(self.path, self.m, on(s_in, self.x, x_dim), on(s_out, self.gy, gy_dim))
+        out.factor, out.prior = self.factor, tuple(s)
         return out
 
     def matrix(self) -> Tensor:
@@ -219,7 +249,8 @@ class BlockCurvature:
     def state(self) -> dict:
         """The checkpoint entry (checkpoint.py checks it on load and rebuilds it, ``_curvature``)."""
         return dict(self.tensors(), path=self.path, m=self.m, damping=self.damping, requested=self.requested,
-                    jac_split=self.split(), jac_scale=self.scale)
+                    jac_split=self.split(), jac_scale=self.scale,
+                    prior=None if self.rows.prior is None else list(self.rows.prior))
 
 
 def non_finite_gram(layer: str) -> TENGraDError:
@@ -291,8 +322,12 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
 
     Finiteness is not checked here: the optimizer checks every direction of a step at once.
     """
+    s = curv.rows.prior              # rows R S of a diagonal prior (prior.py): g' = S g, d = S d'
+    if s is not None:
+        g = [gi * si.to(gi.dtype) for gi, si in zip(g, s)]
     u = solve(curv.chol, curv.rows.jg(plan, g))
     # d = g / a + R^T (-u / a): the -1/a rides on the r-vector u, so d is one pass over the parameters
     back = curv.rows.jtu(plan, u * (-1.0 / curv.damping), g)
     inv_a = 1.0 / curv.damping
-    return [bi.to(gi.dtype).add_(gi, alpha=inv_a) for gi, bi in zip(g, back)]   # in place on b: no allocation
+    d = [bi.to(gi.dtype).add_(gi, alpha=inv_a) for gi, bi in zip(g, back)]   # in place on b: no allocation
+    return d if s is None else [di.mul_(si.to(di.dtype)) for di, si in zip(d, s)]

@@ -123,11 +123,17 @@ class LocalEstimator:
             for i in moved:                             # sticky: its J is not formed again
                 b = step.blocks[i]
                 b.memory_reuse, b.choice = True, build.memory_choice(b.choice)
+        if step.rules.prior is not None:               # R' = R D^-1/2 (curvature/prior.py)
+            rows = {i: step.rules.prior.rows(r, step.blocks[i], step.rules.max_jacobian_numel)
+                    for i, r in rows.items()}
         curvs = self._curvatures(step, taking, rows, scale)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
+        # a block with a prior: g' = S g into the solve, d = S d' out of it (prior.py)
+        gps = [g if c.rows.prior is None else [gi * si.to(gi.dtype) for gi, si in zip(g, c.rows.prior)]
+               for c, g in zip(curvs, gs)]
         rgs = []
-        for (i, b, group, uses), curv, g in zip(taking, curvs, gs):
+        for (i, b, group, uses), curv, g in zip(taking, curvs, gps):
             rg = curv.rows.jg(b.plan, g)
             if i in rows and rows[i] is full[i] and self.screens(step, b, curv, group):   # reuses the direction's R g
                 consistency.screen(b, curv.gram, rg, curv.m, _tolerance(b, uses))
@@ -136,14 +142,20 @@ class LocalEstimator:
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
         us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
         by_damping: dict[float, tuple[list, list]] = {}
-        for (i, b, group, _), curv, g, u in zip(taking, curvs, gs, us):
+        priored: tuple[list, list] = ([], [])
+        for (i, b, group, _), curv, g, gp, u in zip(taking, curvs, gs, gps, us):
             back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, g), g)]
             lists = by_damping.setdefault(curv.damping, ([], []))
             lists[0].extend(back)
-            lists[1].extend(g)
+            lists[1].extend(gp)
+            if curv.rows.prior is not None:
+                priored[0].extend(back)
+                priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
         for a, (backs, grads) in by_damping.items():   # d = g / a + R^T u' in place on R^T u'
             torch._foreach_add_(backs, grads, alpha=1.0 / a)
+        if priored[0]:                                  # d = S d'
+            torch._foreach_mul_(priored[0], priored[1])
         self._stats = self._noise_stats(step, taking, rows, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)

@@ -1,0 +1,174 @@
+"""A diagonal prior outside the rows (``TENGraD(..., prior="adam")``; issue 24, item 3).
+
+The plain step damps every direction the rows do not span by the same a: d = (F + a I)^-1 g, so a
+gradient part outside the rows of an m-sample Fisher is stepped as g / a (SGD). With a diagonal prior
+D = diag(delta), delta > 0 over a block's P parameters, the step is
+
+    d = (R^T R / m + a D)^-1 g,
+
+and with S = D^-1/2 the change of variables theta = S theta' makes it the plain damped step of the rows
+R' = R S [r, P]:
+
+    (R^T R / m + a D)^-1 g = S (R'^T R' / m + a I)^-1 S g
+                           = S (1/a) (g' - R'^T (K' + m a I)^-1 R' g'),   g' = S g,
+    K' = R' R'^T = R D^-1 R^T  [r, r]
+
+(the Woodbury form of the issue, D^-1 - D^-1 R^T (m a I + R D^-1 R^T)^-1 R D^-1, times 1/a). So a block
+with a prior keeps R' in place of R (its Gram is K'; checkpoints and checks see R'), scales g by S
+before the solve and the solution by S after (estimator/local.py). The step is exact for any delta > 0.
+delta is taken at the block's curvature step and kept with its rows (``Rows.prior`` = S per parameter):
+reuse steps are exact for the kept (F, D).
+
+delta, ``prior="adam"``: Adam's second moments v = beta v + (1 - beta) g^2, updated every step from
+param.grad (``SecondMoments``, kept in the optimizer state as ``"prior_v"``), as
+
+    delta = max(sqrt(v) / mean_block(sqrt(v)), floor)
+
+normalised to mean 1 over the block, so the damping a keeps its scale: outside the rows
+d = g / (a delta), Adam's direction up to the factor a mean(sqrt v) (the KL clip sets the length).
+
+Forms of R' (``apply``):
+
+* an explicit J [r, P] (or its per-parameter pieces): column j scaled by S_j (one copy of J);
+* x [m, ..., i] and gy [r, ..., o] of an ``nn.Linear`` (weight [o, i], bias [o]) or of an ``nn.Conv*d``
+  with groups 1 (weight [o, i, k...]; channels on dim 1): a Kronecker-diagonal delta,
+  delta[o, i, k] = delta_out[o] delta_in[i] (delta_bias[o] = delta_out[o]), from Adafactor's factoring of
+  v: delta_out ~ sqrt(mean over (i, k) of v), delta_in ~ sqrt(mean over (o, k) of v), each normalised to
+  mean 1 and floored. Then R' is the rows of x * delta_in^-1/2 (on the input-feature dim) and
+  gy * delta_out^-1/2 (on the output-feature dim): the Gram keeps the paper's reuse form;
+* any other x / gy block: its explicit J formed and scaled, when J has at most ``max_jacobian_numel``
+  entries; else the block keeps the identity prior (D = I, its plain step) and ``Rows.prior_note`` says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tengrad.optim.curvature.woodbury import Rows
+
+PRIORS = (None, "adam")
+DEFAULT_BETA = 0.999
+DEFAULT_FLOOR = 1e-2
+
+
+@dataclass(frozen=True, eq=False)
+class Prior:
+    """What a step needs of the prior: its kind, floor and the optimizer state holding v (build.Rules)."""
+
+    kind: str
+    floor: float
+    state: dict
+
+    def rows(self, rows: Rows, block, max_jacobian_numel: int) -> Rows:
+        return apply(rows, block, self.state, self.floor, max_jacobian_numel)
+
+
+class SecondMoments:
+    """v = beta v + (1 - beta) g^2 per parameter (``state[p]["prior_v"]``, the compute dtype), one foreach
+    update per step over every parameter with a gradient."""
+
+    def __init__(self, beta: float = DEFAULT_BETA) -> None:
+        self.beta = float(beta)
+
+    def update(self, state: dict, params: Sequence[Tensor], dtype_of) -> None:
+        vs, gs = [], []
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad.detach()
+            g = g.to_dense() if g.is_sparse else g
+            st = state[p]
+            v = st.get("prior_v")
+            if v is None:
+                st["prior_v"] = g.to(dtype_of(p.dtype)).square()     # v_1 = g_1^2 (normalised: no bias)
+                continue
+            vs.append(v)
+            gs.append(g.to(v.dtype))
+        if vs:
+            torch._foreach_mul_(vs, self.beta)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - self.beta)
+
+
+def _normalised(t: Tensor, floor: float) -> Tensor:
+    """sqrt(t) / mean(sqrt(t)), floored; all ones when t is all zero."""
+    s = t.clamp(min=0).sqrt()
+    mean = s.mean()
+    if not bool(mean > 0):
+        return torch.ones_like(s)
+    return (s / mean).clamp_(min=floor)
+
+
+def diagonal(vs: Sequence[Tensor], floor: float) -> list[Tensor]:
+    """delta per parameter of a block: sqrt(v) / (the block's mean of sqrt(v)), floored."""
+    s = [v.clamp(min=0).sqrt() for v in vs]
+    n = sum(t.numel() for t in s)
+    mean = sum(t.sum() for t in s) / max(n, 1)
+    if not bool(mean > 0):
+        return [torch.ones_like(t) for t in s]
+    return [(t / mean).clamp_(min=floor) for t in s]
+
+
+def kronecker(v_weight: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """(delta_out [o], delta_in [i]) from v of a weight [o, i, k...] (Adafactor's row and column means)."""
+    dims_out = tuple(d for d in range(v_weight.dim()) if d != 0)
+    dims_in = tuple(d for d in range(v_weight.dim()) if d != 1)
+    return _normalised(v_weight.mean(dims_out), floor), _normalised(v_weight.mean(dims_in), floor)
+
+
+def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
+    """"linear" or "conv" when block rows of ``module`` over ``params`` can be scaled as x and gy, else None."""
+    own = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+    if len(params) != len(own) or any(p is not q for p, q in zip(params, own)):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1:
+        return "conv"
+    return None
+
+
+def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int) -> Rows:
+    """R' = R S for ``block`` (module docstring), with delta from ``state[p]["prior_v"]``; the result
+    carries S (``Rows.prior``, per parameter, shaped like it) or, for the identity prior, None and a note."""
+    params = block.params
+    vs = [second_moment(state, p, rows_dtype(rows)) for p in params]
+    if not rows.explicit_held:
+        kind = kronecker_layer(block.module, params) if block.plan is not None else None
+        if kind is not None:
+            d_out, d_in = kronecker(vs[0], floor)
+            s_out, s_in = d_out.rsqrt(), d_in.rsqrt()
+            w = params[0]
+            weight_s = s_out.reshape(-1, *[1] * (w.dim() - 1)) * s_in.reshape(1, -1, *[1] * (w.dim() - 2))
+            s = [weight_s.expand_as(w).contiguous()] + ([s_out.clone()] if len(params) > 1 else [])
+            if kind == "linear":        # x [m, ..., i], gy [r, ..., o]
+                return rows.feature_scaled(s_in, rows.x.dim() - 1, s_out, rows.gy.dim() - 1, s)
+            return rows.feature_scaled(s_in, 1, s_out, 1, s)      # conv: channels on dim 1
+        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
+            out = rows.scaled(1.0)
+            out.prior_note = (f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds max_jacobian_numel "
+                              f"and its layer has no Kronecker form (prior.py)")
+            return out
+        rows = rows.explicit(block.plan)
+    return rows.column_scaled([d.rsqrt() for d in diagonal(vs, floor)])
+
+
+def second_moment(state: dict, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """v of ``p``; before its first update (the first step) the current gradient's square, as Adam's
+    bias-corrected v_1 = g_1^2 (ones when ``p`` has no gradient)."""
+    v = state[p].get("prior_v") if p in state else None
+    if v is not None:
+        return v
+    if p.grad is None:
+        return torch.ones_like(p, dtype=dtype)
+    g = p.grad.detach()
+    return (g.to_dense() if g.is_sparse else g).to(dtype).square()
+
+
+def rows_dtype(rows: Rows) -> torch.dtype:
+    for t in (rows.jac, rows.gy, rows.pieces[0] if rows.pieces is not None else None):
+        if t is not None:
+            return t.dtype
+    return torch.float32

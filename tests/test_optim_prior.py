@@ -1,0 +1,182 @@
+"""``prior="adam"``: the step is the exact (F_b + a D_b)^-1 g_b for Adam's diagonal prior D_b (issue 24,
+item 3; tengrad/optim/curvature/prior.py).
+
+Oracle (float64, written out here from the docstring's definition, not from the optimizer's code):
+per-sample gradients from torch.func give F_b (support/step_oracle.py) and g; the second moments are
+tracked here, v_0 = g_0^2, v_t = beta v_{t-1} + (1 - beta) g_t^2 after each step; at a curvature step
+delta is taken from v of the steps before it (g_0^2 on step 0) and kept for the cycle:
+
+* explicit-J rows: delta = max(sqrt(v) / mean_b sqrt(v), floor) per entry;
+* x/gy rows of a Linear or a Conv with groups 1: delta[o, i, k] = d_out[o] d_in[i] with
+  d_out = max(sqrt(r) / mean sqrt(r), floor), r[o] = mean_{i,k} v[o, i, k], d_in likewise from the means
+  over (o, k); the bias takes d_out;
+* other x/gy rows whose J exceeds max_jacobian_numel: delta = 1.
+
+The form a block takes (explicit or x/gy) is the path the optimizer reports; the values of delta and
+the step are the oracle's own. The dense solve is (F_b + a diag(delta_b))^-1 g_b per block.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from support.numerics import rel_err
+from support.optim_cases import LOSSES, make_batch, make_model
+from support.step_oracle import fisher_from_grads, per_sample_grads
+from tengrad.optim import TENGraD, TENGraDError
+
+BETA, FLOOR, LR, DAMPING = 0.9, 0.05, 0.3, 0.5
+
+
+def _normalised(t):
+    s = t.sqrt()
+    return torch.clamp(s / s.mean(), min=FLOOR)
+
+
+def oracle_delta(block, v: dict, form: str) -> dict:
+    """{param name: delta} of one block in the given form ("explicit", "kronecker" or "identity")."""
+    names = block.param_names
+    if form == "identity":
+        return {n: torch.ones_like(v[n]) for n in names}
+    if form == "explicit":
+        sq = {n: v[n].sqrt() for n in names}
+        mean = sum(t.sum() for t in sq.values()) / sum(t.numel() for t in sq.values())
+        return {n: torch.clamp(sq[n] / mean, min=FLOOR) for n in names}
+    w = v[names[0]]
+    d_out = _normalised(w.mean(dim=tuple(range(1, w.dim()))))
+    d_in = _normalised(w.mean(dim=tuple(d for d in range(w.dim()) if d != 1)))
+    shape_out = (-1,) + (1,) * (w.dim() - 1)
+    shape_in = (1, -1) + (1,) * (w.dim() - 2)
+    out = {names[0]: d_out.reshape(shape_out) * d_in.reshape(shape_in) * torch.ones_like(w)}
+    if len(names) > 1:
+        out[names[1]] = d_out
+    return out
+
+
+def form_of(block) -> str:
+    rows = block.curv.rows
+    if rows.explicit_held:
+        return "explicit"
+    is_kron = isinstance(block.module, nn.Linear) or (isinstance(block.module, (nn.Conv1d, nn.Conv2d))
+                                                      and block.module.groups == 1)
+    return "kronecker" if is_kron else "identity"
+
+
+def model_at(model, theta):
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            p.copy_(theta[n])
+    return twin
+
+
+@pytest.mark.parametrize("kind,k,max_numel", [("mlp", 2, 2 ** 26), ("mlp", 1, 0), ("conv", 2, 2 ** 26),
+                                              ("conv", 2, 0), ("tokens", 3, 2 ** 26), ("tokens", 1, 0)])
+def test_prior_step_is_the_exact_damped_step_for_adams_diagonal(kind, k, max_numel):
+    model = make_model(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=k, kl_clip=None, check=True,
+                      prior="adam", prior_beta=BETA, prior_floor=FLOOR, max_jacobian_numel=max_numel)
+    gen = torch.Generator().manual_seed(3)
+    v: dict[str, torch.Tensor] = {}
+    kept = None
+    forms_seen = set()
+    for s, m in enumerate([6, 5, 8, 6]):
+        x, y = make_batch(kind, m, "cross_entropy", gen)
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rows = per_sample_grads(model, x, y, "cross_entropy")
+        g = {n: t.mean(0) for n, t in rows.items()}
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        opt.step()
+        if s % k == 0:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            F = fisher_from_grads(rows, names)
+            v_now = v if v else {n: g[n] ** 2 for n in names}
+            deltas = {}
+            for b in opt.blocks:
+                form = form_of(b)
+                forms_seen.add(form)
+                deltas.update(oracle_delta(b, v_now, form))
+            kept = (F, names, deltas)
+        F, names, deltas = kept
+        offsets, start = {}, 0
+        for n in names:
+            offsets[n] = (start, start + g[n].numel())
+            start += g[n].numel()
+        for b in opt.blocks:
+            cols = torch.cat([torch.arange(*offsets[n]) for n in b.param_names])
+            Db = torch.cat([deltas[n].reshape(-1) for n in b.param_names])
+            gb = torch.cat([g[n].reshape(-1) for n in b.param_names])
+            d = torch.linalg.solve(F[cols][:, cols] + DAMPING * torch.diag(Db), gb)
+            lo = 0
+            for n in b.param_names:
+                size = g[n].numel()
+                want = -LR * d[lo:lo + size].reshape(g[n].shape)
+                err = rel_err(model.get_parameter(n).detach() - theta[n], want)
+                assert err < 1e-8, (s, b.name, n, form_of(b), err)
+                lo += size
+        for n, _ in opt.fallback:
+            want = -LR * g[n] / DAMPING
+            assert rel_err(model.get_parameter(n).detach() - theta[n], want) < 1e-8
+        for n in g:
+            v[n] = g[n] ** 2 if n not in v else BETA * v[n] + (1 - BETA) * g[n] ** 2
+    if max_numel == 0:
+        assert "kronecker" in forms_seen, forms_seen
+    else:
+        assert "explicit" in forms_seen, forms_seen
+
+
+def test_prior_keeps_its_delta_through_a_checkpoint():
+    """A saved optimizer with a prior resumes with the kept D (the next reuse step is the same)."""
+    def run(resume: bool):
+        model = make_model("tokens")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = TENGraD(model, LR, DAMPING, update_freq=3, prior="adam", max_jacobian_numel=0)
+        gen = torch.Generator().manual_seed(5)
+        for s in range(3):
+            if resume and s == 2:
+                sd = copy.deepcopy(opt.state_dict())
+                model2 = copy.deepcopy(model)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt = TENGraD(model2, LR, DAMPING, update_freq=3, prior="adam", max_jacobian_numel=0)
+                opt.load_state_dict(sd)
+                model = model2
+            x, y = make_batch("tokens", 6, "cross_entropy", gen)
+            opt.zero_grad()
+            LOSSES["cross_entropy"](model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert rel_err(b, a) < 1e-12
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(prior="kfac"), "prior must be None or 'adam'"),
+                                    (dict(prior="adam", prior_beta=1.0), "prior_beta must be a number in"),
+                                    (dict(prior="adam", prior_floor=0.0), "prior_floor must be a number in")])
+def test_prior_options_are_checked(kw, msg):
+    with pytest.raises(TENGraDError, match=msg):
+        TENGraD(make_model("mlp"), **kw)
+
+
+def test_explain_names_each_blocks_prior():
+    """explain() says which blocks scale x and gy, which keep a diagonal D, and which keep the identity."""
+    model = make_model("conv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, prior="adam", max_jacobian_numel=0)
+    x, y = make_batch("conv", 6, "cross_entropy", torch.Generator().manual_seed(1))
+    LOSSES["cross_entropy"](model(x), y).backward()
+    opt.step()
+    text = opt.explain()
+    assert "block conv1 " in text and "Kronecker-diagonal" in text.split("block conv1 ")[1].split("\n")[0]
+    line = text.split("block norm ")[1].split("\n")[0]
+    assert "identity prior" in line and "max_jacobian_numel" in line, line
