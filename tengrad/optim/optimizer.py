@@ -407,10 +407,12 @@ class TENGraD(torch.optim.Optimizer):
         try:
             with torch.autocast(device_type=device_type, enabled=False):
                 directions = self.estimator.directions(inputs, skipped)   # every rank the same, or raises
-                update.check_finite(directions, self._labels)
+                products = update.dots(directions) if directions else None   # <d, g>: one pass, used twice
+                update.check_finite(directions, self._labels, products)
         finally:
             self._opt_backward, self._row_factor = False, 1.0
-        nu = update.kl_scale(directions, self.kl_clip, self.estimator.noise_ratio if self.noise_scale else 1.0)
+        nu = update.kl_scale(directions, self.kl_clip, self.estimator.noise_ratio if self.noise_scale else 1.0,
+                             products)
         # commit: nothing above wrote to parameters, buffers or stored curvature
         self.last_nu = nu
         self.estimator.commit()

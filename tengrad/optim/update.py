@@ -54,18 +54,26 @@ def gradient(p: Tensor, weight_decay: float, dtype: torch.dtype) -> Tensor:
     return g + weight_decay * p.detach().to(dtype) if weight_decay else g
 
 
-def check_finite(directions: Sequence[Direction], labels: dict[int, str]) -> None:
+def dots(directions: Sequence[Direction]) -> Tensor:
+    """<d, g> of every direction, float64 [n]: one pass over each pair, shared by the finiteness check
+    and the KL clip (``check_finite``, ``kl_scale``)."""
+    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) for _, d, g, _ in directions])
+
+
+def check_finite(directions: Sequence[Direction], labels: dict[int, str], products: Tensor | None = None) -> None:
     """Raise naming the first layer with a non-finite gradient, else the first non-finite direction
     (``labels``: id(param) -> "layer 'name'" or "parameter 'name'").
 
-    Fast path: one sum per direction and a single host sync (a non-finite g makes d non-finite, since
-    d = (g - R^T u) / a). Only when a sum is not finite (a non-finite entry, or a finite overflow of the
-    sum) are the tensors searched element-wise; a sum that merely overflowed raises nothing.
+    Fast path: the products <d, g> (``dots``, or ``products`` already computed) and a single host sync: a
+    non-finite entry of d or g makes its product non-finite (inf * 0 is nan). Only when a product is not
+    finite (a non-finite entry, or a finite overflow of the sum) are the tensors searched element-wise;
+    a product that merely overflowed raises nothing.
     """
     if not directions:
         return
-    sums = torch.stack([d.sum().to(torch.float64) for _, d, _, _ in directions])
-    if bool(torch.isfinite(sums).all()):
+    if products is None:
+        products = dots(directions)
+    if bool(torch.isfinite(products).all()):
         return
     for p, _, g, _ in directions:
         if not bool(torch.isfinite(g).all()):
@@ -81,20 +89,25 @@ def reference_lr(group: dict) -> float:
     return max(group.get("kl_clip_lr", 0.0), group["lr"], group.get("initial_lr", 0.0))
 
 
-def inner(directions: Sequence[Direction]) -> Tensor:
+def inner(directions: Sequence[Direction], products: Tensor | None = None) -> Tensor:
     """D = sum over parameters of lr_ref^2 <d, g> (float64 scalar tensor; lr_ref of each parameter's
-    group, ``reference_lr``: the group's lr unless a schedule has lowered it)."""
-    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) * reference_lr(group) ** 2
-                        for _, d, g, group in directions]).sum()
+    group, ``reference_lr``: the group's lr unless a schedule has lowered it); ``products``: the <d, g>
+    already computed (``dots``)."""
+    if products is None:
+        products = dots(directions)
+    lrs = torch.tensor([reference_lr(group) ** 2 for _, _, _, group in directions], dtype=torch.float64,
+                       device=products.device)
+    return (products * lrs).sum()
 
 
-def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: float = 1.0) -> float:
+def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: float = 1.0,
+             products: Tensor | None = None) -> float:
     """nu = min(1, r sqrt(kl_clip / D)) with D measured at the reference lrs and r = ``ratio`` in (0, 1]
     the gradient-noise ratio (noise.py: the bound becomes r^2 kl_clip); 1 when kl_clip is None or
     D <= 0."""
     if kl_clip is None or not directions:
         return 1.0
-    dg = float(inner(directions))
+    dg = float(inner(directions, products))
     if not dg > 0:
         return 1.0
     return min(1.0, ratio * (kl_clip / dg) ** 0.5)
@@ -111,21 +124,23 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
         entry[2].append(d if d.dtype == p.dtype else d.to(p.dtype))
     for group, params, ds in by_group.values():
         group["kl_clip_lr"] = reference_lr(group)       # committed with the step (module docstring)
-        if nu != 1.0:
-            torch._foreach_mul_(ds, nu)
         momentum = group["momentum"]
-        if momentum:
-            old, new = [], []
-            for p, d in zip(params, ds):
-                st = state[p]
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    st["momentum_buffer"] = d      # first step: buf = nu d (d is owned by this step)
-                else:
-                    old.append(buf)
-                    new.append(d)
-            if old:
-                torch._foreach_mul_(old, momentum)
-                torch._foreach_add_(old, new)
-            ds = [state[p]["momentum_buffer"] for p in params]
-        torch._foreach_add_(params, ds, alpha=-group["lr"])
+        if not momentum:                # theta -= lr nu d: nu rides on the alpha, no pass of its own
+            torch._foreach_add_(params, ds, alpha=-group["lr"] * nu)
+            continue
+        old, new, first = [], [], []
+        for p, d in zip(params, ds):
+            st = state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                st["momentum_buffer"] = d          # first step: buf = nu d (d is owned by this step)
+                first.append(d)
+            else:
+                old.append(buf)
+                new.append(d)
+        if first and nu != 1.0:
+            torch._foreach_mul_(first, nu)
+        if old:                                    # buf = momentum buf + nu d
+            torch._foreach_mul_(old, momentum)
+            torch._foreach_add_(old, new, alpha=nu)
+        torch._foreach_add_(params, [state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
