@@ -10,6 +10,8 @@ Methods (arms) and their hyperparameters ``hp``:
   ``update_freq`` = 10 steps) feeding SGD(lr, momentum 0.9, weight_decay), from the ``bench`` extra.
 * ``tengrad``: ``tengrad.TENGraD(model, **hp)``: its defaults (only weight_decay tuned).
 * ``tengrad-tuned``: the same optimizer at a tuned (lr, damping).
+* ``tengrad-prior``: ``tengrad.TENGraD(model, prior="adam", **hp)``: Adam's diagonal as the prior outside
+  the rows (tengrad/optim/curvature/prior.py), otherwise the defaults (only weight_decay tuned).
 
 A method whose package is not installed raises ``NotRun`` (reported as "not run", never as divergence).
 """
@@ -20,11 +22,12 @@ import math
 
 import torch
 
-METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned")
+METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-prior")
 #: the peers' labels do not say "tuned": whether a run's point came from its grid or is the task's
 #: fallback point (``--no-tune``) is printed with its hyperparameters (tune.py)
 LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
-          "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)"}
+          "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)",
+          "tengrad-prior": "TENGraD (prior='adam')"}
 PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),
             "kfac": ("asdl", "pip install asdfghjkl==0.1a5 (the bench extra)")}
 
@@ -76,9 +79,11 @@ def make_step(method: str, model, hp: dict, loss_fn, batch: int):
         from pytorch_optimizer import SOAP
 
         opt = SOAP(model.parameters(), lr=hp.pop("lr"), weight_decay=wd)
-    elif method in ("tengrad", "tengrad-tuned"):
+    elif method in ("tengrad", "tengrad-tuned", "tengrad-prior"):
         import tengrad
 
+        if method == "tengrad-prior":
+            hp.setdefault("prior", "adam")
         opt = tengrad.TENGraD(model, weight_decay=wd, **hp)
         hp = {}
     elif method == "kfac":

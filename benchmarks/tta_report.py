@@ -15,7 +15,8 @@ import sys
 from peers import LABELS
 
 COLORS = {"sgd": "tab:gray", "adamw": "tab:green", "soap": "tab:purple", "kfac": "tab:orange",
-          "tengrad": "tab:blue", "tengrad-tuned": "tab:cyan"}
+          "tengrad": "tab:blue", "tengrad-tuned": "tab:cyan",
+          "tengrad-prior": "tab:purple"}
 
 
 class Spec:
@@ -90,7 +91,7 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
     t, limit, peers = acc["target"], acc["ratio"], acc["peers"]
     seeds = sorted({r["seed"] for r in runs})
     lines = []
-    for arm in ("tengrad", "tengrad-tuned"):
+    for arm in ("tengrad", "tengrad-tuned", "tengrad-prior"):
         mine = {r["seed"]: r for r in runs if r["method"] == arm and not r.get("not_run")}
         if not mine:
             continue
