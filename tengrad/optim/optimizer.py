@@ -200,6 +200,9 @@ class TENGraD(torch.optim.Optimizer):
         self.distributed = dist_estimator is not None
         self.estimator = dist_estimator or LocalEstimator(staggered=stagger, noise=noise_scale)
         self.backend = resolve_backend(model, backend)
+        # the roofline (curvature/roofline.py) is measured now, before training: its 64 MiB read buffer
+        # then never sits on top of a curvature step's captured tensors (the process's peak memory)
+        roofline.measured(next(p for g in self.param_groups for p in g["params"]).device)
         # op-only blocks (MultiheadAttention's projections) are single-process only: the distributed
         # step needs a module plan per block
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend, not self.distributed)

@@ -34,7 +34,8 @@ from tengrad.layers.ops import module_leading_dims
 from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature import paths, uses as uses_mod
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.consistency import ConsistencyCheck, graph_pass_error, unexplained
+from tengrad.optim.curvature.consistency import (ConsistencyCheck, from_dots, graph_pass_error, streamed_dots,
+                                                 unexplained)
 from tengrad.optim.curvature.fisher import output_rows
 from tengrad.optim.curvature.woodbury import Rows, compute_dtype
 from tengrad.optim.errors import TENGraDError
@@ -199,6 +200,7 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
             else:
                 p.grad.add_(gp)
     u.jac = list(jac) if u.jac is None else [a + c for a, c in zip(u.jac, jac)]
+    getattr(b.plan, "unbind", lambda: None)()   # the binding would keep this x and gradient alive past the backward
 
 
 #: a factor within this relative distance of a power of two 2^k (k >= 1) is taken for a loss scale
@@ -224,14 +226,13 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
         return 1.0
     like = [g.to(rows.gy.dtype if rows.gy is not None else g.dtype) for g in grads]
     ones = torch.full((rows.m,), 1.0 / rows.m, dtype=like[0].dtype, device=like[0].device)
-    a = torch.cat([t.reshape(-1).to(torch.float64) for t in rows.jtu(b.plan, ones, like)])
-    w = torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1).to(torch.float64) for g in grads])
-    ww = float(w @ w)
-    if not (ww > 0) or not torch.isfinite(a).all():
+    dots = streamed_dots(list(zip(rows.jtu(b.plan, ones, like), grads)))   # float64 sums, no copies
+    if dots is None or not dots[1] > 0:
         return 1.0
+    aa, ww, aw = dots
     if tol is not None:
-        unexplained(b, a, w, tol)
-    f = float(a @ w) / ww
+        unexplained(b, *from_dots(aa, ww, aw), tol)
+    f = aw / ww
     if not f >= 2 - 2 * SCALE_TOL:
         return 1.0
     k = round(math.log2(f))

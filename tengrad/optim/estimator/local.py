@@ -144,6 +144,10 @@ class LocalEstimator:
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
         for a, (backs, grads) in by_damping.items():   # d = g / a + R^T u' in place on R^T u'
             torch._foreach_add_(backs, grads, alpha=1.0 / a)
+        for (i, b, _, uses), curv in zip(taking, curvs):
+            if uses is not None and curv.rows.explicit_held:   # J kept: the plans' last bindings (x, gy,
+                for plan in {id(p): p for p in [b.plan] + [u.plan for u in uses] if p is not None}.values():
+                    getattr(plan, "unbind", lambda: None)()    # a conv's windowed x) are not needed
         self._stats = self._noise_stats(step, taking, rows, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
