@@ -11,7 +11,7 @@ import tengrad  # noqa: E402
 from tengrad.optim.curvature import memory  # noqa: E402
 
 name = sys.argv[1]
-c = int(sys.argv[2]) if len(sys.argv) > 2 else None
+c = int(sys.argv[2]) if len(sys.argv) > 2 else "auto"
 factory, x, y, loss, _ = build(name)
 model = factory()
 with warnings.catch_warnings():

@@ -74,10 +74,10 @@ def main():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = tengrad.TENGraD(model, 1e-3, 1.0, momentum=0.9, update_freq=a.k,
-                                  curvature_batch=a.curvature_batch)
+                                  **({} if a.curvature_batch is None else {"curvature_batch": a.curvature_batch}))
         wrap(roofline, "measured", "roofline")
         wrap(local.LocalEstimator, "loss_scale", "loss_scale")
-        wrap(local, "sample_rows", "sample_rows")
+        wrap(local.LocalEstimator, "_fresh", "fresh rows+K")
         wrap(local.LocalEstimator, "_curvatures", "grams+factor")
         wrap(batched.Solver, "solve", "solve")
         wrap(update, "apply", "apply")
@@ -100,6 +100,9 @@ def main():
         del out, l
         phase[0] = f"s{s}:step"
         opt.step()
+        if os.environ.get("TRIM"):
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         phase[0] = f"s{s}:after"
         time.sleep(0.01)
     stop = True

@@ -1,0 +1,116 @@
+"""The memory budget of a curvature step: which form each block keeps, and how many rows.
+
+A block keeps its rows R [r, P] between curvature steps either as the explicit Jacobian J or as the
+layer's input and output gradients x, gy (paths.py). Per block b due this step, from the sizes of its
+captured uses alone, before anything is formed (build.py ``forms``; s bytes per element):
+
+    J_b   = r_b P_b s                   the explicit Jacobian
+    X_b   = (|x_b| + |gy_b|) s          x and gy; none for a J summed over several uses (uses.py)
+    kept  = sum_b (J_b if b keeps J else X_b)  +  what the blocks not due this step keep
+
+(K and its factor, r^2 each, are left out). Within a budget B (``fit``):
+
+1. each block takes the form the time model prices cheaper (paths.py: flops and the bytes each step
+   reads, roofline.py);
+2. while kept > B, the block whose move from J to x and gy saves the most bytes moves (only moves that
+   save bytes; a moved block stays on x and gy at later steps, ``Block.memory_reuse``);
+3. ``curvature_batch="auto"`` and still kept > B: the step samples c = max(1, floor(M B / kept)) of its
+   M rows (both forms are linear in the rows), the same rows for every block (estimator/local.py);
+   the step is then the exact damped step of the Fisher of those rows.
+
+B is ``curvature_memory`` bytes, or for ``"auto"`` (the default)
+
+    B = max(FLOOR, SHARE * T),   T = |parameters| + |their gradients| + sum over this step's captured
+                                     layer inputs |x| (each storage once)
+
+T is the model's training memory as a step can see it: what autograd keeps for the weight gradients
+of the layers TENGraD captures is at least their inputs, so T is a lower bound (activations of other
+ops, norms' statistics and the optimizer's own state are not in it) and B errs on the small side.
+FLOOR (16 MiB) leaves small models alone: below it nothing is moved and no row is dropped. With a
+given ``curvature_batch`` c the byte counts are those of min(c, m) rows and no further rows are dropped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from tengrad.optim.curvature import build, memory, paths
+
+SHARE = 0.5             # TENGraD's kept curvature at most this share of T (issue 23)
+FLOOR = 16 * 2 ** 20    # auto budget: never below this many bytes (small models stay exact)
+AUTO = "auto"
+
+
+def training_bytes(step, due_uses: dict) -> int:
+    """T (module docstring): the trainable parameters and their gradients, and the captured layer
+    inputs of this step, each storage once."""
+    seen, total = set(), 0
+    for g in step.groups:
+        for p in g["params"]:
+            if p.requires_grad:
+                total += 2 * p.numel() * p.element_size()
+    for uses in due_uses.values():
+        for u in uses:
+            if u.x is None:
+                continue
+            key = (u.x.untyped_storage().data_ptr(), u.x.device)
+            if key not in seen:
+                seen.add(key)
+                total += u.x.untyped_storage().nbytes()
+    return total
+
+
+def budget_of(step, due_uses: dict) -> int | None:
+    """B in bytes for this step, or None (``curvature_memory=None``: no budget)."""
+    cap = step.rules.curvature_memory
+    if cap is None or cap != AUTO:
+        return cap
+    return max(FLOOR, int(SHARE * training_bytes(step, due_uses)))
+
+
+def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | None,
+        other: int = 0) -> tuple[list[int], int | None, int]:
+    """(blocks to move from J to x and gy, the rows c to sample or None, the kept bytes then) for
+    ``forms`` {i: (path, J bytes, x-and-gy bytes or None, m)} at the step's full rows; ``rows``: a given
+    curvature batch (int: byte counts of min(c, m) rows), "auto" (c from the budget) or None (all rows);
+    ``other``: bytes kept by blocks not due this step."""
+    given = rows if isinstance(rows, int) else None
+    part = {i: (min(1.0, given / f[3]) if given is not None and f[3] else 1.0) for i, f in forms.items()}
+    kept = other + sum(int(part[i] * (f[1] if f[0] == paths.JACOBIAN else f[2])) for i, f in forms.items())
+    options = sorted(((int(part[i] * (f[1] - f[2])), i) for i, f in forms.items()
+                      if f[0] == paths.JACOBIAN and f[2] is not None and f[2] < f[1]), reverse=True)
+    moved = []
+    for saving, i in options:
+        if kept <= cap:
+            break
+        moved.append(i)
+        kept -= saving
+    c = None
+    if rows == AUTO and kept > cap and forms:
+        m = max(f[3] for f in forms.values())
+        due = kept - other
+        c = max(1, math.floor(m * max(0, cap - other) / due)) if due > 0 else m
+        if c >= m:
+            c = None
+        else:
+            kept = other + math.ceil(due * c / m)
+    return moved, c, kept
+
+
+def step_rules(step, due_uses: dict):
+    """The rules this step builds its rows with (build.py ``Rules``): forms moved within the budget
+    (``Block.memory_reuse`` set on the moved blocks) and ``curvature_batch`` the rows to sample
+    (None: all). ``due_uses``: {block index: its captured uses} of the blocks due this step."""
+    rules = step.rules
+    rows = rules.curvature_batch
+    fixed = replace(rules, curvature_batch=None if rows == AUTO else rows)
+    cap = budget_of(step, due_uses)
+    if cap is None or not due_uses:
+        return fixed
+    forms = {i: build.forms(step.blocks[i], uses, fixed) for i, uses in due_uses.items()}
+    other = sum(memory.kept_bytes(b.curv.rows) for i, b in enumerate(step.blocks)
+                if i not in due_uses and b.curv is not None and b.curv.rows is not None)
+    moved, c, _ = fit(forms, cap, rows, other)
+    for i in moved:                 # sticky: its J is not formed again (build.py ``_choice``)
+        step.blocks[i].memory_reuse = True
+    return fixed if c is None else replace(fixed, curvature_batch=c)
