@@ -23,6 +23,9 @@ from tengrad.optim import TENGraD
 from tengrad.optim.curvature import budget, memory, paths
 
 
+M = 32      # the batch: the budget (which grows with m) leaves a few rows of it
+
+
 class _Tokens(nn.Module):
     """Linears on [m, T, d] tokens (T = 3): J is the time model's choice and the larger form."""
 
@@ -39,7 +42,7 @@ def _model():
     return _Tokens().double()
 
 
-def _batch(seed, m=8):
+def _batch(seed, m=M):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, 3, 12, generator=gen, dtype=torch.float64), torch.randint(0, 3, (m,), generator=gen)
 
@@ -76,9 +79,11 @@ def _run(opt, model, k, steps, lr=0.2, damping=0.5):
     return drawn
 
 
-def _training_bytes(model, m=8):
-    params = sum(p.numel() for p in model.parameters()) * 8 * 2
-    return params + m * (3 * 12 + 3 * 20 + 20) * 8      # the three Linears' inputs (head's: [m, 20]), float64
+def _budget(model, m=M):
+    """SHARE * T - D: T = gradients (momentum 0: no buffers) + the three Linears' inputs (head's: [m, 20]),
+    D = the direction, float64."""
+    params = sum(p.numel() for p in model.parameters()) * 8
+    return int(budget.SHARE * (params + m * (3 * 12 + 3 * 20 + 20) * 8)) - params
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -88,14 +93,14 @@ def test_the_auto_budget_moves_forms_then_samples_rows_and_each_step_is_exact_fo
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k,
                   generator=torch.Generator().manual_seed(3))
     drawn = _run(opt, model, k, 2 * k + 1)
-    cap = int(budget.SHARE * _training_bytes(model))
+    cap = _budget(model)
     assert all(b.memory_reuse for b in opt.blocks if b.name in ("a", "b"))    # their J's moved first
     kept = sum(memory.kept_bytes(b.curv.rows) for b in opt.blocks)
-    full_xgy = sum(8 * 8 * 3 * (i + o) for i, o in ((12, 20), (20, 20)))       # a, b: x and gy, 8 rows
-    head = 8 * 8 * (20 + 3)                                                      # head: x and gy (< its J)
+    full_xgy = sum(M * 8 * 3 * (i + o) for i, o in ((12, 20), (20, 20)))       # a, b: x and gy, M rows
+    head = M * 8 * (20 + 3)                                                      # head: x and gy (< its J)
     assert full_xgy + head > cap                                                 # so the rows were cut
-    c = (8 * cap) // (full_xgy + head)
-    assert 1 <= c < 8
+    c = (M * cap) // (full_xgy + head)
+    assert 2 <= c < M
     assert all(d is not None and len(d) == c for d in drawn), (drawn, c)
     assert kept <= cap and all(b.curv.m == c for b in opt.blocks)
     assert len({tuple(d) for d in drawn}) > 1                                    # fresh draws
@@ -109,7 +114,7 @@ def test_with_curvature_batch_none_the_budget_moves_forms_only_and_the_step_is_t
     drawn = _run(opt, model, 2, 4)
     assert drawn == [None, None]
     moved = [b for b in opt.blocks if b.memory_reuse]
-    assert moved and all(b.curv.path == paths.REUSE and b.curv.m == 8 for b in moved)
+    assert moved and all(b.curv.path == paths.REUSE and b.curv.m == M for b in moved)
 
 
 def test_small_models_keep_every_row_and_their_forms_by_default():
@@ -131,3 +136,13 @@ def test_fit_moves_the_largest_saving_first_then_cuts_rows():
     assert (moved, c, kept) == ([0, 1], 4, 35)
     assert budget.fit(forms, 40, 4) == ([0], None, 40)          # a given batch: bytes of its 4 rows
     assert budget.fit(forms, 0, "auto")[1] == 1                 # at least one row
+
+
+def test_explain_names_the_budget_and_the_rows(monkeypatch):
+    monkeypatch.setattr(budget, "FLOOR", 0)
+    model = _model()
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1)
+    _run(opt, model, 1, 1)
+    c = len(opt.last_curvature_rows[M])
+    assert f"{c} of {M} rows (cut to fit: curvature_batch='auto')" in opt.explain()
+    assert "memory budget" in opt.explain() and "2 block(s) on x and gy" in opt.explain()

@@ -20,14 +20,16 @@ captured uses alone, before anything is formed (build.py ``forms``; s bytes per 
 
 B is ``curvature_memory`` bytes, or for ``"auto"`` (the default)
 
-    B = max(FLOOR, SHARE * T),   T = |parameters| + |their gradients| + sum over this step's captured
-                                     layer inputs |x| (each storage once)
+    B = max(FLOOR, SHARE * T - D)
+    T = |gradients| + |momentum buffers| + sum over this step's captured layer inputs |x| (each storage once)
+    D = |parameters|          (the step's direction d, formed once per step beside the kept curvature)
 
-T is the model's training memory as a step can see it: what autograd keeps for the weight gradients
-of the layers TENGraD captures is at least their inputs, so T is a lower bound (activations of other
-ops, norms' statistics and the optimizer's own state are not in it) and B errs on the small side.
-FLOOR (16 MiB) leaves small models alone: below it nothing is moved and no row is dropped. With a
-given ``curvature_batch`` c the byte counts are those of min(c, m) rows and no further rows are dropped.
+so that TENGraD's extra memory, the kept curvature and the direction, is at most SHARE of T. T is the
+model's training memory beyond its parameters as a step can see it (what SGD with momentum holds:
+gradients, its buffer and the activations autograd saves, of which each captured layer's input is
+one): a lower bound (activations of other ops are not in it), so B errs on the small side. FLOOR
+(16 MiB) leaves small models alone: below it nothing is moved and no row is dropped. With a given
+``curvature_batch`` c the byte counts are those of min(c, m) rows and no further rows are dropped.
 """
 from __future__ import annotations
 
@@ -41,14 +43,16 @@ FLOOR = 16 * 2 ** 20    # auto budget: never below this many bytes (small models
 AUTO = "auto"
 
 
-def training_bytes(step, due_uses: dict) -> int:
-    """T (module docstring): the trainable parameters and their gradients, and the captured layer
-    inputs of this step, each storage once."""
-    seen, total = set(), 0
+def training_bytes(step, due_uses: dict) -> tuple[int, int]:
+    """(T, D) of this step (module docstring): T = gradients + momentum buffers + the captured layer
+    inputs (each storage once), D = the direction's bytes (one per trainable parameter)."""
+    seen, total, direction = set(), 0, 0
     for g in step.groups:
         for p in g["params"]:
             if p.requires_grad:
-                total += 2 * p.numel() * p.element_size()
+                n = p.numel() * p.element_size()
+                direction += n
+                total += n * (2 if g["momentum"] else 1)
     for uses in due_uses.values():
         for u in uses:
             if u.x is None:
@@ -57,7 +61,7 @@ def training_bytes(step, due_uses: dict) -> int:
             if key not in seen:
                 seen.add(key)
                 total += u.x.untyped_storage().nbytes()
-    return total
+    return total, direction
 
 
 def budget_of(step, due_uses: dict) -> int | None:
@@ -65,7 +69,8 @@ def budget_of(step, due_uses: dict) -> int | None:
     cap = step.rules.curvature_memory
     if cap is None or cap != AUTO:
         return cap
-    return max(FLOOR, int(SHARE * training_bytes(step, due_uses)))
+    total, direction = training_bytes(step, due_uses)
+    return max(FLOOR, int(SHARE * total) - direction)
 
 
 def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | None,
@@ -98,19 +103,26 @@ def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int 
 
 
 def step_rules(step, due_uses: dict):
-    """The rules this step builds its rows with (build.py ``Rules``): forms moved within the budget
-    (``Block.memory_reuse`` set on the moved blocks) and ``curvature_batch`` the rows to sample
-    (None: all). ``due_uses``: {block index: its captured uses} of the blocks due this step."""
+    """(the rules this step builds its rows with, one line for ``explain()`` or None): build.py ``Rules``
+    with the forms moved within the budget (``Block.memory_reuse`` set on the moved blocks) and
+    ``curvature_batch`` the rows to sample (None: all). ``due_uses``: {block index: its captured uses}
+    of the blocks due this step."""
     rules = step.rules
     rows = rules.curvature_batch
     fixed = replace(rules, curvature_batch=None if rows == AUTO else rows)
     cap = budget_of(step, due_uses)
     if cap is None or not due_uses:
-        return fixed
+        return fixed, None
     forms = {i: build.forms(step.blocks[i], uses, fixed) for i, uses in due_uses.items()}
     other = sum(memory.kept_bytes(b.curv.rows) for i, b in enumerate(step.blocks)
                 if i not in due_uses and b.curv is not None and b.curv.rows is not None)
-    moved, c, _ = fit(forms, cap, rows, other)
+    moved, c, kept = fit(forms, cap, rows, other)
     for i in moved:                 # sticky: its J is not formed again (build.py ``_choice``)
         step.blocks[i].memory_reuse = True
-    return fixed if c is None else replace(fixed, curvature_batch=c)
+    m = max(f[3] for f in forms.values())
+    line = (f"  memory budget (curvature/budget.py): {cap / 2 ** 20:.1f} MB "
+            f"({'curvature_memory=' + str(rules.curvature_memory) if rules.curvature_memory != AUTO else 'auto'}); "
+            f"kept {kept / 2 ** 20:.1f} MB; {sum(1 for b in step.blocks if b.memory_reuse)} block(s) on x and gy "
+            f"for it; last curvature step: {c if c is not None else min(m, rows) if isinstance(rows, int) else m} "
+            f"of {m} rows" + (" (cut to fit: curvature_batch='auto')" if c is not None else ""))
+    return (fixed if c is None else replace(fixed, curvature_batch=c)), line

@@ -122,8 +122,9 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     # (estimator/local.py ``sample_rows``): here the rows stay x and gy
     explicit = choice.path == paths.JACOBIAN and rules.curvature_batch is None
     sampled = rules.curvature_batch is not None and rules.curvature_batch < m   # x[rows] is a copy then
-    if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit and not sampled)):
-        x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
+    if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit and not sampled and not u.made)):
+        x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill (an
+        #                 activation the forward made is kept as it is: nothing else holds it after the step)
     from_jacobian = explicit and rules.grad_from_jacobian
     if b.capture is not None:       # next curvature step: detach its parameters for inputs of this shape
         b.capture.set_jacobian_grad(tuple(u.x.shape) if from_jacobian else None)

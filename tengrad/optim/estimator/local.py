@@ -47,6 +47,7 @@ class LocalEstimator:
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
+        self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -83,7 +84,7 @@ class LocalEstimator:
         return self.noise.ratio
 
     def explain_lines(self, blocks: list[Block]) -> list[str]:
-        return []
+        return [self.budget_line] if self.budget_line else []
 
     def remove(self) -> None:
         """Nothing of its own is hooked to the model."""
@@ -111,7 +112,8 @@ class LocalEstimator:
                 continue
             taking.append((i, b, group, captured if due else None))
         due_uses = {i: uses for i, _, _, uses in taking if uses is not None}
-        rules = budget.step_rules(step, due_uses)   # forms within the memory budget, the rows to sample
+        rules, line = budget.step_rules(step, due_uses)   # forms within the memory budget, the rows to sample
+        self.budget_line = line if line is not None else self.budget_line
         fresh, scale, tols = self._fresh(step, due_uses, rules)
         curvs = self._curvatures(step, taking, fresh)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
@@ -135,9 +137,8 @@ class LocalEstimator:
         for a, (backs, grads) in by_damping.items():   # d = g / a + R^T u' in place on R^T u'
             torch._foreach_add_(backs, grads, alpha=1.0 / a)
         for (i, b, _, uses), curv in zip(taking, curvs):
-            if uses is not None and curv.rows.explicit_held:   # J kept: the plans' last bindings (x, gy,
-                for plan in {id(p): p for p in [b.plan] + [u.plan for u in uses] if p is not None}.values():
-                    getattr(plan, "unbind", lambda: None)()    # a conv's windowed x) are not needed
+            if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
+                _unbind([b.plan] + [u.plan for u in uses])
         self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
@@ -172,6 +173,8 @@ class LocalEstimator:
                 r = r.explicit(b.plan)
             gram = r.gram(b.plan)
             fresh[i] = (r.released(), gram, whole)           # K formed: an explicit J's x and gy go
+            if r.explicit_held:     # the plans' last bindings hold x, gy and a conv's windowed x
+                _unbind([b.plan] + [u.plan for u in uses])
             del r
             _release(uses, trim)
             trim.now()
@@ -288,6 +291,13 @@ def _draw(drawn: dict, r: woodbury.Rows, rules) -> Tensor:
         perm = torch.randperm(r.m, generator=rules.generator)
         drawn[r.m] = perm[:rules.curvature_batch].sort().values.to(device)
     return drawn[r.m]
+
+
+def _unbind(plans) -> None:
+    """Drop the last binding of each plan (compiler/compiled.py ``unbind``): it holds the tensors of its
+    last call (a block's x and gy, a conv's windowed copy of x) until the next call."""
+    for plan in {id(p): p for p in plans if p is not None}.values():
+        getattr(plan, "unbind", lambda: None)()
 
 
 def _release(uses, trim: release.Trim) -> None:
