@@ -12,11 +12,13 @@ captured uses alone, before anything is formed (build.py ``forms``; s bytes per 
 
 1. each block takes the form the time model prices cheaper (paths.py: flops and the bytes each step
    reads, roofline.py);
-2. while kept > B, the block whose move from J to x and gy saves the most bytes moves (only moves that
-   save bytes; a moved block stays on x and gy at later steps, ``Block.memory_reuse``);
-3. ``curvature_batch="auto"`` and still kept > B: the step samples c = max(1, floor(M B / kept)) of its
-   M rows (both forms are linear in the rows), the same rows for every block (estimator/local.py);
-   the step is then the exact damped step of the Fisher of those rows.
+2. ``curvature_batch="auto"``: as many rows as B allows with every block in its smaller form (a J may
+   move to x and gy): c = max(1, floor(M B / low)) of the M rows when low, those bytes at M rows, is
+   over B (both forms are linear in the rows); the same rows for every block (estimator/local.py);
+   the step is then the exact damped step of the Fisher of those rows;
+3. while kept > B at those rows, the block whose move from J to x and gy saves the most bytes moves
+   (only moves that save bytes; a move costs reuse-step time, so none that the rows made unneeded;
+   a moved block stays on x and gy at later steps, ``Block.memory_reuse``).
 
 B is ``curvature_memory`` bytes, or for ``"auto"`` (the default)
 
@@ -26,8 +28,12 @@ B is ``curvature_memory`` bytes, or for ``"auto"`` (the default)
 
 so that TENGraD's extra memory, the kept curvature and the direction, is at most SHARE of T. T is the
 model's training memory beyond its parameters as a step can see it (what SGD with momentum holds:
-gradients, its buffer and the activations autograd saves, of which each captured layer's input is
-one): a lower bound (activations of other ops are not in it), so B errs on the small side. FLOOR
+gradients, its buffer and the activations autograd saves, of which each captured layer's input, kept
+for its weight gradient, is one): a lower bound (the outputs other ops keep, attention's scores, the
+loss's log-probabilities are not in it), so B errs on the small side. Counting the layers' outputs
+too (as large as their captured gradients) was tried: it gives the GPT-like LM of benchmarks/zoo 4
+rows of 8 instead of 1, but 3C1F-128 and the 4096 MLP then peak at 0.52-0.53x SGD's working memory,
+over issue 23's 0.5x (benchmarks/README.md). FLOOR
 (16 MiB) leaves small models alone: below it nothing is moved and no row is dropped. With a given
 ``curvature_batch`` c the byte counts are those of min(c, m) rows and no further rows are dropped.
 """
@@ -73,32 +79,44 @@ def budget_of(step, due_uses: dict) -> int | None:
     return max(FLOOR, int(SHARE * total) - direction)
 
 
-def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | None,
+def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | str | None,
         other: int = 0) -> tuple[list[int], int | None, int]:
     """(blocks to move from J to x and gy, the rows c to sample or None, the kept bytes then) for
     ``forms`` {i: (path, J bytes, x-and-gy bytes or None, m)} at the step's full rows; ``rows``: a given
-    curvature batch (int: byte counts of min(c, m) rows), "auto" (c from the budget) or None (all rows);
-    ``other``: bytes kept by blocks not due this step."""
+    curvature batch (int: byte counts of min(c, m) rows), "auto" or None (all rows); ``other``: bytes
+    kept by blocks not due this step.
+
+    Rows first, as many as the budget allows: with "auto", c = max(1, floor(M (cap - other) / low)),
+    low = the kept bytes with every block in its smaller reachable form (a J may move to x and gy; x
+    and gy stay), when that is over the budget. Then, at those rows, the fewest moves: the largest
+    saving first until the kept bytes fit (a move costs reuse-step time, paths.py, so none is made
+    that the rows already made unnecessary)."""
     given = rows if isinstance(rows, int) else None
     part = {i: (min(1.0, given / f[3]) if given is not None and f[3] else 1.0) for i, f in forms.items()}
-    kept = other + sum(int(part[i] * (f[1] if f[0] == paths.JACOBIAN else f[2])) for i, f in forms.items())
-    options = sorted(((int(part[i] * (f[1] - f[2])), i) for i, f in forms.items()
+
+    def held(f) -> int:
+        return f[1] if f[0] == paths.JACOBIAN else f[2]
+
+    c, frac = None, 1.0
+    if rows == AUTO and forms:
+        m = max(f[3] for f in forms.values())
+        low = sum(min(f[1], f[2]) if f[0] == paths.JACOBIAN and f[2] is not None else held(f)
+                  for f in forms.values())
+        if other + low > cap and low > 0:
+            c = max(1, math.floor(m * max(0, cap - other) / low))
+            if c >= m:
+                c = None
+            else:
+                frac = c / m
+    kept = other + sum(math.ceil(frac * part[i] * held(f)) for i, f in forms.items())
+    options = sorted(((frac * part[i] * (f[1] - f[2]), i) for i, f in forms.items()
                       if f[0] == paths.JACOBIAN and f[2] is not None and f[2] < f[1]), reverse=True)
     moved = []
     for saving, i in options:
         if kept <= cap:
             break
         moved.append(i)
-        kept -= saving
-    c = None
-    if rows == AUTO and kept > cap and forms:
-        m = max(f[3] for f in forms.values())
-        due = kept - other
-        c = max(1, math.floor(m * max(0, cap - other) / due)) if due > 0 else m
-        if c >= m:
-            c = None
-        else:
-            kept = other + math.ceil(due * c / m)
+        kept -= int(saving)
     return moved, c, kept
 
 
