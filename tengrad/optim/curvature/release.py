@@ -45,6 +45,6 @@ class Trim:
 
     def now(self, force: bool = False) -> None:
         """Trim when ``every`` bytes were freed since the last trim (or ``force`` and any were)."""
-        if _TRIM is not None and (self.freed >= self.every or (force and self.freed)):
+        if _TRIM is not None and (self.freed >= self.every or (force and (self.freed or not self.every))):
             _TRIM(0)
             self.freed = 0

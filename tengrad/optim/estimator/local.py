@@ -139,6 +139,8 @@ class LocalEstimator:
         for (i, b, _, uses), curv in zip(taking, curvs):
             if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
                 _unbind([b.plan] + [u.plan for u in uses])
+        if fresh:                   # a curvature step: its temporaries (captured rows, J's) are freed now
+            release.Trim(every=0).now(force=True)
         self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
