@@ -40,7 +40,8 @@ def make_opt(method: str, model, k: int = NEVER, curvature_batch: int | None = N
         return torch.optim.AdamW(model.parameters(), lr=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tengrad.TENGraD(model, 1e-3, 1.0, momentum=0.9, update_freq=k, curvature_batch=curvature_batch)
+        extra = {} if curvature_batch is None else {"curvature_batch": curvature_batch}   # None: the default
+        return tengrad.TENGraD(model, 1e-3, 1.0, momentum=0.9, update_freq=k, **extra)
 
 
 def step_fn(model, opt, x, y, loss):

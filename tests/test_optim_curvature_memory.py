@@ -51,7 +51,8 @@ def test_a_cap_moves_the_largest_explicit_blocks_to_x_and_gy_and_the_step_stays_
     uncapped = _kept(free)
     cap = uncapped - 1                                              # one block must move
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k, curvature_memory=cap)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k, curvature_memory=cap,
+                  curvature_batch=None)   # every row: the cap moves forms only
     kept_F = None
     for s in range(2 * k):                  # curvature steps and reuse steps (the Fisher kept from the last)
         x, y = _batch(s)
@@ -75,7 +76,8 @@ def test_a_cap_moves_the_largest_explicit_blocks_to_x_and_gy_and_the_step_stays_
 
 def test_a_cap_of_zero_moves_every_block_whose_x_and_gy_are_smaller_and_the_step_stays_exact():
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, curvature_memory=0)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, curvature_memory=0,
+                  curvature_batch=None)   # every row: the cap moves forms only
     for s in range(2):
         moved, exact, _ = step_against_oracle(opt, model, *_batch(s), 0.5)
         for n in exact:

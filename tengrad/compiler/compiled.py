@@ -175,6 +175,12 @@ class CompiledLayer:
         self._bound = (x, gy, key, plan, runs)
         return plan, runs
 
+    def unbind(self) -> None:
+        """Forget the last binding (``_runs``): its x, gy and what was derived from them (a conv's
+        windowed copy of x) are freed with their last other reference. The optimizer calls it once a
+        block keeps its explicit Jacobian instead of x and gy (optim/estimator/local.py)."""
+        self._bound = None
+
     def _execute(self, param: str, run, order: Order, **inputs) -> torch.Tensor:
         if self.trace is None:
             return run.execute(order, **inputs)

@@ -130,13 +130,17 @@ class TENGraD(torch.optim.Optimizer):
     every curvature step also screens for a gradient part the rows do not explain, a gradient penalty
     (curvature/consistency.py ``screen``: no extra product with R).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
-    ``curvature_batch``: None (default: every row of the batch) or c: each curvature step samples
-    min(c, m) of its m rows (the same rows for every block, ``generator`` or torch's, kept in
-    ``opt.last_curvature_rows``); the step is the exact damped step of the Fisher of those rows and
-    the gradient is the whole batch's (single process).
-    ``curvature_memory``: None (default: no cap) or a number of bytes: blocks that would keep an
-    explicit J are moved to x and gy, the largest first, until the curvature kept by all blocks fits
-    (curvature/memory.py; the step is unchanged, reuse steps read x and gy instead of J).
+    ``curvature_batch``: "auto" (default: every row of the batch, fewer when the memory budget needs
+    it), None (every row, always) or c: each curvature step samples min(c, m) of its m rows (the same
+    rows for every block, ``generator`` or torch's, kept in ``opt.last_curvature_rows``); the step is the
+    exact damped step of the Fisher of those rows and the gradient is the whole batch's (single process).
+    ``curvature_memory``: "auto" (default: half the model's training memory as a step sees it,
+    parameters + gradients + the captured layer inputs, at least 16 MiB), None (no cap) or a number of
+    bytes: a budget for the curvature kept between steps. Blocks that would keep an explicit J are
+    moved to x and gy, the largest saving first, until the kept curvature fits; with
+    ``curvature_batch="auto"`` the rows are then cut to fit (curvature/budget.py). Moving a block leaves
+    the step unchanged (reuse steps read x and gy instead of J); cutting rows makes it the step of the
+    sampled rows' Fisher. Pass ``curvature_batch=None`` for the whole batch's Fisher at any memory.
     ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
     diagonal of Adam's second moments (decay ``prior_beta``), normalised to mean 1 per block and floored
     at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
@@ -159,7 +163,7 @@ class TENGraD(torch.optim.Optimizer):
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
-                 curvature_batch: int | None = None, curvature_memory: int | None = None,
+                 curvature_batch: int | str | None = "auto", curvature_memory: int | str | None = "auto",
                  prior: str | None = None, prior_beta: float = prior_mod.DEFAULT_BETA,
                  prior_floor: float = prior_mod.DEFAULT_FLOOR) -> None:
         model = options.check_model(model)
@@ -196,21 +200,26 @@ class TENGraD(torch.optim.Optimizer):
             raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
                                "plain rows (estimator/distributed.py)")
         self._moments = prior_mod.SecondMoments(self.prior_beta) if self.prior is not None else None
-        if self.curvature_memory is not None and dist_estimator is not None:
+        # "auto" (the defaults): the single-process step's memory budget; the distributed step keeps every
+        # row in the forms its exchange plan chooses
+        if self.curvature_memory not in (None, "auto") and dist_estimator is not None:
             raise TENGraDError("curvature_memory is single-process only: the distributed step places rows and "
                                "factors by its own exchange plan (estimator/owners.py)")
-        if self.curvature_batch is not None and dist_estimator is not None:
+        if self.curvature_batch not in (None, "auto") and dist_estimator is not None:
             raise TENGraDError("curvature_batch is single-process only: the distributed step's rows are the "
                                "ranks' whole batches (estimator/distributed.py)")
         # gradient from the Jacobian: single process and empirical Fisher only (distributed ranks reduce
         # gradients through their own hooks)
-        # ... and without a curvature batch: J is then formed for the sampled rows only, after the
-        # backward, so the gradient comes from autograd
+        # ... and without a given curvature batch: J is then formed for the sampled rows only, after the
+        # backward, so the gradient comes from autograd (so on the steps "auto" samples: build.py)
         self.grad_from_jacobian = (bool(grad_from_jacobian) and fisher == "empirical" and dist_estimator is None
-                                   and curvature_batch is None)
+                                   and self.curvature_batch in (None, "auto"))
         self.distributed = dist_estimator is not None
         self.estimator = dist_estimator or LocalEstimator(staggered=stagger, noise=noise_scale)
         self.backend = resolve_backend(model, backend)
+        # the roofline (curvature/roofline.py) is measured now, before training: its 64 MiB read buffer
+        # then never sits on top of a curvature step's captured tensors (the process's peak memory)
+        roofline.measured(next(p for g in self.param_groups for p in g["params"]).device)
         # op-only blocks (MultiheadAttention's projections) are single-process only: the distributed
         # step needs a module plan per block
         self.blocks, self.fallback, self.fallback_why = find_blocks(model, self.backend, not self.distributed)
@@ -362,9 +371,11 @@ class TENGraD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     def _rules(self) -> Rules:
         device = next(p for g in self.param_groups for p in g["params"]).device
+        local = not self.distributed        # "auto" budgets the single-process step only
         return Rules(self.fisher, self.update_freq, self.max_jacobian_numel, self.grad_from_jacobian,
-                     self.layer_dims, roofline.measured(device), self.curvature_batch, self.generator,
-                     self.curvature_memory,
+                     self.layer_dims, roofline.measured(device),
+                     self.curvature_batch if local or self.curvature_batch != "auto" else None, self.generator,
+                     self.curvature_memory if local or self.curvature_memory != "auto" else None,
                      None if self.prior is None else prior_mod.Prior(self.prior, self.prior_floor, self.state))
 
     @property

@@ -129,14 +129,26 @@ def _optional_int(name: str, value: object, minimum: int, what: str) -> int | No
     return int(value)
 
 
-def check_curvature_batch(value: object) -> int | None:
-    """None (every row of the batch) or an integer >= 1: the rows sampled per curvature step."""
-    return _optional_int("curvature_batch", value, 1, "an integer")
+def check_curvature_batch(value: object) -> int | str | None:
+    """"auto" (every row, fewer when the memory budget needs it: curvature/budget.py), None (every row
+    of the batch) or an integer >= 1: the rows sampled per curvature step."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    try:
+        return _optional_int("curvature_batch", value, 1, "an integer")
+    except TENGraDError as err:
+        raise TENGraDError(str(err).replace(">= 1,", ">= 1 or 'auto',")) from None
 
 
-def check_curvature_memory(value: object) -> int | None:
-    """None (no cap) or an integer >= 0: the bytes of curvature kept between steps (curvature/memory.py)."""
-    return _optional_int("curvature_memory", value, 0, "a number of bytes")
+def check_curvature_memory(value: object) -> int | str | None:
+    """"auto" (half the model's training memory, curvature/budget.py), None (no cap) or an integer >= 0:
+    the bytes of curvature kept between steps."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    try:
+        return _optional_int("curvature_memory", value, 0, "a number of bytes")
+    except TENGraDError as err:
+        raise TENGraDError(str(err).replace(">= 0,", ">= 0 or 'auto',")) from None
 
 
 def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:

@@ -173,6 +173,8 @@ class LayerCapture:
         elif swapped is None and (pair := sample.prepend_batch(x, output, m)) is not None:
             x, output = pair          # ids [T] with no batch dim (wpe(arange(T))): expanded to [m, T]
         record = Use(self.name, self.plan, x.detach(), fwd, m)
+        base = x._base if x._base is not None else x
+        record.made = base.grad_fn is not None   # an activation of this forward, not a view of a caller's buffer
         if not (swapped or self._keep_edges_asked):
             keep_grad(output, record, self._received, self._accumulating, self._hold)
             return output

@@ -22,6 +22,8 @@ L = (1/m) sum_i l_i it holds
     graph_pass  a ``create_graph`` pass that does not accumulate into ``.grad`` (``torch.autograd.grad(
            loss, x, create_graph=True)``: a gradient penalty in the making) reached the output of a
            ``jacobian_grad`` call; its terms through the detached parameters would be lost (build.py)
+    made   x was made by an op of the captured forward (it had a grad_fn): an activation no caller
+           refills in place, so the curvature may keep it without a copy (build.py)
 
 ``sample_first`` (curvature/uses.py) returns a copy with the sample moved to dimension 0.
 """
@@ -31,7 +33,8 @@ from torch import Tensor
 
 
 class Use:
-    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "jacobian_grad", "jac", "graph_pass")
+    __slots__ = ("name", "plan", "parts", "x", "grad", "rows", "fwd", "m", "lead", "seq_first", "jacobian_grad", "jac",
+                 "graph_pass", "made")
 
     def __init__(self, name: str, plan, x: Tensor, fwd: int = 0, m: int | None = None, parts=None,
                  lead: int | None = None, seq_first: bool = False) -> None:
@@ -42,6 +45,7 @@ class Use:
         self.jacobian_grad = False
         self.jac: list[Tensor] | None = None
         self.graph_pass = False
+        self.made = False
 
     @property
     def received(self) -> bool:
@@ -53,5 +57,5 @@ class Use:
         (on the old layout) is not carried over."""
         out = Use(self.name, self.plan, x, self.fwd, self.m, self.parts, self.lead, False)
         out.grad, out.rows, out.jacobian_grad = grad, rows, self.jacobian_grad     # jac: formed on the old layout, dropped
-        out.graph_pass = self.graph_pass
+        out.graph_pass, out.made = self.graph_pass, self.made
         return out

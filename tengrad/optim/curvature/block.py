@@ -51,7 +51,7 @@ class Block:
     given: list = field(default_factory=list)   # op-level blocks: every parameter given, frozen or not
     param_names_given: list = field(default_factory=list)
     own: tuple = ()                 # module-level: its module's parameters that trained at the last refresh
-    memory_reuse: bool = False      # moved from its explicit J to x and gy by curvature_memory (memory.py)
+    memory_reuse: bool = False      # moved from its explicit J to x and gy by the memory budget (budget.py)
 
     def __post_init__(self) -> None:
         if not self.module_level and not self.param_names_given:

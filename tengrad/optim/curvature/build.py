@@ -34,7 +34,8 @@ from tengrad.layers.ops import module_leading_dims
 from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature import paths, uses as uses_mod
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.consistency import ConsistencyCheck, graph_pass_error, unexplained
+from tengrad.optim.curvature.consistency import (ConsistencyCheck, from_dots, graph_pass_error, streamed_dots,
+                                                 unexplained)
 from tengrad.optim.curvature.fisher import output_rows
 from tengrad.optim.curvature.woodbury import Rows, compute_dtype
 from tengrad.optim.errors import TENGraDError
@@ -48,9 +49,9 @@ class Rules:
     grad_from_jacobian: bool = False
     layer_dims: dict[str, int] = field(default_factory=dict)   # declared sample dim per layer name
     roofline: object = None     # roofline.Roofline: paths priced in seconds (flops and bytes), or flops only
-    curvature_batch: int | None = None    # rows sampled per curvature step (None: all)
+    curvature_batch: int | str | None = None   # rows sampled per curvature step (None: all; "auto": budget.py)
     generator: object = None              # torch.Generator for those rows (None: torch's default)
-    curvature_memory: int | None = None   # bytes of kept curvature (curvature/memory.py; None: no cap)
+    curvature_memory: int | str | None = None  # bytes of kept curvature (budget.py; None: no cap)
     prior: object = None                  # prior.Prior: a diagonal prior outside the rows (None: a I)
 
 
@@ -117,20 +118,14 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     else:
         gy = output_rows(f"layer {b.name!r}", rules.fisher, u.grad, u.rows, m, dtype)
         gy_shape = tuple(gy.shape)
-    reps = gy_shape[0] // m                                   # [C*m, ...], row c*m + i
-    key = ((reps * m, *x.shape[1:]), gy_shape)
-    choice = b.choices.get(key)
-    if choice is None:              # pricing runs the cost model: once per block and sizes
-        choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
-                                               rules.max_jacobian_numel, rules.roofline, dtype.itemsize)
-    if choice.path == paths.JACOBIAN and b.memory_reuse:    # moved to x and gy by the memory cap
-        choice = memory_choice(choice)
-    b.choice = choice
+    choice = b.choice = _choice(b, tuple(x.shape), gy_shape, rules, dtype)
     # with a curvature batch the explicit J is formed after the rows are sampled, for those rows only
     # (estimator/local.py ``sample_rows``): here the rows stay x and gy
     explicit = choice.path == paths.JACOBIAN and rules.curvature_batch is None
-    if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit)):
-        x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill
+    sampled = rules.curvature_batch is not None and rules.curvature_batch < m   # x[rows] is a copy then
+    if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit and not sampled and not u.made)):
+        x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill (an
+        #                 activation the forward made is kept as it is: nothing else holds it after the step)
     from_jacobian = explicit and rules.grad_from_jacobian
     if b.capture is not None:       # next curvature step: detach its parameters for inputs of this shape
         b.capture.set_jacobian_grad(tuple(u.x.shape) if from_jacobian else None)
@@ -144,10 +139,58 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     return rows.explicit(b.plan) if explicit else rows
 
 
+def _choice(b: Block, x_shape: tuple, gy_shape: tuple, rules: Rules, dtype: torch.dtype) -> paths.PathChoice:
+    """The block's path for these sizes (paths.py, cached per block and sizes), or x and gy when the
+    memory budget moved it there (``Block.memory_reuse``, curvature/budget.py)."""
+    m = x_shape[0]
+    reps = gy_shape[0] // m                                   # [C*m, ...], row c*m + i
+    key = ((reps * m, *x_shape[1:]), tuple(gy_shape))
+    choice = b.choices.get(key)
+    if choice is None:              # pricing runs the cost model: once per block and sizes
+        choice = b.choices[key] = paths.choose(b.plan, key[0], key[1], b.numel, rules.update_freq,
+                                               rules.max_jacobian_numel, rules.roofline, dtype.itemsize)
+    if choice.path == paths.JACOBIAN and b.memory_reuse:    # moved to x and gy by the memory budget
+        choice = memory_choice(choice)
+    return choice
+
+
+def forms(b: Block, captured: list[Use], rules: Rules) -> tuple[str, int, int | None, int]:
+    """What ``block_rows`` would build for block ``b`` from these uses, from their sizes alone (nothing is
+    formed; curvature/budget.py prices the step's memory with it): (the path, the bytes of the explicit
+    J = r P s, the bytes of x and gy = (|x| + |gy|) s or None when the block has no such form, the
+    samples m). s: the compute dtype's bytes (integer ids keep theirs); r: the rows (m, or C m)."""
+    captured = [u for u in captured if u.received]
+    dtype = compute_dtype(b.params[0].dtype)
+    s = dtype.itemsize
+    if not captured:
+        return paths.JACOBIAN, 0, None, 0
+    moved = [sample_first(b, u, rules.layer_dims) for u in captured]
+    by_forward: dict[int, list[Use]] = {}
+    for u in moved:
+        by_forward.setdefault(u.fwd, []).append(u)
+    one_call = all(len(us) == 1 and us[0].parts is None for us in by_forward.values())
+    plain = (b.plan is not None and one_call
+             and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
+    m = sum(int(us[0].x.shape[0]) for us in by_forward.values())
+    empirical = rules.fisher == "empirical"
+    if not plain:                 # R = sum_u J_u, explicit (``_summed_rows``)
+        return paths.JACOBIAN, m * b.numel * s, None, m
+    x = moved[0].x
+    x_shape = (m, *x.shape[1:])
+    if empirical and all(u.grad is not None for u in moved):
+        gy_shape = (m, *moved[0].grad.shape[1:])
+    else:                         # the curvature passes' rows, concatenated (fisher.output_rows)
+        rows = moved[0].rows
+        gy_shape = (len(rows) * m, *rows[0].shape[1:]) if rows else (m, *moved[0].grad.shape[1:])
+    choice = _choice(b, x_shape, gy_shape, rules, dtype)
+    n_x = math.prod(x_shape) * (s if x.is_floating_point() else x.element_size())
+    return choice.path, gy_shape[0] * b.numel * s, n_x + math.prod(gy_shape) * s, m
+
+
 def memory_choice(priced: paths.PathChoice) -> paths.PathChoice:
-    """The path of a block the memory cap moved from its explicit J to x and gy (curvature/memory.py)."""
-    return paths.PathChoice(paths.REUSE, "x and gy kept: its J would exceed curvature_memory "
-                            f"(curvature/memory.py; priced: {priced.note})")
+    """The path of a block the memory cap moved from its explicit J to x and gy (curvature/budget.py)."""
+    return paths.PathChoice(paths.REUSE, "x and gy kept: the J's would exceed curvature_memory "
+                            f"(curvature/budget.py; priced: {priced.note})")
 
 
 def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check: ConsistencyCheck,
@@ -200,6 +243,7 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
             else:
                 p.grad.add_(gp)
     u.jac = list(jac) if u.jac is None else [a + c for a, c in zip(u.jac, jac)]
+    getattr(b.plan, "unbind", lambda: None)()   # the binding would keep this x and gradient alive past the backward
 
 
 #: a factor within this relative distance of a power of two 2^k (k >= 1) is taken for a loss scale
@@ -225,14 +269,13 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
         return 1.0
     like = [g.to(rows.gy.dtype if rows.gy is not None else g.dtype) for g in grads]
     ones = torch.full((rows.m,), 1.0 / rows.m, dtype=like[0].dtype, device=like[0].device)
-    a = torch.cat([t.reshape(-1).to(torch.float64) for t in rows.jtu(b.plan, ones, like)])
-    w = torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1).to(torch.float64) for g in grads])
-    ww = float(w @ w)
-    if not (ww > 0) or not torch.isfinite(a).all():
+    dots = streamed_dots(list(zip(rows.jtu(b.plan, ones, like), grads)))   # float64 sums, no copies
+    if dots is None or not dots[1] > 0:
         return 1.0
+    aa, ww, aw = dots
     if tol is not None:
-        unexplained(b, a, w, tol)
-    f = float(a @ w) / ww
+        unexplained(b, *from_dots(aa, ww, aw), tol)
+    f = aw / ww
     if not f >= 2 - 2 * SCALE_TOL:
         return 1.0
     k = round(math.log2(f))

@@ -155,13 +155,14 @@ class ConsistencyCheck:
         if all(g is None for g in grads) or multi_rank():
             return    # several ranks: param.grad is the all-reduced mean, the capture is local
         dtype = torch.promote_types(b.params[0].dtype, torch.float32)
-        gy = m * grad.to(dtype)
-        got = b.plan.vjp(x, gy, torch.ones(m, dtype=dtype, device=gy.device))
-        a = torch.cat([t.reshape(-1).to(torch.float64) / m for t, g in zip(got, grads) if g is not None])
-        w = torch.cat([_dense(g).reshape(-1).to(torch.float64) for g in grads if g is not None])
-        if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
+        # J^T 1 / m = vjp(x, m grad, 1 / m) = vjp(x, grad, 1): no scaled copy of grad, and the
+        # comparison streams (``streamed_mismatch``), so the check's extra memory is the vjp's output
+        got = b.plan.vjp(x, grad.to(dtype), torch.ones(m, dtype=dtype, device=grad.device))
+        found = streamed_mismatch([(t, g) for t, g in zip(got, grads) if g is not None])
+        del got
+        if found is None:
             return    # non-finite values: the step's own checks name them
-        err, scale = mismatch(a, w)
+        err, scale = found
         tol = tolerance(b.params[0].dtype, grad.dtype)
         if not (err <= tol and scale > 0):
             raise SpecMismatchError(
@@ -235,12 +236,9 @@ def screen(b, gram: Tensor, rg: Tensor, m: int, tol: float) -> None:
             "the gradient has a part its per-sample rows do not explain. " + PENALTY_HINT)
 
 
-def unexplained(b, a: Tensor, w: Tensor, tol: float) -> None:
-    """Raise UnexplainedGradientError unless w (param.grad, flat) = s a (a = J^T 1 / m, flat), s > 0,
-    to ``tol`` after the best s."""
-    if not torch.isfinite(w).all():
-        return    # the step's own checks name it
-    err, scale = mismatch(a, w)
+def unexplained(b, err: float, scale: float, tol: float) -> None:
+    """Raise UnexplainedGradientError unless w (param.grad) = s a (a = J^T 1 / m), s > 0, to ``tol``
+    after the best s: ``err``, ``scale`` are their ``mismatch`` (``from_dots``)."""
     if not (err <= tol and scale > 0):
         raise UnexplainedGradientError(
             f"{_describe(b)}: on this curvature step param.grad != s J^T 1 / m for its per-sample rows J "
@@ -260,6 +258,44 @@ def multi_rank() -> bool:
 
 def _dense(g: Tensor) -> Tensor:
     return g.to_dense() if g.is_sparse else g
+
+
+#: elements per float64 chunk of ``streamed_mismatch`` (8 MiB per chunk and operand)
+CHUNK = 2 ** 20
+
+
+def streamed_dots(pairs) -> tuple[float, float, float] | None:
+    """(aa, ww, aw) = (sum a_j^2, sum w_j^2, sum a_j w_j) over a = the concatenated first tensors and
+    w = the second ones of ``pairs`` [(a_t, w_t)] (same numel each; w_t may be sparse), in float64,
+    CHUNK elements at a time: no float64 copies of a and w (for a 4096 x 4096 Linear those were
+    0.5 GB). None when a sum is not finite (a non-finite entry: the step's own checks name it)."""
+    total = None
+    for a, w in pairs:
+        a, w = a.reshape(-1), _dense(w).reshape(-1)
+        for i in range(0, a.numel(), CHUNK):
+            ac, wc = a[i:i + CHUNK].to(torch.float64), w[i:i + CHUNK].to(torch.float64)
+            part = torch.stack([ac @ ac, wc @ wc, ac @ wc])
+            total = part if total is None else total + part
+    if total is None:
+        return 0.0, 0.0, 0.0
+    aa, ww, aw = total.tolist()             # one read-back
+    return (aa, ww, aw) if all(math.isfinite(v) for v in (aa, ww, aw)) else None
+
+
+def from_dots(aa: float, ww: float, aw: float) -> tuple[float, float]:
+    """``mismatch`` from the dots: scale = aw / aa, err = |scale a - w| / |w| = sqrt(max(0, ww - aw^2 / aa) / ww)
+    (the sine of the angle between a and w)."""
+    if max(aa, ww) == 0.0:
+        return 0.0, 1.0
+    if aa == 0.0 or ww == 0.0:
+        return 1.0, 0.0
+    return math.sqrt(max(0.0, ww - aw * aw / aa) / ww), aw / aa
+
+
+def streamed_mismatch(pairs) -> tuple[float, float] | None:
+    """``mismatch`` over ``pairs`` through ``streamed_dots`` (None: a non-finite entry)."""
+    dots = streamed_dots(pairs)
+    return None if dots is None else from_dots(*dots)
 
 
 def mismatch(a: Tensor, w: Tensor) -> tuple[float, float]:

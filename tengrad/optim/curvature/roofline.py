@@ -6,7 +6,10 @@ A step's operation costs, in seconds, t = flops / F + bytes / B: F the float32 m
 a flop count alone prices the two alike (paths.py).
 
 ``measured(device)``: F from a 512 x 512 x 512 product, B from the sum of a 64 MiB tensor, each the
-best of 3 after a warm-up (about 0.1 s on a CPU, once per process and device type).
+best of 3 after a warm-up (about 0.1 s on a CPU, once per process and device type). TENGraD measures
+it when it is built (optimizer.py), before training: the buffer (larger than a CPU's last-level cache,
+so B is the memory's rate) is freed before the model's activations and a curvature step's captured
+tensors exist, so it does not add to the process's peak memory.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, consistency, memory, paths, usage, woodbury
+from tengrad.optim.curvature import batched, budget, consistency, paths, release, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -47,6 +47,7 @@ class LocalEstimator:
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
+        self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -83,7 +84,7 @@ class LocalEstimator:
         return self.noise.ratio
 
     def explain_lines(self, blocks: list[Block]) -> list[str]:
-        return []
+        return [self.budget_line] if self.budget_line else []
 
     def remove(self) -> None:
         """Nothing of its own is hooked to the model."""
@@ -110,23 +111,11 @@ class LocalEstimator:
                 skipped[b.name] = why
                 continue
             taking.append((i, b, group, captured if due else None))
-        rows = {i: build.block_rows(b, uses, step.rules, step.check) for i, b, _, uses in taking if uses is not None}
-        scale = self.loss_scale(step, rows)
-        full = rows
-        rows, self.last_rows = sample_rows(rows, step.rules)
-        if step.rules.curvature_batch is not None:     # J deferred past the sampling (build.py): c rows only
-            rows = {i: r.explicit(step.blocks[i].plan) if _deferred(step.blocks[i], r) else r for i, r in rows.items()}
-        if step.rules.curvature_memory is not None:
-            uses_of = {i: uses for i, _, _, uses in taking}
-            rows, moved = memory.fit(rows, step.rules.curvature_memory,
-                                     lambda i: self._as_reuse(step, step.blocks[i], uses_of[i]))
-            for i in moved:                             # sticky: its J is not formed again
-                b = step.blocks[i]
-                b.memory_reuse, b.choice = True, build.memory_choice(b.choice)
-        if step.rules.prior is not None:               # R' = R D^-1/2 (curvature/prior.py)
-            rows = {i: step.rules.prior.rows(r, step.blocks[i], step.rules.max_jacobian_numel)
-                    for i, r in rows.items()}
-        curvs = self._curvatures(step, taking, rows, scale)
+        due_uses = {i: uses for i, _, _, uses in taking if uses is not None}
+        rules, line = budget.step_rules(step, due_uses)   # forms within the memory budget, the rows to sample
+        self.budget_line = line if line is not None else self.budget_line
+        fresh, scale, tols = self._fresh(step, due_uses, rules)
+        curvs = self._curvatures(step, taking, fresh)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
         # a block with a prior: g' = S g into the solve, d = S d' out of it (prior.py)
@@ -135,8 +124,8 @@ class LocalEstimator:
         rgs = []
         for (i, b, group, uses), curv, g in zip(taking, curvs, gps):
             rg = curv.rows.jg(b.plan, g)
-            if i in rows and rows[i] is full[i] and self.screens(step, b, curv, group):   # reuses the direction's R g
-                consistency.screen(b, curv.gram, rg, curv.m, _tolerance(b, uses))
+            if i in fresh and fresh[i][2] and self.screens(step, b, curv, group):   # reuses the direction's R g
+                consistency.screen(b, curv.gram, rg, curv.m, tols[i])
             rgs.append(rg)
             self._pending[i] = curv
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
@@ -156,41 +145,72 @@ class LocalEstimator:
             torch._foreach_add_(backs, grads, alpha=1.0 / a)
         if priored[0]:                                  # d = S d'
             torch._foreach_mul_(priored[0], priored[1])
-        self._stats = self._noise_stats(step, taking, rows, curvs)
+        for (i, b, _, uses), curv in zip(taking, curvs):
+            if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
+                _unbind([b.plan] + [u.plan for u in uses])
+        if fresh:                   # a curvature step: its temporaries (captured rows, J's) are freed now
+            release.Trim(every=0).now(force=True)
+        self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
 
-    def _as_reuse(self, step: StepInput, b: Block, uses) -> woodbury.Rows | None:
-        """Block b's rows as x and gy (the memory cap, curvature/memory.py), sampled like the others;
-        None when they have no such form (several uses: an explicit J summed over them)."""
-        if b.plan is None:
-            return None
-        b.memory_reuse, choice = True, b.choice
-        try:
-            r = build.block_rows(b, uses, step.rules, step.check)
-        finally:
-            b.memory_reuse = False      # set for good by the caller if the move is taken
-        if r.explicit_held:
-            return None
-        b.choice = choice               # the caller's decision names the path (build.py on the next step)
-        if self.last_rows is not None and r.m in self.last_rows:
-            r = r.sampled(self.last_rows[r.m])
-        return r
+    def _fresh(self, step: StepInput, due_uses: dict, rules) -> tuple[dict, float, dict]:
+        """({i: (kept rows, K, screened: whole batch and no prior)} of the due blocks, the loss scale, {i: check tolerance}).
+
+        Block by block (in block order), so the step holds one block's captured tensors beside the forms
+        kept so far: rows (build.py, with ``rules``: the budget's forms and rows), the sampled rows
+        (``rules.curvature_batch``: the same rows for every block, one draw per batch size m), a deferred
+        J formed for those rows, K = R R^T; then the block's captured x and gy are released (nothing of
+        the step reads them again; ``_release``) and an explicit J's x and gy go (``Rows.released``).
+        The loss scale S comes from the smallest due block's whole-batch rows (``loss_scale``); the rows
+        are R / f with f = row_factor / S, so once S is known every fresh R becomes f R (no copy) and
+        its K f^2 K."""
+        fresh, tols, drawn = {}, {}, {}
+        self.last_rows = None
+        if not due_uses:
+            return fresh, 1.0, tols
+        first = min(due_uses, key=lambda i: (step.blocks[i].numel, i))
+        scale, trim = 1.0, release.Trim()
+        for i, uses in due_uses.items():
+            b = step.blocks[i]
+            tols[i] = _tolerance(b, uses)
+            r = build.block_rows(b, uses, rules, step.check)
+            if i == first:
+                scale = self.loss_scale(step, b, r, tols[i])
+            whole = rules.curvature_batch is None or r.m <= rules.curvature_batch
+            if not whole:
+                r = r.sampled(_draw(drawn, r, rules))
+            if rules.curvature_batch is not None and _deferred(b, r):   # J of the sampled rows only
+                r = r.explicit(b.plan)
+            if rules.prior is not None:                      # R' = R D^-1/2 (curvature/prior.py)
+                r = rules.prior.rows(r, b, rules.max_jacobian_numel)
+            gram = r.gram(b.plan)
+            # the screen compares R g with K of the plain rows: not for the rows of a prior
+            fresh[i] = (r.released(), gram, whole and r.prior is None)   # K formed: an explicit J's x and gy go
+            if r.explicit_held:     # the plans' last bindings hold x, gy and a conv's windowed x
+                _unbind([b.plan] + [u.plan for u in uses])
+            del r
+            _release(uses, trim)
+            trim.now()
+        trim.now(force=True)
+        f = step.row_factor / scale
+        if f != 1.0:
+            for i, (r, gram, whole) in fresh.items():
+                fresh[i] = (r.scaled(f), gram.mul_(f * f), whole)
+        self.last_rows = drawn or None
+        return fresh, scale, tols
 
     @staticmethod
-    def _curvatures(step: StepInput, taking: list, rows: dict, scale: float) -> list[woodbury.BlockCurvature]:
-        """Each taking block's curvature for this step: fresh from ``rows`` (K formed here), or the kept
+    def _curvatures(step: StepInput, taking: list, fresh: dict) -> list[woodbury.BlockCurvature]:
+        """Each taking block's curvature for this step: fresh (``fresh``: rows and K formed), or the kept
         one; every fresh factor and every kept one whose group's damping changed in one batched
         factorisation (batched.factor_all)."""
         out: list = []
         todo: list[tuple[int, woodbury.Rows | None, Tensor, float]] = []   # (position, rows, K, a)
         for k, (i, b, group, _) in enumerate(taking):
             a = group["damping"]
-            if i in rows:
-                f = step.row_factor / scale
-                r = rows[i] if f == 1.0 else rows[i].scaled(f)
-                gram = r.gram(b.plan)
-                todo.append((k, r.released(), gram, a))      # K formed: an explicit J's x and gy go
+            if i in fresh:
+                todo.append((k, fresh[i][0], fresh[i][1], a))
                 out.append(None)
             elif b.curv.requested != a:
                 todo.append((k, None, b.curv.gram, a))
@@ -207,13 +227,13 @@ class LocalEstimator:
                           else replace(kept, chol=chol, damping=used, requested=a))
         return out
 
-    def _noise_stats(self, step: StepInput, taking: list, rows: dict, curvs: list) -> tuple[list, list, list, int]:
+    def _noise_stats(self, step: StepInput, taking: list, built: dict, curvs: list) -> tuple[list, list, list, int]:
         """tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block (noise.py)."""
         traces, squares, fresh, rows_m = [], [], [], 0
         if not self.estimate_noise or step.rules.fisher != "empirical":
             return traces, squares, fresh, rows_m
         for (i, b, _, _), curv in zip(taking, curvs):
-            if i in rows and curv.gram.shape[0] == curv.m:
+            if i in built and curv.gram.shape[0] == curv.m:
                 traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
                 squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
                 fresh.append(b.name)
@@ -230,20 +250,15 @@ class LocalEstimator:
                 and not consistency.multi_rank())
 
     @staticmethod
-    def loss_scale(step: StepInput, rows: dict) -> float:
+    def loss_scale(step: StepInput, b: Block, rows: woodbury.Rows, tol: float) -> float:
         """The loss scale the fresh rows of this step carry (build.loss_scale on the smallest fresh
-        block with a plan: one product J^T 1 per step), taken out of every fresh block's rows. The same
-        product checks that block's param.grad against its rows (a gradient penalty: refused)."""
-        if step.rules.fisher != "empirical" or not rows:
+        block, ``rows`` its whole-batch rows: one product J^T 1 per step), taken out of every fresh
+        block's rows. The same product checks that block's param.grad against its rows (a gradient
+        penalty: refused)."""
+        if step.rules.fisher != "empirical":
             return 1.0
-        candidates = [(step.blocks[i].numel, i) for i in rows if step.blocks[i].plan is not None
-                      or rows[i].explicit_held]
-        if not candidates:
-            return 1.0
-        i = min(candidates)[1]
         checked = step.check.mode is not None and not consistency.multi_rank()
-        return build.loss_scale(step.blocks[i], rows[i],
-                                _tolerance(step.blocks[i], step.uses.get(i, [])) if checked else None)
+        return build.loss_scale(b, rows, tol if checked else None)
 
     def commit(self) -> None:
         for i, curv in self._pending.items():
@@ -282,25 +297,31 @@ class LocalEstimator:
         self._due_memo = None
 
 
-def sample_rows(rows: dict, rules) -> tuple[dict, dict | None]:
-    """``rules.curvature_batch`` c: every block's rows cut to the same min(c, m) sampled samples (one
-    draw per batch size m, sorted, from ``rules.generator``); ({i: rows}, {m: indices}) or (rows, None).
-    The screen and the loss scale were run on the whole batch's rows before (local.py)."""
-    c = rules.curvature_batch
-    if c is None or not any(r.m > c for r in rows.values()):
-        return rows, None
-    drawn: dict[int, Tensor] = {}
-    out = {}
-    for i, r in rows.items():
-        if r.m <= c:
-            out[i] = r
-            continue
-        if r.m not in drawn:
-            device = (r.jac if r.jac is not None else r.pieces[0] if r.pieces is not None else r.gy).device
-            perm = torch.randperm(r.m, generator=rules.generator)
-            drawn[r.m] = perm[:c].sort().values.to(device)
-        out[i] = r.sampled(drawn[r.m])
-    return out, drawn
+def _draw(drawn: dict, r: woodbury.Rows, rules) -> Tensor:
+    """The sampled samples [c] of batch size r.m: one draw per m and step (sorted, from
+    ``rules.generator``), the same for every block of that batch size."""
+    if r.m not in drawn:
+        device = (r.jac if r.jac is not None else r.pieces[0] if r.pieces is not None else r.gy).device
+        perm = torch.randperm(r.m, generator=rules.generator)
+        drawn[r.m] = perm[:rules.curvature_batch].sort().values.to(device)
+    return drawn[r.m]
+
+
+def _unbind(plans) -> None:
+    """Drop the last binding of each plan (compiler/compiled.py ``unbind``): it holds the tensors of its
+    last call (a block's x and gy, a conv's windowed copy of x) until the next call."""
+    for plan in {id(p): p for p in plans if p is not None}.values():
+        getattr(plan, "unbind", lambda: None)()
+
+
+def _release(uses, trim: release.Trim) -> None:
+    """Drop a block's captured tensors once its rows and K exist: its records were taken from the capture,
+    so the layer inputs and output gradients (and a J formed in the backward) are freed here, as
+    autograd frees them for SGD, unless the kept rows hold them (``trim`` counts the bytes,
+    curvature/release.py)."""
+    for u in uses:
+        trim.add([u.x, u.grad, *u.rows, *(u.jac or ())])
+        u.x, u.grad, u.rows, u.jac = None, None, [], None
 
 
 def _deferred(b: Block, r) -> bool:
