@@ -16,7 +16,7 @@ import torch
 
 from support.numerics import rel_err
 from support.optim_cases import LOSSES, make_batch, make_model
-from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
+from support.step_oracle import expected_steps, fisher_from_grads, model_at, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
 
@@ -58,16 +58,6 @@ def test_curvature_batch_step_is_the_exact_step_of_the_sampled_rows(kind, fisher
             err = rel_err(p.detach() - theta[n], want[n])
             assert err < 1e-8, (s, n, err)
     assert len({tuple(d) for d in drawn}) == len(drawn) or len(drawn) < 2   # fresh draws per curvature step
-
-
-def model_at(model, theta):
-    """A copy of ``model`` at the parameters ``theta`` (before the step): the rows' Fisher is at theta."""
-    import copy
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in twin.named_parameters():
-            p.copy_(theta[n])
-    return twin
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])

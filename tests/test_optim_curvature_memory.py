@@ -8,29 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from support.numerics import rel_err
+from support.optim_cases import TokenLinears
 from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads, step_against_oracle
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim.curvature import memory, paths
 
 
-class _Tokens(nn.Module):
-    """Linears on [m, T, d] tokens (T = 3): the explicit J is the cheaper path for them (paths.py), and
-    the larger form (P = d_in d_out > T (d_in + d_out))."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.head = nn.Linear(12, 20), nn.Linear(20, 20), nn.Linear(20, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).mean(1))
-
-
 def _model():
     torch.manual_seed(0)
-    return _Tokens().double()
+    return TokenLinears().double()
 
 
 def _batch(seed, m=5):

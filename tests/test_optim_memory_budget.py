@@ -10,15 +10,14 @@ the budget binds on a small model (at the real 16 MiB floor small models are lef
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from support.numerics import rel_err
-from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
+from support.optim_cases import TokenLinears
+from support.step_oracle import expected_steps, fisher_from_grads, model_at, per_sample_grads
 from tengrad.optim import TENGraD
 from tengrad.optim.curvature import budget, memory, paths
 
@@ -26,33 +25,14 @@ from tengrad.optim.curvature import budget, memory, paths
 M = 32      # the batch: the budget (which grows with m) leaves a few rows of it
 
 
-class _Tokens(nn.Module):
-    """Linears on [m, T, d] tokens (T = 3): J is the time model's choice and the larger form."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.head = nn.Linear(12, 20), nn.Linear(20, 20), nn.Linear(20, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).mean(1))
-
-
 def _model():
     torch.manual_seed(0)
-    return _Tokens().double()
+    return TokenLinears().double()
 
 
 def _batch(seed, m=M):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, 3, 12, generator=gen, dtype=torch.float64), torch.randint(0, 3, (m,), generator=gen)
-
-
-def _at(model, theta):
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in twin.named_parameters():
-            p.copy_(theta[n])
-    return twin
 
 
 def _run(opt, model, k, steps, lr=0.2, damping=0.5):
@@ -70,9 +50,9 @@ def _run(opt, model, k, steps, lr=0.2, damping=0.5):
             got = opt.last_curvature_rows
             idx = got[x.shape[0]] if got is not None else torch.arange(x.shape[0])
             drawn.append(None if got is None else idx.tolist())
-            sub = per_sample_grads(_at(model, theta), x[idx], y[idx], "cross_entropy")
+            sub = per_sample_grads(model_at(model, theta), x[idx], y[idx], "cross_entropy")
             F_kept = fisher_from_grads(sub, names)
-        want = expected_steps(opt, _at(model, theta), F_kept, names, {n: t.mean(0) for n, t in rows.items()},
+        want = expected_steps(opt, model_at(model, theta), F_kept, names, {n: t.mean(0) for n, t in rows.items()},
                               lr, damping)
         for n, p in model.named_parameters():
             assert rel_err(p.detach() - theta[n], want[n]) <= 1e-8, (s, n)

@@ -66,14 +66,6 @@ def form_of(block) -> str:
     return "kronecker" if is_kron else "identity"
 
 
-def model_at(model, theta):
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in twin.named_parameters():
-            p.copy_(theta[n])
-    return twin
-
-
 @pytest.mark.parametrize("kind,k,max_numel", [("mlp", 2, 2 ** 26), ("mlp", 1, 0), ("conv", 2, 2 ** 26),
                                               ("conv", 2, 0), ("tokens", 3, 2 ** 26), ("tokens", 1, 0)])
 def test_prior_step_is_the_exact_damped_step_for_adams_diagonal(kind, k, max_numel):

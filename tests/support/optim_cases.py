@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOSSES", "ConvSeqNet", "TokenNet", "make_batch", "make_model", "perturb_parameters",
+__all__ = ["LOSSES", "ConvSeqNet", "TokenNet", "TokenLinears", "make_batch", "make_model", "perturb_parameters",
            "V", "E", "T", "N", "TiedEncoderLM", "ids_batch", "lm_loss"]
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -48,6 +48,18 @@ class TokenNet(nn.Module):
 
     def forward(self, x):                                   # x [m, 7] token ids
         return self.lin2(torch.tanh(self.lin1(self.norm(self.emb(x)))).mean(1))
+
+
+class TokenLinears(nn.Module):
+    """Linears on [m, T, d] tokens (T = 3, d 12 -> 20 -> 20 -> 3, mean over T): the explicit J is the
+    cheaper path for them (paths.py) and the larger form (P = d_in d_out > T (d_in + d_out))."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(12, 20), nn.Linear(20, 20), nn.Linear(20, 3)
+
+    def forward(self, x):                                   # x [m, 3, 12]
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).mean(1))
 
 
 def make_batch(kind: str, m: int, loss: str, gen: torch.Generator, dtype=torch.float64):

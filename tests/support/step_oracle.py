@@ -27,7 +27,7 @@ from .numerics import rel_err
 from .optim_cases import LOSSES, make_batch, make_model
 
 __all__ = ["per_sample_grads", "flat", "fisher_from_grads", "oracle_fisher", "dense_directions",
-           "expected_steps", "float64_twin", "run_against_oracle", "step_against_oracle", "two_steps"]
+           "expected_steps", "float64_twin", "model_at", "run_against_oracle", "step_against_oracle", "two_steps"]
 
 Loss = Union[str, Callable]
 
@@ -154,6 +154,16 @@ def expected_steps(opt, model, F_dense, names, g: Mapping[str, torch.Tensor], lr
                          damping, [n for n, p in opt.fallback if p.requires_grad])
     assert set(d) == set(names), set(d) ^ set(names)
     return {n: -lr * v for n, v in d.items()}
+
+
+def model_at(model: nn.Module, theta: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` at the parameters ``theta`` ({name: value}, e.g. before a step): the Fisher of a
+    step's rows is taken there."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            p.copy_(theta[n])
+    return twin
 
 
 def float64_twin(model: nn.Module) -> nn.Module:
