@@ -49,7 +49,6 @@ from torch import Tensor, nn
 
 from tengrad.optim.curvature.woodbury import Rows
 
-PRIORS = (None, "adam")
 DEFAULT_BETA = 0.999
 DEFAULT_FLOOR = 1e-2
 
