@@ -77,8 +77,7 @@ class SecondMoments:
         for p in params:
             if p.grad is None:
                 continue
-            g = p.grad.detach()
-            g = g.to_dense() if g.is_sparse else g
+            g = _dense_grad(p)
             st = state[p]
             v = st.get("prior_v")
             if v is None:
@@ -91,17 +90,9 @@ class SecondMoments:
             torch._foreach_addcmul_(vs, gs, gs, value=1.0 - self.beta)
 
 
-def _normalised(t: Tensor, floor: float) -> Tensor:
-    """sqrt(t) / mean(sqrt(t)), floored; all ones when t is all zero."""
-    s = t.clamp(min=0).sqrt()
-    mean = s.mean()
-    if not bool(mean > 0):
-        return torch.ones_like(s)
-    return (s / mean).clamp_(min=floor)
-
-
 def diagonal(vs: Sequence[Tensor], floor: float) -> list[Tensor]:
-    """delta per parameter of a block: sqrt(v) / (the block's mean of sqrt(v)), floored."""
+    """delta per parameter of a block: sqrt(v) / (the block's mean of sqrt(v)), floored; all ones when
+    v is all zero."""
     s = [v.clamp(min=0).sqrt() for v in vs]
     n = sum(t.numel() for t in s)
     mean = sum(t.sum() for t in s) / max(n, 1)
@@ -114,7 +105,7 @@ def kronecker(v_weight: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """(delta_out [o], delta_in [i]) from v of a weight [o, i, k...] (Adafactor's row and column means)."""
     dims_out = tuple(d for d in range(v_weight.dim()) if d != 0)
     dims_in = tuple(d for d in range(v_weight.dim()) if d != 1)
-    return _normalised(v_weight.mean(dims_out), floor), _normalised(v_weight.mean(dims_in), floor)
+    return diagonal([v_weight.mean(dims_out)], floor)[0], diagonal([v_weight.mean(dims_in)], floor)[0]
 
 
 def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
@@ -162,8 +153,13 @@ def second_moment(state: dict, p: Tensor, dtype: torch.dtype) -> Tensor:
         return v
     if p.grad is None:
         return torch.ones_like(p, dtype=dtype)
+    return _dense_grad(p).to(dtype).square()
+
+
+def _dense_grad(p: Tensor) -> Tensor:
+    """param.grad, detached and dense (Embedding(sparse=True) gives a sparse one)."""
     g = p.grad.detach()
-    return (g.to_dense() if g.is_sparse else g).to(dtype).square()
+    return g.to_dense() if g.is_sparse else g
 
 
 def rows_dtype(rows: Rows) -> torch.dtype:
