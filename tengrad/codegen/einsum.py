@@ -19,7 +19,9 @@ and then runs one of
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import opt_einsum
 import torch
@@ -53,26 +55,51 @@ def _plain(operands, out) -> bool:
 def pair(a: torch.Tensor, ia: tuple[str, ...], b: torch.Tensor, ib: tuple[str, ...],
          out: tuple[str, ...]) -> torch.Tensor:
     """``out[...] = sum a[ia] b[ib]`` (every index of ``out`` in ``a`` or ``b``); see the module docstring."""
-    a, ia = _sum_away(a, ia, tuple(out) + tuple(ib))
-    b, ib = _sum_away(b, ib, tuple(out) + tuple(ia))
-    batch = [i for i in out if i in ia and i in ib]
-    kept_a = [i for i in ia if i in out and i not in ib]
-    kept_b = [i for i in ib if i in out and i not in ia]
-    summed = [i for i in ia if i in ib and i not in out]
-    if not summed:          # a broadcast product: both operands laid out along out
+    r = _roles(tuple(ia), tuple(ib), tuple(out))
+    if r.gone_a:
+        a = a.sum(r.gone_a)
+    if r.gone_b:
+        b = b.sum(r.gone_b)
+    ia, ib = r.ia, r.ib
+    if not r.summed:        # a broadcast product: both operands laid out along out
         return _along(a, ia, out) * _along(b, ib, out)
-    if not kept_a and not kept_b:      # a dot per batch entry
-        order = batch + summed
+    if not r.kept_a and not r.kept_b:      # a dot per batch entry
+        order = r.batch + r.summed
         prod = _to(a, ia, order) * _to(b, ib, order)
-        res = prod.reshape(*prod.shape[:len(batch)], -1).sum(-1)
-        return _to(res, tuple(batch), out)
+        res = prod.reshape(*prod.shape[:len(r.batch)], -1).sum(-1)
+        return _to(res, r.batch, out)
     size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
-    summed = _contracted_order(a, ia, summed)
-    am = _matrix(a, ia, batch, kept_a, summed, size, left=True)
-    bm = _matrix(b, ib, batch, kept_b, summed, size, left=False)
-    res = torch.matmul(am, bm)
-    res = res.reshape([size[i] for i in batch + kept_a + kept_b])
-    return _to(res, tuple(batch + kept_a + kept_b), out)
+    summed = _contracted_order(a, ia, r.summed)
+    res = torch.matmul(_matrix(a, ia, r.batch, r.kept_a, summed, size, left=True),
+                       _matrix(b, ib, r.batch, r.kept_b, summed, size, left=False))
+    res = res.reshape([size[i] for i in r.result])
+    return _to(res, r.result, out)
+
+
+class _Roles(NamedTuple):
+    gone_a: tuple[int, ...]     # dims of a summed first (in neither b nor out)
+    gone_b: tuple[int, ...]
+    ia: tuple[str, ...]         # the indices left after those sums
+    ib: tuple[str, ...]
+    batch: tuple[str, ...]
+    kept_a: tuple[str, ...]
+    kept_b: tuple[str, ...]
+    summed: tuple[str, ...]     # contracted, in a's order
+    result: tuple[str, ...]     # the matmul's result: batch + kept_a + kept_b
+
+
+@functools.lru_cache(maxsize=4096)
+def _roles(ia: tuple[str, ...], ib: tuple[str, ...], out: tuple[str, ...]) -> _Roles:
+    """Each index's role in ``a[ia] * b[ib] -> out`` (worked out once per equation)."""
+    gone_a = tuple(d for d, i in enumerate(ia) if i not in out and i not in ib)
+    gone_b = tuple(d for d, i in enumerate(ib) if i not in out and i not in ia)
+    ia = tuple(i for d, i in enumerate(ia) if d not in gone_a)
+    ib = tuple(i for d, i in enumerate(ib) if d not in gone_b)
+    batch = tuple(i for i in out if i in ia and i in ib)
+    kept_a = tuple(i for i in ia if i in out and i not in ib)
+    kept_b = tuple(i for i in ib if i in out and i not in ia)
+    summed = tuple(i for i in ia if i in ib and i not in out)
+    return _Roles(gone_a, gone_b, ia, ib, batch, kept_a, kept_b, summed, batch + kept_a + kept_b)
 
 
 def _sum_away(t: torch.Tensor, idx: tuple[str, ...], keep: tuple[str, ...]):
@@ -96,10 +123,12 @@ def _along(t: torch.Tensor, idx: tuple[str, ...], out: tuple[str, ...]) -> torch
     return t.reshape([t.shape[have.index(i)] if i in have else 1 for i in out])
 
 
-def _contracted_order(a: torch.Tensor, ia: tuple[str, ...], summed: list[str]) -> list[str]:
+def _contracted_order(a: torch.Tensor, ia: tuple[str, ...], summed: tuple[str, ...]) -> tuple[str, ...]:
     """The contracted indices in ``a``'s memory order (outermost first), so ``a`` needs no copy."""
+    if len(summed) < 2:
+        return summed
     strides = dict(zip(ia, a.stride()))
-    return sorted(summed, key=lambda i: -strides[i])
+    return tuple(sorted(summed, key=lambda i: -strides[i]))
 
 
 def _matrix(t, idx, batch, kept, summed, size, left: bool) -> torch.Tensor:

@@ -229,6 +229,15 @@ class CompiledLayer:
         return tuple(self._execute(name, r, plan.term_order(sp, "vjp", order), u=u).reshape(q.shape)
                      for (r, sp), (name, q) in zip(runs, self.params))
 
+    def bound(self, x: torch.Tensor, gy: torch.Tensor) -> "BoundLayer":
+        """jvp and vjp on one stored batch (x, gy), checked and planned once: the optimizer's reuse
+        steps call them every step on the same kept rows, where the per-call checks of ``jvp`` and
+        ``vjp`` cost more than a small block's contraction."""
+        check_call(self, "gram", x, gy)      # x and gy alone (the quantities' own arguments come later)
+        plan, runs = self._runs(x, gy)
+        return BoundLayer(self, gy.dtype, [(r, plan.term_order(sp, "jvp", None), plan.term_order(sp, "vjp", None))
+                                            for r, sp in runs])
+
     def jacobian(self, x, gy) -> tuple[torch.Tensor, ...]:
         """Per-sample gradients, a tuple of [m, *param.shape]."""
         check_call(self, "jacobian", x, gy)
@@ -243,3 +252,31 @@ class CompiledLayer:
             return head + "\n  (no sizes yet: call gram/jvp/vjp or sized(x_shape, gy_shape) to plan)\n" + \
                 "\n".join(f"  term {t.param}: {t.spec.describe()}\n    roles {t.spec.roles_line()}" for t in self.terms)
         return head + "\n" + repr(self._last)
+
+
+class BoundLayer:
+    """A layer's terms bound to one (x, gy), their jvp and vjp orders looked up once (``CompiledLayer.bound``).
+
+    ``jvp(p)``: J p [m] for p shaped like the layer's parameters; ``vjp(u)``: J^T u, a tuple shaped like
+    them, for u [m]. The same steps as ``CompiledLayer.jvp/vjp`` with their chosen orders (no order
+    argument, no per-call checks of x and gy: they were checked when bound)."""
+
+    __slots__ = ("layer", "dtype", "terms", "shapes")
+
+    def __init__(self, layer: CompiledLayer, dtype: torch.dtype, terms: list) -> None:
+        self.layer, self.dtype, self.terms = layer, dtype, terms
+        self.shapes = [q.shape for _, q in layer.params]
+
+    def jvp(self, p: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(p) != len(self.shapes) or any(t.shape != s for t, s in zip(p, self.shapes)):
+            self.layer._check_like_params(p, "p", torch.empty(0, dtype=self.dtype))
+        out = None
+        for (run, order, _), (name, _), t in zip(self.terms, self.layer.params, p):
+            y = self.layer._execute(name, run, order, p=t.to(self.dtype))
+            out = y if out is None else out + y
+        return out
+
+    def vjp(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u = u.to(self.dtype)
+        return tuple(self.layer._execute(name, run, order, u=u).reshape(shape)
+                     for (run, _, order), (name, _), shape in zip(self.terms, self.layer.params, self.shapes))

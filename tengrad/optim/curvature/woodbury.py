@@ -50,7 +50,8 @@ class Rows:
     Jacobians as formed, e.g. J / m from the backward pass: no concatenated or rescaled copy is made).
     """
 
-    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep", "prior", "prior_note")
+    __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep", "prior", "prior_note",
+                 "_bound")
 
     def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
                  jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
@@ -59,6 +60,7 @@ class Rows:
         self.scale = float(scale) if pieces is not None else 1.0
         self.factor = 1.0           # R = factor * (the rows as held): a loss scale taken out (build.py)
         self._x_rep = None
+        self._bound = None          # (plan, plan.bound(x_rep, gy)): the reuse path's jvp/vjp, checked once
         self.prior = None           # S = D^-1/2 per parameter when these are the rows R S of a prior (prior.py)
         self.prior_note = None      # why a block under a prior keeps the identity prior
 
@@ -99,7 +101,7 @@ class Rows:
         """The same rows times ``f`` (no copy of the tensors)."""
         out = Rows(self.path, self.m, self.x, self.gy, self.jac, self.pieces, self.scale)
         out._copy_marks(self)
-        out.factor, out._x_rep = self.factor * f, self._x_rep
+        out.factor, out._x_rep, out._bound = self.factor * f, self._x_rep, self._bound
         return out
 
     def released(self) -> "Rows":
@@ -185,7 +187,7 @@ class Rows:
         if self.jac is not None:
             flat = g[0].reshape(-1) if len(g) == 1 else torch.cat([t.reshape(-1) for t in g])
             return self.jac @ flat.to(self.jac.dtype)
-        return plan.jvp(self.x_rep(), self.gy, list(g)).reshape(-1)
+        return self._bound_to(plan).jvp(g).reshape(-1)
 
     def jtu(self, plan, u: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         """R^T u shaped like ``like`` (the block's parameters), in the rows' dtype."""
@@ -201,7 +203,13 @@ class Rows:
                 back.append(flat[start:start + t.numel()].view(t.shape))
                 start += t.numel()
             return back
-        return list(plan.vjp(self.x_rep(), self.gy, u))
+        return list(self._bound_to(plan).vjp(u))
+
+    def _bound_to(self, plan):
+        """``plan.bound`` on these x and gy, made once (the x/gy rows are not changed in place once kept)."""
+        if self._bound is None or self._bound[0] is not plan:
+            self._bound = (plan, plan.bound(self.x_rep(), self.gy))
+        return self._bound[1]
 
     def tensors(self) -> dict[str, Tensor | None]:
         """What a checkpoint keeps: x (repeated to r rows) and gy, or "jac": R / scale (pieces side by side)."""
