@@ -37,6 +37,9 @@ def test_pair_matches_torch_einsum(case):
     got = contract(out, (a, ia), (b, ib))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    c = torch.randn(want.shape, dtype=torch.float64, generator=gen)       # + beta c (an addmm when one mm)
+    torch.testing.assert_close(contract(out, (a, ia), (b, ib), add=(c, 0.37)), want + 0.37 * c,
+                               rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=100, deadline=None)
@@ -46,6 +49,26 @@ def test_one_operand_sum_matches_torch_einsum(case):
     out = tuple(i for i in out if i in ia)
     a = _tensor(ia, sizes, layouts[0], torch.Generator().manual_seed(seed))
     torch.testing.assert_close(contract(out, (a, ia)), torch.einsum(equation(out, ia), a), rtol=1e-12, atol=1e-12)
+
+
+
+def test_bound_vjp_with_add_is_vjp_plus_beta_times_the_tensors():
+    """CompiledLayer.bound(x, gy).vjp(u, add, beta) == vjp(u) + beta * add, per parameter, on a Linear
+    over tokens (the addmm path) and a Conv2d (its weight gradient, then one addition)."""
+    import tengrad
+    gen = torch.Generator().manual_seed(1)
+    for module, x_shape, gy_shape in ((torch.nn.Linear(6, 5), (4, 3, 6), (4, 3, 5)),
+                                      (torch.nn.Conv2d(2, 3, 3, padding=1), (4, 2, 5, 5), (4, 3, 5, 5))):
+        module = module.double()
+        plan = tengrad.compile(module)
+        x = torch.randn(x_shape, dtype=torch.float64, generator=gen)
+        gy = torch.randn(gy_shape, dtype=torch.float64, generator=gen)
+        u = torch.randn(4, dtype=torch.float64, generator=gen)
+        c = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in module.parameters()]
+        plain = plan.vjp(x, gy, u)
+        added = plan.bound(x, gy).vjp(u, c, 0.25)
+        for want, ci, got in zip(plain, c, added):
+            torch.testing.assert_close(got, want + 0.25 * ci, rtol=1e-12, atol=1e-12)
 
 
 def test_repeated_index_falls_back_to_torch_einsum():

@@ -65,17 +65,30 @@ class StepRun:
     def finish(self, order: Order, out: torch.Tensor) -> torch.Tensor:
         return out
 
-    def execute(self, order: Order, p: torch.Tensor | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, order: Order, p: torch.Tensor | None = None, u: torch.Tensor | None = None,
+                add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """The order's result; with ``add = (c, beta)`` the result + beta * c (c shaped like the result,
+        e.g. a parameter beside its vjp): in the last step's own product where its handler can
+        (``adds``: the torch backend's contractions, as one addmm), else one addition after it."""
         env = {"X": self.x, "G": self.g}
         if p is not None:
             env["p"] = p.reshape(self.param_shape)
         if u is not None:
             env["u"] = u
+        last = order.steps[-1]
         for step in order.steps:
-            env[step.out.name] = self.handler(step)(self, step, env)
+            handler = self.handler(step)
+            if step is last and add is not None and getattr(handler, "adds", False):
+                env[step.out.name] = handler(self, step, env, add=add)
+                add = None
+            else:
+                env[step.out.name] = handler(self, step, env)
             if self.trace is not None:
                 self.trace.append(step)
-        return self.finish(order, env[order.steps[-1].out.name])
+        out = self.finish(order, env[last.out.name])
+        if add is not None:
+            out = torch.add(out, add[0].reshape(out.shape), alpha=add[1])
+        return out
 
     def _order(self, quantity: str, name: str) -> Order:
         for o in enumerate_orders(self.spec)[quantity]:

@@ -35,16 +35,21 @@ def equation(out: tuple[str, ...], *index_lists: tuple[str, ...]) -> str:
     return ",".join("".join(table[i] for i in idx) for idx in index_lists) + "->" + "".join(table[i] for i in out)
 
 
-def contract(out: tuple[str, ...], *operands: tuple[torch.Tensor, tuple[str, ...]], optimize="auto") -> torch.Tensor:
-    """``out[...] = sum prod operands`` over named indices (opt_einsum picks the pairwise path)."""
-    if len(operands) == 1 and _plain(operands, out):
-        (a, ia), = operands
-        return _to(*_sum_away(a, ia, out), out)
+def contract(out: tuple[str, ...], *operands: tuple[torch.Tensor, tuple[str, ...]], optimize="auto",
+             add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``out[...] = sum prod operands`` over named indices (opt_einsum picks the pairwise path);
+    ``add = (c, beta)`` with c laid out along ``out``: the result + beta * c (one addmm where the
+    product is one matrix product, ``pair``)."""
     if len(operands) == 2 and _plain(operands, out):
         (a, ia), (b, ib) = operands
-        return pair(a, ia, b, ib, out)
-    eq = equation(out, *(idx for _, idx in operands))
-    return opt_einsum.contract(eq, *(t for t, _ in operands), optimize=optimize, backend="torch")
+        return pair(a, ia, b, ib, out, add)
+    if len(operands) == 1 and _plain(operands, out):
+        (a, ia), = operands
+        res = _to(*_sum_away(a, ia, out), out)
+    else:
+        eq = equation(out, *(idx for _, idx in operands))
+        res = opt_einsum.contract(eq, *(t for t, _ in operands), optimize=optimize, backend="torch")
+    return res if add is None else torch.add(res, add[0], alpha=add[1])
 
 
 def _plain(operands, out) -> bool:
@@ -53,27 +58,40 @@ def _plain(operands, out) -> bool:
 
 
 def pair(a: torch.Tensor, ia: tuple[str, ...], b: torch.Tensor, ib: tuple[str, ...],
-         out: tuple[str, ...]) -> torch.Tensor:
-    """``out[...] = sum a[ia] b[ib]`` (every index of ``out`` in ``a`` or ``b``); see the module docstring."""
-    r = _roles(tuple(ia), tuple(ib), tuple(out))
+         out: tuple[str, ...], add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``out[...] = sum a[ia] b[ib]`` (every index of ``out`` in ``a`` or ``b``); see the module docstring.
+    ``add = (c, beta)``: + beta * c, c laid out along ``out`` (an addmm when the product is one mm)."""
+    res = _pair(a, ia, b, ib, tuple(out), add)
+    if add is None or res[1]:
+        return res[0]
+    return torch.add(res[0], add[0], alpha=add[1])
+
+
+def _pair(a, ia, b, ib, out, add) -> tuple[torch.Tensor, bool]:
+    """(the product, whether ``add`` went into it)."""
+    r = _roles(tuple(ia), tuple(ib), out)
     if r.gone_a:
         a = a.sum(r.gone_a)
     if r.gone_b:
         b = b.sum(r.gone_b)
     ia, ib = r.ia, r.ib
     if not r.summed:        # a broadcast product: both operands laid out along out
-        return _along(a, ia, out) * _along(b, ib, out)
+        return _along(a, ia, out) * _along(b, ib, out), False
     if not r.kept_a and not r.kept_b:      # a dot per batch entry
         order = r.batch + r.summed
         prod = _to(a, ia, order) * _to(b, ib, order)
         res = prod.reshape(*prod.shape[:len(r.batch)], -1).sum(-1)
-        return _to(res, r.batch, out)
+        return _to(res, r.batch, out), False
     size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
     summed = _contracted_order(a, ia, r.summed)
-    res = torch.matmul(_matrix(a, ia, r.batch, r.kept_a, summed, size, left=True),
-                       _matrix(b, ib, r.batch, r.kept_b, summed, size, left=False))
-    res = res.reshape([size[i] for i in r.result])
-    return _to(res, r.result, out)
+    am = _matrix(a, ia, r.batch, r.kept_a, summed, size, left=True)
+    bm = _matrix(b, ib, r.batch, r.kept_b, summed, size, left=False)
+    if add is not None and not r.batch and r.result == out:     # beta * c + A B in one product
+        c, beta = add
+        res = torch.addmm(c.reshape(am.shape[0], bm.shape[1]), am, bm, beta=beta)
+        return res.reshape(c.shape), True
+    res = torch.matmul(am, bm).reshape([size[i] for i in r.result])
+    return _to(res, r.result, out), False
 
 
 class _Roles(NamedTuple):

@@ -61,13 +61,21 @@ def _operand(env: dict, t) -> tuple[torch.Tensor, tuple[str, ...]]:
     return env[S.base(t.name)], t.indices
 
 
-def _contract(run: "TermRun", step: S.Contract, env: dict) -> torch.Tensor:
+def _contract(run: "TermRun", step: S.Contract, env: dict, add=None) -> torch.Tensor:
+    """The step's einsum; ``add = (c, beta)``: + beta * c (c reshaped to the result), in the product
+    itself when it is one matrix product (``einsum.contract``)."""
     ops = [_operand(env, t) for t in step.inputs]
     out = step.out.indices
+    if add is not None:
+        add = (add[0].reshape([run.sizes[i] for i in out]), add[1])
     if len(ops) == 2 and ops[0][1] == ops[1][1] and ops[0][1][len(ops[0][1]) - len(out):] == out:
         a, b = ops[0][0], ops[1][0]
-        return (a * b).reshape(-1, *a.shape[a.dim() - len(out):]).sum(0)
-    return contract(out, *ops)
+        res = (a * b).reshape(-1, *a.shape[a.dim() - len(out):]).sum(0)
+        return res if add is None else torch.add(res, add[0], alpha=add[1])
+    return contract(out, *ops, add=add)
+
+
+_contract.adds = True
 
 
 def _unfold(run: "TermRun", step: S.Unfold, env: dict) -> torch.Tensor:

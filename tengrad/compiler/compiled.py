@@ -276,7 +276,10 @@ class BoundLayer:
             out = y if out is None else out + y
         return out
 
-    def vjp(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def vjp(self, u: torch.Tensor, add: Sequence[torch.Tensor] | None = None, beta: float = 1.0) -> tuple[torch.Tensor, ...]:
+        """J^T u; with ``add`` (tensors shaped like the parameters): J^T u + beta * add, the sum formed
+        in the last product where it is one matrix product (a Linear's weight: one addmm)."""
         u = u.to(self.dtype)
-        return tuple(self.layer._execute(name, run, order, u=u).reshape(shape)
-                     for (run, _, order), (name, _), shape in zip(self.terms, self.layer.params, self.shapes))
+        adds = [None] * len(self.terms) if add is None else [(c.to(self.dtype), beta) for c in add]
+        return tuple(self.layer._execute(name, run, order, u=u, add=a).reshape(shape)
+                     for (run, _, order), (name, _), shape, a in zip(self.terms, self.layer.params, self.shapes, adds))

@@ -130,19 +130,14 @@ class LocalEstimator:
             self._pending[i] = curv
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
         us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
-        by_damping: dict[float, tuple[list, list]] = {}
         priored: tuple[list, list] = ([], [])
         for (i, b, group, _), curv, g, gp, u in zip(taking, curvs, gs, gps, us):
-            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, g), g)]
-            lists = by_damping.setdefault(curv.damping, ([], []))
-            lists[0].extend(back)
-            lists[1].extend(gp)
+            # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
+            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping), g)]
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
-        for a, (backs, grads) in by_damping.items():   # d = g / a + R^T u' in place on R^T u'
-            torch._foreach_add_(backs, grads, alpha=1.0 / a)
         if priored[0]:                                  # d = S d'
             torch._foreach_mul_(priored[0], priored[1])
         for (i, b, _, uses), curv in zip(taking, curvs):
