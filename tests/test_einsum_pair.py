@@ -4,7 +4,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tengrad.codegen.einsum import contract, equation
+from tengrad.codegen.einsum import Add, contract, equation
 
 LETTERS = "abcdef"
 
@@ -38,8 +38,12 @@ def test_pair_matches_torch_einsum(case):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     c = torch.randn(want.shape, dtype=torch.float64, generator=gen)       # + beta c (an addmm when one mm)
-    torch.testing.assert_close(contract(out, (a, ia), (b, ib), add=(c, 0.37)), want + 0.37 * c,
+    torch.testing.assert_close(contract(out, (a, ia), (b, ib), add=Add(c, 0.37)), want + 0.37 * c,
                                rtol=1e-12, atol=1e-12)
+    buf = torch.full(want.shape, float("nan"), dtype=torch.float64)      # written into a kept buffer
+    got = contract(out, (a, ia), (b, ib), add=Add(c, 0.37, buf))
+    torch.testing.assert_close(got, want + 0.37 * c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(buf, want + 0.37 * c, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=100, deadline=None)
@@ -67,8 +71,12 @@ def test_bound_vjp_with_add_is_vjp_plus_beta_times_the_tensors():
         c = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in module.parameters()]
         plain = plan.vjp(x, gy, u)
         added = plan.bound(x, gy).vjp(u, c, 0.25)
-        for want, ci, got in zip(plain, c, added):
+        bufs = [torch.full_like(ci, float("nan")) for ci in c]
+        into = plan.bound(x, gy).vjp(u, c, 0.25, bufs)
+        for want, ci, got, got_into, buf in zip(plain, c, added, into, bufs):
             torch.testing.assert_close(got, want + 0.25 * ci, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got_into, want + 0.25 * ci, rtol=1e-12, atol=1e-12)
+            assert got_into.data_ptr() == buf.data_ptr()
 
 
 def test_repeated_index_falls_back_to_torch_einsum():

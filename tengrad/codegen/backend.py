@@ -23,6 +23,7 @@ import torch
 from tengrad_ir import LayerSpec, Order, Step, enumerate_orders
 
 from ..errors import TengradError
+from .einsum import Add
 
 BACKENDS = ("torch", "triton")
 
@@ -66,10 +67,10 @@ class StepRun:
         return out
 
     def execute(self, order: Order, p: torch.Tensor | None = None, u: torch.Tensor | None = None,
-                add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        """The order's result; with ``add = (c, beta)`` the result + beta * c (c shaped like the result,
-        e.g. a parameter beside its vjp): in the last step's own product where its handler can
-        (``adds``: the torch backend's contractions, as one addmm), else one addition after it."""
+                add: Add | None = None) -> torch.Tensor:
+        """The order's result; with ``add`` (einsum.Add: c shaped like the result, e.g. a parameter
+        beside its vjp, and beta) the result + beta * c: in the last step's own product where its
+        handler can (``adds``: the torch backend's contractions, as one addmm), else one addition after it."""
         env = {"X": self.x, "G": self.g}
         if p is not None:
             env["p"] = p.reshape(self.param_shape)
@@ -87,7 +88,7 @@ class StepRun:
                 self.trace.append(step)
         out = self.finish(order, env[last.out.name])
         if add is not None:
-            out = torch.add(out, add[0].reshape(out.shape), alpha=add[1])
+            out = add.after(out)
         return out
 
     def _order(self, quantity: str, name: str) -> Order:

@@ -35,11 +35,28 @@ def equation(out: tuple[str, ...], *index_lists: tuple[str, ...]) -> str:
     return ",".join("".join(table[i] for i in idx) for idx in index_lists) + "->" + "".join(table[i] for i in out)
 
 
+class Add(NamedTuple):
+    """``result + beta * c``, c laid out like the result; written into ``out`` when given (a buffer the
+    caller keeps: a fresh parameter-sized tensor costs its page faults every step)."""
+    c: torch.Tensor
+    beta: float
+    out: torch.Tensor | None = None
+
+    def reshaped(self, shape) -> "Add":
+        return Add(self.c.reshape(shape), self.beta, None if self.out is None else self.out.view(shape))
+
+    def after(self, res: torch.Tensor) -> torch.Tensor:
+        """res + beta * c as one more pass (the product was not a single matrix product)."""
+        if self.out is None:
+            return torch.add(res, self.c.reshape(res.shape), alpha=self.beta)
+        return torch.add(res, self.c.reshape(res.shape), alpha=self.beta, out=self.out.view(res.shape))
+
+
 def contract(out: tuple[str, ...], *operands: tuple[torch.Tensor, tuple[str, ...]], optimize="auto",
-             add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+             add: Add | None = None) -> torch.Tensor:
     """``out[...] = sum prod operands`` over named indices (opt_einsum picks the pairwise path);
-    ``add = (c, beta)`` with c laid out along ``out``: the result + beta * c (one addmm where the
-    product is one matrix product, ``pair``)."""
+    ``add`` (c laid out along ``out``): the result + beta * c (one addmm where the product is one
+    matrix product, ``pair``)."""
     if len(operands) == 2 and _plain(operands, out):
         (a, ia), (b, ib) = operands
         return pair(a, ia, b, ib, out, add)
@@ -49,7 +66,7 @@ def contract(out: tuple[str, ...], *operands: tuple[torch.Tensor, tuple[str, ...
     else:
         eq = equation(out, *(idx for _, idx in operands))
         res = opt_einsum.contract(eq, *(t for t, _ in operands), optimize=optimize, backend="torch")
-    return res if add is None else torch.add(res, add[0], alpha=add[1])
+    return res if add is None else add.after(res)
 
 
 def _plain(operands, out) -> bool:
@@ -58,13 +75,13 @@ def _plain(operands, out) -> bool:
 
 
 def pair(a: torch.Tensor, ia: tuple[str, ...], b: torch.Tensor, ib: tuple[str, ...],
-         out: tuple[str, ...], add: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+         out: tuple[str, ...], add: Add | None = None) -> torch.Tensor:
     """``out[...] = sum a[ia] b[ib]`` (every index of ``out`` in ``a`` or ``b``); see the module docstring.
-    ``add = (c, beta)``: + beta * c, c laid out along ``out`` (an addmm when the product is one mm)."""
+    ``add``: + beta * c, c laid out along ``out`` (an addmm when the product is one mm)."""
     res = _pair(a, ia, b, ib, tuple(out), add)
     if add is None or res[1]:
         return res[0]
-    return torch.add(res[0], add[0], alpha=add[1])
+    return add.after(res[0])
 
 
 def _pair(a, ia, b, ib, out, add) -> tuple[torch.Tensor, bool]:
@@ -87,9 +104,9 @@ def _pair(a, ia, b, ib, out, add) -> tuple[torch.Tensor, bool]:
     am = _matrix(a, ia, r.batch, r.kept_a, summed, size, left=True)
     bm = _matrix(b, ib, r.batch, r.kept_b, summed, size, left=False)
     if add is not None and not r.batch and r.result == out:     # beta * c + A B in one product
-        c, beta = add
-        res = torch.addmm(c.reshape(am.shape[0], bm.shape[1]), am, bm, beta=beta)
-        return res.reshape(c.shape), True
+        mat = add.reshaped((am.shape[0], bm.shape[1]))
+        res = torch.addmm(mat.c, am, bm, beta=add.beta, out=mat.out)
+        return res.reshape(add.c.shape), True
     res = torch.matmul(am, bm).reshape([size[i] for i in r.result])
     return _to(res, r.result, out), False
 

@@ -34,7 +34,7 @@ from .backend import StepRun
 from . import conv_kernels
 from .conv_kernels import ConvLayout
 from .conv_transpose_kernels import ConvTransposeLayout
-from .einsum import contract
+from .einsum import Add, contract
 from .unfold import strided_unfold, window
 
 
@@ -61,17 +61,17 @@ def _operand(env: dict, t) -> tuple[torch.Tensor, tuple[str, ...]]:
     return env[S.base(t.name)], t.indices
 
 
-def _contract(run: "TermRun", step: S.Contract, env: dict, add=None) -> torch.Tensor:
-    """The step's einsum; ``add = (c, beta)``: + beta * c (c reshaped to the result), in the product
-    itself when it is one matrix product (``einsum.contract``)."""
+def _contract(run: "TermRun", step: S.Contract, env: dict, add: Add | None = None) -> torch.Tensor:
+    """The step's einsum; ``add``: + beta * c (c reshaped to the result), in the product itself when it
+    is one matrix product (``einsum.contract``)."""
     ops = [_operand(env, t) for t in step.inputs]
     out = step.out.indices
     if add is not None:
-        add = (add[0].reshape([run.sizes[i] for i in out]), add[1])
+        add = add.reshaped([run.sizes[i] for i in out])
     if len(ops) == 2 and ops[0][1] == ops[1][1] and ops[0][1][len(ops[0][1]) - len(out):] == out:
         a, b = ops[0][0], ops[1][0]
         res = (a * b).reshape(-1, *a.shape[a.dim() - len(out):]).sum(0)
-        return res if add is None else torch.add(res, add[0], alpha=add[1])
+        return res if add is None else add.after(res)
     return contract(out, *ops, add=add)
 
 

@@ -24,6 +24,7 @@ from tengrad_ir.lru import LRU
 from .binding import Shapes
 from .checks import check_call
 from ..codegen.backend import BACKENDS, Backend, backend_named
+from ..codegen.einsum import Add
 from ..errors import ShapeError, TengradError
 from ..layers.term import Term
 from .module_plan import ModulePlan
@@ -276,10 +277,14 @@ class BoundLayer:
             out = y if out is None else out + y
         return out
 
-    def vjp(self, u: torch.Tensor, add: Sequence[torch.Tensor] | None = None, beta: float = 1.0) -> tuple[torch.Tensor, ...]:
+    def vjp(self, u: torch.Tensor, add: Sequence[torch.Tensor] | None = None, beta: float = 1.0,
+            out: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
         """J^T u; with ``add`` (tensors shaped like the parameters): J^T u + beta * add, the sum formed
-        in the last product where it is one matrix product (a Linear's weight: one addmm)."""
+        in the last product where it is one matrix product (a Linear's weight: one addmm), written into
+        ``out`` (buffers shaped like the parameters, None for a fresh tensor) when given."""
         u = u.to(self.dtype)
-        adds = [None] * len(self.terms) if add is None else [(c.to(self.dtype), beta) for c in add]
+        n = len(self.terms)
+        outs = [None] * n if out is None else out
+        adds = [None] * n if add is None else [Add(c.to(self.dtype), beta, o) for c, o in zip(add, outs)]
         return tuple(self.layer._execute(name, run, order, u=u, add=a).reshape(shape)
                      for (run, _, order), (name, _), shape, a in zip(self.terms, self.layer.params, self.shapes, adds))

@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tengrad.optim.curvature import scratch
 from tengrad.optim.errors import TENGraDError
 
 Direction = tuple[Tensor, Tensor, Tensor, dict]
@@ -132,8 +133,10 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
         for p, d in zip(params, ds):
             st = state[p]
             buf = st.get("momentum_buffer")
-            if buf is None:
-                st["momentum_buffer"] = d          # first step: buf = nu d (d is owned by this step)
+            if buf is None:                        # first step: buf = nu d (d is owned by this step,
+                if scratch.is_kept(d):             # unless it lives in a kept buffer: curvature/scratch.py)
+                    d = d.clone()
+                st["momentum_buffer"] = d
                 first.append(d)
             else:
                 old.append(buf)

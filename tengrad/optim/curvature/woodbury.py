@@ -189,23 +189,27 @@ class Rows:
             return self.jac @ flat.to(self.jac.dtype)
         return self._bound_to(plan).jvp(g).reshape(-1)
 
-    def jtu(self, plan, u: Tensor, like: Sequence[Tensor], beta: float | None = None) -> list[Tensor]:
+    def jtu(self, plan, u: Tensor, like: Sequence[Tensor], beta: float | None = None,
+            out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
         """R^T u shaped like ``like`` (the block's parameters), in the rows' dtype; with ``beta``:
         R^T u + beta * like (the step's d = g / a + R^T u', formed in R^T u's own product where it is a
-        matrix product: one pass over a parameter-sized tensor less)."""
+        matrix product: one pass over a parameter-sized tensor less), written into ``out`` (buffers
+        shaped like ``like`` in the rows' dtype, None entries for fresh tensors) where given."""
         if self.factor != 1.0:
             u = u * self.factor
+        outs = [None] * len(like) if out is None or beta is None else list(out)
         if self.pieces is not None:     # R^T u = [P_i^T (scale u)]_i
             us = u * self.scale if self.scale != 1.0 else u
             if beta is None:
                 return [(p.T @ us.to(p.dtype)).view(t.shape) for p, t in zip(self.pieces, like)]
-            return [torch.addmv(t.reshape(-1).to(p.dtype), p.T, us.to(p.dtype), beta=beta).view(t.shape)
-                    for p, t in zip(self.pieces, like)]
+            return [torch.addmv(t.reshape(-1).to(p.dtype), p.T, us.to(p.dtype), beta=beta,
+                                out=None if o is None else o.view(-1)).view(t.shape)
+                    for p, t, o in zip(self.pieces, like, outs)]
         if self.jac is not None:
             if beta is not None and len(like) == 1:
-                t = like[0]
-                return [torch.addmv(t.reshape(-1).to(self.jac.dtype), self.jac.T, u.to(self.jac.dtype),
-                                    beta=beta).view(t.shape)]
+                t, o = like[0], outs[0]
+                return [torch.addmv(t.reshape(-1).to(self.jac.dtype), self.jac.T, u.to(self.jac.dtype), beta=beta,
+                                    out=None if o is None else o.view(-1)).view(t.shape)]
             flat = self.jac.T @ u.to(self.jac.dtype)
             back, start = [], 0
             for t in like:
@@ -213,8 +217,9 @@ class Rows:
                 back.append(piece if beta is None else piece.add_(t.to(piece.dtype), alpha=beta))
                 start += t.numel()
             return back
-        return list(self._bound_to(plan).vjp(u, like if beta is not None else None,
-                                             beta if beta is not None else 1.0))
+        if beta is None:
+            return list(self._bound_to(plan).vjp(u))
+        return list(self._bound_to(plan).vjp(u, like, beta, outs))
 
     def _bound_to(self, plan):
         """``plan.bound`` on these x and gy, made once (the x/gy rows are not changed in place once kept)."""

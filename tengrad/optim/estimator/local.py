@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, budget, consistency, paths, release, usage, woodbury
+from tengrad.optim.curvature import batched, budget, consistency, paths, release, scratch, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -45,6 +45,7 @@ class LocalEstimator:
         self._stats: tuple[list, list, list, int] = ([], [], [], 0)
         self._blocks: list[Block] = []
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
+        self._scratch = scratch.Scratch()        # the large parameters' direction buffers
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
         self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
@@ -133,7 +134,8 @@ class LocalEstimator:
         priored: tuple[list, list] = ([], [])
         for (i, b, group, _), curv, g, gp, u in zip(taking, curvs, gs, gps, us):
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
-            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping), g)]
+            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping,
+                                                                 out=self._scratch.buffers(b.params, g)), g)]
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
