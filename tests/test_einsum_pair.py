@@ -85,3 +85,17 @@ def test_repeated_index_falls_back_to_torch_einsum():
     b = torch.randn(4, 3, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(contract(("j",), (a, ("i", "i", "k")), (b, ("k", "j"))),
                                torch.einsum("iik,kj->j", a, b))
+
+
+def test_add_goes_into_the_product_in_either_layout():
+    """out = (o, i) and (i, o) of a[n, o] b[n, i]: both take the addmm (written into the kept buffer)."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    b = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    for out in (("o", "i"), ("i", "o")):
+        want = torch.einsum(equation(out, ("n", "o"), ("n", "i")), a, b)
+        c = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+        buf = torch.empty_like(c)
+        got = contract(out, (a, ("n", "o")), (b, ("n", "i")), add=Add(c, -0.5, buf))
+        torch.testing.assert_close(got, want - 0.5 * c, rtol=1e-12, atol=1e-12)
+        assert got.data_ptr() == buf.data_ptr()

@@ -1,6 +1,7 @@
 """Named-index einsum on torch tensors: ``contract(out, (t1, idx1), (t2, idx2), ...)``.
 
-One or two operands run through ``pair`` (below); more go to opt_einsum, which picks the pairwise path.
+Two operands run through ``pair`` (below), one through a sum; more (or an index repeated within an
+operand: a diagonal) go to opt_einsum, which picks the pairwise path.
 
 ``pair`` is torch.einsum's pairwise product written for the shapes the plans produce, where torch.einsum
 on a CPU is slow by up to 16x (measured, ViT-tiny's reuse step, torch 2.13): it classifies each index
@@ -70,7 +71,7 @@ def contract(out: tuple[str, ...], *operands: tuple[torch.Tensor, tuple[str, ...
 
 
 def _plain(operands, out) -> bool:
-    """No index repeated within one operand or the output (a diagonal: left to torch.einsum's pair)."""
+    """No index repeated within one operand or the output (a diagonal: left to opt_einsum)."""
     return all(len(set(idx)) == len(idx) for _, idx in operands) and len(set(out)) == len(out)
 
 
@@ -103,7 +104,9 @@ def _pair(a, ia, b, ib, out, add) -> tuple[torch.Tensor, bool]:
     summed = _contracted_order(a, ia, r.summed)
     am = _matrix(a, ia, r.batch, r.kept_a, summed, size, left=True)
     bm = _matrix(b, ib, r.batch, r.kept_b, summed, size, left=False)
-    if add is not None and not r.batch and r.result == out:     # beta * c + A B in one product
+    if add is not None and not r.batch and out in (r.result, r.kept_b + r.kept_a):   # beta c + A B, one product
+        if out != r.result:                     # out = (B^T A^T)'s layout
+            am, bm = bm.T, am.T
         mat = add.reshaped((am.shape[0], bm.shape[1]))
         res = torch.addmm(mat.c, am, bm, beta=add.beta, out=mat.out)
         return res.reshape(add.c.shape), True
