@@ -12,12 +12,12 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import tengrad  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
 from tengrad.optim.curvature import prior  # noqa: E402
 from tasks import fmnist_3c1f  # noqa: E402
+from prior_stability import first_steps  # noqa: E402
 
 MEAN = prior.diagonal
 
@@ -50,21 +50,9 @@ def main(argv=None) -> int:
     for norm in ["none"] + args.norms.split(","):
         if norm != "none":
             prior.diagonal = NORMS[norm]
-        torch.manual_seed(0)
-        model = task.model()
-        opt = tengrad.TENGraD(model, weight_decay=1e-3, **({} if norm == "none" else dict(prior="adam")))
-        batches = task.batches(data, 0)
-        rows = []
-        for s in range(args.steps):
-            x, y = next(batches)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            if s % 5 == 0:
-                rows.append((s, round(loss.item(), 3), round(opt.last_nu, 4)))
+        rows = first_steps(task, data, {} if norm == "none" else dict(prior="adam"), args.steps)
         prior.diagonal = MEAN
-        print(json.dumps({"prior normalised by": norm, "(step, loss, nu)": rows}), flush=True)
+        print(json.dumps({"prior normalised by": norm, "(step, loss, nu, r)": rows}), flush=True)
     return 0
 
 

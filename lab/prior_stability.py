@@ -31,21 +31,27 @@ def main(argv=None) -> int:
     task = fmnist_3c1f.task(train=30000, test=2000)
     data = task.load()
     for name, kw in ARMS.items():
-        torch.manual_seed(0)
-        model = task.model()
-        opt = tengrad.TENGraD(model, weight_decay=1e-3, **kw)
-        batches = task.batches(data, 0)
-        rows = []
-        for s in range(args.steps):
-            x, y = next(batches)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            if s % 5 == 0:
-                rows.append((s, round(loss.item(), 3), round(opt.last_nu, 4), round(opt.estimator.noise_ratio, 3)))
+        rows = first_steps(task, data, kw, args.steps)
         print(json.dumps({"arm": name, "options": kw, "(step, loss, nu, r)": rows}))
     return 0
+
+
+def first_steps(task, data, options: dict, steps: int) -> list[tuple]:
+    """(step, minibatch loss, nu, noise ratio) every 5 steps of TENGraD(**options) from seed 0's model and batches."""
+    torch.manual_seed(0)
+    model = task.model()
+    opt = tengrad.TENGraD(model, weight_decay=1e-3, **options)
+    batches = task.batches(data, 0)
+    rows = []
+    for s in range(steps):
+        x, y = next(batches)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if s % 5 == 0:
+            rows.append((s, round(loss.item(), 3), round(opt.last_nu, 4), round(opt.estimator.noise_ratio, 3)))
+    return rows
 
 
 if __name__ == "__main__":
