@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, budget, consistency, paths, release, scratch, usage, woodbury
+from tengrad.optim.curvature import batched, budget, consistency, paths, scratch, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -145,8 +145,6 @@ class LocalEstimator:
         for (i, b, _, uses), curv in zip(taking, curvs):
             if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
                 _unbind([b.plan] + [u.plan for u in uses])
-        if fresh:                   # a curvature step: its temporaries (captured rows, J's) are freed now
-            release.Trim(every=0).now(force=True)
         self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
         return out + fallback_directions(step)
@@ -167,7 +165,7 @@ class LocalEstimator:
         if not due_uses:
             return fresh, 1.0, tols
         first = min(due_uses, key=lambda i: (step.blocks[i].numel, i))
-        scale, trim = 1.0, release.Trim()
+        scale = 1.0
         for i, uses in due_uses.items():
             b = step.blocks[i]
             tols[i] = _tolerance(b, uses)
@@ -187,9 +185,7 @@ class LocalEstimator:
             if r.explicit_held:     # the plans' last bindings hold x, gy and a conv's windowed x
                 _unbind([b.plan] + [u.plan for u in uses])
             del r
-            _release(uses, trim)
-            trim.now()
-        trim.now(force=True)
+            _release(uses)
         f = step.row_factor / scale
         if f != 1.0:
             for i, (r, gram, whole) in fresh.items():
@@ -311,13 +307,13 @@ def _unbind(plans) -> None:
         getattr(plan, "unbind", lambda: None)()
 
 
-def _release(uses, trim: release.Trim) -> None:
+def _release(uses) -> None:
     """Drop a block's captured tensors once its rows and K exist: its records were taken from the capture,
     so the layer inputs and output gradients (and a J formed in the backward) are freed here, as
-    autograd frees them for SGD, unless the kept rows hold them (``trim`` counts the bytes,
-    curvature/release.py)."""
+    autograd frees them for SGD, unless the kept rows hold them. The freed heap stays with the process
+    (no malloc_trim): the next forward reuses it, and handing it back cost 10-15% of a curvature step in
+    page faults and trims without lowering the peak (docs/experiments/step-cost.md)."""
     for u in uses:
-        trim.add([u.x, u.grad, *u.rows, *(u.jac or ())])
         u.x, u.grad, u.rows, u.jac = None, None, [], None
 
 
