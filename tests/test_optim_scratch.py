@@ -2,7 +2,8 @@
 is the dense float64 oracle's step, and no momentum buffer is ever the kept buffer.
 
 ``scratch.MIN_NUMEL`` is lowered to 1 so the small test models' every parameter gets a buffer (the
-default gives one only to parameters of 2^20 elements and more)."""
+default gives one only to parameters of 2^20 elements and more), and ``stacked.SMALL`` to 0 so that no
+block is stepped in a stack instead (stacked.py)."""
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tengrad.optim import TENGraD
-from tengrad.optim.curvature import scratch
+from tengrad.optim.curvature import scratch, stacked
 
 from support.optim_cases import make_batch, make_model
 from support.step_oracle import run_against_oracle
@@ -19,6 +20,7 @@ from support.step_oracle import run_against_oracle
 @pytest.fixture
 def every_parameter(monkeypatch):
     monkeypatch.setattr(scratch, "MIN_NUMEL", 1)
+    monkeypatch.setattr(stacked, "SMALL", 0)         # no block is stepped in a stack (stacked.py)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv", "token"])
@@ -46,6 +48,7 @@ def _run(kind, steps, momentum=0.9):
 def test_momentum_never_adopts_a_kept_buffer(monkeypatch, kind):
     want, _ = _run(kind, 5)                           # no buffers (small parameters)
     monkeypatch.setattr(scratch, "MIN_NUMEL", 1)
+    monkeypatch.setattr(stacked, "SMALL", 0)
     got, opt = _run(kind, 5)
     bufs = [b.data_ptr() for b in opt.estimator._scratch.tensors()]
     assert bufs

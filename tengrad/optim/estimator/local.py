@@ -10,9 +10,10 @@ Per block b and step, with the group's damping a and weight decay (update.py ``g
 
 The blocks are solved together (curvature/batched.py): every K to factor this step (fresh, or kept
 with a changed damping) in one batched Cholesky per row count r, every u' in one batched
-``cholesky_solve`` against the stacked factors (kept across reuse steps), d = g / a + R^T u' as one
-foreach add per damping. Per block remain only R g and R^T u' (the plan's jvp/vjp on the block's x
-and gy, or mat-vecs on its explicit J).
+``cholesky_solve`` against the stacked factors (kept across reuse steps); the small explicit-J blocks'
+R g and d = g / a + R^T u' in a few operations over their rows side by side (curvature/stacked.py).
+Per block remain only the other blocks' R g and d (the plan's jvp/vjp on the block's x and gy, or
+mat-vecs on its explicit J, with g / a added in the product).
 
 A block that took no part in this forward is skipped (curvature/usage.py). The noise statistics
 tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block feed the gradient-noise ratio (noise.py);
@@ -25,7 +26,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, budget, consistency, paths, scratch, usage, woodbury
+from tengrad.optim.curvature import batched, budget, consistency, paths, scratch, stacked, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -46,6 +47,7 @@ class LocalEstimator:
         self._blocks: list[Block] = []
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self._scratch = scratch.Scratch()        # the large parameters' direction buffers
+        self._stacks: list[stacked.Stack] = []   # the small explicit-J blocks side by side (stacked.py)
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
         self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
@@ -85,7 +87,12 @@ class LocalEstimator:
         return self.noise.ratio
 
     def explain_lines(self, blocks: list[Block]) -> list[str]:
-        return [self.budget_line] if self.budget_line else []
+        lines = [self.budget_line] if self.budget_line else []
+        if self._stacks:
+            lines.append(f"  stacked (curvature/stacked.py): {sum(len(st.rows) for st in self._stacks)} small "
+                         f"explicit-J blocks stepped together in {len(self._stacks)} stack(s), "
+                         f"{sum(st.nbytes for st in self._stacks) / 2 ** 20:.2f} MB")
+        return lines
 
     def remove(self) -> None:
         """Nothing of its own is hooked to the model."""
@@ -122,20 +129,33 @@ class LocalEstimator:
         # a block with a prior: g' = S g into the solve, d = S d' out of it (prior.py)
         gps = [g if c.rows.prior is None else [gi * si.to(gi.dtype) for gi, si in zip(g, c.rows.prior)]
                for c, g in zip(curvs, gs)]
-        rgs = []
-        for (i, b, group, uses), curv, g in zip(taking, curvs, gps):
-            rg = curv.rows.jg(b.plan, g)
+        # the small explicit-J blocks' R g and d together (curvature/stacked.py), the others block by block
+        stacks = self._stacked(curvs, [b for _, b, _, _ in taking])
+        rgs: list = [None] * len(taking)
+        backs: list = [None] * len(taking)
+        flats = [st.flat([gps[k] for k in ks]) for st, ks in stacks]
+        for (st, ks), flat in zip(stacks, flats):
+            for k, rg in zip(ks, st.jg(flat)):
+                rgs[k] = rg
+        for k, ((i, b, group, uses), curv, g) in enumerate(zip(taking, curvs, gps)):
+            rg = rgs[k] if rgs[k] is not None else curv.rows.jg(b.plan, g)
             if i in fresh and fresh[i][2] and self.screens(step, b, curv, group):   # reuses the direction's R g
                 consistency.screen(b, curv.gram, rg, curv.m, tols[i])
-            rgs.append(rg)
+            rgs[k] = rg
             self._pending[i] = curv
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
         us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
+        for (st, ks), flat in zip(stacks, flats):
+            u = torch.stack([us[k] for k in ks]).to(st.jac.dtype)
+            beta = torch.tensor([1.0 / curvs[k].damping for k in ks], dtype=st.jac.dtype, device=st.jac.device)
+            for k, d in zip(ks, st.direction(flat, u, beta)):
+                backs[k] = d
         priored: tuple[list, list] = ([], [])
-        for (i, b, group, _), curv, g, gp, u in zip(taking, curvs, gs, gps, us):
+        for (i, b, group, _), curv, g, gp, u, back in zip(taking, curvs, gs, gps, us, backs):
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
-            back = [t.to(gi.dtype) for t, gi in zip(curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping,
-                                                                 out=self._scratch.buffers(b.params, g)), g)]
+            if back is None:
+                back = curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping, out=self._scratch.buffers(b.params, g))
+            back = [t.to(gi.dtype) for t, gi in zip(back, g)]
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
@@ -192,6 +212,27 @@ class LocalEstimator:
                 fresh[i] = (r.scaled(f), gram.mul_(f * f), whole)
         self.last_rows = drawn or None
         return fresh, scale, tols
+
+    def _stacked(self, curvs: list, blocks: list[Block]) -> list[tuple[stacked.Stack, list[int]]]:
+        """[(stack, positions in ``curvs``)]: the ``stacked.stackable`` blocks grouped by row count, dtype
+        and device, groups of two or more; a kept stack is reused while it holds the same rows."""
+        groups: dict[tuple, list[int]] = {}
+        for k, c in enumerate(curvs):
+            if stacked.stackable(c.rows):
+                src = c.rows.jac if c.rows.jac is not None else c.rows.pieces[0]
+                groups.setdefault((c.rows.n_rows, src.dtype, src.device), []).append(k)
+        kept = {id(st.rows[0]): st for st in self._stacks}
+        out = []
+        for ks in groups.values():
+            if len(ks) < 2:
+                continue
+            rows = [curvs[k].rows for k in ks]
+            st = kept.get(id(rows[0]))
+            if st is None or not st.holds(rows):
+                st = stacked.Stack(rows, [[p.shape for p in blocks[k].params] for k in ks])
+            out.append((st, ks))
+        self._stacks = [st for st, _ in out]
+        return out
 
     @staticmethod
     def _curvatures(step: StepInput, taking: list, fresh: dict) -> list[woodbury.BlockCurvature]:

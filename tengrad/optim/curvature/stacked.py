@@ -1,0 +1,102 @@
+"""R g and d = beta g + R^T u for many small explicit-Jacobian blocks in a few operations.
+
+A block b that keeps its rows as an explicit J, R_b [r, P_b] (woodbury.Rows, path "jacobian"), costs
+two mat-vecs per step: R_b g_b and R_b^T u_b. For a small block (a norm's affine, a bias, a thin conv)
+these take microseconds, and the Python and dispatch around them (reshapes, dtype checks, one addmv
+per parameter) take ten times that: a ResNet's 20 BatchNorm blocks cost more in a reuse step than its
+largest conv. So the blocks with the same r, dtype and device, no prior and at most ``SMALL`` elements
+of R each are copied side by side into one contiguous
+
+    J [r, N],  N = sum_b P_b           columns of block b: J[:, o_b : o_b + P_b] = f_b R_b
+    s [N]                              s[c] = the block of column c
+
+(f_b: the rows' loss-scale factor times the pieces' scale, folded into the copy), made once per set of
+rows (a curvature step) and then per step, with G [N] the blocks' g side by side (one cat):
+
+    R g      Y[b, i] = sum_{c: s[c] = b} J[i, c] G[c]            J * G, then index_add_ over c -> [B, r]
+    d        D[c]   = beta_{s[c]} G[c] + sum_i J[i, c] U[s[c], i]  U [B, r] the blocks' u, gathered by s
+
+and D split back into the parameters' shapes (views of one tensor). Both read J once, as the per-block
+mat-vecs do; the work is a few element-wise passes over r N elements, so ``SMALL`` keeps N r in cache.
+
+Memory: the copy of the small blocks' rows, at most B * SMALL elements (``Stack.nbytes``); the rows keep
+their own tensors too (checkpoints, explain()). Exact: the same sums in another order (float rounding
+only).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tengrad.optim.curvature.woodbury import Rows
+
+#: a block's explicit R of at most this many elements (512 KiB in float32) joins the stack
+SMALL = 1 << 17
+
+
+def stackable(rows: Rows) -> bool:
+    """Whether a block with these rows can join a stack: an explicit R, no prior, at most SMALL elements."""
+    if not rows.explicit_held or rows.prior is not None:
+        return False
+    cols = rows.jac.shape[1] if rows.jac is not None else sum(p.shape[1] for p in rows.pieces)
+    return rows.n_rows * cols <= SMALL
+
+
+class Stack:
+    """The rows of blocks b = 0..B-1 side by side (module docstring). ``rows``: each block's Rows (all
+    ``stackable``, with the same row count, dtype and device); ``shapes``: each block's parameter shapes
+    (the columns of its R in that order)."""
+
+    def __init__(self, rows: Sequence[Rows], shapes: Sequence[Sequence[torch.Size]]) -> None:
+        self.rows = list(rows)
+        self.shapes = [list(s) for s in shapes]
+        sizes = [[int(torch.Size(s).numel()) for s in ss] for ss in self.shapes]
+        self.sizes = [n for ss in sizes for n in ss]
+        widths = [sum(ss) for ss in sizes]
+        first = self.rows[0]
+        src = first.jac if first.jac is not None else first.pieces[0]
+        r, n = first.n_rows, sum(widths)
+        self.jac = src.new_empty(r, n)
+        start = 0
+        for b, (rw, w) in enumerate(zip(self.rows, widths)):
+            parts = [rw.jac] if rw.jac is not None else list(rw.pieces)
+            if rw.n_rows != r or sum(p.shape[1] for p in parts) != w:
+                raise ValueError(f"stacked block {b}: R is {rw.n_rows} x {sum(p.shape[1] for p in parts)}, "
+                                 f"expected {r} x {w} (one row count; the parameters' sizes)")
+            f = rw.factor * (rw.scale if rw.pieces is not None else 1.0)
+            for p in parts:
+                dst = self.jac[:, start:start + p.shape[1]]
+                if f != 1.0:
+                    torch.mul(p, f, out=dst)
+                else:
+                    dst.copy_(p)
+                start += p.shape[1]
+        self.seg = torch.repeat_interleave(torch.arange(len(self.rows), device=src.device),
+                                           torch.tensor(widths, device=src.device))
+
+    def holds(self, rows: Sequence[Rows]) -> bool:
+        """Whether this stack was made from exactly these rows objects, in this order."""
+        return len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
+
+    @property
+    def nbytes(self) -> int:
+        return self.jac.numel() * self.jac.element_size()
+
+    def flat(self, gs: Sequence[Sequence[Tensor]]) -> Tensor:
+        """G [N]: the blocks' g (per block, one tensor per parameter) side by side, in J's dtype."""
+        return torch.cat([t.reshape(-1) for g in gs for t in g]).to(self.jac.dtype)
+
+    def jg(self, g: Tensor) -> Tensor:
+        """R_b g_b of every block, [B, r] (row b: block b), for G [N] from ``flat``."""
+        out = self.jac.new_zeros(len(self.rows), self.jac.shape[0])
+        return out.index_add_(0, self.seg, (self.jac * g).T)
+
+    def direction(self, g: Tensor, u: Tensor, beta: Tensor) -> list[list[Tensor]]:
+        """d_b = beta_b g_b + R_b^T u_b of every block as views shaped like its parameters; G [N] from
+        ``flat``, u [B, r], beta [B]."""
+        d = (self.jac * u.T[:, self.seg]).sum(0)
+        d.addcmul_(beta.to(d.dtype)[self.seg], g)
+        pieces = iter(d.split(self.sizes))
+        return [[next(pieces).view(s) for s in ss] for ss in self.shapes]
