@@ -53,7 +53,12 @@ class TaskRun:
                 self.not_run = str(exc)
             except Exception as exc:  # noqa: BLE001 - a configuration the optimizer refuses is reported
                 self.diverged = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        self.sched = None
         if not (self.not_run or self.diverged):
+            if self.task.schedule is not None:      # every method alike (tasks/base.py schedule_factor)
+                from tasks.base import schedule_factor
+                self.sched = torch.optim.lr_scheduler.LambdaLR(
+                    self.opt, lambda n: schedule_factor(self.task.schedule, n, self.steps))
             self._point(float("nan"))
 
     def _point(self, train_loss: float) -> None:
@@ -75,6 +80,8 @@ class TaskRun:
         if why:
             self.diverged = f"step {self.n}: {why}"
             return
+        if self.sched is not None:
+            self.sched.step()
         self._loss_sum += lv
         self._loss_n += 1
         if self.n % self.eval_every == 0 or self.n == self.steps:

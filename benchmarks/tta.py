@@ -47,7 +47,7 @@ from tune import tuned_point  # noqa: E402
 # task settings a flag may override (None: the task's default); each task takes the ones it knows
 TASK_FLAGS = {"dataset": str, "train": int, "test": int, "epochs": float, "evals_per_epoch": int, "width": int,
               "hidden": int, "batch": int, "eval_every": int, "steps": int, "context": int, "d": int, "layers": int,
-              "n_val": int}
+              "n_val": int, "schedule": str}
 
 
 def build_parser() -> argparse.ArgumentParser:

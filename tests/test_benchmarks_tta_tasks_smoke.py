@@ -64,3 +64,27 @@ def test_robustness_lm_quick_one_cell(tmp_path, capsys):
     assert len(res) == 1 and res[0]["method"] == "tengrad" and res[0]["best"] == res[0]["best"]
     assert (tmp_path / "robustness_lm.png").stat().st_size > 0
     assert "damping \\ lr" in capsys.readouterr().out
+
+
+def test_schedule_is_cosine_to_zero_for_every_method():
+    from tasks.base import schedule_factor
+    from task_run import TaskRun
+    import tasks
+
+    assert schedule_factor(None, 5, 10) == 1.0
+    assert [round(schedule_factor("cosine", n, 4), 12) for n in range(5)] == [1.0, 0.853553390593, 0.5,
+                                                                               0.146446609407, 0.0]
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        schedule_factor("linear", 0, 4)
+    task = tasks.get("resnet", quick=True)
+    assert task.schedule == "cosine" and tasks.get("resnet", quick=True, schedule="none").schedule is None
+    data = task.load()
+    for method, hp in (("sgd", dict(lr=0.1)), ("tengrad", {})):
+        r = TaskRun(method, method, hp, task, data, steps=3)
+        lr0 = r.opt.param_groups[0]["lr"]
+        seen = []
+        while not r.done:
+            r.advance()
+            seen.append(r.opt.param_groups[0]["lr"] / lr0)
+        assert not r.diverged, r.diverged
+        assert seen == pytest.approx([0.75, 0.25, 0.0]), (method, seen)

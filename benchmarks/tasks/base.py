@@ -18,6 +18,8 @@ task it runs:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,6 +46,9 @@ class Task:
     # the issue-24 acceptance: TENGraD's defaults reach ``target`` in <= ``ratio`` x the time of the
     # fastest of ``peers`` (median over seeds)
     acceptance: dict = field(default_factory=dict)
+    # the learning rate over the run, for every method alike: None (constant) or "cosine" (lr_0 times
+    # (1 + cos(pi n / steps)) / 2 after step n, ``schedule_factor``)
+    schedule: str | None = None
 
     def reached(self, value: float, target: float) -> bool:
         """Whether ``value`` of the target metric meets ``target`` (NaN never does)."""
@@ -64,3 +69,15 @@ class Task:
         if value != value:
             return "-"
         return f"{100 * value:.2f}%" if self.metric.endswith("acc") else f"{value:.3f}"
+
+
+SCHEDULES = (None, "cosine")
+
+
+def schedule_factor(schedule: str | None, n: int, steps: int) -> float:
+    """The learning rate of step n + 1 (n = 0, 1, ...) over the initial one under ``schedule``."""
+    if schedule is None:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(n, steps) / max(1, steps)))
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {SCHEDULES}")

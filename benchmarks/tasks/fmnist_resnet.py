@@ -52,8 +52,10 @@ class WideResNet(nn.Module):
 
 def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, test: int = 0,
          batch: int = 128, width: int = 12, epochs: float = 4.0, evals_per_epoch: int = 4,
-         eval_every: int = 0, steps: int = 0) -> Task:
-    """The task; ``steps`` > 0 overrides ``epochs``, ``eval_every`` > 0 overrides ``evals_per_epoch``."""
+         eval_every: int = 0, steps: int = 0, schedule: str = "cosine") -> Task:
+    """The task; ``steps`` > 0 overrides ``epochs``, ``eval_every`` > 0 overrides ``evals_per_epoch``;
+    ``schedule``: the learning rate over the run for every method ("cosine" to zero, as WRN recipes
+    train; "none": constant, as the first data point in benchmarks/README.md was run)."""
     blocks = 2
     if quick:
         dataset, train, test, batch, width, blocks, epochs, evals_per_epoch = "digits", 256, 128, 32, 4, 1, 0.5, 2
@@ -86,5 +88,6 @@ def task(quick: bool = False, dataset: str = "fashion-mnist", train: int = 0, te
                       **{"tengrad-tuned": {}, "tengrad-prior": {}}),
         acceptance=dict(target=0.92, ratio=0.7, peers=["sgd", "adamw", "soap", "kfac"]),
         settings=dict(dataset=name, train=len(data[1]), test=len(data[3]), batch=batch, width=width,
-                      blocks=blocks, epochs=epochs, eval_every=every),
+                      blocks=blocks, epochs=epochs, eval_every=every, schedule=schedule),
+        schedule=None if schedule == "none" else schedule,
     )
