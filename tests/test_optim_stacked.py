@@ -71,3 +71,4 @@ def test_steps_match_the_oracle_with_and_without_the_stack(monkeypatch, small, k
     opt = run_against_oracle(kind, fisher, "cross_entropy", k, [6, 6, 5, 6, 6])
     used = opt.estimator._stacks
     assert (len(used) > 0) == (small > 0), used      # the stack ran (or not) as asked
+    assert ("stacked (curvature/stacked.py)" in opt.explain()) == (small > 0)
