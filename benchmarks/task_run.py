@@ -20,6 +20,7 @@ import torch
 
 from peers import NotRun, make_step
 from runner import round_robin, timed_step  # noqa: F401 - round_robin serves TaskRun too
+from tasks.base import schedule_factor
 
 
 @dataclass
@@ -56,7 +57,6 @@ class TaskRun:
         self.sched = None
         if not (self.not_run or self.diverged):
             if self.task.schedule is not None:      # every method alike (tasks/base.py schedule_factor)
-                from tasks.base import schedule_factor
                 self.sched = torch.optim.lr_scheduler.LambdaLR(
                     self.opt, lambda n: schedule_factor(self.task.schedule, n, self.steps))
             self._point(float("nan"))
