@@ -97,11 +97,16 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
             continue
         ratios = []
         for s in seeds:
+            ran = [r for r in runs if r["seed"] == s and r["method"] in peers and not r.get("not_run")]
+            if not ran:             # no peer in this seed: no ratio (not a win)
+                continue
             tt = spec.time_to(mine[s], t) if s in mine else None
-            pt = [spec.time_to(r, t) for r in runs if r["seed"] == s and r["method"] in peers and not r.get("not_run")]
-            pt = [v for v in pt if v is not None]
+            pt = [v for v in (spec.time_to(r, t) for r in ran) if v is not None]
             ratios.append(math.inf if tt is None else (tt / min(pt) if pt else 0.0))
-        med = statistics.median(ratios) if ratios else math.inf
+        if not ratios:
+            lines.append(f"{LABELS[arm]}: no peer of {'/'.join(peers)} ran beside it: no verdict")
+            continue
+        med = statistics.median(ratios)
         per = ", ".join("never" if v == math.inf else ("peers never" if v == 0 else f"{v:.2f}") for v in ratios)
         ok = med <= limit
         lines.append(f"{LABELS[arm]}: time to {spec.fmt_target(t)} / fastest of {'/'.join(peers)} that ran, per seed "
