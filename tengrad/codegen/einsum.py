@@ -16,7 +16,8 @@ and then runs one of
     no C, no A, no Bk  ->  elementwise product                      (broadcast)
     C, no A, no Bk     ->  (a * b) summed over C per batch entry     (a dot per entry: no [B, 1, C] x [B, C, 1] bmm)
     otherwise          ->  mm / bmm of [B, A, C] x [B, C, Bk], each operand viewed in whichever of
-                           [., A, C] or [., C, A]^T its memory already has (no transposing copy)
+                           [., A, C] or [., C, A]^T its memory already has (no transposing copy);
+                           with an ``Add`` (beta c + the product) one addmm / baddbmm
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def _pair(a, ia, b, ib, out, add) -> tuple[torch.Tensor, bool]:
             am, bm = bm.T, am.T
         mat = add.reshaped((am.shape[0], bm.shape[1]))
         res = torch.addmm(mat.c, am, bm, beta=add.beta, out=mat.out)
+        return res.reshape(add.c.shape), True
+    if add is not None and r.batch and out == r.result:     # beta c + A B per batch entry, one baddbmm
+        mat = add.reshaped((am.shape[0], am.shape[1], bm.shape[2]))
+        res = torch.baddbmm(mat.c, am, bm, beta=add.beta, out=mat.out)
         return res.reshape(add.c.shape), True
     res = torch.matmul(am, bm).reshape([size[i] for i in r.result])
     return _to(res, r.result, out), False

@@ -16,6 +16,14 @@ captured uses alone, before anything is formed (build.py ``forms``; s bytes per 
    move to x and gy): c = max(1, floor(M B / low)) of the M rows when low, those bytes at M rows, is
    over B (both forms are linear in the rows); the same rows for every block (estimator/local.py);
    the step is then the exact damped step of the Fisher of those rows;
+   and, for time, at most c_t rows (``time_rows``): a reuse step's J g and J^T u over all blocks, priced
+   by the roofline in the form each keeps (paths.py ``step_seconds``: S(M) at all M rows, linear in the
+   rows), at most TIME_SHARE (0.1) of the layers' forward and backward, 3 x their forwards F:
+   c_t = max(MIN_ROWS, floor(M TIME_SHARE 3F / S(M))) when S(M) > TIME_SHARE 3F (issue 23: a reuse
+   step <= 1.15x SGD's; per-block overheads and the update take the rest). The forward and backward are
+   those of the blocks' layers only (attention scores, norms and activations are not in it), so c_t errs
+   on the small side. A reuse step priced under TIME_FLOOR (1 ms) is never cut: there the per-block
+   overheads, not the products, are the cost, and small models stay exact;
 3. while kept > B at those rows, the block whose move from J to x and gy saves the most bytes moves
    (only moves that save bytes; a move costs reuse-step time, so none that the rows made unneeded;
    a moved block stays on x and gy at later steps, ``Block.memory_reuse``).
@@ -46,6 +54,9 @@ from tengrad.optim.curvature import build, memory, paths
 
 SHARE = 0.5             # TENGraD's kept curvature at most this share of T (issue 23)
 FLOOR = 16 * 2 ** 20    # auto budget: never below this many bytes (small models stay exact)
+TIME_SHARE = 0.1        # auto rows: a reuse step's products at most this share of the forward and backward
+MIN_ROWS = 4            # ... but never fewer rows than this for time (the memory cap may go lower)
+TIME_FLOOR = 1e-3       # ... and no cut for a reuse step priced under this many seconds (small models stay exact)
 AUTO = "auto"
 
 
@@ -128,19 +139,51 @@ def step_rules(step, due_uses: dict):
     rules = step.rules
     rows = rules.curvature_batch
     fixed = replace(rules, curvature_batch=None if rows == AUTO else rows)
+    if not due_uses:                # a reuse step: nothing is formed, no budget to work out
+        return fixed, None
     cap = budget_of(step, due_uses)
-    if cap is None or not due_uses:
+    if cap is None:
         return fixed, None
     forms = {i: build.forms(step.blocks[i], uses, fixed) for i, uses in due_uses.items()}
     other = sum(memory.kept_bytes(b.curv.rows) for i, b in enumerate(step.blocks)
                 if i not in due_uses and b.curv is not None and b.curv.rows is not None)
+    m = max(f[3] for f in forms.values())
     moved, c, kept = fit(forms, cap, rows, other)
+    cut = "fit" if c is not None else None
+    timed = None
+    if rows == AUTO:                # the time rule, at the rows and forms the memory left
+        secs = {i: build.seconds(step.blocks[i], uses, fixed) for i, uses in due_uses.items()}
+        before = c if c is not None else m
+        timed = time_rows(secs, {i: f[0] if i not in moved else paths.REUSE for i, f in forms.items()}, before, m)
+        if timed is not None:       # fewer rows for time: the moves they still need (perhaps none)
+            moved, _, kept = fit(forms, cap, timed[0], other)
+            c, cut = timed[0], "time"
     for i in moved:                 # sticky: its J is not formed again (build.py ``_choice``)
         step.blocks[i].memory_reuse = True
-    m = max(f[3] for f in forms.values())
+    why = {None: "", "fit": " (cut to fit: curvature_batch='auto')",
+           "time": f" (cut for time: curvature_batch='auto'; {before} rows priced at {timed[1] * 1e3:.3g} ms a "
+                   f"reuse step against ~{timed[2] * 1e3:.3g} ms for the layers' forward and backward)"
+           if timed is not None else ""}[cut]
     line = (f"  memory budget (curvature/budget.py): {cap / 2 ** 20:.1f} MB "
             f"({'curvature_memory=' + str(rules.curvature_memory) if rules.curvature_memory != AUTO else 'auto'}); "
             f"kept {kept / 2 ** 20:.1f} MB; {sum(1 for b in step.blocks if b.memory_reuse)} block(s) on x and gy "
             f"for it; last curvature step: {c if c is not None else min(m, rows) if isinstance(rows, int) else m} "
-            f"of {m} rows" + (" (cut to fit: curvature_batch='auto')" if c is not None else ""))
+            f"of {m} rows" + why)
     return (fixed if c is None else replace(fixed, curvature_batch=c)), line
+
+
+def time_rows(secs: dict, paths_of: dict, c: int, m: int) -> tuple[int, float, float] | None:
+    """The time rule of ``curvature_batch="auto"`` (module docstring): (fewer rows c_t, the reuse step's
+    seconds at c rows of m, the forward and backward's) when a reuse step at c rows would cost more than
+    TIME_SHARE of the layers' forward and backward and more than TIME_FLOOR, else None. ``secs``: {i: paths.StepSeconds or None}
+    of the due blocks at all m rows (None: not priced, no roofline), ``paths_of``: {i: the path each
+    keeps at c rows}."""
+    if not secs or any(v is None for v in secs.values()) or c <= MIN_ROWS:
+        return None
+    step = c / m * sum(secs[i].reuse if paths_of[i] == paths.REUSE and secs[i].reuse is not None
+                       else secs[i].jacobian for i in secs)
+    train = 3.0 * sum(v.forward for v in secs.values())
+    if step <= max(TIME_SHARE * train, TIME_FLOOR):
+        return None
+    t = max(MIN_ROWS, math.floor(c * TIME_SHARE * train / step))
+    return (t, step, train) if t < c else None

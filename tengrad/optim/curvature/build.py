@@ -159,11 +159,38 @@ def forms(b: Block, captured: list[Use], rules: Rules) -> tuple[str, int, int | 
     formed; curvature/budget.py prices the step's memory with it): (the path, the bytes of the explicit
     J = r P s, the bytes of x and gy = (|x| + |gy|) s or None when the block has no such form, the
     samples m). s: the compute dtype's bytes (integer ids keep theirs); r: the rows (m, or C m)."""
-    captured = [u for u in captured if u.received]
-    dtype = compute_dtype(b.params[0].dtype)
-    s = dtype.itemsize
-    if not captured:
+    sh = _shapes(b, captured, rules)
+    if sh is None:
         return paths.JACOBIAN, 0, None, 0
+    m, s, x_shape, gy_shape, x_size = sh
+    if x_shape is None:           # R = sum_u J_u, explicit (``_summed_rows``)
+        return paths.JACOBIAN, m * b.numel * s, None, m
+    choice = _choice(b, x_shape, gy_shape, rules, compute_dtype(b.params[0].dtype))
+    return choice.path, gy_shape[0] * b.numel * s, math.prod(x_shape) * x_size + math.prod(gy_shape) * s, m
+
+
+def seconds(b: Block, captured: list[Use], rules: Rules) -> paths.StepSeconds | None:
+    """What a reuse step of block ``b`` costs in each form, and its forward, priced from these uses'
+    sizes by the roofline (paths.py ``step_seconds``; curvature/budget.py's time rule); None without a
+    roofline or a capture."""
+    sh = _shapes(b, captured, rules) if rules.roofline is not None else None
+    if sh is None:
+        return None
+    m, s, x_shape, gy_shape, _ = sh
+    if x_shape is None:           # an explicit J summed over uses: no x/gy form, its forward not priced
+        return paths.StepSeconds(paths.matvec_seconds(m * b.numel, s, rules.roofline), None, 0.0)
+    x_rep = (gy_shape[0], *x_shape[1:])     # x repeated to gy's rows (the exact / MC Fisher's C m rows)
+    return paths.step_seconds(b.plan, x_rep, gy_shape, b.numel, rules.roofline, s, samples=m)
+
+
+def _shapes(b: Block, captured: list[Use], rules: Rules):
+    """(m, s, the x shape, the gy shape, x's bytes per element) of the rows these uses give, x and gy
+    shapes None when R is summed over uses (several calls, op-level uses: ``_summed_rows``); None
+    without a use that received an output gradient."""
+    captured = [u for u in captured if u.received]
+    s = compute_dtype(b.params[0].dtype).itemsize
+    if not captured:
+        return None
     moved = [sample_first(b, u, rules.layer_dims) for u in captured]
     by_forward: dict[int, list[Use]] = {}
     for u in moved:
@@ -172,19 +199,16 @@ def forms(b: Block, captured: list[Use], rules: Rules) -> tuple[str, int, int | 
     plain = (b.plan is not None and one_call
              and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
     m = sum(int(us[0].x.shape[0]) for us in by_forward.values())
-    empirical = rules.fisher == "empirical"
-    if not plain:                 # R = sum_u J_u, explicit (``_summed_rows``)
-        return paths.JACOBIAN, m * b.numel * s, None, m
+    if not plain:
+        return m, s, None, None, s
     x = moved[0].x
     x_shape = (m, *x.shape[1:])
-    if empirical and all(u.grad is not None for u in moved):
+    if rules.fisher == "empirical" and all(u.grad is not None for u in moved):
         gy_shape = (m, *moved[0].grad.shape[1:])
     else:                         # the curvature passes' rows, concatenated (fisher.output_rows)
         rows = moved[0].rows
         gy_shape = (len(rows) * m, *rows[0].shape[1:]) if rows else (m, *moved[0].grad.shape[1:])
-    choice = _choice(b, x_shape, gy_shape, rules, dtype)
-    n_x = math.prod(x_shape) * (s if x.is_floating_point() else x.element_size())
-    return choice.path, gy_shape[0] * b.numel * s, n_x + math.prod(gy_shape) * s, m
+    return m, s, x_shape, gy_shape, (s if x.is_floating_point() else x.element_size())
 
 
 def memory_choice(priced: paths.PathChoice) -> paths.PathChoice:

@@ -26,6 +26,7 @@ so the fixed weight w is replaced by what the machine measures (the optimizer pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tengrad.errors import TengradError
 from tengrad.optim.errors import TENGraDError
@@ -77,6 +78,32 @@ def choose(layer, x_shape, gy_shape, n_params: int, update_freq: int,
     if rp > max_jacobian_numel:
         return PathChoice(REUSE, f"{costs}; jacobian {r}x{n_params} over the memory cap")
     return PathChoice(JACOBIAN if explicit < reuse else REUSE, costs)
+
+
+class StepSeconds(NamedTuple):
+    """One block's reuse step priced by the roofline (``step_seconds``): with its explicit J, with x
+    and gy (None: no such form), and its layer's forward on the step's batch."""
+    jacobian: float
+    reuse: float | None
+    forward: float
+
+
+def matvec_seconds(rp: int, itemsize: int, roofline) -> float:
+    """J g and J^T u with an explicit J of ``rp`` elements: 4 r P flops reading J twice."""
+    return roofline.seconds(4 * rp, 2 * itemsize * rp)
+
+
+def step_seconds(layer, x_shape, gy_shape, n_params: int, roofline, itemsize: int = 4,
+                 samples: int | None = None) -> StepSeconds:
+    """A reuse step's J g and J^T u for one block with r = gy_shape[0] rows in each form (x_shape: x
+    repeated to those rows, as bound), and the forward of its m = ``samples`` samples (default r; the
+    chosen J p order's flops at m rows: the layer's forward with weights p, or as many flops), in seconds
+    (roofline.py)."""
+    jvp, vjp = priced(layer, x_shape, gy_shape, ("jvp", "vjp"))
+    r = int(gy_shape[0])
+    m = r if samples is None else int(samples)
+    reuse = roofline.seconds(jvp + vjp, 2 * itemsize * (_numel(x_shape) + _numel(gy_shape)))
+    return StepSeconds(matvec_seconds(r * n_params, itemsize, roofline), reuse, roofline.seconds(jvp * m / r, 0))
 
 
 def _numel(shape) -> int:

@@ -187,7 +187,7 @@ class Rows:
         if self.jac is not None:
             flat = g[0].reshape(-1) if len(g) == 1 else torch.cat([t.reshape(-1) for t in g])
             return self.jac @ flat.to(self.jac.dtype)
-        return self._bound_to(plan).jvp(g).reshape(-1)
+        return self.bound(plan).jvp(g).reshape(-1)
 
     def jtu(self, plan, u: Tensor, like: Sequence[Tensor], beta: float | None = None,
             out: Sequence[Tensor | None] | None = None) -> list[Tensor]:
@@ -218,10 +218,10 @@ class Rows:
                 start += t.numel()
             return back
         if beta is None:
-            return list(self._bound_to(plan).vjp(u))
-        return list(self._bound_to(plan).vjp(u, like, beta, outs))
+            return list(self.bound(plan).vjp(u))
+        return list(self.bound(plan).vjp(u, like, beta, outs))
 
-    def _bound_to(self, plan):
+    def bound(self, plan):
         """``plan.bound`` on these x and gy, made once (the x/gy rows are not changed in place once kept)."""
         if self._bound is None or self._bound[0] is not plan:
             self._bound = (plan, plan.bound(self.x_rep(), self.gy))

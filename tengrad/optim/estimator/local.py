@@ -11,7 +11,9 @@ Per block b and step, with the group's damping a and weight decay (update.py ``g
 The blocks are solved together (curvature/batched.py): every K to factor this step (fresh, or kept
 with a changed damping) in one batched Cholesky per row count r, every u' in one batched
 ``cholesky_solve`` against the stacked factors (kept across reuse steps); the small explicit-J blocks'
-R g and d = g / a + R^T u' in a few operations over their rows side by side (curvature/stacked.py).
+R g and d = g / a + R^T u' in a few operations over their rows side by side (curvature/stacked.py); the
+reuse-path blocks of one shape (a Transformer's equal Linears) in one batched contraction per term
+(curvature/grouped.py).
 Per block remain only the other blocks' R g and d (the plan's jvp/vjp on the block's x and gy, or
 mat-vecs on its explicit J, with g / a added in the product).
 
@@ -26,7 +28,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, budget, consistency, paths, scratch, stacked, usage, woodbury
+from tengrad.optim.curvature import batched, budget, consistency, grouped, paths, scratch, stacked, usage, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -48,6 +50,8 @@ class LocalEstimator:
         self._solver = batched.Solver()          # the stacked factors, kept across reuse steps
         self._scratch = scratch.Scratch()        # the large parameters' direction buffers
         self._stacks: list[stacked.Stack] = []   # the small explicit-J blocks side by side (stacked.py)
+        self._groups: list[grouped.Group] = []   # the reuse-path blocks of one shape batched (grouped.py)
+        self._group_keys: dict[int, tuple] = {}  # {id(rows): (rows, grouped.key)}: worked out once per rows
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
         self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
@@ -92,6 +96,10 @@ class LocalEstimator:
             lines.append(f"  stacked (curvature/stacked.py): {sum(len(st.rows) for st in self._stacks)} small "
                          f"explicit-J blocks stepped together in {len(self._stacks)} stack(s), "
                          f"{sum(st.nbytes for st in self._stacks) / 2 ** 20:.2f} MB")
+        if self._groups:
+            lines.append(f"  grouped (curvature/grouped.py): {sum(len(g.rows) for g in self._groups)} reuse-path "
+                         f"blocks of one shape stepped as batched contractions in {len(self._groups)} group(s), "
+                         f"{sum(g.nbytes for g in self._groups) / 2 ** 20:.2f} MB")
         return lines
 
     def remove(self) -> None:
@@ -131,11 +139,17 @@ class LocalEstimator:
                for c, g in zip(curvs, gs)]
         # the small explicit-J blocks' R g and d together (curvature/stacked.py), the others block by block
         stacks = self._stacked(curvs, [b for _, b, _, _ in taking])
+        # ... and the reuse-path blocks of one shape in batched contractions (curvature/grouped.py)
+        groups = self._grouped(curvs, [b for _, b, _, _ in taking])
         rgs: list = [None] * len(taking)
         backs: list = [None] * len(taking)
         flats = [st.flat([gps[k] for k in ks]) for st, ks in stacks]
         for (st, ks), flat in zip(stacks, flats):
             for k, rg in zip(ks, st.jg(flat)):
+                rgs[k] = rg
+        gstacks = [grp.stack([gps[k] for k in ks]) for grp, ks in groups]
+        for (grp, ks), p in zip(groups, gstacks):
+            for k, rg in zip(ks, grp.jg(p)):
                 rgs[k] = rg
         for k, ((i, b, group, uses), curv, g) in enumerate(zip(taking, curvs, gps)):
             rg = rgs[k] if rgs[k] is not None else curv.rows.jg(b.plan, g)
@@ -149,6 +163,11 @@ class LocalEstimator:
             u = torch.stack([us[k] for k in ks]).to(st.dtype)
             beta = torch.tensor([1.0 / curvs[k].damping for k in ks], dtype=st.dtype, device=st.device)
             for k, d in zip(ks, st.direction(flat, u, beta)):
+                backs[k] = d
+        for (grp, ks), p in zip(groups, gstacks):
+            u = torch.stack([us[k] for k in ks])
+            beta = torch.tensor([1.0 / curvs[k].damping for k in ks], dtype=grp.dtype, device=u.device)
+            for k, d in zip(ks, grp.direction(p, u, beta)):
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
         for (i, b, group, _), curv, g, gp, u, back in zip(taking, curvs, gs, gps, us, backs):
@@ -232,6 +251,31 @@ class LocalEstimator:
                 st = stacked.Stack(rows, [[p.shape for p in blocks[k].params] for k in ks])
             out.append((st, ks))
         self._stacks = [st for st, _ in out]
+        return out
+
+    def _grouped(self, curvs: list, blocks: list[Block]) -> list[tuple[grouped.Group, list[int]]]:
+        """[(group, positions in ``curvs``)]: the reuse-path blocks with one ``grouped.key``, groups of two
+        or more; a kept group is reused while it holds the same rows."""
+        keys, by_key = {}, {}
+        for k, (c, b) in enumerate(zip(curvs, blocks)):
+            seen = self._group_keys.get(id(c.rows))
+            if seen is None or seen[0] is not c.rows:
+                seen = (c.rows, grouped.key(c.rows, b.plan) if b.module_level else None)
+            keys[id(c.rows)] = seen
+            if seen[1] is not None:
+                by_key.setdefault(seen[1], []).append(k)
+        self._group_keys = keys
+        kept = {id(g.rows[0]): g for g in self._groups}
+        out = []
+        for ks in by_key.values():
+            if len(ks) < 2:
+                continue
+            rows = [curvs[k].rows for k in ks]
+            grp = kept.get(id(rows[0]))
+            if grp is None or not grp.holds(rows):
+                grp = grouped.Group(rows, [blocks[k].plan for k in ks])
+            out.append((grp, ks))
+        self._groups = [g for g, _ in out]
         return out
 
     @staticmethod
