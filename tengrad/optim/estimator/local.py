@@ -240,17 +240,9 @@ class LocalEstimator:
             if stacked.stackable(c.rows):
                 src = c.rows.jac if c.rows.jac is not None else c.rows.pieces[0]
                 groups.setdefault((c.rows.n_rows, src.dtype, src.device), []).append(k)
-        kept = {id(st.rows[0]): st for st in self._stacks}
-        out = []
-        for ks in groups.values():
-            if len(ks) < 2:
-                continue
-            rows = [curvs[k].rows for k in ks]
-            st = kept.get(id(rows[0]))
-            if st is None or not st.holds(rows):
-                st = stacked.Stack(rows, [[p.shape for p in blocks[k].params] for k in ks])
-            out.append((st, ks))
-        self._stacks = [st for st, _ in out]
+        self._stacks, out = _regroup(self._stacks, groups, curvs,
+                                     lambda rows, ks: stacked.Stack(rows, [[p.shape for p in blocks[k].params]
+                                                                           for k in ks]))
         return out
 
     def _grouped(self, curvs: list, blocks: list[Block]) -> list[tuple[grouped.Group, list[int]]]:
@@ -265,17 +257,8 @@ class LocalEstimator:
             if seen[1] is not None:
                 by_key.setdefault(seen[1], []).append(k)
         self._group_keys = keys
-        kept = {id(g.rows[0]): g for g in self._groups}
-        out = []
-        for ks in by_key.values():
-            if len(ks) < 2:
-                continue
-            rows = [curvs[k].rows for k in ks]
-            grp = kept.get(id(rows[0]))
-            if grp is None or not grp.holds(rows):
-                grp = grouped.Group(rows, [blocks[k].plan for k in ks])
-            out.append((grp, ks))
-        self._groups = [g for g, _ in out]
+        self._groups, out = _regroup(self._groups, by_key, curvs,
+                                     lambda rows, ks: grouped.Group(rows, [blocks[k].plan for k in ks]))
         return out
 
     @staticmethod
@@ -383,6 +366,23 @@ def _draw(drawn: dict, r: woodbury.Rows, rules) -> Tensor:
         perm = torch.randperm(r.m, generator=rules.generator)
         drawn[r.m] = perm[:rules.curvature_batch].sort().values.to(device)
     return drawn[r.m]
+
+
+def _regroup(kept: list, groups: dict, curvs: list, make) -> tuple[list, list]:
+    """(the objects now, [(object, positions in ``curvs``)]) for the ``groups`` {key: positions} of two or
+    more blocks: a ``kept`` stack or group (stacked.py, grouped.py) while it ``holds`` the same rows
+    objects, else ``make(rows, positions)``."""
+    by_first = {id(o.rows[0]): o for o in kept}
+    out = []
+    for ks in groups.values():
+        if len(ks) < 2:
+            continue
+        rows = [curvs[k].rows for k in ks]
+        o = by_first.get(id(rows[0]))
+        if o is None or not o.holds(rows):
+            o = make(rows, ks)
+        out.append((o, ks))
+    return [o for o, _ in out], out
 
 
 def _unbind(plans) -> None:
