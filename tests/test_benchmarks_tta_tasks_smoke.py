@@ -35,7 +35,9 @@ def test_tta_task_quick_writes_the_report(task, methods, tmp_path, capsys):
     assert tta.main(["--task", task, "--quick", "--no-tune", "--seeds", "0", "--methods", methods,
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "TENGraD (defaults)" in out and "acceptance" in out
+    assert "TENGraD (defaults)" in out
+    # a verdict against a peer that ran beside it, or none (TENGraD alone is not a win)
+    assert ("acceptance" in out) if "adamw" in methods else ("no verdict" in out and "acceptance" not in out)
     assert (tmp_path / "tta.png").stat().st_size > 0
     with open(tmp_path / "tta_seed0.json") as f:
         blob = json.load(f)
