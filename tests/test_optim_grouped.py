@@ -45,7 +45,6 @@ def test_group_matches_each_blocks_own_products(reps, factors, bias):
         torch.testing.assert_close(rg[b], rows[b].jg(plans[b], gs[b]), rtol=1e-12, atol=1e-12)
     u = torch.randn(3, reps * 5, generator=gen, dtype=torch.float64)
     for beta in ([0.5, 0.5, 0.5], [0.5, 2.0, 1.3]):
-        beta = torch.tensor(beta, dtype=torch.float64)
         got = grp.direction(p, u, beta)
         for b in range(3):
             want = rows[b].jtu(plans[b], u[b], gs[b], beta=float(beta[b]))

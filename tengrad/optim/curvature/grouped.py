@@ -80,9 +80,9 @@ class Group:
             xs = None if run.x is None else _stack([b.terms[j][0].x for b in bounds], stacks)
             gs = _stack([b.terms[j][0].g for b in bounds], stacks)
             self.terms.append((xs, gs, jvp, vjp, run.sizes, [run.sizes[i] for i in run.spec.param_indices]))
-        self.factors = [r.factor for r in self.rows]
-        self._f = None if all(f == 1.0 for f in self.factors) else torch.tensor(self.factors, dtype=self.dtype,
-                                                                                device=first.terms[0][0].g.device)
+        factors = [r.factor for r in self.rows]
+        self._f = None if all(f == 1.0 for f in factors) else torch.tensor(factors, dtype=self.dtype,
+                                                                           device=first.terms[0][0].g.device)
         self._out: list[Tensor | None] = [None] * len(self.terms)
 
     def holds(self, rows: Sequence[Rows]) -> bool:
@@ -112,15 +112,16 @@ class Group:
             out = y if out is None else out.add_(y)
         return out if self._f is None else out.mul_(self._f.unsqueeze(1))
 
-    def direction(self, p: Sequence[Tensor], u: Tensor, beta: Tensor) -> list[list[Tensor]]:
+    def direction(self, p: Sequence[Tensor], u: Tensor, beta: Sequence[float]) -> list[list[Tensor]]:
         """d_b = beta_b g_b + R_b^T u_b of every block, views shaped like its parameters; ``p`` from
-        ``stack``, u [B, r], beta [B]."""
+        ``stack``, u [B, r], ``beta``: B numbers (1 / damping; they differ only across param groups)."""
         u = u.to(self.dtype)
         if self._f is not None:
             u = u * self._f.unsqueeze(1)
-        same = bool((beta == beta[0]).all())
+        same = all(b == beta[0] for b in beta)
         if not same:                        # beta g + J^T u = beta (g + J^T (u / beta)): one beta per block
-            u = u / beta.to(self.dtype).unsqueeze(1)
+            scale = torch.tensor([float(b) for b in beta], dtype=self.dtype, device=u.device)
+            u = u / scale.unsqueeze(1)
         outs = []
         for j, ((xs, gs, _, vjp, sizes, pshape), pt) in enumerate(zip(self.terms, p)):
             shape = (len(self.rows), *pshape)
@@ -129,7 +130,7 @@ class Group:
             add = Add(pt.reshape(shape), float(beta[0]) if same else 1.0, self._out[j])
             d = _run(vjp, {"X": xs, "G": gs, "u": u}, sizes, add)
             if not same:
-                d.mul_(beta.to(d.dtype).reshape(-1, *[1] * (d.dim() - 1)))
+                d.mul_(scale.to(d.dtype).reshape(-1, *[1] * (d.dim() - 1)))
             outs.append(d.reshape(len(self.rows), *self.shapes[j]))
         return [[o[b] for o in outs] for b in range(len(self.rows))]
 

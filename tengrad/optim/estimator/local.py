@@ -166,8 +166,7 @@ class LocalEstimator:
                 backs[k] = d
         for (grp, ks), p in zip(groups, gstacks):
             u = torch.stack([us[k] for k in ks])
-            beta = torch.tensor([1.0 / curvs[k].damping for k in ks], dtype=grp.dtype, device=u.device)
-            for k, d in zip(ks, grp.direction(p, u, beta)):
+            for k, d in zip(ks, grp.direction(p, u, [1.0 / curvs[k].damping for k in ks])):
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
         for (i, b, group, _), curv, g, gp, u, back in zip(taking, curvs, gs, gps, us, backs):
