@@ -17,9 +17,10 @@ captured uses alone, before anything is formed (build.py ``forms``; s bytes per 
    over B (both forms are linear in the rows); the same rows for every block (estimator/local.py);
    the step is then the exact damped step of the Fisher of those rows;
    and, for time, at most c_t rows (``time_rows``): a reuse step's J g and J^T u over all blocks, priced
-   by the roofline in the form each keeps (paths.py ``step_seconds``: S(M) at all M rows, linear in the
-   rows), at most TIME_SHARE (0.1) of the layers' forward and backward, 3 x their forwards F:
-   c_t = max(MIN_ROWS, floor(M TIME_SHARE 3F / S(M))) when S(M) > TIME_SHARE 3F (issue 23: a reuse
+   by the roofline in the form each keeps at the c rows the memory left (c = M when it cut none;
+   paths.py ``step_seconds``: S(c), linear in the rows), at most TIME_SHARE (0.1) of the layers'
+   forward and backward, 3 x their forwards F:
+   c_t = max(MIN_ROWS, floor(c TIME_SHARE 3F / S(c))) when S(c) > TIME_SHARE 3F (issue 23: a reuse
    step <= 1.15x SGD's; per-block overheads and the update take the rest). The forward and backward are
    those of the blocks' layers only (attention scores, norms and activations are not in it), so c_t errs
    on the small side. A reuse step priced under TIME_FLOOR (1 ms) is never cut: there the per-block
@@ -175,9 +176,9 @@ def step_rules(step, due_uses: dict):
 def time_rows(secs: dict, paths_of: dict, c: int, m: int) -> tuple[int, float, float] | None:
     """The time rule of ``curvature_batch="auto"`` (module docstring): (fewer rows c_t, the reuse step's
     seconds at c rows of m, the forward and backward's) when a reuse step at c rows would cost more than
-    TIME_SHARE of the layers' forward and backward and more than TIME_FLOOR, else None. ``secs``: {i: paths.StepSeconds or None}
-    of the due blocks at all m rows (None: not priced, no roofline), ``paths_of``: {i: the path each
-    keeps at c rows}."""
+    TIME_SHARE of the layers' forward and backward and more than TIME_FLOOR, else None.
+    ``secs``: {i: paths.StepSeconds or None} of the due blocks at all m rows (None: not priced, no
+    roofline); ``paths_of``: {i: the path each keeps at c rows}."""
     if not secs or any(v is None for v in secs.values()) or c <= MIN_ROWS:
         return None
     step = c / m * sum(secs[i].reuse if paths_of[i] == paths.REUSE and secs[i].reuse is not None

@@ -69,8 +69,8 @@ class Group:
     compiled layers, whose parameters are the columns of the rows, in order)."""
 
     def __init__(self, rows: Sequence[Rows], plans: Sequence) -> None:
-        self.rows, self.plans = list(rows), list(plans)
-        bounds = [r.bound(p) for r, p in zip(self.rows, self.plans)]
+        self.rows = list(rows)
+        bounds = [r.bound(p) for r, p in zip(self.rows, plans)]
         first = bounds[0]
         self.dtype = first.dtype
         self.shapes = list(first.shapes)
