@@ -50,7 +50,11 @@ Direction = tuple[Tensor, Tensor, Tensor, dict]
 
 def gradient(p: Tensor, weight_decay: float, dtype: torch.dtype) -> Tensor:
     """param.grad (zeros when None; dense for Embedding(sparse=True)) + weight_decay * theta, in ``dtype``."""
-    g = p.grad.detach().to(dtype) if p.grad is not None else torch.zeros_like(p, dtype=dtype)
+    if p.grad is None:
+        g = torch.zeros_like(p, dtype=dtype)
+    else:
+        g = p.grad.detach()
+        g = g if g.dtype == dtype else g.to(dtype)      # a no-op .to() still costs a dispatch per parameter
     g = g.to_dense() if g.is_sparse else g
     return g + weight_decay * p.detach().to(dtype) if weight_decay else g
 
@@ -58,7 +62,10 @@ def gradient(p: Tensor, weight_decay: float, dtype: torch.dtype) -> Tensor:
 def dots(directions: Sequence[Direction]) -> Tensor:
     """<d, g> of every direction, float64 [n]: one pass over each pair, shared by the finiteness check
     and the KL clip (``check_finite``, ``kl_scale``)."""
-    return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)).to(torch.float64) for _, d, g, _ in directions])
+    prods = [torch.dot(d.reshape(-1), g.reshape(-1)) for _, d, g, _ in directions]
+    if all(t.dtype == prods[0].dtype for t in prods):       # one conversion, not one per parameter
+        return torch.stack(prods).to(torch.float64)
+    return torch.stack([t.to(torch.float64) for t in prods])
 
 
 def check_finite(directions: Sequence[Direction], labels: dict[int, str], products: Tensor | None = None) -> None:

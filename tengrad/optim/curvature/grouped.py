@@ -84,6 +84,7 @@ class Group:
         self._f = None if all(f == 1.0 for f in factors) else torch.tensor(factors, dtype=self.dtype,
                                                                            device=first.terms[0][0].g.device)
         self._out: list[Tensor | None] = [None] * len(self.terms)
+        self._p: list[Tensor | None] = [None] * len(self.terms)     # the stacked g per term (``stack``)
 
     def holds(self, rows: Sequence[Rows]) -> bool:
         """Whether this group was made from exactly these rows objects, in this order."""
@@ -100,8 +101,18 @@ class Group:
         return n
 
     def stack(self, gs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        """The blocks' g per term, [B, *param shape] each (g per block: one tensor per parameter)."""
-        return [torch.stack([g[j].to(self.dtype) for g in gs]) for j in range(len(self.terms))]
+        """The blocks' g per term, [B, *param shape] each (g per block: one tensor per parameter), copied
+        into buffers kept across steps (a fresh one is a new allocation the copy page-faults into; the
+        stack is read only within the step that made it)."""
+        out = []
+        for j in range(len(self.terms)):
+            parts = [g[j] if g[j].dtype == self.dtype else g[j].to(self.dtype) for g in gs]
+            shape = (len(parts), *parts[0].shape)
+            buf = self._p[j]
+            if buf is None or buf.shape != shape or buf.device != parts[0].device:
+                buf = self._p[j] = parts[0].new_empty(shape)
+            out.append(torch.stack(parts, out=buf))
+        return out
 
     def jg(self, p: Sequence[Tensor]) -> Tensor:
         """R_b g_b of every block, [B, r], for ``p`` from ``stack``."""

@@ -21,20 +21,56 @@ import torch
 from torch import Tensor
 
 
+NO_GRADIENT = "no gradient (its module took no part in this forward/backward)"
+ZERO_GRADIENT = "zero gradient and no captured forward (its module took no part in this forward)"
+
+
 def unused(params: Sequence[Tensor], record) -> str | None:
     """Why the block should be skipped, or None when it takes part in this step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return "no gradient (its module took no part in this forward/backward)"
-    captured = record is not None and (record.grad is not None or record.rows)
-    if not captured and not any(_nonzero(g) for g in grads):
-        return "zero gradient and no captured forward (its module took no part in this forward)"
-    return None
+    return unused_all([(params, record)])[0]
+
+
+def unused_all(blocks: Sequence[tuple[Sequence[Tensor], object]]) -> list[str | None]:
+    """``unused`` of every (params, record) at once: the blocks with no captured forward (every block
+    on a reuse step) have their gradients' heads checked for a non-zero entry in one multi-tensor
+    pass and one host sync (``_nonzero_all``), not one ``any`` and sync per block."""
+    why: list[str | None] = [None] * len(blocks)
+    check: list[tuple[int, list[Tensor]]] = []
+    for k, (params, record) in enumerate(blocks):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            why[k] = NO_GRADIENT
+        elif not (record is not None and (record.grad is not None or record.rows)):
+            check.append((k, grads))
+    if check:
+        flags = _nonzero_all([g for _, grads in check for g in grads])
+        start = 0
+        for k, grads in check:
+            if not any(flags[start:start + len(grads)]):
+                why[k] = ZERO_GRADIENT
+            start += len(grads)
+    return why
+
+
+def _nonzero_all(grads: Sequence[Tensor], head: int = 4096) -> list[bool]:
+    """Whether each gradient has a non-zero (or NaN) entry: the first ``head`` entries of every dense
+    contiguous one by one multi-tensor max |g| (a gradient that took part almost always has a non-zero
+    entry there), then, only for those whose head is all zero and for the others, ``_nonzero``."""
+    flags = [False] * len(grads)
+    heads, at = [], []
+    for k, g in enumerate(grads):
+        if g.layout == torch.strided and g.is_contiguous() and g.numel() > 0:
+            heads.append(g.reshape(-1)[:head])
+            at.append(k)
+    if heads:
+        peaks = torch.stack(torch._foreach_max(torch._foreach_abs(heads)))
+        for k, hit in zip(at, (peaks != 0).tolist()):      # NaN != 0: a NaN gradient takes part (and is reported)
+            flags[k] = hit
+    return [f or _nonzero(g) for f, g in zip(flags, grads)]
 
 
 def _nonzero(g: Tensor, head: int = 4096) -> bool:
-    """Whether ``g`` has a non-zero entry: its first ``head`` entries first (a gradient that took part
-    almost always has one there; a reuse step then reads 4096 numbers, not the whole gradient), then all."""
+    """Whether ``g`` has a non-zero entry: its first ``head`` entries first, then all."""
     flat = g.reshape(-1) if g.layout == torch.strided and g.is_contiguous() else None
     if flat is not None and flat.numel() > head and bool(flat[:head].any()):
         return True

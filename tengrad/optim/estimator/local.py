@@ -109,7 +109,7 @@ class LocalEstimator:
     def directions(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
         out: list[Direction] = []
         self._pending, self._blocks = {}, step.blocks
-        taking: list[tuple[int, Block, dict, list]] = []        # blocks that take part: (i, b, group, uses)
+        candidates: list[tuple[int, Block, dict, list | None]] = []   # (i, b, group, uses or None: not due)
         for i, b in enumerate(step.blocks):
             if not b.params:
                 skipped[b.name] = "frozen (no parameter of it requires grad)"
@@ -121,12 +121,15 @@ class LocalEstimator:
                 out += damped_identity(b.params, group)
                 continue
             due = self.due(b, step.steps, step.update_freq)
-            captured = step.uses.get(i, []) if due else []
-            why = usage.unused(b.params, captured[0] if captured else None)
+            candidates.append((i, b, group, step.uses.get(i, []) if due else None))
+        # blocks that take part: (i, b, group, uses); the others skipped with the reason (usage.py)
+        taking: list[tuple[int, Block, dict, list]] = []
+        whys = usage.unused_all([(b.params, uses[0] if uses else None) for _, b, _, uses in candidates])
+        for (i, b, group, uses), why in zip(candidates, whys):
             if why is not None:
                 skipped[b.name] = why
-                continue
-            taking.append((i, b, group, captured if due else None))
+            else:
+                taking.append((i, b, group, uses))
         due_uses = {i: uses for i, _, _, uses in taking if uses is not None}
         rules, line = budget.step_rules(step, due_uses)   # forms within the memory budget, the rows to sample
         self.budget_line = line if line is not None else self.budget_line
@@ -173,7 +176,7 @@ class LocalEstimator:
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
             if back is None:
                 back = curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping, out=self._scratch.buffers(b.params, g))
-            back = [t.to(gi.dtype) for t, gi in zip(back, g)]
+            back = [t if t.dtype == gi.dtype else t.to(gi.dtype) for t, gi in zip(back, g)]
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
