@@ -29,7 +29,7 @@ def test_stack_matches_each_blocks_own_products():
     rows, shapes = _blocks(r, gen)
     gs = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in ss] for ss in shapes]
     us = torch.randn(len(rows), r, generator=gen, dtype=torch.float64)
-    beta = torch.tensor([0.5, 2.0, 1.3], dtype=torch.float64)
+    beta = [0.5, 2.0, 1.3]
     st = stacked.Stack(rows, shapes)
     flat = st.flat(gs)
     got_rg = st.jg(flat)

@@ -22,7 +22,9 @@ from test_optim_memory_budget import M, _model, _run
 FIXED = roofline.Roofline(1e7, 1e7)
 
 
-def test_time_rows_cuts_to_the_share_of_forward_and_backward():
+def test_time_rows_cuts_to_the_share_of_forward_and_backward(monkeypatch):
+    monkeypatch.setattr(budget, "TIME_SHARE", 0.1)      # round numbers below; the formula reads the module's
+    monkeypatch.setattr(budget, "MIN_ROWS", 4)
     J, R = paths.JACOBIAN, paths.REUSE
     secs = {0: StepSeconds(jacobian=2.0, reuse=6.0, forward=4.0), 1: StepSeconds(jacobian=1.0, reuse=None, forward=6.0)}
     # at c = 32 of 32 rows with block 0 on J: step 3 s against 3 * 10 s; 3 > 0.1 * 30 fails, so no cut

@@ -131,7 +131,7 @@ class TENGraD(torch.optim.Optimizer):
     (curvature/consistency.py ``screen``: no extra product with R).
     ``opt.explain()`` (also ``repr``) lists each block, its path choice and the fallback parameters.
     ``curvature_batch``: "auto" (default: every row of the batch, fewer when the memory budget needs
-    it or when a reuse step's products, priced by the roofline, would cost over 0.1 of the layers'
+    it or when a reuse step's products, priced by the roofline, would cost over 0.07 of the layers'
     forward and backward: curvature/budget.py ``time_rows``), None (every row, always) or c: each curvature step samples min(c, m) of its m rows (the same
     rows for every block, ``generator`` or torch's, kept in ``opt.last_curvature_rows``); the step is the
     exact damped step of the Fisher of those rows and the gradient is the whole batch's (single process).

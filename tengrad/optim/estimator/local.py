@@ -163,9 +163,8 @@ class LocalEstimator:
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
         us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
         for (st, ks), flat in zip(stacks, flats):
-            u = torch.stack([us[k] for k in ks]).to(st.dtype)
-            beta = torch.tensor([1.0 / curvs[k].damping for k in ks], dtype=st.dtype, device=st.device)
-            for k, d in zip(ks, st.direction(flat, u, beta)):
+            u = torch.stack([us[k] for k in ks])
+            for k, d in zip(ks, st.direction(flat, u, [1.0 / curvs[k].damping for k in ks])):
                 backs[k] = d
         for (grp, ks), p in zip(groups, gstacks):
             u = torch.stack([us[k] for k in ks])
