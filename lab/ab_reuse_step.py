@@ -28,3 +28,5 @@ for r in range(int(sys.argv[2]) if len(sys.argv) > 2 else 15):
         t = time.perf_counter(); step(mm, oo); T[k].append(time.perf_counter() - t)
 s, t = statistics.median(T["sgd"]), statistics.median(T["tengrad"])
 print(f"{name}: sgd {s*1e3:.1f} ms, tengrad reuse {t*1e3:.1f} ms, ratio {t/s:.3f}")
+line = [l.strip() for l in o.explain().splitlines() if "memory budget" in l]
+print("   ", line[0][:200] if line else "(no budget line)")
