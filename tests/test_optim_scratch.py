@@ -3,7 +3,8 @@ is the dense float64 oracle's step, and no momentum buffer is ever the kept buff
 
 ``scratch.MIN_NUMEL`` is lowered to 1 so the small test models' every parameter gets a buffer (the
 default gives one only to parameters of 2^20 elements and more), and ``stacked.SMALL`` to 0 so that no
-block is stepped in a stack instead (stacked.py)."""
+block is stepped in a stack instead (stacked.py); d is always formed (no update.Deferred: that path has
+tests/test_optim_deferred.py)."""
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from tengrad.optim import TENGraD
 from tengrad.optim.curvature import scratch, stacked
+from tengrad.optim.estimator import local
 
 from support.optim_cases import make_batch, make_model
 from support.step_oracle import run_against_oracle
@@ -21,6 +23,7 @@ from support.step_oracle import run_against_oracle
 def every_parameter(monkeypatch):
     monkeypatch.setattr(scratch, "MIN_NUMEL", 1)
     monkeypatch.setattr(stacked, "SMALL", 0)         # no block is stepped in a stack (stacked.py)
+    monkeypatch.setattr(local, "_deferrable", lambda *a: False)   # d formed (not update.Deferred)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv", "token"])
@@ -49,6 +52,7 @@ def test_momentum_never_adopts_a_kept_buffer(monkeypatch, kind):
     want, _ = _run(kind, 5)                           # no buffers (small parameters)
     monkeypatch.setattr(scratch, "MIN_NUMEL", 1)
     monkeypatch.setattr(stacked, "SMALL", 0)
+    monkeypatch.setattr(local, "_deferrable", lambda *a: False)
     got, opt = _run(kind, 5)
     bufs = [b.data_ptr() for b in opt.estimator._scratch.tensors()]
     assert bufs

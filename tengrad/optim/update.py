@@ -29,7 +29,11 @@ max_lr / div_factor, so while its lr rises the reference rises with it (the clip
 bounds those steps) and its annealing phase shrinks the step.
 
 ``directions`` is a list of (param, d, g, group): d the preconditioned direction and g the gradient of
-one parameter (compute dtype), group its param group (lr, momentum).
+one parameter (compute dtype), group its param group (lr, momentum). For a large block d may be a
+``Deferred`` shared by the block's parameters (consecutive entries): d = beta g + R^T u is never formed as
+a tensor; <d, g> = beta |g|^2 + u^T (R g) comes from the solve's own R g, and ``apply`` forms nu d straight
+into each momentum buffer (or parameter), so the step holds no parameter-sized d (issue 23: on the 4096
+MLP d was 64 MiB, a third of SGD's working memory) and skips a write and a read of it.
 
 Update (heavy ball, like torch.optim.SGD, per group)::
 
@@ -59,10 +63,43 @@ def gradient(p: Tensor, weight_decay: float, dtype: torch.dtype) -> Tensor:
     return g + weight_decay * p.detach().to(dtype) if weight_decay else g
 
 
+class Deferred:
+    """d = beta g + R^T u of one block, kept as its parts (module docstring): ``rows`` (woodbury.Rows) and
+    ``plan`` give R^T, ``u`` [r] the solve's u' (R's loss-scale factor is applied by ``rows``), ``rg`` = R g
+    [r] (factor included), ``beta`` = 1 / damping, ``params`` and ``gs`` the block's parameters and their
+    gradients (compute dtype, the parameters' own)."""
+
+    def __init__(self, rows, plan, u: Tensor, rg: Tensor, beta: float, params: Sequence[Tensor],
+                 gs: Sequence[Tensor]) -> None:
+        self.rows, self.plan, self.u, self.rg, self.beta = rows, plan, u, rg, float(beta)
+        self.params, self.gs = list(params), list(gs)
+        norms = torch._foreach_norm(self.gs)
+        square = torch.stack(norms).to(torch.float64).square().sum() if norms else torch.zeros((), dtype=torch.float64)
+        #: <d, g> over the block = beta |g|^2 + u^T (R g)
+        self.product = self.beta * square + torch.dot(u.reshape(-1), rg.reshape(-1).to(u.dtype)).to(torch.float64)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.rg).all())
+
+    def add_to(self, targets: Sequence[Tensor], scale: float) -> None:
+        """targets[i] += scale * d_i, in place: scale beta g_i in one multi-tensor pass, then R^T (scale u)
+        added in R^T u's own product where the form allows (woodbury.Rows.jtu), else copied in."""
+        torch._foreach_add_(list(targets), self.gs, alpha=scale * self.beta)
+        back = self.rows.jtu(self.plan, self.u * scale, targets, beta=1.0, out=targets)
+        for t, b in zip(targets, back):
+            if b.data_ptr() != t.data_ptr():
+                t.copy_(b.view(t.shape))
+
+
 def dots(directions: Sequence[Direction]) -> Tensor:
     """<d, g> of every direction, float64 [n]: one pass over each pair, shared by the finiteness check
     and the KL clip (``check_finite``, ``kl_scale``)."""
-    prods = [torch.dot(d.reshape(-1), g.reshape(-1)) for _, d, g, _ in directions]
+    prods = []
+    for p, d, g, _ in directions:
+        if isinstance(d, Deferred):     # the block's <d, g> on its first parameter, 0 on the others
+            prods.append(d.product if p is d.params[0] else d.product.new_zeros(()))
+        else:
+            prods.append(torch.dot(d.reshape(-1), g.reshape(-1)))
     if all(t.dtype == prods[0].dtype for t in prods):       # one conversion, not one per parameter
         return torch.stack(prods).to(torch.float64)
     return torch.stack([t.to(torch.float64) for t in prods])
@@ -87,7 +124,7 @@ def check_finite(directions: Sequence[Direction], labels: dict[int, str], produc
         if not bool(torch.isfinite(g).all()):
             raise TENGraDError(f"{labels.get(id(p), 'a parameter')}: non-finite gradient")
     for p, d, _, _ in directions:
-        if not bool(torch.isfinite(d).all()):
+        if not (d.finite() if isinstance(d, Deferred) else bool(torch.isfinite(d).all())):
             raise TENGraDError(f"{labels.get(id(p), 'a parameter')}: the preconditioned direction "
                                "has non-finite entries")
 
@@ -126,7 +163,11 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
     is the optimizer's per-parameter state (``state[p]["momentum_buffer"]``). The directions are owned
     by the step and are scaled or kept as momentum buffers in place."""
     by_group: dict[int, tuple[dict, list, list]] = {}
+    deferred: dict[int, tuple[Deferred, dict]] = {}
     for p, d, _, group in directions:
+        if isinstance(d, Deferred):
+            deferred.setdefault(id(d), (d, group))
+            continue
         entry = by_group.setdefault(id(group), (group, [], []))
         entry[1].append(p)
         entry[2].append(d if d.dtype == p.dtype else d.to(p.dtype))
@@ -154,3 +195,20 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
             torch._foreach_mul_(old, momentum)
             torch._foreach_add_(old, new, alpha=nu)
         torch._foreach_add_(params, [state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
+    for d, group in deferred.values():               # nu d formed into the buffers (Deferred.add_to)
+        group["kl_clip_lr"] = reference_lr(group)
+        momentum = group["momentum"]
+        if not momentum:                              # theta += -lr nu d
+            d.add_to([p.detach() for p in d.params], -group["lr"] * nu)
+            continue
+        bufs = []
+        for p in d.params:
+            st = state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:                           # first step: buf = nu d
+                buf = st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:                                     # buf = momentum buf + nu d
+                buf.mul_(momentum)
+            bufs.append(buf)
+        d.add_to(bufs, nu)
+        torch._foreach_add_([p.detach() for p in d.params], bufs, alpha=-group["lr"])

@@ -10,7 +10,10 @@ step; d lives in it from the moment it is formed until the momentum update has r
 never adopted as one).
 
 Memory: the buffers are what the step's peak held anyway (the directions), now held between steps
-too: sum of the large parameters' sizes in the compute dtype.
+too: sum of the large parameters' sizes in the compute dtype. Most large blocks no longer need one:
+their d is never formed (update.Deferred, estimator/local.py ``_deferrable``: nu d goes straight into the
+momentum buffer); a buffer is made only for a large block with a prior, a parameter without a gradient or
+one not in the compute dtype.
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.noise import NoiseScale
+from tengrad.optim import update
 from tengrad.optim.update import gradient
 
 
@@ -171,8 +172,13 @@ class LocalEstimator:
             for k, d in zip(ks, grp.direction(p, u, [1.0 / curvs[k].damping for k in ks])):
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
-        for (i, b, group, _), curv, g, gp, u, back in zip(taking, curvs, gs, gps, us, backs):
+        for k, ((i, b, group, _), curv, g, gp, u, back) in enumerate(zip(taking, curvs, gs, gps, us, backs)):
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
+            if back is None and _deferrable(b, curv, g, self._scratch.min_numel):
+                # a large block: d is not formed; apply() adds nu d to the momentum buffers (update.Deferred)
+                d = update.Deferred(curv.rows, b.plan, u, rgs[k], 1.0 / curv.damping, b.params, g)
+                out += [(p, d, gi, group) for p, gi in zip(b.params, g)]
+                continue
             if back is None:
                 back = curv.rows.jtu(b.plan, u, gp, beta=1.0 / curv.damping, out=self._scratch.buffers(b.params, g))
             back = [t if t.dtype == gi.dtype else t.to(gi.dtype) for t, gi in zip(back, g)]
@@ -434,3 +440,11 @@ def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Dire
     for _, p in step.fallback:
         out += damped_identity([p], step.groups[step.where[id(p)]], grads)
     return out
+
+
+def _deferrable(b: Block, curv, g: list, min_numel: int) -> bool:
+    """Whether block ``b``'s d is left unformed (update.Deferred): a parameter of at least ``min_numel``
+    elements (curvature/scratch.py's large parameters), every parameter with a gradient and in the compute
+    dtype (the momentum buffer takes R^T u in place), no prior (d = S d' would need d formed)."""
+    return (curv.rows.prior is None and any(p.numel() >= min_numel for p in b.params)
+            and all(p.grad is not None and p.dtype == gi.dtype for p, gi in zip(b.params, g)))
