@@ -63,6 +63,21 @@ def _guarded(opt, model, loss_fn, forward_backward=None):
     return step
 
 
+def with_reduction(loss_fn):
+    """``loss_fn(out, y)`` (a task's batch-mean loss) with the ``reduction`` argument ASDL's K-FAC passes
+    (it refuses a loss without one: "loss_fn has to have "reduction" option", which every tuning cell of
+    the first full 3C1F run hit and reported as a divergence): "mean" is the loss itself, "sum" the mean
+    times the batch's samples (dimension 0 of the output: images, or sequences for the LM)."""
+    def loss(out, y, reduction="mean"):
+        value = loss_fn(out, y)
+        if reduction == "mean":
+            return value
+        if reduction == "sum":
+            return value * out.shape[0]
+        raise ValueError(f"reduction {reduction!r}: only 'mean' and 'sum'")
+    return loss
+
+
 def make_step(method: str, model, hp: dict, loss_fn, batch: int):
     """(step, optimizer) for ``method`` at ``hp``; ``step(x, y)`` does one full training step and returns
     the minibatch loss (a float). Raises ``NotRun`` when the method's package is missing."""
@@ -95,9 +110,11 @@ def make_step(method: str, model, hp: dict, loss_fn, batch: int):
         gm = KfacGradientMaker(model, cfg, fisher_type="fisher_emp")
         opt = torch.optim.SGD(model.parameters(), lr=hp.pop("lr"), momentum=hp.pop("momentum", 0.9), weight_decay=wd)
 
+        asdl_loss = with_reduction(loss_fn)
+
         def forward_backward(x, y):
             dummy = gm.setup_model_call(model, x)
-            gm.setup_loss_call(loss_fn, dummy, y)
+            gm.setup_loss_call(asdl_loss, dummy, y)
             _, loss = gm.forward_and_backward()
             return loss
         if hp:

@@ -90,3 +90,23 @@ def test_schedule_is_cosine_to_zero_for_every_method():
             seen.append(r.opt.param_groups[0]["lr"] / lr0)
         assert not r.diverged, r.diverged
         assert seen == pytest.approx([0.75, 0.25, 0.0]), (method, seen)
+
+
+@pytest.mark.parametrize("task_name", ["3c1f", "resnet", "lm"])
+def test_kfac_steps_on_every_tasks_loss(task_name):
+    """ASDL's K-FAC asks its loss for a ``reduction`` argument; the tasks' losses get one (peers.py
+    ``with_reduction``): a few steps run on the image tasks; on the LM ASDL refuses
+    nn.MultiheadAttention's projection at its first step, and the run says so ("refused: ...")."""
+    pytest.importorskip("asdl", reason="ASDL K-FAC is the bench extra (pip install asdfghjkl==0.1a5)")
+    from task_run import TaskRun
+    import tasks
+
+    task = tasks.get(task_name, quick=True)
+    r = TaskRun("kfac", "kfac", dict(lr=0.001, damping=1.0), task, task.load(), steps=3)
+    while not r.done:
+        r.advance()
+    if task_name == "lm":
+        assert r.diverged.startswith("refused: ") and "Not supported module" in r.diverged, r.diverged
+        return
+    assert not r.not_run and not r.diverged, r.diverged
+    assert r.n == 3
