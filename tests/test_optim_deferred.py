@@ -6,18 +6,15 @@ defers only blocks with a parameter of 2^20 elements or more), ``stacked.SMALL``
 is stepped in a stack instead. Checked: each step against the dense float64 oracle, and whole runs with
 momentum, weight decay, a binding KL clip and param groups against the same runs with d formed (the
 path of tests/test_optim_scratch.py), which the oracle tests pin down."""
-import warnings
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tengrad.optim import TENGraD, update
+from tengrad.optim import update
 from tengrad.optim.curvature import scratch, stacked
 from tengrad.optim.estimator import local
 
-from support.optim_cases import make_batch, make_model
 from support.step_oracle import run_against_oracle
+from test_optim_scratch import _run
 
 
 @pytest.fixture
@@ -40,20 +37,6 @@ def test_deferred_steps_match_the_oracle(every_block, kind, k):
     opt = run_against_oracle(kind, "empirical", "cross_entropy", k, [6, 6, 5, 6])
     assert every_block, "no block was deferred"
     assert opt.estimator._scratch.nbytes() == 0        # no direction buffer was needed
-
-
-def _run(kind, steps, **kw):
-    model = make_model(kind)
-    gen = torch.Generator().manual_seed(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = TENGraD(model, kw.pop("lr", 0.1), 0.5, update_freq=2, **kw)
-    for _ in range(steps):
-        x, y = make_batch(kind, 6, "cross_entropy", gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, opt
 
 
 CASES = {

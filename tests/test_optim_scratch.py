@@ -33,12 +33,15 @@ def test_steps_through_kept_buffers_match_the_oracle(every_parameter, kind, k):
     assert opt.estimator._scratch.nbytes() > 0       # the buffers were used
 
 
-def _run(kind, steps, momentum=0.9):
+def _run(kind, steps, **kw):
+    """``steps`` seeded steps of TENGraD (lr 0.1, damping 0.5, update_freq 2; momentum 0.9 and no KL clip
+    unless ``kw`` says otherwise) on a fresh ``kind`` model; (model, optimizer)."""
     model = make_model(kind)
     gen = torch.Generator().manual_seed(3)
+    kw = {"momentum": 0.9, "kl_clip": None, **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, 0.1, 0.5, momentum=momentum, update_freq=2, kl_clip=None)
+        opt = TENGraD(model, 0.1, 0.5, update_freq=2, **kw)
     for _ in range(steps):
         x, y = make_batch(kind, 6, "cross_entropy", gen)
         opt.zero_grad()
