@@ -15,7 +15,8 @@ R g and d = g / a + R^T u' in a few operations over their rows side by side (cur
 reuse-path blocks of one shape (a Transformer's equal Linears) in one batched contraction per term
 (curvature/grouped.py).
 Per block remain only the other blocks' R g and d (the plan's jvp/vjp on the block's x and gy, or
-mat-vecs on its explicit J, with g / a added in the product).
+mat-vecs on its explicit J, with g / a added in the product); a block with a parameter of 2^20 elements
+or more does not form d at all (``_deferrable``, update.Deferred: nu d goes into its momentum buffers).
 
 A block that took no part in this forward is skipped (curvature/usage.py). The noise statistics
 tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block feed the gradient-noise ratio (noise.py);
