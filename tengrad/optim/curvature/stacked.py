@@ -32,6 +32,7 @@ only).
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Sequence
 
@@ -84,9 +85,7 @@ class Stack:
         counts = torch.tensor(widths, device=src.device)
         self._crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])    # S_G's structure (module docstring)
         self._col = torch.arange(n, device=src.device)
-        offsets = [0]
-        for w in widths[:-1]:
-            offsets.append(offsets[-1] + w)
+        offsets = [0, *itertools.accumulate(widths[:-1])]
         self._spans = list(zip(offsets, widths))                   # block b's columns: [o, o + w)
         self._jts = [self.jt[o:o + w] for o, w in self._spans]       # its rows of J^T, [P_b, r]
 

@@ -53,9 +53,10 @@ def unused_all(blocks: Sequence[tuple[Sequence[Tensor], object]]) -> list[str | 
 
 
 def _nonzero_all(grads: Sequence[Tensor], head: int = 4096) -> list[bool]:
-    """Whether each gradient has a non-zero (or NaN) entry: the first ``head`` entries of every dense
-    contiguous one by one multi-tensor max |g| (a gradient that took part almost always has a non-zero
-    entry there), then, only for those whose head is all zero and for the others, ``_nonzero``."""
+    """Whether each gradient has a non-zero (or NaN) entry. The first ``head`` entries of every dense
+    contiguous gradient are read at once (one multi-tensor max |g| and one host sync; a gradient that took
+    part almost always has a non-zero entry there, so a reuse step reads 4096 numbers per gradient, not
+    all of them); only a gradient whose head is all zero, or that is sparse or strided, is read whole."""
     flags = [False] * len(grads)
     heads, at = [], []
     for k, g in enumerate(grads):
@@ -66,12 +67,4 @@ def _nonzero_all(grads: Sequence[Tensor], head: int = 4096) -> list[bool]:
         peaks = torch.stack(torch._foreach_max(torch._foreach_abs(heads)))
         for k, hit in zip(at, (peaks != 0).tolist()):      # NaN != 0: a NaN gradient takes part (and is reported)
             flags[k] = hit
-    return [f or _nonzero(g) for f, g in zip(flags, grads)]
-
-
-def _nonzero(g: Tensor, head: int = 4096) -> bool:
-    """Whether ``g`` has a non-zero entry: its first ``head`` entries first, then all."""
-    flat = g.reshape(-1) if g.layout == torch.strided and g.is_contiguous() else None
-    if flat is not None and flat.numel() > head and bool(flat[:head].any()):
-        return True
-    return bool(g.any())
+    return [f or bool(g.any()) for f, g in zip(flags, grads)]
