@@ -419,7 +419,7 @@ class TENGraD(torch.optim.Optimizer):
         try:
             with torch.autocast(device_type=device_type, enabled=False):
                 directions = self.estimator.directions(inputs, skipped)   # every rank the same, or raises
-                products = update.dots(directions) if directions else None   # <d, g>: one pass, used twice
+                products = self.estimator.products(directions) if directions else None   # <d, g>, used twice
                 update.check_finite(directions, self._labels, products)
         finally:
             self._opt_backward, self._row_factor = False, 1.0

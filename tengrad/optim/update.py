@@ -91,9 +91,47 @@ class Deferred:
                 t.copy_(b.view(t.shape))
 
 
-def dots(directions: Sequence[Direction]) -> Tensor:
+class Known:
+    """<d, g> of whole blocks, known without reading d: for a Woodbury block d = beta g + R^T u (u the
+    solve's scaled u', R g its right-hand side), so
+
+        <d, g> = beta |g|^2 + u^T (R g)
+
+    (a block with a prior: d = S d', g' = S g, and <d, g> = <d', g'> = beta |g'|^2 + u^T R' g'). ``at``:
+    the position in the step's directions of each block's first parameter, where its product goes;
+    ``covered``: every position of those blocks (the others' product is 0, as for ``Deferred``);
+    ``values`` [len(at)] float64.
+
+    Computed from ``gs`` (each block's g, or g' for a prior), ``rg_u`` (u^T R g per block, from
+    batched.Solver.solve_with_products) and ``betas``: one multi-tensor norm over all the blocks' g and a
+    few vector operations, instead of one dot over d and g per parameter (ViT-tiny: 152 dots, 7 ms of a
+    reuse step). The products have the precision of the formed path's: d itself is formed in the compute
+    dtype with the same cancellation between beta g and R^T u. Finiteness (``check_finite``): a non-finite
+    g, u or R g makes the product non-finite; d = beta g + R^T u is then finite unless R^T u overflows."""
+
+    def __init__(self, at: list[int], covered: set[int], gs: Sequence[Sequence[Tensor]],
+                 rg_u: Sequence[Tensor], betas: Sequence[float]) -> None:
+        self.at, self.covered = at, covered
+        flat = [g for block in gs for g in block]
+        device = rg_u[0].device
+        sizes = torch.tensor([len(block) for block in gs], device=device)
+        square = torch.stack(torch._foreach_norm(flat)).to(device=device, dtype=torch.float64).square()
+        per_block = torch.zeros(len(gs), dtype=torch.float64, device=device).index_add_(
+            0, torch.repeat_interleave(torch.arange(len(gs), device=device), sizes), square)
+        self.values = per_block * torch.tensor(list(betas), dtype=torch.float64, device=device) + torch.stack(list(rg_u))
+
+
+def dots(directions: Sequence[Direction], known: Known | None = None) -> Tensor:
     """<d, g> of every direction, float64 [n]: one pass over each pair, shared by the finiteness check
-    and the KL clip (``check_finite``, ``kl_scale``)."""
+    and the KL clip (``check_finite``, ``kl_scale``); ``known``: blocks whose products are already known
+    (their positions are not read)."""
+    if known is not None and known.at:
+        rest = [i for i in range(len(directions)) if i not in known.covered]
+        out = known.values.new_zeros(len(directions))
+        out[torch.tensor(known.at, device=out.device)] = known.values
+        if rest:
+            out[torch.tensor(rest, device=out.device)] = dots([directions[i] for i in rest]).to(out.device)
+        return out
     prods = []
     for p, d, g, _ in directions:
         if isinstance(d, Deferred):     # the block's <d, g> on its first parameter, 0 on the others

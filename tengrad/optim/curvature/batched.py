@@ -80,7 +80,14 @@ class Solver:
               scales: Sequence[float] | None = None) -> list[Tensor]:
         """[c_b u_b [r_b]] for factors L_b [r_b, r_b], right-hand sides R_b g_b [r_b] and ``scales`` c_b
         (default 1; the step passes -1/a_b, so that d_b = g_b / a_b + R_b^T (c_b u_b))."""
+        return self.solve_with_products(chols, rgs, scales)[0]
+
+    def solve_with_products(self, chols: Sequence[Tensor], rgs: Sequence[Tensor],
+                            scales: Sequence[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """``solve`` and, per block, (c_b u_b)^T (R_b g_b) as a float64 scalar (one product per group): the
+        part of <d_b, g_b> = g_b^T g_b / a_b + (c_b u_b)^T R_b g_b that the rows add (update.Known)."""
         out: list[Tensor | None] = [None] * len(chols)
+        products: list[Tensor | None] = [None] * len(chols)
         stacks = {}
         for key, idx in _groups(chols).items():
             group = [chols[i] for i in idx]
@@ -94,7 +101,8 @@ class Solver:
             u = torch.cholesky_solve(rhs, stacked).squeeze(-1)
             if scales is not None:
                 u = u * torch.tensor([scales[i] for i in idx], dtype=u.dtype, device=u.device).unsqueeze(-1)
+            ur = (u.to(torch.float64) * rhs.squeeze(-1).to(torch.float64)).sum(-1)
             for k, i in enumerate(idx):
-                out[i] = u[k]
+                out[i], products[i] = u[k], ur[k]
         self._stacks = stacks
-        return out
+        return out, products

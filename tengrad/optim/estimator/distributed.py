@@ -58,6 +58,7 @@ from tengrad.optim.estimator.comm import Failure, Traffic, raise_if_any, world
 from tengrad.optim.estimator.gradients import (BatchSize, dense_grad, install_ddp_hook, is_ddp,
                                                reduce_gradients, split_gradients)
 from tengrad.optim.errors import TENGraDError
+from tengrad.optim import update
 
 MODES = ("exact", "local")
 
@@ -149,6 +150,11 @@ class DistributedEstimator:
 
     def run(self, step: StepInput, skipped: dict[str, str]) -> list[Direction]:
         raise NotImplementedError
+
+    @staticmethod
+    def products(directions: list[Direction]) -> Tensor:
+        """<d, g> of every direction, each read from its formed d (update.dots)."""
+        return update.dots(directions)
 
     def remove(self) -> None:
         self.batch.remove()

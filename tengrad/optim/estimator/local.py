@@ -57,6 +57,7 @@ class LocalEstimator:
         self.last_loss_scale = 1.0              # the loss scale taken out of the last step's rows
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
         self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
+        self._known: tuple[list, update.Known] | None = None   # (the last directions, their known products)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -163,7 +164,7 @@ class LocalEstimator:
             rgs[k] = rg
             self._pending[i] = curv
         # u_b' = -(K_b + m a_b I)^-1 R_b g_b / a_b, all blocks of a row count in one solve
-        us = self._solver.solve([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
+        us, rg_us = self._solver.solve_with_products([c.chol for c in curvs], rgs, [-1.0 / c.damping for c in curvs])
         for (st, ks), flat in zip(stacks, flats):
             u = torch.stack([us[k] for k in ks])
             for k, d in zip(ks, st.direction(flat, u, [1.0 / curvs[k].damping for k in ks])):
@@ -173,6 +174,8 @@ class LocalEstimator:
             for k, d in zip(ks, grp.direction(p, u, [1.0 / curvs[k].damping for k in ks])):
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
+        known: list[int] = []                  # blocks whose <d, g> comes from the solve (update.Known)
+        at: list[int] = []
         for k, ((i, b, group, _), curv, g, gp, u, back) in enumerate(zip(taking, curvs, gs, gps, us, backs)):
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
             if back is None and _deferrable(b, curv, g, self._scratch.min_numel):
@@ -186,6 +189,9 @@ class LocalEstimator:
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
+            if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
+                known.append(k)
+                at.append(len(out))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
         if priored[0]:                                  # d = S d'
             torch._foreach_mul_(priored[0], priored[1])
@@ -194,7 +200,20 @@ class LocalEstimator:
                 _unbind([b.plan] + [u.plan for u in uses])
         self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
-        return out + fallback_directions(step)
+        out += fallback_directions(step)
+        self._known = None
+        if known and len({rg_us[k].device for k in known}) == 1:
+            covered = {j for k, a in zip(known, at) for j in range(a, a + len(taking[k][1].params))}
+            self._known = (out, update.Known(at, covered, [gps[k] for k in known], [rg_us[k] for k in known],
+                                             [1.0 / curvs[k].damping for k in known]))
+        return out
+
+    def products(self, directions: list[Direction]) -> Tensor:
+        """<d, g> of every direction (update.dots), the Woodbury blocks' from their solves (update.Known)
+        when ``directions`` is what ``directions()`` returned last."""
+        known = self._known[1] if self._known is not None and self._known[0] is directions else None
+        self._known = None          # holds the step's d: not past the step
+        return update.dots(directions, known)
 
     def _fresh(self, step: StepInput, due_uses: dict, rules) -> tuple[dict, float, dict]:
         """({i: (kept rows, K, screened: whole batch and no prior)} of the due blocks, the loss scale, {i: check tolerance}).
