@@ -12,25 +12,36 @@ from tengrad.optim.curvature.woodbury import Rows
 from support.step_oracle import run_against_oracle
 
 
-def _blocks(r: int, gen: torch.Generator):
-    """Three blocks' rows and parameter shapes: J whole, scaled pieces, J with a factor."""
+def _blocks(r: int, gen: torch.Generator, repeat: bool = False):
+    """Three blocks' rows and parameter shapes: J whole, scaled pieces, J with a factor; ``repeat``: two
+    more of the first and second widths between and after them (runs of several blocks, out of order)."""
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     shapes = [[torch.Size([3, 4]), torch.Size([3])], [torch.Size([5]), torch.Size([5])], [torch.Size([2, 2, 3])]]
     whole = Rows("jacobian", r, jac=rand(r, 15))
     pieces = Rows("jacobian", r, pieces=[rand(r, 5), rand(r, 5)], scale=0.37)
     factored = Rows("jacobian", r, jac=rand(r, 12))
     factored.factor = 2.5
-    return [whole, pieces, factored], shapes
+    rows = [whole, pieces, factored]
+    if repeat:
+        again = Rows("jacobian", r, pieces=[rand(r, 12), rand(r, 3)], scale=1.7)
+        again.factor = 0.6
+        rows, shapes = (rows[:2] + [again] + rows[2:] + [Rows("jacobian", r, jac=rand(r, 10))],
+                        shapes[:2] + [[torch.Size([12]), torch.Size([3])]] + shapes[2:] + [[torch.Size([10])]])
+    return rows, shapes
 
 
-def test_stack_matches_each_blocks_own_products():
+@pytest.mark.parametrize("repeat,same_beta", [(False, False), (True, False), (True, True)],
+                         ids=["one-per-width", "runs", "runs-one-beta"])
+def test_stack_matches_each_blocks_own_products(repeat, same_beta):
     gen = torch.Generator().manual_seed(0)
     r = 7
-    rows, shapes = _blocks(r, gen)
+    rows, shapes = _blocks(r, gen, repeat)
     gs = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in ss] for ss in shapes]
     us = torch.randn(len(rows), r, generator=gen, dtype=torch.float64)
-    beta = [0.5, 2.0, 1.3]
+    beta = [0.5] * len(rows) if same_beta else [0.5, 2.0, 1.3, 0.9, 1.1][:len(rows)]
     st = stacked.Stack(rows, shapes)
+    if repeat:
+        assert sorted(len(blocks) for blocks, _, _ in st.runs) == [1, 2, 2]
     flat = st.flat(gs)
     got_rg = st.jg(flat)
     got_d = st.direction(flat, us, beta)

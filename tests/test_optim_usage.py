@@ -60,3 +60,61 @@ def test_unused_all_matches_the_definition_on_every_kind_of_gradient():
     assert got == want
     assert want.count(None) == 8 and want.count(usage.ZERO_GRADIENT) == 5     # the cases are what they say
     assert [usage.unused(p, r) for p, r in blocks] == want
+
+
+def test_a_gradient_made_by_this_backward_took_part_and_is_not_read():
+    """usage.Seen: a new .grad tensor (autograd made it: the parameter was reached) takes part even when
+    zero; the tensor the last step saw (kept: zero_grad(set_to_none=False)) is read, as before."""
+    seen = usage.Seen()
+    zero = _param(torch.zeros(4, 3))
+    moving = _param(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    blocks = [([zero], None), ([moving], None)]
+    assert usage.unused_all(blocks, seen) == [None, None]          # first sight: both made by the backward
+    assert usage.unused_all(blocks, seen) == [usage.ZERO_GRADIENT, None]   # the same tensors: read
+    zero.grad = torch.zeros(4, 3)                                    # a new tensor: this backward's
+    assert usage.unused_all(blocks, seen) == [None, None]
+    zero.grad.zero_()                                                # kept in place again: read
+    assert usage.unused_all(blocks, seen) == [usage.ZERO_GRADIENT, None]
+    assert usage.unused_all([([_param(None)], None)], seen) == [usage.NO_GRADIENT]
+
+
+def _reached_with_a_zero_gradient(set_to_none: bool):
+    """Reuse steps of a net whose second head is reached by the backward with an exactly zero gradient
+    (its output times 0): (opt, the head's weight before and after the last step)."""
+    import warnings
+    from torch import nn
+    from tengrad.optim import TENGraD
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head_a, self.head_b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x, b_weight):
+            h = torch.tanh(self.body(x))
+            return self.head_a(h) + b_weight * self.head_b(h)
+    torch.manual_seed(0)
+    model = Net().double()
+    head_b = model.head_b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = TENGraD(model, 0.2, 0.5, momentum=0.9, update_freq=10)
+    gen = torch.Generator().manual_seed(1)
+    for s in range(4):
+        x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (5,), generator=gen)
+        out = model(x, 0.0 if s >= 1 else 1.0)                       # head_b: gradient 0 from step 1 on
+        opt.zero_grad(set_to_none=set_to_none)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        before = head_b.weight.detach().clone()
+        opt.step()
+    return opt, before, head_b.weight.detach().clone()
+
+
+def test_a_module_reached_with_a_zero_gradient_is_stepped_like_sgd_unless_its_gradient_was_kept():
+    opt, before, after = _reached_with_a_zero_gradient(set_to_none=True)
+    assert "head_b" not in opt.skipped
+    assert not torch.equal(before, after)           # momentum carries it on, as torch.optim.SGD would
+    opt, before, after = _reached_with_a_zero_gradient(set_to_none=False)
+    assert "zero gradient and no captured forward" in opt.skipped["head_b"]
+    assert torch.equal(before, after)

@@ -100,25 +100,33 @@ class Known:
     (a block with a prior: d = S d', g' = S g, and <d, g> = <d', g'> = beta |g'|^2 + u^T R' g'). ``at``:
     the position in the step's directions of each block's first parameter, where its product goes;
     ``covered``: every position of those blocks (the others' product is 0, as for ``Deferred``);
-    ``values`` [len(at)] float64.
+    ``squares`` [k] float64: each block's |g|^2 (``squares``); ``rg_u``: u^T R g per block (from
+    batched.Solver.solve_with_products); ``betas``: 1 / damping per block.
 
-    Computed from ``gs`` (each block's g, or g' for a prior), ``rg_u`` (u^T R g per block, from
-    batched.Solver.solve_with_products) and ``betas``: one multi-tensor norm over all the blocks' g and a
-    few vector operations, instead of one dot over d and g per parameter (ViT-tiny: 152 dots, 7 ms of a
-    reuse step). The products have the precision of the formed path's: d itself is formed in the compute
-    dtype with the same cancellation between beta g and R^T u. Finiteness (``check_finite``): a non-finite
-    g, u or R g makes the product non-finite; d = beta g + R^T u is then finite unless R^T u overflows."""
+    A few vector operations instead of one dot over d and g per parameter (ViT-tiny: 152 dots, 7 ms of
+    a reuse step). The products have the precision of the formed path's: d itself is formed in the
+    compute dtype with the same cancellation between beta g and R^T u. Finiteness (``check_finite``): a
+    non-finite g, u or R g makes the product non-finite; d = beta g + R^T u is then finite unless
+    R^T u overflows."""
 
-    def __init__(self, at: list[int], covered: set[int], gs: Sequence[Sequence[Tensor]],
-                 rg_u: Sequence[Tensor], betas: Sequence[float]) -> None:
+    def __init__(self, at: list[int], covered: set[int], squares: Tensor, rg_u: Sequence[Tensor],
+                 betas: Sequence[float]) -> None:
         self.at, self.covered = at, covered
-        flat = [g for block in gs for g in block]
-        device = rg_u[0].device
-        sizes = torch.tensor([len(block) for block in gs], device=device)
-        square = torch.stack(torch._foreach_norm(flat)).to(device=device, dtype=torch.float64).square()
-        per_block = torch.zeros(len(gs), dtype=torch.float64, device=device).index_add_(
-            0, torch.repeat_interleave(torch.arange(len(gs), device=device), sizes), square)
-        self.values = per_block * torch.tensor(list(betas), dtype=torch.float64, device=device) + torch.stack(list(rg_u))
+        device = squares.device
+        self.values = (squares * torch.tensor(list(betas), dtype=torch.float64, device=device)
+                       + torch.stack([t.to(device) for t in rg_u]))
+
+
+def squares(gs: Sequence[Sequence[Tensor]], device=None) -> Tensor:
+    """|g_b|^2 of each block b (``gs``: its gradients), float64 [len(gs)]: one multi-tensor norm."""
+    flat = [g for block in gs for g in block]
+    device = device if device is not None else flat[0].device
+    if not flat:
+        return torch.zeros(len(gs), dtype=torch.float64, device=device)
+    sizes = torch.tensor([len(block) for block in gs], device=device)
+    sq = torch.stack([n.to(device) for n in torch._foreach_norm(flat)]).to(torch.float64).square()
+    return torch.zeros(len(gs), dtype=torch.float64, device=device).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(gs), device=device), sizes), sq)
 
 
 def dots(directions: Sequence[Direction], known: Known | None = None) -> Tensor:

@@ -114,6 +114,12 @@ class Group:
             out.append(torch.stack(parts, out=buf))
         return out
 
+    @staticmethod
+    def squares(p: Sequence[Tensor]) -> Tensor:
+        """|g_b|^2 of every block, float64 [B], for ``p`` from ``stack`` (read right after the copy)."""
+        return sum(torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).to(torch.float64).square()
+                   for t in p)
+
     def jg(self, p: Sequence[Tensor]) -> Tensor:
         """R_b g_b of every block, [B, r], for ``p`` from ``stack``."""
         out = None

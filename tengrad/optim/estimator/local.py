@@ -58,6 +58,7 @@ class LocalEstimator:
         self.last_rows: dict | None = None      # {m: sampled rows} of the last step (curvature_batch)
         self.budget_line: str | None = None     # the memory budget's line of explain() (curvature/budget.py)
         self._known: tuple[list, update.Known] | None = None   # (the last directions, their known products)
+        self._seen = usage.Seen()                # the gradients the last step saw (which are new: usage.py)
 
     # ------------------------------------------------------------------ when
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -127,7 +128,7 @@ class LocalEstimator:
             candidates.append((i, b, group, step.uses.get(i, []) if due else None))
         # blocks that take part: (i, b, group, uses); the others skipped with the reason (usage.py)
         taking: list[tuple[int, Block, dict, list]] = []
-        whys = usage.unused_all([(b.params, uses[0] if uses else None) for _, b, _, uses in candidates])
+        whys = usage.unused_all([(b.params, uses[0] if uses else None) for _, b, _, uses in candidates], self._seen)
         for (i, b, group, uses), why in zip(candidates, whys):
             if why is not None:
                 skipped[b.name] = why
@@ -204,7 +205,8 @@ class LocalEstimator:
         self._known = None
         if known and len({rg_us[k].device for k in known}) == 1:
             covered = {j for k, a in zip(known, at) for j in range(a, a + len(taking[k][1].params))}
-            self._known = (out, update.Known(at, covered, [gps[k] for k in known], [rg_us[k] for k in known],
+            sq = _squares(gps, known, groups, gstacks, rg_us[known[0]].device)
+            self._known = (out, update.Known(at, covered, sq, [rg_us[k] for k in known],
                                              [1.0 / curvs[k].damping for k in known]))
         return out
 
@@ -410,6 +412,24 @@ def _regroup(kept: list, groups: dict, curvs: list, make) -> tuple[list, list]:
             o = make(rows, ks)
         out.append((o, ks))
     return [o for o, _ in out], out
+
+
+def _squares(gps: list, known: list[int], groups: list, gstacks: list, device) -> Tensor:
+    """|g_k|^2 of the blocks ``known`` (positions in ``gps``), float64: the grouped blocks' from their
+    stacked copies (grouped.Group.squares), the others' in one multi-tensor norm (update.squares)."""
+    at = {k: j for j, k in enumerate(known)}
+    out = torch.zeros(len(known), dtype=torch.float64, device=device)
+    done = set()
+    for (grp, ks), p in zip(groups, gstacks):
+        mine = [(j, at[k]) for j, k in enumerate(ks) if k in at]
+        if mine:
+            sq = grp.squares(p).to(device)
+            out[[a for _, a in mine]] = sq[[j for j, _ in mine]]
+            done.update(ks)
+    rest = [k for k in known if k not in done]
+    if rest:
+        out[[at[k] for k in rest]] = update.squares([gps[k] for k in rest], device)
+    return out
 
 
 def _unbind(plans) -> None:
