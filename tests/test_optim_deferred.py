@@ -87,3 +87,8 @@ def test_deferred_product_is_d_dot_g():
     d.add_to(targets, -0.3)
     for t, b, f in zip(targets, before, formed):
         torch.testing.assert_close(t, b - 0.3 * f, rtol=1e-12, atol=1e-12)
+    for decay in (0.9, 0.0):                    # the momentum decay folded into R^T u's product
+        before = [t.clone() for t in targets]
+        d.add_to(targets, 0.4, decay)
+        for t, b, f in zip(targets, before, formed):
+            torch.testing.assert_close(t, decay * b + 0.4 * f, rtol=1e-12, atol=1e-12)

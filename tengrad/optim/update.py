@@ -81,14 +81,15 @@ class Deferred:
     def finite(self) -> bool:
         return bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.rg).all())
 
-    def add_to(self, targets: Sequence[Tensor], scale: float) -> None:
-        """targets[i] += scale * d_i, in place: scale beta g_i in one multi-tensor pass, then R^T (scale u)
-        added in R^T u's own product where the form allows (woodbury.Rows.jtu), else copied in."""
-        torch._foreach_add_(list(targets), self.gs, alpha=scale * self.beta)
-        back = self.rows.jtu(self.plan, self.u * scale, targets, beta=1.0, out=targets)
+    def add_to(self, targets: Sequence[Tensor], scale: float, decay: float = 1.0) -> None:
+        """targets[i] = decay * targets[i] + scale * d_i, in place: decay t + R^T (scale u) in R^T u's own
+        product where the form allows (woodbury.Rows.jtu: the momentum decay rides on the product's beta,
+        no pass of its own), else copied in; then scale beta g_i in one multi-tensor pass."""
+        back = self.rows.jtu(self.plan, self.u * scale, targets, beta=decay, out=targets)
         for t, b in zip(targets, back):
             if b.data_ptr() != t.data_ptr():
                 t.copy_(b.view(t.shape))
+        torch._foreach_add_(list(targets), self.gs, alpha=scale * self.beta)
 
 
 class Known:
@@ -247,14 +248,17 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
         if not momentum:                              # theta += -lr nu d
             d.add_to([p.detach() for p in d.params], -group["lr"] * nu)
             continue
-        bufs = []
+        bufs, new = [], []
         for p in d.params:
             st = state[p]
             buf = st.get("momentum_buffer")
+            new.append(buf is None)
             if buf is None:                           # first step: buf = nu d
                 buf = st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            else:                                     # buf = momentum buf + nu d
-                buf.mul_(momentum)
             bufs.append(buf)
-        d.add_to(bufs, nu)
+        if all(new) or not any(new):                  # buf = momentum buf + nu d, the decay in R^T u's product
+            d.add_to(bufs, nu, 0.0 if all(new) else momentum)
+        else:                                         # some buffers new (zeros), some kept: decay the kept
+            torch._foreach_mul_([b for b, n in zip(bufs, new) if not n], momentum)
+            d.add_to(bufs, nu)
         torch._foreach_add_([p.detach() for p in d.params], bufs, alpha=-group["lr"])
