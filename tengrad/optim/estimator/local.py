@@ -17,8 +17,11 @@ reuse-path blocks of one shape (a Transformer's equal Linears) in one batched co
 Per block remain only the other blocks' R g and d (the plan's jvp/vjp on the block's x and gy, or
 mat-vecs on its explicit J, with g / a added in the product); a block with a parameter of 2^20 elements
 or more does not form d at all (``_deferrable``, update.Deferred: nu d goes into its momentum buffers).
+<d, g> of a Woodbury block whose parameters all have a gradient is beta |g|^2 + u'^T R g from its own
+solve (update.Known, ``products``): d is not read again before the momentum update.
 
-A block that took no part in this forward is skipped (curvature/usage.py). The noise statistics
+A block that took no part in this forward is skipped (curvature/usage.py; a gradient this backward made
+took part without its values being read). The noise statistics
 tr(K)/m and 1^T K 1 / m^2 of every fresh empirical block feed the gradient-noise ratio (noise.py);
 staggered, ``stagger.CycleSums`` collects them over a cycle. Nothing is kept until ``commit``.
 """
