@@ -124,10 +124,15 @@ def run_zoo(args, Timer, run_round_robin, machine) -> None:
     gpt = dict(gpt_d=args.gpt_d, gpt_layers=args.gpt_layers, gpt_vocab=args.gpt_vocab)
     for name in args.zoo:
         t0 = time.perf_counter()
-        size = build(name, **gpt)[4]
+        factory, *_, size = build(name, **gpt)
+        # a throwaway copy first, kept while the arms run: the first model a process builds ran its forward
+        # and backward up to 35% slower than the next ones (the 4096 MLP, three identical SGD arms: 419 / 317
+        # / 305 ms; with a copy built first 318 / 311 / 313 ms), so whichever arm came first (SGD) looked slow
+        throwaway = factory()
         timers = {key: Timer(fn, args.warmup, args.repeats, args.budget_s)
                   for key, fn in arms(name, args.curvature_batch, gpt).items()}
         res = run_round_robin(timers)
+        del throwaway
         sgd_wall, sgd_cpu = res[("sgd", "every")][0], timers[("sgd", "every")].cpu_median()
         print(f"\n{size}: median of up to {args.repeats} steps after {args.warmup} warm-up, interleaved; "
               f"k = 10: (curvature + 9 reuse) / 10.\nMachine: {machine()}; load average "
