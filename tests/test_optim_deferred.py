@@ -92,3 +92,30 @@ def test_deferred_product_is_d_dot_g():
         d.add_to(targets, 0.4, decay)
         for t, b, f in zip(targets, before, formed):
             torch.testing.assert_close(t, decay * b + 0.4 * f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kept", [(True, True), (False, False), (True, False)], ids=["both-kept", "both-new", "mixed"])
+def test_apply_forms_the_momentum_of_a_deferred_block(kept):
+    """update.apply with a Deferred d: buf = momentum buf + nu d (buf = nu d where none was kept), the
+    decay folded into R^T u's product when every buffer of the block is kept or every one is new."""
+    gen = torch.Generator().manual_seed(3)
+    from tengrad.optim.curvature.woodbury import Rows
+    rows = Rows("jacobian", 5, jac=torch.randn(5, 12 + 3, generator=gen, dtype=torch.float64))
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64))]
+    gs = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)]
+    u = torch.randn(5, generator=gen, dtype=torch.float64)
+    d = update.Deferred(rows, None, u, rows.jg(None, gs), 0.7, params, gs)
+    formed = rows.jtu(None, u, gs, beta=0.7)
+    group = {"lr": 0.1, "momentum": 0.9}
+    state = {p: {} for p in params}
+    old = {}
+    for p, k in zip(params, kept):
+        if k:
+            state[p]["momentum_buffer"] = old[p] = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    before = [p.detach().clone() for p in params]
+    want_bufs = [(0.9 * old[p].clone() if p in old else 0.0) + 0.5 * f for p, f in zip(params, formed)]
+    update.apply(state, [(p, d, g, group) for p, g in zip(params, gs)], nu=0.5)
+    for p, b0, w in zip(params, before, want_bufs):
+        torch.testing.assert_close(state[p]["momentum_buffer"], w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p.detach(), b0 - 0.1 * w, rtol=1e-12, atol=1e-12)
