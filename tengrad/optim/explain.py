@@ -54,7 +54,10 @@ def describe(settings: str, groups: list[dict], blocks: list, fallback: list, sk
         kind = type(b.module).__name__
         how = ("path undecided (no curvature step yet)" if b.choice is None
                else f"path={b.choice.path}: {b.choice.note}")
-        rows = "" if b.curv is None else f", curvature from m={b.curv.m} (rows={b.curv.gram.shape[0]})"
+        rows = ("" if b.curv is None
+                else f", curvature from {b.curv.m} positions of {b.curv.rows.tokens} per sample (token_rows)"
+                if b.curv.rows is not None and b.curv.rows.tokens is not None
+                else f", curvature from m={b.curv.m} (rows={b.curv.gram.shape[0]})")
         grp = f", group {where.get(id(b.params[0]))}" if len(groups) > 1 else ""
         line = f"  block {b.name} ({kind}, {b.numel} params{rows}{grp}) {how}"
         if b.uses:

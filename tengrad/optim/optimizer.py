@@ -146,6 +146,14 @@ class TENGraD(torch.optim.Optimizer):
     diagonal of Adam's second moments (decay ``prior_beta``), normalised to mean 1 per block and floored
     at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
     Conv x/gy rows, so their Gram keeps the reuse form; single process).
+    ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
+    dimensions besides the sample (Linear, LayerNorm, Embedding on [m, T, ...], MultiheadAttention's
+    projections, a tied head) takes rows per position instead, the Fisher (1/m) sum_{i,t} j_it j_it^T of
+    the positions (cross-position terms dropped), estimated from min(c, m T) positions drawn per curvature
+    step (the same for every block of that layout; ``opt.last_curvature_rows[(m, T)]``, None: all), so its
+    Gram is c x c (curvature/tokens.py). Other blocks keep sample rows (``curvature_batch`` applies to
+    them). The memory budget and the time rule price sample rows, so with token_rows "auto" means None
+    for ``curvature_batch`` and ``curvature_memory``; single process, empirical or "mc" Fisher.
     ``stagger``: False (default): every block refreshes its curvature on steps 0, k, 2k, ...; True:
     block i on steps t with (t - i) mod k == 0, so every step captures about 1/k of the blocks
     (estimator/stagger.py; empirical Fisher, one process).
@@ -166,7 +174,7 @@ class TENGraD(torch.optim.Optimizer):
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
                  curvature_batch: int | str | None = "auto", curvature_memory: int | str | None = "auto",
                  prior: str | None = None, prior_beta: float = prior_mod.DEFAULT_BETA,
-                 prior_floor: float = prior_mod.DEFAULT_FLOOR) -> None:
+                 prior_floor: float = prior_mod.DEFAULT_FLOOR, token_rows: int | None = None) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -201,6 +209,7 @@ class TENGraD(torch.optim.Optimizer):
             raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
                                "plain rows (estimator/distributed.py)")
         self._moments = prior_mod.SecondMoments(self.prior_beta) if self.prior is not None else None
+        self.token_rows = options.check_token_rows(token_rows, fisher, dist_estimator is not None)
         # "auto" (the defaults): the single-process step's memory budget; the distributed step keeps every
         # row in the forms its exchange plan chooses
         if self.curvature_memory not in (None, "auto") and dist_estimator is not None:
@@ -214,7 +223,7 @@ class TENGraD(torch.optim.Optimizer):
         # ... and without a given curvature batch: J is then formed for the sampled rows only, after the
         # backward, so the gradient comes from autograd (so on the steps "auto" samples: build.py)
         self.grad_from_jacobian = (bool(grad_from_jacobian) and fisher == "empirical" and dist_estimator is None
-                                   and self.curvature_batch in (None, "auto"))
+                                   and self.curvature_batch in (None, "auto") and self.token_rows is None)
         self.distributed = dist_estimator is not None
         self.estimator = dist_estimator or LocalEstimator(staggered=stagger, noise=noise_scale)
         self.backend = resolve_backend(model, backend)
@@ -372,16 +381,19 @@ class TENGraD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     def _rules(self) -> Rules:
         device = next(p for g in self.param_groups for p in g["params"]).device
-        local = not self.distributed        # "auto" budgets the single-process step only
+        # "auto" budgets the single-process step of sample rows only
+        auto = not self.distributed and self.token_rows is None
         return Rules(self.fisher, self.update_freq, self.max_jacobian_numel, self.grad_from_jacobian,
                      self.layer_dims, roofline.measured(device),
-                     self.curvature_batch if local or self.curvature_batch != "auto" else None, self.generator,
-                     self.curvature_memory if local or self.curvature_memory != "auto" else None,
-                     None if self.prior is None else prior_mod.Prior(self.prior, self.prior_floor, self.state))
+                     self.curvature_batch if auto or self.curvature_batch != "auto" else None, self.generator,
+                     self.curvature_memory if auto or self.curvature_memory != "auto" else None,
+                     None if self.prior is None else prior_mod.Prior(self.prior, self.prior_floor, self.state),
+                     self.token_rows)
 
     @property
     def last_curvature_rows(self) -> dict | None:
-        """{m: the sampled row indices [c]} of the last curvature step with ``curvature_batch``, else None."""
+        """{m: the sampled row indices [c]} of the last curvature step with ``curvature_batch``, and
+        {(m, T): the sampled flat positions i T + t [c], or None for all} with ``token_rows``; else None."""
         return getattr(self.estimator, "last_rows", None)
 
     @torch.no_grad()
@@ -478,7 +490,7 @@ class TENGraD(torch.optim.Optimizer):
                     max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
                     max_exact_fisher_bytes=self.max_exact_fisher_bytes, curvature_batch=self.curvature_batch,
                     curvature_memory=self.curvature_memory, prior=self.prior, prior_beta=self.prior_beta,
-                    prior_floor=self.prior_floor, distributed=None, **self._given)
+                    prior_floor=self.prior_floor, token_rows=self.token_rows, distributed=None, **self._given)
         return {"options": opts, "groups": groups,
                 "generator": None if self.generator is None else str(self.generator.device)}
 
@@ -515,7 +527,8 @@ class TENGraD(torch.optim.Optimizer):
     def explain(self) -> str:
         settings = (f"fisher={self.fisher!r}, update_freq={self.update_freq}, kl_clip={self.kl_clip}, "
                     f"noise_scale={self.noise_scale}{self._noise_note()}, backend={self.backend!r}"
-                    f"{', stagger=True' if self.stagger else ''}")
+                    f"{', stagger=True' if self.stagger else ''}"
+                    f"{f', token_rows={self.token_rows}' if self.token_rows is not None else ''}")
         return describe(settings, self.param_groups, self.blocks, self.fallback, self.skipped,
                         self.estimator.explain_lines(self.blocks))
 

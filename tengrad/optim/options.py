@@ -151,6 +151,18 @@ def check_curvature_memory(value: object) -> int | str | None:
         raise TENGraDError(str(err).replace(">= 0,", ">= 0 or 'auto',")) from None
 
 
+def check_token_rows(value: object, fisher: str, distributed: bool) -> int | None:
+    """None or an integer >= 1: the positions sampled per curvature step (curvature/tokens.py)."""
+    c = _optional_int("token_rows", value, 1, "an integer")
+    if c is not None and fisher == "exact":
+        raise TENGraDError("token_rows needs fisher 'empirical' or 'mc': the exact Fisher has C rows per sample, "
+                           "one per output unit, which per position would be C m T rows")
+    if c is not None and distributed:
+        raise TENGraDError("token_rows is single-process only: the distributed step's rows are the ranks' whole "
+                           "batches (estimator/distributed.py)")
+    return c
+
+
 def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:
     """prior None or "adam" (curvature/prior.py); beta in [0, 1); floor in (0, 1]."""
     if prior not in (None, "adam"):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tengrad.layers.ops import module_leading_dims
 from tengrad.optim.capture.record import Use
-from tengrad.optim.curvature import paths, uses as uses_mod
+from tengrad.optim.curvature import paths, tokens, uses as uses_mod
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature.consistency import (ConsistencyCheck, from_dots, graph_pass_error, streamed_dots,
                                                  unexplained)
@@ -53,11 +53,15 @@ class Rules:
     generator: object = None              # torch.Generator for those rows (None: torch's default)
     curvature_memory: int | str | None = None  # bytes of kept curvature (budget.py; None: no cap)
     prior: object = None                  # prior.Prior: a diagonal prior outside the rows (None: a I)
+    token_rows: int | None = None         # rows per token, c positions sampled per step (tokens.py; None: samples)
 
 
 def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCheck,
-               keep_factors: bool = False) -> Rows:
-    """R of block ``b`` from its uses in this step (module docstring)."""
+               keep_factors: bool = False, draw: tokens.Draw | None = None) -> Rows:
+    """R of block ``b`` from its uses in this step (module docstring). ``draw`` (``rules.token_rows``): a
+    block summed over uses whose inputs carry token dimensions gets its rows at the drawn positions
+    (tokens.py); a module block's rows stay x and gy of the whole batch, for ``at_positions`` after the
+    step's loss scale is known."""
     captured = [u for u in captured if u.received]
     if not captured:
         raise check.missing_capture(b)
@@ -68,6 +72,9 @@ def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCh
     by_forward: dict[int, list[Use]] = {}
     for u in moved:
         by_forward.setdefault(u.fwd, []).append(u)
+    if draw is not None:
+        for u, mu in zip(captured, moved):      # the leading dims after the sample moved first
+            mu.lead = _lead(b, u) + mu.x.dim() - u.x.dim()
     if len(by_forward) > 1 and rules.fisher != "empirical":
         raise TENGraDError(
             f"layer {b.name!r} received output gradients from {len(by_forward)} forward passes since the "
@@ -78,9 +85,32 @@ def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCh
              and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
     if plain:
         use = moved[0] if len(moved) == 1 else _union(moved)
+        per_token = draw is not None and tokens.layout(use.x, [use.grad] if use.grad is not None else use.rows,
+                                                       use.lead) is not None
         return _module_rows(b, use, rules, check, dtype, keep_factors,
-                            batch=None if len(moved) == 1 else int(use.x.shape[0]))
-    return _summed_rows(b, by_forward, rules, check, dtype)
+                            batch=None if len(moved) == 1 else int(use.x.shape[0]), whole_xgy=per_token)
+    return _summed_rows(b, by_forward, rules, check, dtype, draw)
+
+
+def _lead(b: Block, u: Use) -> int:
+    """How many leading dims of the use's input may hold the sample (Use.lead, else the module's rule)."""
+    return u.lead if u.lead is not None else module_leading_dims(b.module, u.x)
+
+
+def at_positions(b: Block, rows: Rows, draw: tokens.Draw) -> Rows:
+    """A module block's whole-batch x/gy rows at the drawn positions (tokens.py): x_s [c, 1.., f], gy_s
+    sqrt(T) [c, 1.., o], c "samples"; the same rows when its input has no token dimensions, when they
+    already are per position or an explicit J (a summed block, ``block_rows``), or for several rows per
+    sample (the exact Fisher is refused with token_rows: options.py)."""
+    if rows.tokens is not None or rows.explicit_held or rows.x is None or rows.reps != 1 or b.plan is None:
+        return rows
+    lead = module_leading_dims(b.module, rows.x)
+    t = tokens.layout(rows.x, [rows.gy], lead)
+    if t is None:
+        return rows
+    out = rows.at_positions(lead, t, draw(rows.m, t, rows.gy.device))
+    b.choice = paths.PathChoice(paths.REUSE, f"x and gy at {out.m} of {rows.m} x {t} positions (tokens.py)")
+    return out
 
 
 def _union(uses: list[Use]) -> Use:
@@ -109,7 +139,7 @@ def sample_first(b: Block, u: Use, layer_dims: dict[str, int]) -> Use:
 
 
 def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype: torch.dtype,
-                 keep_factors: bool, batch: int | None = None) -> Rows:
+                 keep_factors: bool, batch: int | None = None, whole_xgy: bool = False) -> Rows:
     x = u.x.to(dtype) if u.x.is_floating_point() else u.x
     m = x.shape[0]
     check.verify(b, x, u.grad, batch)
@@ -121,8 +151,9 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
     choice = b.choice = _choice(b, tuple(x.shape), gy_shape, rules, dtype)
     # with a curvature batch the explicit J is formed after the rows are sampled, for those rows only
     # (estimator/local.py ``sample_rows``): here the rows stay x and gy
-    explicit = choice.path == paths.JACOBIAN and rules.curvature_batch is None
-    sampled = rules.curvature_batch is not None and rules.curvature_batch < m   # x[rows] is a copy then
+    # ... and with rows per token (``whole_xgy``) they stay x and gy, taken at the positions (``at_positions``)
+    explicit = choice.path == paths.JACOBIAN and rules.curvature_batch is None and not whole_xgy
+    sampled = whole_xgy or (rules.curvature_batch is not None and rules.curvature_batch < m)   # a copy then
     if x is u.x and (keep_factors or (rules.update_freq > 1 and not explicit and not sampled and not u.made)):
         x = x.clone()   # kept for k steps: must not alias a batch buffer the caller may refill (an
         #                 activation the forward made is kept as it is: nothing else holds it after the step)
@@ -211,6 +242,12 @@ def _shapes(b: Block, captured: list[Use], rules: Rules):
     return m, s, x_shape, gy_shape, (s if x.is_floating_point() else x.element_size())
 
 
+def summed(b: Block, captured: list[Use], rules: Rules) -> bool:
+    """Whether ``block_rows`` sums this block's J over uses (several calls, op-level uses, slices)."""
+    sh = _shapes(b, captured, rules)
+    return sh is not None and sh[2] is None
+
+
 def memory_choice(priced: paths.PathChoice) -> paths.PathChoice:
     """The path of a block the memory cap moved from its explicit J to x and gy (curvature/budget.py)."""
     return paths.PathChoice(paths.REUSE, "x and gy kept: the J's would exceed curvature_memory "
@@ -218,9 +255,10 @@ def memory_choice(priced: paths.PathChoice) -> paths.PathChoice:
 
 
 def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check: ConsistencyCheck,
-                 dtype) -> Rows:
+                 dtype, draw: tokens.Draw | None = None) -> Rows:
     """R = sum_u J_u over several uses, op-level uses or slices (uses.py); the rows of several
-    forwards (gradient accumulation) stacked, each scaled to M * dL/dy as in ``_union``."""
+    forwards (gradient accumulation) stacked, each scaled to M * dL/dy as in ``_union``; with ``draw``
+    and uses that all carry the same token dimensions, the rows of the drawn positions (tokens.py)."""
     whole = [(p, None) if any(p is q for q in b.params) else None for _, p in b.plan.params] \
         if b.plan is not None else None
     empirical = rules.fisher == "empirical"
@@ -231,6 +269,9 @@ def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check
         if any(int(c.x.shape[0]) != m for c in calls):
             raise TENGraDError(f"layer {b.name!r}: its uses saw batches {[int(c.x.shape[0]) for c in calls]}")
         groups.append((m, calls))
+    t = _summed_layout(groups) if draw is not None else None
+    if t is not None:
+        return _summed_positions(b, groups, t, draw, check, dtype, empirical)
     M = sum(m for m, _ in groups)
     J = torch.cat([uses_mod.jacobian(b.params, calls, m, dtype, empirical) * (M / m) if len(groups) > 1
                    else uses_mod.jacobian(b.params, calls, m, dtype, empirical) for m, calls in groups])
@@ -243,6 +284,38 @@ def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check
     b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls_all)} use(s), uses.py")
     b.uses = [c.name for c in calls_all]
     return Rows(paths.JACOBIAN, M, jac=J)
+
+
+def _summed_layout(groups: list) -> int | None:
+    """T when every use of the block's forwards has the same T positions per sample (tokens.layout),
+    else None."""
+    ts = {tokens.layout(c.x, [c.grad] if c.grad is not None else c.rows, c.lead) for _, calls in groups for c in calls}
+    return ts.pop() if len(ts) == 1 and None not in ts else None
+
+
+def _summed_positions(b: Block, groups: list, t: int, draw: tokens.Draw, check: ConsistencyCheck, dtype,
+                      empirical: bool) -> Rows:
+    """R [c, P] = sum_u J_u at the drawn positions (every use at the same ones; tokens.py). The check
+    (J^T 1 / m == param.grad) runs on the whole batch's per-sample J when it is due."""
+    if len(groups) > 1:
+        raise TENGraDError(
+            f"layer {b.name!r} received output gradients from {len(groups)} forward passes since the last "
+            "zero_grad()/step(): token_rows takes the positions of one forward for a block read by several "
+            "calls or ops; call step() after each forward's backward, or token_rows=None")
+    m, calls = groups[0]
+    idx = draw(m, t, calls[0].x.device)
+    c = draw.rows(m, t)
+    J = uses_mod.jacobian(b.params, [tokens.use_at(u, u.lead, idx, t, m) for u in calls], c, dtype, empirical)
+    grads = [u.grad for u in calls if u.grad is not None]
+    if check.due(b.name) and grads:
+        uses_mod.check(b.name, b.params, uses_mod.jacobian(b.params, calls, m, dtype, True), m, grads[0].dtype)
+        check.mark_checked(b.name)
+    b.choice = paths.PathChoice(paths.JACOBIAN, f"explicit J summed over {len(calls)} use(s) at {c} of {m} x {t} "
+                                                "positions, uses.py, tokens.py")
+    b.uses = [u.name for u in calls]
+    rows = Rows(paths.JACOBIAN, c, jac=J)
+    rows.tokens = t
+    return rows
 
 
 def _with_parts(u: Use, parts) -> Use:
@@ -286,7 +359,7 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
 
     ``tol``: also check that param.grad is that factor times J^T 1 / m to ``tol`` (consistency.mismatch),
     else raise ``UnexplainedGradientError`` (a gradient penalty; the check on every curvature step)."""
-    if rows.n_rows != rows.m:
+    if rows.n_rows != rows.m or rows.tokens is not None:
         return 1.0
     grads = [p.grad for p in b.params]
     if any(g is None for g in grads):

@@ -26,6 +26,7 @@ the 1/a), so d stays the exact damped inverse for the damping it reports.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from tengrad.codegen.torch_backend import symmetric_gram
+from tengrad.optim.curvature import tokens
 from tengrad.optim.errors import TENGraDError
 
 
@@ -51,7 +53,7 @@ class Rows:
     """
 
     __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep", "prior", "prior_note",
-                 "_bound")
+                 "_bound", "tokens")
 
     def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
                  jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
@@ -63,6 +65,7 @@ class Rows:
         self._bound = None          # (plan, plan.bound(x_rep, gy)): the reuse path's jvp/vjp, checked once
         self.prior = None           # S = D^-1/2 per parameter when these are the rows R S of a prior (prior.py)
         self.prior_note = None      # why a block under a prior keeps the identity prior
+        self.tokens = None          # T when these are rows per position (m: the positions; tokens.py)
 
     @property
     def n_rows(self) -> int:
@@ -96,6 +99,7 @@ class Rows:
 
     def _copy_marks(self, other: "Rows") -> None:
         self.factor, self.prior, self.prior_note = other.factor, other.prior, other.prior_note
+        self.tokens = other.tokens
 
     def scaled(self, f: float) -> "Rows":
         """The same rows times ``f`` (no copy of the tensors)."""
@@ -129,6 +133,15 @@ class Rows:
         out._copy_marks(self)
         return out
 
+    def at_positions(self, lead: int, t: int, idx: Tensor | None) -> "Rows":
+        """x/gy rows of inputs with ``lead`` leading dims (the sample and T positions) at the flat positions
+        ``idx`` [c] (None: all m T): rows per position, gy scaled by sqrt(T) (curvature/tokens.py)."""
+        out = Rows("reuse", self.m * t if idx is None else int(idx.numel()), tokens.select(self.x, lead, idx),
+                   tokens.select(self.gy, lead, idx, math.sqrt(t)))
+        out._copy_marks(self)
+        out.tokens = t
+        return out
+
     def column_scaled(self, s: Sequence[Tensor]) -> "Rows":
         """R S for S = diag(s) (``s`` per parameter, shaped like it; the rows must be an explicit J):
         a scaled copy of J, carrying ``prior = s`` (curvature/prior.py)."""
@@ -138,7 +151,7 @@ class Rows:
                        scale=self.scale)
         else:
             out = Rows(self.path, self.m, jac=self.jac * torch.cat(flat, dim=1).to(self.jac.dtype))
-        out.factor, out.prior = self.factor, tuple(s)
+        out.factor, out.prior, out.tokens = self.factor, tuple(s), self.tokens
         return out
 
     def feature_scaled(self, s_in: Tensor, x_dim: int, s_out: Tensor, gy_dim: int, s: Sequence[Tensor]) -> "Rows":
@@ -150,7 +163,7 @@ class Rows:
             shape[dim] = -1
             return t * v.reshape(shape).to(t.dtype)
         out = Rows(self.path, self.m, on(s_in, self.x, x_dim), on(s_out, self.gy, gy_dim))
-        out.factor, out.prior = self.factor, tuple(s)
+        out.factor, out.prior, out.tokens = self.factor, tuple(s), self.tokens
         return out
 
     def matrix(self) -> Tensor:

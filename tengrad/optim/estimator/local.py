@@ -32,7 +32,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import batched, budget, consistency, grouped, paths, scratch, stacked, usage, woodbury
+from tengrad.optim.curvature import (batched, budget, consistency, grouped, paths, scratch, stacked, tokens, usage,
+                                     woodbury)
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -235,18 +236,24 @@ class LocalEstimator:
         self.last_rows = None
         if not due_uses:
             return fresh, 1.0, tols
-        first = min(due_uses, key=lambda i: (step.blocks[i].numel, i))
+        draw = tokens.Draw(rules.token_rows, rules.generator) if rules.token_rows is not None else None
+        # the loss scale from whole-batch rows: a block summed over uses has its rows per position at once
+        first = min(due_uses, key=lambda i: (draw is not None and build.summed(step.blocks[i], due_uses[i], rules),
+                                             step.blocks[i].numel, i))
         scale = 1.0
         for i, uses in due_uses.items():
             b = step.blocks[i]
             tols[i] = _tolerance(b, uses)
-            r = build.block_rows(b, uses, rules, step.check)
+            r = build.block_rows(b, uses, rules, step.check, draw=draw)
             if i == first:
                 scale = self.loss_scale(step, b, r, tols[i])
-            whole = rules.curvature_batch is None or r.m <= rules.curvature_batch
-            if not whole:
+            if draw is not None:                             # rows per position (curvature/tokens.py)
+                r = build.at_positions(b, r, draw)
+            # rows per position are not sampled again (curvature_batch is for sample rows) nor screened
+            whole = r.tokens is None and (rules.curvature_batch is None or r.m <= rules.curvature_batch)
+            if r.tokens is None and not whole:
                 r = r.sampled(_draw(drawn, r, rules))
-            if rules.curvature_batch is not None and _deferred(b, r):   # J of the sampled rows only
+            if rules.curvature_batch is not None and r.tokens is None and _deferred(b, r):   # J of the sampled rows only
                 r = r.explicit(b.plan)
             if rules.prior is not None:                      # R' = R D^-1/2 (curvature/prior.py)
                 r = rules.prior.rows(r, b, rules.max_jacobian_numel)
@@ -261,7 +268,7 @@ class LocalEstimator:
         if f != 1.0:
             for i, (r, gram, whole) in fresh.items():
                 fresh[i] = (r.scaled(f), gram.mul_(f * f), whole)
-        self.last_rows = drawn or None
+        self.last_rows = {**drawn, **(draw.drawn if draw is not None else {})} or None
         return fresh, scale, tols
 
     def _stacked(self, curvs: list, blocks: list[Block]) -> list[tuple[stacked.Stack, list[int]]]:
@@ -326,7 +333,7 @@ class LocalEstimator:
         if not self.estimate_noise or step.rules.fisher != "empirical":
             return traces, squares, fresh, rows_m
         for (i, b, _, _), curv in zip(taking, curvs):
-            if i in built and curv.gram.shape[0] == curv.m:
+            if i in built and curv.gram.shape[0] == curv.m and curv.rows.tokens is None:
                 traces.append(curv.gram.diagonal().sum().to(torch.float64) / curv.m)
                 squares.append(curv.gram.sum().to(torch.float64) / curv.m ** 2)
                 fresh.append(b.name)
