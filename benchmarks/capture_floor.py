@@ -67,14 +67,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-#: a build lock older than this belongs to a build that was killed (a build takes ~40 s): torch's lock
-#: has no timeout, so a stale one would make every later build wait forever
-STALE_LOCK_S = 600.0
+#: a build lock older than this belongs to a build that was killed (a build takes ~40 s, ~2 min under
+#: load): torch's lock has no timeout, so a stale one would make every later build wait forever
+STALE_LOCK_S = 180.0
 
 
 def cpp_tap():
     """The compiled C++ tap (module with ``Store`` and ``tap``); raises when it cannot be built.
-    Built in its own directory under the temp dir, per torch version; a stale build lock is removed."""
+    Built in its own directory under the temp dir, per torch version. A build lock is waited for until it
+    goes (a build in another process) or is ``STALE_LOCK_S`` old (a killed build's), then removed."""
     import tempfile
     import time
 
@@ -82,11 +83,14 @@ def cpp_tap():
     build = os.path.join(tempfile.gettempdir(), f"tengrad_floor_tap-torch{torch.__version__.replace('+', '-')}")
     os.makedirs(build, exist_ok=True)
     lock = os.path.join(build, "lock")
-    try:
-        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
-            os.remove(lock)
-    except FileNotFoundError:
-        pass
+    while True:
+        try:
+            if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+                os.remove(lock)
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(1.0)
     return load_inline("tengrad_floor_tap", cpp_sources=[_CPP], extra_cflags=["-O2"], verbose=False,
                        build_directory=build)
 

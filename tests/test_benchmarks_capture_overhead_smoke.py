@@ -74,3 +74,25 @@ def test_stagger_benchmark_prints_a_row_per_model():
     assert len(rows) == 1, buf.getvalue()
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert len(cells) == 6 and all(len(c.split()) == 10 for c in cells[4:]), cells
+
+
+def test_a_killed_builds_lock_is_waited_out_then_removed(tmp_path, monkeypatch):
+    """torch's build lock has no timeout: a lock left by a killed build made every later suite hang. A
+    young lock is waited for until it goes stale (STALE_LOCK_S), then removed and the build proceeds."""
+    import tempfile
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    from benchmarks import capture_floor
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(capture_floor, "STALE_LOCK_S", 0.5)
+    built = []
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda *a, **k: built.append(k["build_directory"]) or "module")
+    build = tmp_path / f"tengrad_floor_tap-torch{torch.__version__.replace('+', '-')}"
+    build.mkdir()
+    (build / "lock").touch()
+    start = time.monotonic()
+    assert capture_floor.cpp_tap() == "module"
+    assert time.monotonic() - start >= 0.4 and not (build / "lock").exists() and built == [str(build)]
