@@ -106,3 +106,40 @@ def test_steps_match_the_oracle_with_and_without_groups(monkeypatch, small, fish
     if small:
         assert sorted(len(g.rows) for g in used) == [3]
     assert ("grouped (curvature/grouped.py)" in opt.explain()) == (small > 0)
+
+
+@pytest.mark.parametrize("small", [grouped.SMALL, 0], ids=["grouped", "per-block"])
+def test_momentum_over_grouped_steps_matches_the_oracle(monkeypatch, small):
+    """The group's directions are views of a buffer it keeps across steps: the momentum buffers made
+    from them on the first step must be copies (curvature/scratch.py ``keep``), else the next step's
+    directions (the group is kept over a cycle of update_freq steps) overwrite the momentum. Oracle:
+    buf_t = mu buf_{t-1} + d_t (buf_0 = d_0), d_t the dense float64 solve with the cycle's Fisher and
+    step t's gradient, the change -lr buf_t."""
+    from support.numerics import rel_err
+    from support.step_oracle import expected_steps, fisher_from_grads, per_sample_grads
+
+    monkeypatch.setattr(grouped, "SMALL", small)
+    torch.manual_seed(1)
+    model = TokenTower().double()
+    lr, damping, mu = 0.3, 0.5, 0.9
+    from tengrad.optim import TENGraD
+    opt = TENGraD(model, lr, damping, momentum=mu, update_freq=3, kl_clip=None, max_jacobian_numel=0,
+                  curvature_batch=None)
+    gen = torch.Generator().manual_seed(3)
+    names = [n for n, _ in model.named_parameters()]
+    bufs = None
+    for step in range(5):
+        x, y = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rows = per_sample_grads(model, x, y, "cross_entropy")
+        g = {n: t.mean(0) for n, t in rows.items()}
+        if step % 3 == 0:                   # the curvature of this batch, kept for the cycle
+            F = fisher_from_grads(rows, names)
+        d = {n: v / -lr for n, v in expected_steps(opt, model, F, names, g, lr, damping).items()}
+        bufs = d if bufs is None else {n: mu * bufs[n] + d[n] for n in names}
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            assert rel_err(p.detach() - before[n], -lr * bufs[n]) < 1e-8, (step, n)
+    assert (len(opt.estimator._groups) > 0) == (small > 0)

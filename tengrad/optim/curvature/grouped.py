@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from tengrad.codegen.einsum import Add, contract
+from tengrad.optim.curvature import scratch
 from tengrad.optim.curvature.woodbury import Rows
 from tengrad_ir import steps as S
 
@@ -142,8 +143,8 @@ class Group:
         outs = []
         for j, ((xs, gs, _, vjp, sizes, pshape), pt) in enumerate(zip(self.terms, p)):
             shape = (len(self.rows), *pshape)
-            if self._out[j] is None or self._out[j].shape != shape:
-                self._out[j] = pt.new_empty(shape)
+            if self._out[j] is None or self._out[j].shape != shape:   # kept: views of it must be copied
+                self._out[j] = scratch.keep(pt.new_empty(shape))       # before a momentum buffer adopts one
             add = Add(pt.reshape(shape), float(beta[0]) if same else 1.0, self._out[j])
             d = _run(vjp, {"X": xs, "G": gs, "u": u}, sizes, add)
             if not same:

@@ -26,13 +26,21 @@ from torch import Tensor
 #: parameters of at least this many elements (4 MiB in float32) get a kept direction buffer
 MIN_NUMEL = 1 << 20
 
-#: every live kept buffer by its data pointer (a direction is a view of one: same pointer)
+#: every live kept buffer by the data pointer of its storage (a direction is a view of one: the same storage)
 _KEPT: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
+def keep(buf: Tensor) -> Tensor:
+    """Register ``buf`` as a buffer kept across steps whose views are handed out as directions (``is_kept``):
+    the step that makes a momentum buffer of such a view copies it (update.apply)."""
+    _KEPT[buf.untyped_storage().data_ptr()] = buf
+    return buf
+
+
 def is_kept(t: Tensor) -> bool:
-    """Whether ``t`` lives in a kept direction buffer (it must be copied before anything keeps it)."""
-    return t.numel() > 0 and _KEPT.get(t.data_ptr()) is not None
+    """Whether ``t`` lives in a kept direction buffer, or any view of one (it must be copied before
+    anything keeps it)."""
+    return t.numel() > 0 and _KEPT.get(t.untyped_storage().data_ptr()) is not None
 
 
 class Scratch:
@@ -56,9 +64,8 @@ class Scratch:
             ref, buf = self._buffers.get(id(p), (None, None))
             if (buf is None or ref() is not p or buf.shape != t.shape or buf.dtype != t.dtype
                     or buf.device != t.device):
-                buf = torch.empty_like(t, memory_format=torch.contiguous_format)
+                buf = keep(torch.empty_like(t, memory_format=torch.contiguous_format))
                 self._buffers[id(p)] = (weakref.ref(p), buf)
-                _KEPT[buf.data_ptr()] = buf
             out.append(buf)
         return out
 
