@@ -211,3 +211,30 @@ def test_accumulation_over_forwards_is_refused_for_a_summed_block():
     with pytest.raises(TENGraDError, match="layer 'emb'.*2 forward passes.*token_rows"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_rows_per_position_survive_a_checkpoint():
+    """state_dict / load_state_dict keep the rows per position (T) with the kept curvature: the next
+    reuse step of the loaded copy equals the original's."""
+    torch.manual_seed(4)
+    model = TorchLM(4).double()
+    opt = TENGraD(model, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(6)
+    ids, y = torch.randint(0, V, (3, 4), generator=gen), torch.randint(0, V, (3, 4), generator=gen)
+    opt.zero_grad()
+    _loss(model(ids), y).backward()
+    opt.step()
+    twin = model_at(model, {n: p.detach().clone() for n, p in model.named_parameters()})
+    opt2 = TENGraD(twin, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5)
+    opt2.load_state_dict(opt.state_dict())
+    assert [b.curv.rows.tokens for b in opt2.blocks] == [4] * len(opt.blocks)
+    for o, mdl in ((opt, model), (opt2, twin)):
+        o.zero_grad()
+        _loss(mdl(ids), y).backward()
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert rel_err(q.detach(), p.detach()) < 1e-12, n
+    bad = opt.state_dict()
+    next(iter(bad["tengrad"]["blocks"].values()))["tokens"] = 1
+    with pytest.raises(TENGraDError, match="'tokens' must be None or the positions per sample"):
+        opt2.load_state_dict(bad)

@@ -209,6 +209,10 @@ def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice 
         choice = paths.PathChoice(choice[0], choice[1])
     rows = woodbury.Rows(c["path"], int(m), x, gy, jac, pieces, float(scale))
     rows.prior = _prior(b, c.get("prior"), where, dtype, dev)
+    tokens = c.get("tokens")            # rows per position (curvature/tokens.py): T, or None for sample rows
+    if tokens is not None and (not _is_int(tokens) or tokens < 2):
+        raise _fail(f"{where}: 'tokens' must be None or the positions per sample (an integer >= 2), got {tokens!r}")
+    rows.tokens = None if tokens is None else int(tokens)
     curv = woodbury.BlockCurvature(rows, gram.to(dev).clone(), chol.to(dev).clone(), float(c["damping"]),
                                    float(c["requested"]))
     _consistent(b, curv, where)

@@ -287,7 +287,7 @@ class BlockCurvature:
         """The checkpoint entry (checkpoint.py checks it on load and rebuilds it, ``_curvature``)."""
         return dict(self.tensors(), path=self.path, m=self.m, damping=self.damping, requested=self.requested,
                     jac_split=self.split(), jac_scale=self.scale,
-                    prior=None if self.rows.prior is None else list(self.rows.prior))
+                    prior=None if self.rows.prior is None else list(self.rows.prior), tokens=self.rows.tokens)
 
 
 def non_finite_gram(layer: str) -> TENGraDError:
