@@ -3,7 +3,9 @@
 
     .venv/bin/python lab/lm_token_rows_probe.py '[dict(prior="adam"), dict(prior="adam", token_rows=128, lr=3.0)]'
 """
-import sys, torch, time
+import sys
+
+import torch
 sys.path.insert(0, "benchmarks")
 from tasks.stdlib_lm import ByteLM, loss
 from tasks import stdlib_corpus
