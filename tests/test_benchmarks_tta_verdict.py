@@ -41,3 +41,13 @@ def test_tengrad_alone_gives_no_verdict():
     out = verdict(Spec(META), [_run("tengrad-prior", 1, 60)])
     assert "no peer of sgd/adamw ran beside it: no verdict" in out, out
     assert "met" not in out
+
+
+def test_the_final_metric_counts_every_peer_and_every_tengrad_arm():
+    """The time ratio is against the acceptance peers only (AdamW on the LM task), but the final metric
+    is against the best of every peer that ran (SOAP there), for each TENGraD arm."""
+    runs = [_run("tengrad-prior", 0, 60), _run("adamw", 0, 100), _run("soap", 0, 40)]
+    runs[2]["points"].append(dict(step=30, seconds=90.0, test_acc=0.95))      # SOAP ends higher
+    out = verdict(Spec(META), runs)
+    assert "per seed [0.60], median 0.60 (acceptance <= 0.7: met)" in out, out
+    assert "best test_acc: TENGraD (prior='adam') 92.50% vs the best peer, SOAP, 95.00% (medians): worse" in out, out
