@@ -85,8 +85,7 @@ def block_rows(b: Block, captured: list[Use], rules: Rules, check: ConsistencyCh
              and len(b.params) == len([p for _, p in b.plan.params if p.requires_grad]))
     if plain:
         use = moved[0] if len(moved) == 1 else _union(moved)
-        per_token = draw is not None and tokens.layout(use.x, [use.grad] if use.grad is not None else use.rows,
-                                                       use.lead) is not None
+        per_token = draw is not None and tokens.use_layout(use) is not None
         return _module_rows(b, use, rules, check, dtype, keep_factors,
                             batch=None if len(moved) == 1 else int(use.x.shape[0]), whole_xgy=per_token)
     return _summed_rows(b, by_forward, rules, check, dtype, draw)
@@ -289,7 +288,7 @@ def _summed_rows(b: Block, by_forward: dict[int, list[Use]], rules: Rules, check
 def _summed_layout(groups: list) -> int | None:
     """T when every use of the block's forwards has the same T positions per sample (tokens.layout),
     else None."""
-    ts = {tokens.layout(c.x, [c.grad] if c.grad is not None else c.rows, c.lead) for _, calls in groups for c in calls}
+    ts = {tokens.use_layout(c) for _, calls in groups for c in calls}
     return ts.pop() if len(ts) == 1 and None not in ts else None
 
 

@@ -46,6 +46,12 @@ def layout(x: Tensor, ts: list[Tensor], lead: int) -> int | None:
     return t if t > 1 else None
 
 
+def use_layout(u: Use) -> int | None:
+    """``layout`` of a use with its sample first and ``u.lead`` set: its input against its output
+    gradient, or its curvature rows when the ordinary backward gave it none."""
+    return layout(u.x, [u.grad] if u.grad is not None else u.rows, u.lead)
+
+
 def select(t: Tensor, lead: int, idx: Tensor | None, scale: float = 1.0) -> Tensor:
     """``t`` [m, t_1.., t_k, f..] (``lead`` = 1 + k) at the flat positions ``idx`` [c] (None: all, m T):
     [c, 1, .., 1, f..], times ``scale`` (a copy)."""
