@@ -42,7 +42,7 @@ from numbers import Integral
 import torch
 
 from tengrad.errors import TengradError
-from tengrad.optim.curvature import paths, woodbury
+from tengrad.optim.curvature import eigenbasis, paths, woodbury
 from tengrad.optim.errors import TENGraDError
 from tengrad.optim.noise import NoiseScale
 from tengrad.optim.options import check_group
@@ -126,18 +126,39 @@ def _consistent(b, curv: woodbury.BlockCurvature, where: str) -> None:
                     f"{residual:.3g} > {tol:g}")
 
 
+EIGENBASIS_KEYS = ("prior_l", "prior_r", "prior_ql", "prior_qr")
+
+
 def _prior(b, s: object, where: str, dtype: torch.dtype, dev) -> tuple | None:
-    """The kept S = D^-1/2 of a block under a prior (curvature/prior.py): one positive finite tensor
-    per parameter, shaped like it; None or absent: no prior."""
+    """The kept prior of a block (curvature/prior.py, eigenbasis.py), one entry per parameter: a positive
+    finite tensor shaped like it (S = D^-1/2), or for a weight in its eigenbasis a dict of ``q_out``
+    [o, o] and ``q_in`` [n, n] (orthonormal) and ``s`` [o, n] (positive); None or absent: no prior."""
     if s is None:
         return None
     if not isinstance(s, (list, tuple)) or len(s) != len(b.params):
-        raise _fail(f"{where}: 'prior' must be a list of {len(b.params)} tensors (one per parameter)")
+        raise _fail(f"{where}: 'prior' must be a list of {len(b.params)} entries (one per parameter)")
     out = []
     for k, (t, p) in enumerate(zip(s, b.params)):
-        t = _tensor({"prior": t}, "prior", f"{where}, parameter {k}", tuple(p.shape), dtype)
+        at = f"{where}, parameter {k}"
+        if isinstance(t, dict):
+            o, n = p.shape[0], p.numel() // max(p.shape[0], 1)
+            if sorted(t) != ["q_in", "q_out", "s"] or p.dim() < 2:
+                raise _fail(f"{at}: an eigenbasis 'prior' is a dict of 'q_out', 'q_in' and 's' for a weight of 2 or "
+                            f"more dims, got keys {sorted(t)} for shape {tuple(p.shape)}")
+            q_out = _tensor(t, "q_out", at, (o, o), dtype)
+            q_in = _tensor(t, "q_in", at, (n, n), dtype)
+            sv = _tensor(t, "s", at, (o, n), dtype)
+            for name, q in (("q_out", q_out), ("q_in", q_in)):
+                eye = torch.eye(q.shape[0], dtype=q.dtype)
+                if float((q.t() @ q - eye).abs().max()) > 1e3 * _tolerance(dtype):
+                    raise _fail(f"{at}: 'prior' {name!r} is not orthonormal")
+            if not bool((sv > 0).all()):
+                raise _fail(f"{at}: 'prior' 's' (delta^-1/2) must be positive")
+            out.append(eigenbasis.Rotated(q_out.to(dev).clone(), q_in.to(dev).clone(), sv.to(dev).clone()))
+            continue
+        t = _tensor({"prior": t}, "prior", at, tuple(p.shape), dtype)
         if not bool((t > 0).all()):
-            raise _fail(f"{where}, parameter {k}: 'prior' (D^-1/2) must be positive")
+            raise _fail(f"{at}: 'prior' (D^-1/2) must be positive")
         out.append(t.to(dev).clone())
     return tuple(out)
 
@@ -269,10 +290,18 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
         where = f"state of parameter {name_of[id(p)]!r}"
         if not isinstance(s, dict):
             raise _fail(f"{where} must be a dict")
-        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v")]
+        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v") + EIGENBASIS_KEYS]
         if unknown:
             raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer' "
-                        "and, with a prior, 'prior_v')")
+                        "and, with a prior, 'prior_v' and, in an eigenbasis, 'prior_l', 'prior_r', 'prior_ql', "
+                        "'prior_qr')")
+        if any(k in s for k in EIGENBASIS_KEYS):    # prior="soap" (curvature/eigenbasis.py)
+            o, n = p.shape[0], p.numel() // max(p.shape[0], 1)
+            if p.dim() < 2 or not all(k in s for k in EIGENBASIS_KEYS + ("prior_v",)):
+                raise _fail(f"{where}: an eigenbasis state has all of 'prior_l', 'prior_r', 'prior_ql', 'prior_qr' "
+                            "and 'prior_v', for a weight of 2 or more dims")
+            for k, shape in zip(EIGENBASIS_KEYS, ((o, o), (n, n), (o, o), (n, n))):
+                _tensor(s, k, where, shape)
         if "momentum_buffer" in s:
             _tensor(s, "momentum_buffer", where, tuple(p.shape))
         if "prior_v" in s:          # Adam's second moments of the prior (curvature/prior.py): >= 0

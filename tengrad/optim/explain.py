@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from tengrad.optim.curvature import eigenbasis
+
 
 def _short(reason: str) -> str:
     """The first sentence (the registry list after '; registered:' is dropped)."""
@@ -64,7 +66,9 @@ def describe(settings: str, groups: list[dict], blocks: list, fallback: list, sk
             line += f"; uses: {', '.join(b.uses)}"
         if b.curv is not None and (b.curv.rows.prior is not None or b.curv.rows.prior_note is not None):
             kept = b.curv.rows
-            line += ("; prior: " + (kept.prior_note or ("diagonal D (x and gy scaled: Kronecker-diagonal)"
+            rotated = kept.prior is not None and any(isinstance(s, eigenbasis.Rotated) for s in kept.prior)
+            line += ("; prior: " + (kept.prior_note or ("eigenbasis D (SOAP: rotated explicit J)" if rotated
+                                                        else "diagonal D (x and gy scaled: Kronecker-diagonal)"
                                                         if not kept.explicit_held else "diagonal D")))
         if b.name in skipped:
             line += f"; skipped at the last step: {skipped[b.name]}"

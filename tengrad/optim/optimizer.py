@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import conventions, fisher as fisher_mod, prior as prior_mod, roofline
+from tengrad.optim.curvature import conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -145,7 +145,10 @@ class TENGraD(torch.optim.Optimizer):
     ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
     diagonal of Adam's second moments (decay ``prior_beta``), normalised to mean 1 per block and floored
     at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
-    Conv x/gy rows, so their Gram keeps the reuse form; single process).
+    Conv x/gy rows, so their Gram keeps the reuse form; single process); or "soap": D = Q diag(delta) Q^T
+    per weight, Q the eigenbasis of Shampoo's factors (E[G G^T], E[G^T G]) and delta Adam's second
+    moments of the rotated gradient, as SOAP preconditions (curvature/eigenbasis.py: exact for that D;
+    the rows of such a block are kept as a rotated explicit J).
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
     dimensions besides the sample (Linear, LayerNorm, Embedding on [m, T, ...], MultiheadAttention's
     projections, a tied head) takes rows per position instead, the Fisher (1/m) sum_{i,t} j_it j_it^T of
@@ -208,7 +211,9 @@ class TENGraD(torch.optim.Optimizer):
         if self.prior is not None and dist_estimator is not None:
             raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
                                "plain rows (estimator/distributed.py)")
-        self._moments = prior_mod.SecondMoments(self.prior_beta) if self.prior is not None else None
+        moments = prior_mod.SecondMoments(self.prior_beta)
+        self._moments = (None if self.prior is None else moments if self.prior == "adam"
+                         else eigenbasis.EigenMoments(self.prior_beta, moments))
         self.token_rows = options.check_token_rows(token_rows, fisher, dist_estimator is not None)
         # "auto" (the defaults): the single-process step's memory budget; the distributed step keeps every
         # row in the forms its exchange plan chooses
@@ -445,7 +450,7 @@ class TENGraD(torch.optim.Optimizer):
         update.apply(self.state, directions, nu)
         if self._moments is not None:     # v for the prior's next curvature step (curvature/prior.py)
             self._moments.update(self.state, [p for p, _, _, _ in directions],
-                                 lambda dt: torch.promote_types(dt, torch.float32))
+                                 lambda dt: torch.promote_types(dt, torch.float32), self._steps)
         self._steps += 1
         return loss
 

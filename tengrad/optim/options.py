@@ -164,9 +164,10 @@ def check_token_rows(value: object, fisher: str, distributed: bool) -> int | Non
 
 
 def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:
-    """prior None or "adam" (curvature/prior.py); beta in [0, 1); floor in (0, 1]."""
-    if prior not in (None, "adam"):
-        raise TENGraDError(f"prior must be None or 'adam', got {prior!r}")
+    """prior None, "adam" (curvature/prior.py) or "soap" (curvature/eigenbasis.py); beta in [0, 1); floor
+    in (0, 1]."""
+    if prior not in (None, "adam", "soap"):
+        raise TENGraDError(f"prior must be None, 'adam' or 'soap', got {prior!r}")
     for name, value, ok, what in (("prior_beta", beta, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
                                   ("prior_floor", floor, lambda v: 0.0 < v <= 1.0, "in (0, 1]")):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(float(value)):

@@ -19,8 +19,9 @@ before the solve and the solution by S after (estimator/local.py). The step is e
 delta is taken at the block's curvature step and kept with its rows (``Rows.prior`` = S per parameter):
 reuse steps are exact for the kept (F, D).
 
-delta, ``prior="adam"``: Adam's second moments v = beta v + (1 - beta) g^2, updated every step from
-param.grad (``SecondMoments``, kept in the optimizer state as ``"prior_v"``), as
+delta, ``prior="adam"``: Adam's second moments v = beta v + (1 - beta) g^2 from v_0 = 0, updated every
+step from param.grad (``SecondMoments``, kept in the optimizer state as ``"prior_v"``; Adam's bias
+correction 1 / (1 - beta^t) is one scalar, which the normalisation below removes), as
 
     delta = max(sqrt(v) / mean_block(sqrt(v)), floor)
 
@@ -38,6 +39,10 @@ Forms of R' (``apply``):
   gy * delta_out^-1/2 (on the output-feature dim): the Gram keeps the paper's reuse form;
 * any other x / gy block: its explicit J formed and scaled, when J has at most ``max_jacobian_numel``
   entries; else the block keeps the identity prior (D = I, its plain step) and ``Rows.prior_note`` says why.
+
+``prior="soap"``: a block with a weight of 2 or more dims takes D in Shampoo's eigenbasis for its weights
+(``rotated``; the maths in curvature/eigenbasis.py) and this diagonal for its other parameters; the
+blocks without such a weight (LayerNorm, biases alone) are as under "adam".
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from tengrad.optim.curvature import eigenbasis
 from tengrad.optim.curvature.woodbury import Rows
 
 DEFAULT_BETA = 0.999
@@ -62,6 +68,8 @@ class Prior:
     state: dict
 
     def rows(self, rows: Rows, block, max_jacobian_numel: int) -> Rows:
+        if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
+            return rotated(rows, block, self.state, self.floor, max_jacobian_numel)
         return apply(rows, block, self.state, self.floor, max_jacobian_numel)
 
 
@@ -72,7 +80,7 @@ class SecondMoments:
     def __init__(self, beta: float = DEFAULT_BETA) -> None:
         self.beta = float(beta)
 
-    def update(self, state: dict, params: Sequence[Tensor], dtype_of) -> None:
+    def update(self, state: dict, params: Sequence[Tensor], dtype_of, step: int = 0) -> None:
         vs, gs = [], []
         for p in params:
             if p.grad is None:
@@ -81,7 +89,9 @@ class SecondMoments:
             st = state[p]
             v = st.get("prior_v")
             if v is None:
-                st["prior_v"] = g.to(dtype_of(p.dtype)).square()     # v_1 = g_1^2 (normalised: no bias)
+                # v_1 = (1 - beta) g_1^2 from v_0 = 0 (g_1^2 here would weigh the first gradient 1 / (1 - beta)
+                # times Adam's: still 30% of v after 1,200 steps at beta 0.999)
+                st["prior_v"] = g.to(dtype_of(p.dtype)).square().mul_(1.0 - self.beta)
                 continue
             vs.append(v)
             gs.append(g.to(v.dtype))
@@ -120,6 +130,26 @@ def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
     return None
 
 
+def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int) -> Rows:
+    """R'' = R T^T for ``block`` under ``prior="soap"`` (curvature/eigenbasis.py): rotatable weights in
+    their eigenbasis, the other parameters diagonal, delta normalised over the whole block; the rows
+    as an explicit J (formed from x and gy when it has at most ``max_jacobian_numel`` entries, else the
+    identity prior with a note)."""
+    if not rows.explicit_held:
+        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
+            out = rows.scaled(1.0)
+            out.prior_note = (f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds max_jacobian_numel; "
+                              "the eigenbasis prior rotates explicit rows only (eigenbasis.py)")
+            return out
+        rows = rows.explicit(block.plan)
+    dtype = rows_dtype(rows)
+    bases = [eigenbasis.basis(state, p, dtype) if eigenbasis.rotatable(p) else None for p in block.params]
+    vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
+    s = [d.rsqrt() for d in diagonal(vs, floor)]
+    return rows.transformed([eigenbasis.Rotated(b[0], b[1], si) if b is not None else si
+                             for b, si in zip(bases, s)])
+
+
 def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int) -> Rows:
     """R' = R S for ``block`` (module docstring), with delta from ``state[p]["prior_v"]``; the result
     carries S (``Rows.prior``, per parameter, shaped like it) or, for the identity prior, None and a note."""
@@ -142,7 +172,7 @@ def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int)
                               f"and its layer has no Kronecker form (prior.py)")
             return out
         rows = rows.explicit(block.plan)
-    return rows.column_scaled([d.rsqrt() for d in diagonal(vs, floor)])
+    return rows.transformed([d.rsqrt() for d in diagonal(vs, floor)])
 
 
 def second_moment(state: dict, p: Tensor, dtype: torch.dtype) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from tengrad.codegen.torch_backend import symmetric_gram
-from tengrad.optim.curvature import tokens
+from tengrad.optim.curvature import eigenbasis, tokens
 from tengrad.optim.errors import TENGraDError
 
 
@@ -142,16 +142,19 @@ class Rows:
         out.tokens = t
         return out
 
-    def column_scaled(self, s: Sequence[Tensor]) -> "Rows":
-        """R S for S = diag(s) (``s`` per parameter, shaped like it; the rows must be an explicit J):
-        a scaled copy of J, carrying ``prior = s`` (curvature/prior.py)."""
-        flat = [t.reshape(1, -1) for t in s]
+    def transformed(self, prior: Sequence) -> "Rows":
+        """R S^T for a prior given per parameter (the rows must be an explicit J): an elementwise s
+        (shaped like the parameter: a diagonal S, curvature/prior.py) or an ``eigenbasis.Rotated``; a
+        transformed copy of J, carrying ``prior``."""
         if self.pieces is not None:
-            out = Rows(self.path, self.m, pieces=[p * f.to(p.dtype) for p, f in zip(self.pieces, flat)],
-                       scale=self.scale)
+            out = Rows(self.path, self.m, pieces=eigenbasis.rows_of(prior, self.pieces), scale=self.scale)
+        elif not any(isinstance(s, eigenbasis.Rotated) for s in prior):
+            out = Rows(self.path, self.m, jac=self.jac * torch.cat([s.reshape(1, -1) for s in prior], dim=1).to(
+                self.jac.dtype))
         else:
-            out = Rows(self.path, self.m, jac=self.jac * torch.cat(flat, dim=1).to(self.jac.dtype))
-        out.factor, out.prior, out.tokens = self.factor, tuple(s), self.tokens
+            sizes = [s.numel() if isinstance(s, Tensor) else s.s.numel() for s in prior]
+            out = Rows(self.path, self.m, jac=torch.cat(eigenbasis.rows_of(prior, self.jac.split(sizes, dim=1)), dim=1))
+        out.factor, out.prior, out.tokens = self.factor, tuple(prior), self.tokens
         return out
 
     def feature_scaled(self, s_in: Tensor, x_dim: int, s_out: Tensor, gy_dim: int, s: Sequence[Tensor]) -> "Rows":
@@ -287,7 +290,9 @@ class BlockCurvature:
         """The checkpoint entry (checkpoint.py checks it on load and rebuilds it, ``_curvature``)."""
         return dict(self.tensors(), path=self.path, m=self.m, damping=self.damping, requested=self.requested,
                     jac_split=self.split(), jac_scale=self.scale,
-                    prior=None if self.rows.prior is None else list(self.rows.prior), tokens=self.rows.tokens)
+                    prior=None if self.rows.prior is None else [
+                        s.state() if isinstance(s, eigenbasis.Rotated) else s for s in self.rows.prior],
+                    tokens=self.rows.tokens)
 
 
 def non_finite_gram(layer: str) -> TENGraDError:
@@ -359,12 +364,14 @@ def direction(curv: BlockCurvature, plan, g: Sequence[Tensor], layer: str) -> li
 
     Finiteness is not checked here: the optimizer checks every direction of a step at once.
     """
-    s = curv.rows.prior              # rows R S of a diagonal prior (prior.py): g' = S g, d = S d'
+    s = curv.rows.prior              # rows R S^T of a prior (prior.py, eigenbasis.py): g' = S g, d = S^T d'
     if s is not None:
-        g = [gi * si.to(gi.dtype) for gi, si in zip(g, s)]
+        g = eigenbasis.into(s, g)
     u = solve(curv.chol, curv.rows.jg(plan, g))
     # d = g / a + R^T (-u / a): the -1/a rides on the r-vector u, so d is one pass over the parameters
     back = curv.rows.jtu(plan, u * (-1.0 / curv.damping), g)
     inv_a = 1.0 / curv.damping
     d = [bi.to(gi.dtype).add_(gi, alpha=inv_a) for gi, bi in zip(g, back)]   # in place on b: no allocation
-    return d if s is None else [di.mul_(si.to(di.dtype)) for di, si in zip(d, s)]
+    if s is not None:
+        eigenbasis.out_of_(s, d)
+    return d

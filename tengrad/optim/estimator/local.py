@@ -32,8 +32,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from tengrad.optim.curvature import (batched, budget, consistency, grouped, paths, scratch, stacked, tokens, usage,
-                                     woodbury)
+from tengrad.optim.curvature import (batched, budget, consistency, eigenbasis, grouped, paths, scratch, stacked,
+                                     tokens, usage, woodbury)
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.estimator import stagger
@@ -145,9 +145,8 @@ class LocalEstimator:
         curvs = self._curvatures(step, taking, fresh)
         gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
-        # a block with a prior: g' = S g into the solve, d = S d' out of it (prior.py)
-        gps = [g if c.rows.prior is None else [gi * si.to(gi.dtype) for gi, si in zip(g, c.rows.prior)]
-               for c, g in zip(curvs, gs)]
+        # a block with a prior: g' = S g into the solve, d = S^T d' out of it (prior.py, eigenbasis.py)
+        gps = [g if c.rows.prior is None else eigenbasis.into(c.rows.prior, g) for c, g in zip(curvs, gs)]
         # the small explicit-J blocks' R g and d together (curvature/stacked.py), the others block by block
         stacks = self._stacked(curvs, [b for _, b, _, _ in taking])
         # ... and the reuse-path blocks of one shape in batched contractions (curvature/grouped.py)
@@ -193,13 +192,13 @@ class LocalEstimator:
             back = [t if t.dtype == gi.dtype else t.to(gi.dtype) for t, gi in zip(back, g)]
             if curv.rows.prior is not None:
                 priored[0].extend(back)
-                priored[1].extend(s.to(t.dtype) for s, t in zip(curv.rows.prior, back))
+                priored[1].extend(curv.rows.prior)
             if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
                 known.append(k)
                 at.append(len(out))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
-        if priored[0]:                                  # d = S d'
-            torch._foreach_mul_(priored[0], priored[1])
+        if priored[0]:                                  # d = S^T d'
+            eigenbasis.out_of_(priored[1], priored[0])
         for (i, b, _, uses), curv in zip(taking, curvs):
             if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
                 _unbind([b.plan] + [u.plan for u in uses])

@@ -1,0 +1,157 @@
+"""A prior in Shampoo's eigenbasis (``TENGraD(..., prior="soap")``; issue 24, item 3).
+
+SOAP (Vyas et al. 2024) runs Adam in the eigenbasis of Shampoo's Kronecker factors. As a prior outside
+the rows it is D = Q diag(delta) Q^T per weight, Q = Q_out (x) Q_in orthogonal, delta > 0 Adam's
+second moments of the rotated gradient; any such D is symmetric positive definite, so the Woodbury step
+(R^T R / m + a D)^-1 g stays exact. With T = diag(s) Q^T, s = delta^-1/2, T D T^T = I and
+
+    (R^T R / m + a D)^-1 g = T^T (R''^T R'' / m + a I)^-1 T g,     R'' = R T^T,
+
+so a block keeps the rows R'' (each row's weight part rotated and scaled: s * (Q_out^T X Q_in)), its
+Gram K'' = R'' R''^T, and the step maps g'' = T g into the solve and d = T^T d'' out of it
+(``Rotated``); <d, g> = <d'', g''>. Parameters that are not rotated (1-D, or a side over ``MAX_DIM``)
+keep the diagonal of curvature/prior.py (an elementwise s), so one block may mix both.
+
+The state of a rotated weight W [o, ...] viewed as G [o, n] (its gradient), per step after the update
+(``EigenMoments``; optimizer state "prior_l", "prior_r", "prior_ql", "prior_qr", "prior_v"):
+
+    L = b L + (1 - b) G G^T  [o, o],   R = b R + (1 - b) G^T G  [n, n]      (b = ``SHAMPOO_BETA``)
+    v = beta v + (1 - beta) (Q_out^T G Q_in)^2  [o, n]
+
+from L_0 = R_0 = v_0 = 0 (as SOAP and Adam: the bias corrections are scalars, which leave the bases and
+the normalised delta as they are), v_1 taken in the bases of the first gradient alone. Every ``EVERY`` steps the bases are refreshed, Q_out, Q_in = eigenvectors of L, R (eigh), and v is
+carried into the new basis as the second moments of independent entries would be:
+v <- P_out^2 v (P_in^2)^T with P = Q_new^T Q_old (squared entrywise; a permutation of the basis
+permutes v, as SOAP re-indexes its second moments). delta = max(sqrt(v) / mean_block sqrt(v), floor),
+taken at a curvature step and kept with the rows (reuse steps are exact for the kept D). Before the
+first update (step 0) the bases and v come from the current gradient alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SHAMPOO_BETA = 0.95         # SOAP's default for the Kronecker factors
+EVERY = 10                  # SOAP's default precondition_frequency
+MAX_DIM = 2048              # a weight side above this keeps the diagonal prior (eigh of a larger factor)
+
+
+def rotatable(p: Tensor) -> bool:
+    """A weight of 2 or more dims whose [o, n] view has both sides <= MAX_DIM."""
+    return p.dim() >= 2 and p.shape[0] <= MAX_DIM and p.numel() // p.shape[0] <= MAX_DIM
+
+
+class Rotated:
+    """T = diag(s) Q^T of one weight (module docstring): ``q_out`` [o, o], ``q_in`` [n, n], ``s`` [o, n]."""
+
+    __slots__ = ("q_out", "q_in", "s")
+
+    def __init__(self, q_out: Tensor, q_in: Tensor, s: Tensor) -> None:
+        self.q_out, self.q_in, self.s = q_out, q_in, s
+
+    def rows(self, piece: Tensor) -> Tensor:
+        """R'' = R T^T for a piece [r, P] of J (P = o n): each row rotated and scaled."""
+        r, (o, n) = piece.shape[0], self.s.shape
+        x = piece.reshape(r, o, n)
+        out = torch.matmul(torch.matmul(self.q_out.t().to(x.dtype), x), self.q_in.to(x.dtype))
+        return out.mul_(self.s.to(x.dtype)).reshape(r, o * n)
+
+    def into(self, g: Tensor) -> Tensor:
+        """g'' = T g, shaped like g."""
+        o, n = self.s.shape
+        q_out, q_in = self.q_out.to(g.dtype), self.q_in.to(g.dtype)
+        return (q_out.t() @ g.reshape(o, n) @ q_in).mul_(self.s.to(g.dtype)).reshape(g.shape)
+
+    def out_of_(self, d: Tensor) -> Tensor:
+        """d = T^T d'', written into ``d`` (shaped like the weight)."""
+        o, n = self.s.shape
+        q_out, q_in = self.q_out.to(d.dtype), self.q_in.to(d.dtype)
+        return d.copy_((q_out @ (d.reshape(o, n) * self.s.to(d.dtype)) @ q_in.t()).reshape(d.shape))
+
+    def state(self) -> dict:
+        return dict(q_out=self.q_out, q_in=self.q_in, s=self.s)
+
+
+def into(prior: Sequence, g: Sequence[Tensor]) -> list[Tensor]:
+    """g' = S g per parameter: an elementwise s (diagonal prior) or a ``Rotated``."""
+    return [si.into(gi) if isinstance(si, Rotated) else gi * si.to(gi.dtype) for gi, si in zip(g, prior)]
+
+
+def out_of_(prior: Sequence, d: Sequence[Tensor]) -> None:
+    """d = S^T d' in place, per parameter (the diagonal ones in one foreach product)."""
+    diag = [(di, si.to(di.dtype)) for di, si in zip(d, prior) if not isinstance(si, Rotated)]
+    if diag:
+        torch._foreach_mul_([a for a, _ in diag], [b for _, b in diag])
+    for di, si in zip(d, prior):
+        if isinstance(si, Rotated):
+            si.out_of_(di)
+
+
+def rows_of(prior: Sequence, pieces: Sequence[Tensor]) -> list[Tensor]:
+    """R' = R S^T per parameter piece [r, P_i]."""
+    return [si.rows(p) if isinstance(si, Rotated) else p * si.reshape(1, -1).to(p.dtype)
+            for p, si in zip(pieces, prior)]
+
+
+def _eigenvectors(f: Tensor) -> Tensor:
+    """Orthonormal eigenvectors of a symmetric PSD factor (ascending eigenvalues); float64 if float32 fails."""
+    try:
+        return torch.linalg.eigh(f)[1]
+    except RuntimeError:            # ill-conditioned: LAPACK did not converge in the factor's precision
+        return torch.linalg.eigh(f.double())[1].to(f.dtype)
+
+
+def basis(state: dict, p: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(Q_out, Q_in, v [o, n]) of a rotatable weight: the kept ones, or before the first update (step 0) those
+    of the current gradient alone (nothing is stored)."""
+    st = state.get(p, {}) if p in state else {}
+    if "prior_ql" in st:
+        return st["prior_ql"], st["prior_qr"], st["prior_v"].reshape(p.shape[0], -1)
+    g = _matrix(p, dtype)
+    q_out, q_in = _eigenvectors(g @ g.t()), _eigenvectors(g.t() @ g)
+    return q_out, q_in, (q_out.t() @ g @ q_in).square()
+
+
+def _matrix(p: Tensor, dtype: torch.dtype) -> Tensor:
+    g = p.grad.detach()
+    g = g.to_dense() if g.is_sparse else g
+    return g.to(dtype).reshape(p.shape[0], -1)
+
+
+class EigenMoments:
+    """The per-step state of ``prior="soap"`` (module docstring): the factors, bases and rotated second
+    moments of rotatable weights, Adam's v of the others (curvature/prior.py's SecondMoments)."""
+
+    def __init__(self, beta: float, diagonal) -> None:
+        self.beta = float(beta)
+        self.diagonal = diagonal    # prior.SecondMoments for the parameters that are not rotated
+
+    def update(self, state: dict, params: Sequence[Tensor], dtype_of, step: int) -> None:
+        """After step ``step`` (0-based): every parameter with a gradient; bases refreshed when
+        step + 1 is a multiple of EVERY."""
+        flat = [p for p in params if p.grad is not None and not rotatable(p)]
+        self.diagonal.update(state, flat, dtype_of)
+        refresh = (step + 1) % EVERY == 0
+        b, beta = SHAMPOO_BETA, self.beta
+        for p in params:
+            if p.grad is None or not rotatable(p):
+                continue
+            st = state[p]
+            g = _matrix(p, dtype_of(p.dtype))
+            if "prior_ql" not in st:
+                st["prior_l"], st["prior_r"] = (g @ g.t()).mul_(1.0 - b), (g.t() @ g).mul_(1.0 - b)
+                st["prior_ql"], st["prior_qr"], v = basis({}, p, g.dtype)
+                st["prior_v"] = v.reshape(p.shape).mul_(1.0 - beta)
+                continue
+            st["prior_l"].mul_(b).addmm_(g, g.t(), alpha=1.0 - b)
+            st["prior_r"].mul_(b).addmm_(g.t(), g, alpha=1.0 - b)
+            rot = st["prior_ql"].t() @ g @ st["prior_qr"]
+            v = st["prior_v"].view(rot.shape)
+            v.mul_(beta).addcmul_(rot, rot, value=1.0 - beta)
+            if refresh:
+                q_out, q_in = _eigenvectors(st["prior_l"]), _eigenvectors(st["prior_r"])
+                p_out, p_in = (q_out.t() @ st["prior_ql"]).square(), (q_in.t() @ st["prior_qr"]).square()
+                st["prior_v"] = (p_out @ v @ p_in.t()).reshape(p.shape)
+                st["prior_ql"], st["prior_qr"] = q_out, q_in

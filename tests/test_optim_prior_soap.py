@@ -1,0 +1,212 @@
+"""``prior="soap"``: the step is the exact (F_b + a D_b)^-1 g_b for D in Shampoo's eigenbasis (issue 24,
+item 3; tengrad/optim/curvature/eigenbasis.py).
+
+Two oracles, float64, written out here from the docstring's definitions:
+
+1. The step for the D the optimizer keeps. Per weight the kept prior is (Q_out, Q_in, s); D is built
+   densely as (Q_out (x) Q_in) diag(1 / s^2) (Q_out (x) Q_in)^T on the row-major flattened weight
+   (diag(1 / s^2) for a parameter kept diagonal), F_b from torch.func's per-sample gradients, and the
+   update must be -lr (F_b + a D_b)^-1 g_b, on curvature and reuse steps, across a basis refresh.
+2. D follows the definition: the oracle tracks L = b L + (1 - b) G G^T and R from the batch gradients
+   itself (from 0), v = beta v + (1 - beta) (Q_out^T G Q_in)^2 (from 0) with the bases the optimizer holds at
+   each step, carried at a refresh as P_out^2 v (P_in^2)^T (P = Q_new^T Q_old); the refreshed bases must
+   diagonalise the oracle's L and R, and the kept s must be delta^-1/2 with delta = max(sqrt(v) /
+   mean_block sqrt(v), floor) (Adam's v for the parameters kept diagonal).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from support.numerics import rel_err
+from support.optim_cases import LOSSES, make_batch, make_model
+from support.step_oracle import fisher_from_grads, per_sample_grads
+from tengrad.optim import TENGraD
+from tengrad.optim.curvature import eigenbasis
+
+BETA, FLOOR, LR, DAMPING = 0.9, 0.05, 0.3, 0.5
+SB = eigenbasis.SHAMPOO_BETA
+
+
+def _opt(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TENGraD(model, LR, DAMPING, momentum=0.0, kl_clip=None, check=True, prior="soap",
+                       prior_beta=BETA, prior_floor=FLOOR, **kw)
+
+
+def dense_prior(op, shape) -> torch.Tensor:
+    """D of one parameter from its kept prior entry."""
+    if isinstance(op, eigenbasis.Rotated):
+        q = torch.kron(op.q_out, op.q_in)
+        return q @ torch.diag(op.s.reshape(-1) ** -2) @ q.T
+    return torch.diag(op.reshape(-1) ** -2)
+
+
+def _steps(kind: str, n: int, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    return [make_batch(kind, m, "cross_entropy", gen) for m in [6, 5, 8, 6, 9, 6, 5, 8, 6, 10, 6, 5][:n]]
+
+
+@pytest.mark.parametrize("kind,k", [("mlp", 1), ("mlp", 3), ("conv", 2), ("tokens", 1), ("tokens", 4)])
+def test_soap_prior_step_is_the_exact_damped_step_for_the_kept_d(kind, k):
+    model = make_model(kind)
+    opt = _opt(model, update_freq=k)
+    kept, rotated_seen = None, 0
+    for s, (x, y) in enumerate(_steps(kind, 12)):       # 12 steps: across the refresh after step 10
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rows = per_sample_grads(model, x, y, "cross_entropy")
+        g = {n: t.mean(0) for n, t in rows.items()}
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        opt.step()
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        priors = {b.name: b.curv.rows.prior for b in opt.blocks}
+        if s % k == 0:
+            kept = (fisher_from_grads(rows, names), priors)
+        else:       # reuse steps keep the curvature step's D
+            assert all(priors[n] is kept[1][n] for n in priors)
+        F, kept_priors = kept
+        offsets, start = {}, 0
+        for n in names:
+            offsets[n] = (start, start + g[n].numel())
+            start += g[n].numel()
+        for b in opt.blocks:
+            ops = kept_priors[b.name]
+            assert ops is not None, b.name
+            rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
+            cols = torch.cat([torch.arange(*offsets[n]) for n in b.param_names])
+            Db = torch.block_diag(*[dense_prior(o, g[n].shape) for o, n in zip(ops, b.param_names)])
+            gb = torch.cat([g[n].reshape(-1) for n in b.param_names])
+            d = torch.linalg.solve(F[cols][:, cols] + DAMPING * Db, gb)
+            lo = 0
+            for n in b.param_names:
+                size = g[n].numel()
+                want = -LR * d[lo:lo + size].reshape(g[n].shape)
+                err = rel_err(model.get_parameter(n).detach() - theta[n], want)
+                assert err < 1e-8, (s, b.name, n, err)
+                lo += size
+    assert rotated_seen > 0
+
+
+@pytest.mark.parametrize("kind,k", [("tokens", 1), ("conv", 3)])
+def test_soap_prior_tracks_shampoos_bases_and_rotated_second_moments(kind, k):
+    model = make_model(kind)
+    opt = _opt(model, update_freq=k)
+    params = dict(model.named_parameters())
+    rot = {n for n, p in params.items() if eigenbasis.rotatable(p)}
+    assert rot
+    L, R, v, va = {}, {}, {}, {}      # the oracle's factors, rotated v (rotatable weights), Adam's v (others)
+    refreshed = 0
+    for s, (x, y) in enumerate(_steps(kind, 12)):
+        g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+        before = {n: (opt.state[params[n]]["prior_ql"].clone(), opt.state[params[n]]["prior_qr"].clone())
+                  for n in rot if "prior_ql" in opt.state[params[n]]}
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        opt.step()
+        if s % k == 0:      # the kept s from the v of the steps before this one (step 0: this gradient)
+            for b in opt.blocks:
+                vs, bases = [], []
+                for n in b.param_names:
+                    if n in rot:
+                        G = g[n].reshape(g[n].shape[0], -1)
+                        if n in before:
+                            q_out, q_in = before[n]
+                            vs.append(v[n])
+                        else:   # step 0: the bases of this gradient alone
+                            op = b.curv.rows.prior[b.param_names.index(n)]
+                            q_out, q_in = op.q_out, op.q_in
+                            assert torch.allclose((q_out.T @ G @ G.T @ q_out).triu(1), torch.zeros(1, dtype=G.dtype),
+                                                  atol=1e-10 * float((G @ G.T).norm()))
+                            vs.append((q_out.T @ G @ q_in) ** 2)
+                        bases.append((q_out, q_in))
+                    else:
+                        vs.append(va[n] if n in va else g[n] ** 2)
+                        bases.append(None)
+                sq = [t.sqrt() for t in vs]
+                mean = sum(t.sum() for t in sq) / sum(t.numel() for t in sq)
+                for n, t, basis, op in zip(b.param_names, sq, bases, b.curv.rows.prior):
+                    delta = torch.clamp(t / mean, min=FLOOR)
+                    if basis is None:
+                        assert rel_err(op, delta.reshape(op.shape) ** -0.5) < 1e-10, (s, n)
+                    else:
+                        assert isinstance(op, eigenbasis.Rotated), (s, n)
+                        assert rel_err(op.q_out, basis[0]) < 1e-12 and rel_err(op.q_in, basis[1]) < 1e-12
+                        assert rel_err(op.s, delta.reshape(op.s.shape) ** -0.5) < 1e-10, (s, n)
+        # the oracle's own recursions after the step
+        for n in params:
+            if n not in rot:
+                va[n] = (1 - BETA) * g[n] ** 2 if n not in va else BETA * va[n] + (1 - BETA) * g[n] ** 2
+                continue
+            G = g[n].reshape(g[n].shape[0], -1)
+            st = opt.state[params[n]]
+            if n not in L:
+                L[n], R[n] = (1 - SB) * G @ G.T, (1 - SB) * G.T @ G
+                q_out, q_in = st["prior_ql"], st["prior_qr"]
+                v[n] = (1 - BETA) * (q_out.T @ G @ q_in) ** 2
+            else:
+                L[n], R[n] = SB * L[n] + (1 - SB) * G @ G.T, SB * R[n] + (1 - SB) * G.T @ G
+                q_out, q_in = before[n]
+                v[n] = BETA * v[n] + (1 - BETA) * (q_out.T @ G @ q_in) ** 2
+                new_out, new_in = st["prior_ql"], st["prior_qr"]
+                if (s + 1) % eigenbasis.EVERY == 0:     # a refresh: the bases of L and R, v carried over
+                    refreshed += 1
+                    for q, f in ((new_out, L[n]), (new_in, R[n])):
+                        assert rel_err(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype)) < 1e-10
+                        off = q.T @ f @ q
+                        assert float((off - torch.diag(torch.diagonal(off))).abs().max()) < 1e-10 * float(f.norm())
+                    v[n] = ((new_out.T @ q_out) ** 2) @ v[n] @ ((new_in.T @ q_in) ** 2).T
+                else:
+                    assert torch.equal(new_out, q_out) and torch.equal(new_in, q_in)
+            assert rel_err(st["prior_l"], L[n]) < 1e-10 and rel_err(st["prior_r"], R[n]) < 1e-10, (s, n)
+            assert rel_err(st["prior_v"].reshape(v[n].shape), v[n]) < 1e-10, (s, n)
+    assert refreshed == len(rot)
+
+
+def test_soap_prior_keeps_its_bases_through_a_checkpoint():
+    """A saved optimizer resumes with the kept (Q, s) and the factors: the next steps are the same."""
+    def run(resume: bool):
+        model = make_model("tokens")
+        opt = _opt(model, update_freq=3)
+        for s, (x, y) in enumerate(_steps("tokens", 5, seed=5)):
+            if resume and s == 2:
+                sd = copy.deepcopy(opt.state_dict())
+                model = copy.deepcopy(model)
+                opt = _opt(model, update_freq=3)
+                opt.load_state_dict(sd)
+            opt.zero_grad()
+            LOSSES["cross_entropy"](model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert rel_err(b, a) < 1e-12
+
+
+def test_soap_prior_checkpoint_refuses_a_basis_that_is_not_orthonormal():
+    model = make_model("tokens")
+    opt = _opt(model, update_freq=3)
+    x, y = _steps("tokens", 1)[0]
+    LOSSES["cross_entropy"](model(x), y).backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    entry = next(e for e in sd["tengrad"]["blocks"].values()
+                 if e.get("prior") and any(isinstance(t, dict) for t in e["prior"]))
+    rot = next(t for t in entry["prior"] if isinstance(t, dict))
+    rot["q_out"] = rot["q_out"] * 2.0
+    with pytest.raises(Exception, match="not orthonormal"):
+        _opt(copy.deepcopy(model), update_freq=3).load_state_dict(sd)
+
+
+def test_soap_prior_blocks_over_the_jacobian_budget_keep_the_identity_with_a_note():
+    model = make_model("mlp")
+    opt = _opt(model, max_jacobian_numel=0)
+    x, y = _steps("mlp", 1)[0]
+    LOSSES["cross_entropy"](model(x), y).backward()
+    opt.step()
+    text = opt.explain()
+    assert "identity prior" in text and "eigenbasis prior rotates explicit rows only" in text, text
