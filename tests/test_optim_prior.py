@@ -3,8 +3,8 @@ item 3; tengrad/optim/curvature/prior.py).
 
 Oracle (float64, written out here from the docstring's definition, not from the optimizer's code):
 per-sample gradients from torch.func give F_b (support/step_oracle.py) and g; the second moments are
-tracked here as Adam's, v_t = beta v_{t-1} + (1 - beta) g_t^2 after each step from v = 0; at a curvature
-step delta is taken from v of the steps before it (g_0^2 on step 0) and kept for the cycle:
+tracked here, v_0 = g_0^2, v_t = beta v_{t-1} + (1 - beta) g_t^2 after each step; at a curvature step
+delta is taken from v of the steps before it (g_0^2 on step 0) and kept for the cycle:
 
 * explicit-J rows: delta = max(sqrt(v) / mean_b sqrt(v), floor) per entry;
 * x/gy rows of a Linear or a Conv with groups 1: delta[o, i, k] = d_out[o] d_in[i] with
@@ -117,7 +117,7 @@ def test_prior_step_is_the_exact_damped_step_for_adams_diagonal(kind, k, max_num
             want = -LR * g[n] / DAMPING
             assert rel_err(model.get_parameter(n).detach() - theta[n], want) < 1e-8
         for n in g:
-            v[n] = (1 - BETA) * g[n] ** 2 if n not in v else BETA * v[n] + (1 - BETA) * g[n] ** 2
+            v[n] = g[n] ** 2 if n not in v else BETA * v[n] + (1 - BETA) * g[n] ** 2
     if max_numel == 0:
         assert "kronecker" in forms_seen, forms_seen
     else:

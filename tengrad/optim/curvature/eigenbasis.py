@@ -18,13 +18,16 @@ The state of a rotated weight W [o, ...] viewed as G [o, n] (its gradient), per 
     L = b L + (1 - b) G G^T  [o, o],   R = b R + (1 - b) G^T G  [n, n]      (b = ``SHAMPOO_BETA``)
     v = beta v + (1 - beta) (Q_out^T G Q_in)^2  [o, n]
 
-from L_0 = R_0 = v_0 = 0 (as SOAP and Adam: the bias corrections are scalars, which leave the bases and
-the normalised delta as they are), v_1 taken in the bases of the first gradient alone. Every ``EVERY`` steps the bases are refreshed, Q_out, Q_in = eigenvectors of L, R (eigh), and v is
+from L_0 = R_0 = 0 (as SOAP: the bias correction is a scalar, which leaves the bases as they are) and
+v_1 = (Q_out^T G_1 Q_in)^2 in the bases of the first gradient alone (the convention of "adam"'s v,
+curvature/prior.py). Every ``EVERY`` steps the bases are refreshed, Q_out, Q_in = eigenvectors of L, R (eigh), and v is
 carried into the new basis as the second moments of independent entries would be:
 v <- P_out^2 v (P_in^2)^T with P = Q_new^T Q_old (squared entrywise; a permutation of the basis
 permutes v, as SOAP re-indexes its second moments). delta = max(sqrt(v) / mean_block sqrt(v), floor),
-taken at a curvature step and kept with the rows (reuse steps are exact for the kept D). Before the
-first update (step 0) the bases and v come from the current gradient alone.
+taken at a curvature step and kept with the rows (reuse steps are exact for the kept D). At step 0
+(no statistics yet) a block with a rotatable weight keeps the identity prior: the bases of one gradient
+G = U S V^T make Q^T G Q diagonal, so every other entry's delta is the floor and the rows' correction is
+amplified 1 / floor there (measured on the LM task: training loss 8.8 over steps 15-29 against 3.2).
 """
 from __future__ import annotations
 
@@ -143,7 +146,7 @@ class EigenMoments:
             if "prior_ql" not in st:
                 st["prior_l"], st["prior_r"] = (g @ g.t()).mul_(1.0 - b), (g.t() @ g).mul_(1.0 - b)
                 st["prior_ql"], st["prior_qr"], v = basis({}, p, g.dtype)
-                st["prior_v"] = v.reshape(p.shape).mul_(1.0 - beta)
+                st["prior_v"] = v.reshape(p.shape)
                 continue
             st["prior_l"].mul_(b).addmm_(g, g.t(), alpha=1.0 - b)
             st["prior_r"].mul_(b).addmm_(g.t(), g, alpha=1.0 - b)

@@ -19,9 +19,12 @@ before the solve and the solution by S after (estimator/local.py). The step is e
 delta is taken at the block's curvature step and kept with its rows (``Rows.prior`` = S per parameter):
 reuse steps are exact for the kept (F, D).
 
-delta, ``prior="adam"``: Adam's second moments v = beta v + (1 - beta) g^2 from v_0 = 0, updated every
-step from param.grad (``SecondMoments``, kept in the optimizer state as ``"prior_v"``; Adam's bias
-correction 1 / (1 - beta^t) is one scalar, which the normalisation below removes), as
+delta, ``prior="adam"``: second moments v = beta v + (1 - beta) g^2, updated every step from param.grad
+(``SecondMoments``, kept in the optimizer state as ``"prior_v"``) from v_1 = g_1^2. That is not Adam's
+bias-corrected v (v_0 = 0, which the normalisation below would make v_1 = (1 - beta) g_1^2): here the
+first gradient weighs 1 / (1 - beta) times as much, still 30% of v after 1,200 steps at beta 0.999.
+Measured on the LM task (lab/lm_prior_probe.py, 150 steps, docs/experiments/lm-prior-soap.md), Adam's
+weighting was worse: training loss 3.03 against 2.64, with a spike to 7.6 at step 44. From v,
 
     delta = max(sqrt(v) / mean_block(sqrt(v)), floor)
 
@@ -89,9 +92,7 @@ class SecondMoments:
             st = state[p]
             v = st.get("prior_v")
             if v is None:
-                # v_1 = (1 - beta) g_1^2 from v_0 = 0 (g_1^2 here would weigh the first gradient 1 / (1 - beta)
-                # times Adam's: still 30% of v after 1,200 steps at beta 0.999)
-                st["prior_v"] = g.to(dtype_of(p.dtype)).square().mul_(1.0 - self.beta)
+                st["prior_v"] = g.to(dtype_of(p.dtype)).square()     # v_1 = g_1^2 (module docstring)
                 continue
             vs.append(v)
             gs.append(g.to(v.dtype))
@@ -142,6 +143,10 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
                               "the eigenbasis prior rotates explicit rows only (eigenbasis.py)")
             return out
         rows = rows.explicit(block.plan)
+    if any(eigenbasis.rotatable(p) and "prior_ql" not in state.get(p, {}) for p in block.params):
+        out = rows.scaled(1.0)      # step 0: the bases of one gradient make the other directions' delta the floor
+        out.prior_note = "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)"
+        return out
     dtype = rows_dtype(rows)
     bases = [eigenbasis.basis(state, p, dtype) if eigenbasis.rotatable(p) else None for p in block.params]
     vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
