@@ -12,6 +12,8 @@ Methods (arms) and their hyperparameters ``hp``:
 * ``tengrad-tuned``: the same optimizer at a tuned (lr, damping).
 * ``tengrad-prior``: ``tengrad.TENGraD(model, prior="adam", **hp)``: Adam's diagonal as the prior outside
   the rows (tengrad/optim/curvature/prior.py), otherwise the defaults (only weight_decay tuned).
+* ``tengrad-soap``: ``tengrad.TENGraD(model, prior="soap", **hp)``: SOAP's preconditioner (Adam in
+  Shampoo's eigenbasis) as the prior outside the rows (tengrad/optim/curvature/eigenbasis.py); lr tuned.
 
 A method whose package is not installed raises ``NotRun`` (reported as "not run", never as divergence).
 """
@@ -22,12 +24,14 @@ import math
 
 import torch
 
-METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-prior")
+METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-prior", "tengrad-soap")
+#: the arms that are TENGraD (the verdict's subjects; the others are its peers)
+TENGRAD_ARMS = tuple(m for m in METHODS if m.startswith("tengrad"))
 #: the peers' labels do not say "tuned": whether a run's point came from its grid or is the task's
 #: fallback point (``--no-tune``) is printed with its hyperparameters (tune.py)
 LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
           "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)",
-          "tengrad-prior": "TENGraD (prior='adam')"}
+          "tengrad-prior": "TENGraD (prior='adam')", "tengrad-soap": "TENGraD (prior='soap')"}
 PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),
             "kfac": ("asdl", "pip install asdfghjkl==0.1a5 (the bench extra)")}
 
@@ -94,11 +98,11 @@ def make_step(method: str, model, hp: dict, loss_fn, batch: int):
         from pytorch_optimizer import SOAP
 
         opt = SOAP(model.parameters(), lr=hp.pop("lr"), weight_decay=wd)
-    elif method in ("tengrad", "tengrad-tuned", "tengrad-prior"):
+    elif method in TENGRAD_ARMS:
         import tengrad
 
-        if method == "tengrad-prior":
-            hp.setdefault("prior", "adam")
+        if method in ("tengrad-prior", "tengrad-soap"):
+            hp.setdefault("prior", "adam" if method == "tengrad-prior" else "soap")
         opt = tengrad.TENGraD(model, weight_decay=wd, **hp)
         hp = {}
     elif method == "kfac":

@@ -12,11 +12,11 @@ import os
 import statistics
 import sys
 
-from peers import LABELS
+from peers import LABELS, TENGRAD_ARMS
 
 COLORS = {"sgd": "tab:gray", "adamw": "tab:green", "soap": "tab:purple", "kfac": "tab:orange",
           "tengrad": "tab:blue", "tengrad-tuned": "tab:cyan",
-          "tengrad-prior": "tab:brown"}
+          "tengrad-prior": "tab:brown", "tengrad-soap": "tab:olive"}
 
 
 class Spec:
@@ -91,7 +91,7 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
     t, limit, peers = acc["target"], acc["ratio"], acc["peers"]
     seeds = sorted({r["seed"] for r in runs})
     lines = []
-    for arm in ("tengrad", "tengrad-tuned", "tengrad-prior"):
+    for arm in TENGRAD_ARMS:
         mine = {r["seed"]: r for r in runs if r["method"] == arm and not r.get("not_run")}
         if not mine:
             continue
@@ -117,7 +117,7 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
         if r["method"] in LABELS and not r["method"].startswith("tengrad") and not r.get("not_run"):
             peer_best.setdefault(r["method"], []).append(spec.best(r))
     meds = {m: statistics.median(v) for m, v in peer_best.items() if all(x == x for x in v)}
-    for arm in ("tengrad", "tengrad-tuned", "tengrad-prior"):     # the final metric: every peer counts
+    for arm in TENGRAD_ARMS:     # the final metric: every peer counts
         mine = [spec.best(r) for r in runs if r["method"] == arm and not r.get("not_run")]
         if mine and meds and all(x == x for x in mine):
             tb = statistics.median(mine)

@@ -28,7 +28,7 @@ def test_lm_corpus_split_is_by_file_and_deterministic():
     assert val == [f for f in files if stdlib_corpus.is_validation(f, 0.1)]
 
 
-@pytest.mark.parametrize("task,methods", [("lm", "adamw,tengrad,tengrad-prior"), ("resnet", "tengrad")])
+@pytest.mark.parametrize("task,methods", [("lm", "adamw,tengrad,tengrad-prior,tengrad-soap"), ("resnet", "tengrad")])
 def test_tta_task_quick_writes_the_report(task, methods, tmp_path, capsys):
     import tta
 
