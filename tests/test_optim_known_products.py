@@ -97,6 +97,8 @@ CASES = {
     "conv reuse": ("conv", dict(max_jacobian_numel=0)),
     "token": ("token", dict()),
     "adam prior": ("tower", dict(max_jacobian_numel=0, prior="adam")),
+    "soap prior": ("tower", dict(prior="soap", update_freq=1)),      # steps 1, 2: the eigenbasis (eigenbasis.py)
+    "soap prior, tokens": ("token", dict(prior="soap", update_freq=1)),
     "weight decay, update_freq 2": ("mlp", dict(weight_decay=0.1, update_freq=2)),
 }
 

@@ -213,3 +213,17 @@ def test_soap_prior_blocks_over_the_jacobian_budget_keep_the_identity_with_a_not
     opt.step()
     text = opt.explain()
     assert "identity prior" in text and "eigenbasis prior rotates explicit rows only" in text, text
+
+
+def test_explain_names_the_eigenbasis_prior():
+    """explain(): the identity at step 0 with the reason, then the eigenbasis for blocks with a weight and the
+    diagonal for the LayerNorm."""
+    model = make_model("tokens")
+    opt = _opt(model, update_freq=1)
+    for s, (x, y) in enumerate(_steps("tokens", 2)):
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        opt.step()
+        line = opt.explain().split("block lin1 ")[1].split("\n")[0]
+        assert ("no eigenbasis before the first step" in line) if s == 0 else ("eigenbasis D" in line), (s, line)
+    assert "diagonal D" in opt.explain().split("block norm ")[1].split("\n")[0]
