@@ -124,23 +124,28 @@ def test_prior_step_is_the_exact_damped_step_for_adams_diagonal(kind, k, max_num
         assert "explicit" in forms_seen, forms_seen
 
 
-def test_prior_keeps_its_delta_through_a_checkpoint():
-    """A saved optimizer with a prior resumes with the kept D (the next reuse step is the same)."""
-    def run(resume: bool):
-        model = make_model("tokens")
+@pytest.mark.parametrize("prior,kw,freq,resume_at,n", [("adam", dict(max_jacobian_numel=0), 3, 2, 3),
+                                                        ("soap", dict(), 2, 3, 5)])
+def test_prior_keeps_its_delta_through_a_checkpoint(prior, kw, freq, resume_at, n):
+    """A saved optimizer with a prior resumes with the kept D (the next reuse step is the same); "soap"
+    resumes on a reuse step of the eigenbasis kept at step 2 (step 0 keeps the identity), with its factors."""
+    def make(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = TENGraD(model, LR, DAMPING, update_freq=3, prior="adam", max_jacobian_numel=0)
+            return TENGraD(model, LR, DAMPING, update_freq=freq, prior=prior, **kw)
+
+    def run(resume: bool):
+        model = make_model("tokens")
+        opt = make(model)
         gen = torch.Generator().manual_seed(5)
-        for s in range(3):
-            if resume and s == 2:
+        for s in range(n):
+            if resume and s == resume_at:
                 sd = copy.deepcopy(opt.state_dict())
-                model2 = copy.deepcopy(model)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    opt = TENGraD(model2, LR, DAMPING, update_freq=3, prior="adam", max_jacobian_numel=0)
+                rotated = [t for e in sd["tengrad"]["blocks"].values() for t in e["prior"] or [] if isinstance(t, dict)]
+                assert bool(rotated) == (prior == "soap")
+                model = copy.deepcopy(model)
+                opt = make(model)
                 opt.load_state_dict(sd)
-                model = model2
             x, y = make_batch("tokens", 6, "cross_entropy", gen)
             opt.zero_grad()
             LOSSES["cross_entropy"](model(x), y).backward()
