@@ -26,7 +26,7 @@ from torch import nn
 
 from support.numerics import rel_err
 from support.optim_cases import LOSSES, make_batch, make_model
-from support.step_oracle import fisher_from_grads, per_sample_grads
+from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
 BETA, FLOOR, LR, DAMPING = 0.9, 0.05, 0.3, 0.5
@@ -97,25 +97,11 @@ def test_prior_step_is_the_exact_damped_step_for_adams_diagonal(kind, k, max_num
                 deltas.update(oracle_delta(b, v_now, form))
             kept = (F, names, deltas)
         F, names, deltas = kept
-        offsets, start = {}, 0
+        d = dense_directions(F, names, {n: g[n].shape for n in names}, g, [b.param_names for b in opt.blocks],
+                             DAMPING, [n for n, _ in opt.fallback], prior=deltas)
         for n in names:
-            offsets[n] = (start, start + g[n].numel())
-            start += g[n].numel()
-        for b in opt.blocks:
-            cols = torch.cat([torch.arange(*offsets[n]) for n in b.param_names])
-            Db = torch.cat([deltas[n].reshape(-1) for n in b.param_names])
-            gb = torch.cat([g[n].reshape(-1) for n in b.param_names])
-            d = torch.linalg.solve(F[cols][:, cols] + DAMPING * torch.diag(Db), gb)
-            lo = 0
-            for n in b.param_names:
-                size = g[n].numel()
-                want = -LR * d[lo:lo + size].reshape(g[n].shape)
-                err = rel_err(model.get_parameter(n).detach() - theta[n], want)
-                assert err < 1e-8, (s, b.name, n, form_of(b), err)
-                lo += size
-        for n, _ in opt.fallback:
-            want = -LR * g[n] / DAMPING
-            assert rel_err(model.get_parameter(n).detach() - theta[n], want) < 1e-8
+            err = rel_err(model.get_parameter(n).detach() - theta[n], -LR * d[n])
+            assert err < 1e-8, (s, n, err)
         for n in g:
             v[n] = g[n] ** 2 if n not in v else BETA * v[n] + (1 - BETA) * g[n] ** 2
     if max_numel == 0:

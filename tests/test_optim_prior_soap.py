@@ -25,7 +25,7 @@ import torch
 
 from support.numerics import rel_err
 from support.optim_cases import LOSSES, make_batch, make_model
-from support.step_oracle import fisher_from_grads, per_sample_grads
+from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
 from tengrad.optim import TENGraD
 from tengrad.optim.curvature import eigenbasis
 
@@ -40,12 +40,12 @@ def _opt(model, **kw):
                        prior_beta=BETA, prior_floor=FLOOR, **kw)
 
 
-def dense_prior(op, shape) -> torch.Tensor:
-    """D of one parameter from its kept prior entry."""
+def dense_prior(op) -> torch.Tensor:
+    """D of one parameter from its kept prior entry: [P, P] in its eigenbasis, else its diagonal."""
     if isinstance(op, eigenbasis.Rotated):
         q = torch.kron(op.q_out, op.q_in)
         return q @ torch.diag(op.s.reshape(-1) ** -2) @ q.T
-    return torch.diag(op.reshape(-1) ** -2)
+    return op ** -2
 
 
 def _steps(kind: str, n: int, seed: int = 3):
@@ -72,27 +72,19 @@ def test_soap_prior_step_is_the_exact_damped_step_for_the_kept_d(kind, k):
         else:       # reuse steps keep the curvature step's D
             assert all(priors[n] is kept[1][n] for n in priors)
         F, kept_priors = kept
-        offsets, start = {}, 0
-        for n in names:
-            offsets[n] = (start, start + g[n].numel())
-            start += g[n].numel()
+        dense = {}
         for b in opt.blocks:
             ops = kept_priors[b.name]
             if ops is None:     # the identity prior: only before the first statistics
                 assert s < k and "no eigenbasis before the first step" in b.curv.rows.prior_note, (s, b.name)
-                ops = [torch.ones_like(g[n]) for n in b.param_names]
+                continue
             rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
-            cols = torch.cat([torch.arange(*offsets[n]) for n in b.param_names])
-            Db = torch.block_diag(*[dense_prior(o, g[n].shape) for o, n in zip(ops, b.param_names)])
-            gb = torch.cat([g[n].reshape(-1) for n in b.param_names])
-            d = torch.linalg.solve(F[cols][:, cols] + DAMPING * Db, gb)
-            lo = 0
-            for n in b.param_names:
-                size = g[n].numel()
-                want = -LR * d[lo:lo + size].reshape(g[n].shape)
-                err = rel_err(model.get_parameter(n).detach() - theta[n], want)
-                assert err < 1e-8, (s, b.name, n, err)
-                lo += size
+            dense.update({n: dense_prior(o) for o, n in zip(ops, b.param_names)})
+        d = dense_directions(F, names, {n: g[n].shape for n in names}, g, [b.param_names for b in opt.blocks],
+                             DAMPING, [n for n, _ in opt.fallback], prior=dense)
+        for n in names:
+            err = rel_err(model.get_parameter(n).detach() - theta[n], -LR * d[n])
+            assert err < 1e-8, (s, n, err)
     assert rotated_seen > 0
 
 

@@ -110,14 +110,17 @@ def oracle_fisher(model, x, y, fisher: str, loss: Loss, labels=None, params: Map
 
 def dense_directions(F: torch.Tensor, names: Sequence[str], shapes: Mapping[str, torch.Size],
                      g: Mapping[str, torch.Tensor], blocks: Sequence[Sequence[str]],
-                     damping: float | Mapping[str, float], fallback: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+                     damping: float | Mapping[str, float], fallback: Sequence[str] = (),
+                     prior: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """THE dense solve of the optimizer tests, in float64.
 
-    For each block (a list of parameter names) d_b = (F_b + a_b I)^-1 g_b: F_b the rows and columns of
+    For each block (a list of parameter names) d_b = (F_b + a_b D_b)^-1 g_b: F_b the rows and columns of
     ``F`` [P, P] that belong to the block's parameters (F's columns follow ``names``, each parameter
     flattened, sizes from ``shapes``), g_b the block's entries of ``g`` ({name: gradient}) concatenated in
     the block's order. For each name in ``fallback``: d = g / a. ``damping``: one number a, or {parameter
-    name: a} (a block takes its first parameter's). Returns {name: d} shaped like the parameter.
+    name: a} (a block takes its first parameter's). ``prior``: {parameter name: D_p}, its diagonal (shaped
+    like the parameter) or a [size, size] matrix; D_b is their block diagonal, I for a name not given (and
+    with no prior). Returns {name: d} shaped like the parameter.
     ``F`` and ``g`` must be float64 (the oracle is never computed in a lower precision)."""
     if F.dtype != torch.float64 or any(g[n].dtype != torch.float64 for b in blocks for n in b):
         raise ValueError(f"the dense oracle solves in float64; got F {F.dtype}")
@@ -134,7 +137,8 @@ def dense_directions(F: torch.Tensor, names: Sequence[str], shapes: Mapping[str,
         cols = torch.cat([torch.arange(*offsets[n]) for n in b])
         Fb = F[cols][:, cols]
         gb = torch.cat([g[n].reshape(-1) for n in b])
-        d = torch.linalg.solve(Fb + a_of(b[0]) * torch.eye(len(cols), dtype=Fb.dtype), gb)
+        Db = torch.block_diag(*[_dense_prior(prior, n, offsets[n][1] - offsets[n][0]) for n in b])
+        d = torch.linalg.solve(Fb + a_of(b[0]) * Db, gb)
         lo = 0
         for n in b:
             size = offsets[n][1] - offsets[n][0]
@@ -143,6 +147,13 @@ def dense_directions(F: torch.Tensor, names: Sequence[str], shapes: Mapping[str,
     for n in fallback:
         out[n] = g[n].to(torch.float64) / a_of(n)
     return out
+
+
+def _dense_prior(prior: Mapping[str, torch.Tensor] | None, name: str, size: int) -> torch.Tensor:
+    d = None if prior is None else prior.get(name)
+    if d is None:
+        return torch.eye(size, dtype=torch.float64)
+    return d if d.dim() == 2 and d.shape == (size, size) else torch.diag(d.reshape(-1))
 
 
 def expected_steps(opt, model, F_dense, names, g: Mapping[str, torch.Tensor], lr: float,
