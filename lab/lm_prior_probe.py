@@ -30,7 +30,11 @@ def run(method, steps, **kw):
         st = torch.randint(0, len(train) - 130, (32, 1), generator=gen)
         w = train[st + torch.arange(129)].long()
         t0 = time.perf_counter()
-        lv = step(w[:, :-1], w[:, 1:])
+        try:
+            lv = step(w[:, :-1], w[:, 1:])
+        except Exception as exc:       # a non-finite step (TENGraDError names the layer): the arm diverged
+            print(method, kw, f"diverged at step {s}: {exc}", out, flush=True)
+            return
         times.append(time.perf_counter() - t0)
         acc += lv
         if s % 15 == 14:

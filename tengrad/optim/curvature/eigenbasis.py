@@ -106,15 +106,10 @@ def _eigenvectors(f: Tensor) -> Tensor:
         return torch.linalg.eigh(f.double())[1].to(f.dtype)
 
 
-def basis(state: dict, p: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(Q_out, Q_in, v [o, n]) of a rotatable weight: the kept ones, or before the first update (step 0) those
-    of the current gradient alone (nothing is stored)."""
-    st = state.get(p, {}) if p in state else {}
-    if "prior_ql" in st:
-        return st["prior_ql"], st["prior_qr"], st["prior_v"].reshape(p.shape[0], -1)
-    g = _matrix(p, dtype)
-    q_out, q_in = _eigenvectors(g @ g.t()), _eigenvectors(g.t() @ g)
-    return q_out, q_in, (q_out.t() @ g @ q_in).square()
+def basis(state: dict, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(Q_out, Q_in, v [o, n]) kept for a rotatable weight (after its first update)."""
+    st = state[p]
+    return st["prior_ql"], st["prior_qr"], st["prior_v"].reshape(p.shape[0], -1)
 
 
 def _matrix(p: Tensor, dtype: torch.dtype) -> Tensor:
@@ -144,9 +139,12 @@ class EigenMoments:
             st = state[p]
             g = _matrix(p, dtype_of(p.dtype))
             if "prior_ql" not in st:
-                st["prior_l"], st["prior_r"] = (g @ g.t()).mul_(1.0 - b), (g.t() @ g).mul_(1.0 - b)
-                st["prior_ql"], st["prior_qr"], v = basis({}, p, g.dtype)
-                st["prior_v"] = v.reshape(p.shape)
+                st["prior_l"], st["prior_r"] = g @ g.t(), g.t() @ g
+                q_out, q_in = _eigenvectors(st["prior_l"]), _eigenvectors(st["prior_r"])   # the first gradient's
+                st["prior_ql"], st["prior_qr"] = q_out, q_in
+                st["prior_v"] = (q_out.t() @ g @ q_in).square().reshape(p.shape)
+                st["prior_l"].mul_(1.0 - b)
+                st["prior_r"].mul_(1.0 - b)
                 continue
             st["prior_l"].mul_(b).addmm_(g, g.t(), alpha=1.0 - b)
             st["prior_r"].mul_(b).addmm_(g.t(), g, alpha=1.0 - b)

@@ -148,7 +148,7 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
         out.prior_note = "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)"
         return out
     dtype = rows_dtype(rows)
-    bases = [eigenbasis.basis(state, p, dtype) if eigenbasis.rotatable(p) else None for p in block.params]
+    bases = [eigenbasis.basis(state, p) if eigenbasis.rotatable(p) else None for p in block.params]
     vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
     s = [d.rsqrt() for d in diagonal(vs, floor)]
     return rows.transformed([eigenbasis.Rotated(b[0], b[1], si) if b is not None else si

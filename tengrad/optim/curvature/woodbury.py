@@ -148,9 +148,6 @@ class Rows:
         transformed copy of J, carrying ``prior``."""
         if self.pieces is not None:
             out = Rows(self.path, self.m, pieces=eigenbasis.rows_of(prior, self.pieces), scale=self.scale)
-        elif not any(isinstance(s, eigenbasis.Rotated) for s in prior):
-            out = Rows(self.path, self.m, jac=self.jac * torch.cat([s.reshape(1, -1) for s in prior], dim=1).to(
-                self.jac.dtype))
         else:
             sizes = [s.numel() if isinstance(s, Tensor) else s.s.numel() for s in prior]
             out = Rows(self.path, self.m, jac=torch.cat(eigenbasis.rows_of(prior, self.jac.split(sizes, dim=1)), dim=1))
