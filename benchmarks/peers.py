@@ -27,6 +27,8 @@ import torch
 METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-prior", "tengrad-soap")
 #: the arms that are TENGraD (the verdict's subjects; the others are its peers)
 TENGRAD_ARMS = tuple(m for m in METHODS if m.startswith("tengrad"))
+#: the TENGraD arms that run with a prior (tengrad/optim/curvature/prior.py, eigenbasis.py)
+PRIORS = {"tengrad-prior": "adam", "tengrad-soap": "soap"}
 #: the peers' labels do not say "tuned": whether a run's point came from its grid or is the task's
 #: fallback point (``--no-tune``) is printed with its hyperparameters (tune.py)
 LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
@@ -101,8 +103,8 @@ def make_step(method: str, model, hp: dict, loss_fn, batch: int):
     elif method in TENGRAD_ARMS:
         import tengrad
 
-        if method in ("tengrad-prior", "tengrad-soap"):
-            hp.setdefault("prior", "adam" if method == "tengrad-prior" else "soap")
+        if method in PRIORS:
+            hp.setdefault("prior", PRIORS[method])
         opt = tengrad.TENGraD(model, weight_decay=wd, **hp)
         hp = {}
     elif method == "kfac":

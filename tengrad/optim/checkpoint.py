@@ -141,7 +141,7 @@ def _prior(b, s: object, where: str, dtype: torch.dtype, dev) -> tuple | None:
     for k, (t, p) in enumerate(zip(s, b.params)):
         at = f"{where}, parameter {k}"
         if isinstance(t, dict):
-            o, n = p.shape[0], p.numel() // max(p.shape[0], 1)
+            o, n = eigenbasis.sides(p)
             if sorted(t) != ["q_in", "q_out", "s"] or p.dim() < 2:
                 raise _fail(f"{at}: an eigenbasis 'prior' is a dict of 'q_out', 'q_in' and 's' for a weight of 2 or "
                             f"more dims, got keys {sorted(t)} for shape {tuple(p.shape)}")
@@ -296,7 +296,7 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
                         "and, with a prior, 'prior_v' and, in an eigenbasis, 'prior_l', 'prior_r', 'prior_ql', "
                         "'prior_qr')")
         if any(k in s for k in EIGENBASIS_KEYS):    # prior="soap" (curvature/eigenbasis.py)
-            o, n = p.shape[0], p.numel() // max(p.shape[0], 1)
+            o, n = eigenbasis.sides(p)
             if p.dim() < 2 or not all(k in s for k in EIGENBASIS_KEYS + ("prior_v",)):
                 raise _fail(f"{where}: an eigenbasis state has all of 'prior_l', 'prior_r', 'prior_ql', 'prior_qr' "
                             "and 'prior_v', for a weight of 2 or more dims")

@@ -41,9 +41,14 @@ EVERY = 10                  # SOAP's default precondition_frequency
 MAX_DIM = 2048              # a weight side above this keeps the diagonal prior (eigh of a larger factor)
 
 
+def sides(p: Tensor) -> tuple[int, int]:
+    """(o, n) of a weight's [o, n] view (dim 0 against the rest)."""
+    return p.shape[0], p.numel() // max(p.shape[0], 1)
+
+
 def rotatable(p: Tensor) -> bool:
     """A weight of 2 or more dims whose [o, n] view has both sides <= MAX_DIM."""
-    return p.dim() >= 2 and p.shape[0] <= MAX_DIM and p.numel() // p.shape[0] <= MAX_DIM
+    return p.dim() >= 2 and max(sides(p)) <= MAX_DIM
 
 
 class Rotated:
