@@ -1,7 +1,7 @@
 """The LM task's first steps per optimizer, same initial weights and batches: training loss (mean of 15
 steps), the KL clip's nu for TENGraD, and the median ms per step (docs/experiments/lm-prior-soap.md).
 argv[1]: a Python list of dicts, each with "method" ("tengrad", or a peer of benchmarks/peers.py) and its
-hyperparameters; argv[2] (optional): steps (150).
+hyperparameters (fisher="mc": the step goes through opt.backward); argv[2] (optional): steps (150).
 
     .venv/bin/python lab/lm_prior_probe.py '[dict(method="tengrad", prior="soap"), dict(method="soap", lr=3e-3, weight_decay=0.01)]'
 """
@@ -24,6 +24,13 @@ def run(method, steps, **kw):
         kw = dict(noise_scale=False, curvature_batch=None, **kw)
         method = "tengrad-tuned"
     step, opt = peers.make_step(method, m, kw, loss, 32)
+    if kw.get("fisher", "empirical") != "empirical":      # sampled labels: opt.backward's extra pass
+        def step(x, y):
+            out = m(x)
+            opt.zero_grad()
+            lv = float(opt.backward(out.transpose(1, 2), y))    # cross_entropy's class dim 1: [N, 256, T]
+            opt.step()
+            return lv
     gen = torch.Generator().manual_seed(0)
     out, acc, times = [], 0.0, []
     for s in range(steps):
