@@ -150,6 +150,26 @@ def test_prior_options_are_checked(kw, msg):
         TENGraD(make_model("mlp"), **kw)
 
 
+@pytest.mark.parametrize("prior,given,beta", [("adam", None, 0.999), ("soap", None, 0.95), ("soap", 0.8, 0.8)])
+def test_prior_beta_defaults_to_each_priors_own(prior, given, beta):
+    """prior_beta=None takes Adam's beta2 for "adam" and SOAP's for "soap"; the second moments of a
+    parameter outside the rotations (a bias) follow it: v_2 = b g_1^2 + (1 - b) g_2^2."""
+    torch.manual_seed(0)
+    model = make_model("mlp")
+    opt = TENGraD(model, prior=prior, prior_beta=given, lr=LR, damping=DAMPING)
+    assert opt.prior_beta == beta
+    bias = [p for p in model.parameters() if p.dim() == 1][-1]
+    gen, grads = torch.Generator().manual_seed(3), []
+    for _ in range(2):
+        x, y = make_batch("mlp", 6, "cross_entropy", gen)
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        grads.append(bias.grad.detach().double().clone())
+        opt.step()
+    expected = beta * grads[0] ** 2 + (1 - beta) * grads[1] ** 2
+    assert rel_err(opt.state[bias]["prior_v"].double(), expected) < 1e-6
+
+
 def test_explain_names_each_blocks_prior():
     """explain() says which blocks scale x and gy, which keep a diagonal D, and which keep the identity."""
     model = make_model("conv")

@@ -143,12 +143,12 @@ class TENGraD(torch.optim.Optimizer):
     the step unchanged (reuse steps read x and gy instead of J); cutting rows makes it the step of the
     sampled rows' Fisher. Pass ``curvature_batch=None`` for the whole batch's Fisher at any memory.
     ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
-    diagonal of Adam's second moments (decay ``prior_beta``), normalised to mean 1 per block and floored
+    diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per block and floored
     at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
     Conv x/gy rows, so their Gram keeps the reuse form; single process); or "soap": D = Q diag(delta) Q^T
     per weight, Q the eigenbasis of Shampoo's factors (E[G G^T], E[G^T G]) and delta Adam's second
-    moments of the rotated gradient, as SOAP preconditions (curvature/eigenbasis.py: exact for that D;
-    the rows of such a block are kept as a rotated explicit J).
+    moments of the rotated gradient (decay ``prior_beta``, default SOAP's 0.95), as SOAP preconditions
+    (curvature/eigenbasis.py: exact for that D; the rows of such a block are kept as a rotated explicit J).
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
     dimensions besides the sample (Linear, LayerNorm, Embedding on [m, T, ...], MultiheadAttention's
     projections, a tied head) takes rows per position instead, the Fisher (1/m) sum_{i,t} j_it j_it^T of
@@ -176,7 +176,7 @@ class TENGraD(torch.optim.Optimizer):
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
                  curvature_batch: int | str | None = "auto", curvature_memory: int | str | None = "auto",
-                 prior: str | None = None, prior_beta: float = prior_mod.DEFAULT_BETA,
+                 prior: str | None = None, prior_beta: float | None = None,
                  prior_floor: float = prior_mod.DEFAULT_FLOOR, token_rows: int | None = None) -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from tengrad.optim.curvature.fisher import FISHERS
+from tengrad.optim.curvature import prior as prior_mod
 from tengrad.optim.errors import TENGraDError
 
 DEFAULT_LR = 0.3
@@ -164,10 +165,12 @@ def check_token_rows(value: object, fisher: str, distributed: bool) -> int | Non
 
 
 def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:
-    """prior None, "adam" (curvature/prior.py) or "soap" (curvature/eigenbasis.py); beta in [0, 1); floor
-    in (0, 1]."""
+    """prior None, "adam" (curvature/prior.py) or "soap" (curvature/eigenbasis.py); beta in [0, 1) (None:
+    the prior's default, prior.default_beta); floor in (0, 1]."""
     if prior not in (None, "adam", "soap"):
         raise TENGraDError(f"prior must be None, 'adam' or 'soap', got {prior!r}")
+    if beta is None:
+        beta = prior_mod.default_beta(prior)
     for name, value, ok, what in (("prior_beta", beta, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
                                   ("prior_floor", floor, lambda v: 0.0 < v <= 1.0, "in (0, 1]")):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(float(value)):
