@@ -143,9 +143,10 @@ class TENGraD(torch.optim.Optimizer):
     the step unchanged (reuse steps read x and gy instead of J); cutting rows makes it the step of the
     sampled rows' Fisher. Pass ``curvature_batch=None`` for the whole batch's Fisher at any memory.
     ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
-    diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per block and floored
-    at ``prior_floor`` (curvature/prior.py: the exact step for that D; Kronecker-diagonal on Linear and
-    Conv x/gy rows, so their Gram keeps the reuse form; single process); or "soap": D = Q diag(delta) Q^T
+    diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per
+    block and floored at ``prior_floor`` (curvature/prior.py: the exact step for that D;
+    Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form; single
+    process); or "soap": D = Q diag(delta) Q^T
     per weight, Q the eigenbasis of Shampoo's factors (E[G G^T], E[G^T G]) and delta Adam's second
     moments of the rotated gradient (decay ``prior_beta``, default SOAP's 0.95), as SOAP preconditions
     (curvature/eigenbasis.py: exact for that D; the rows of such a block are kept as a rotated explicit J).

@@ -60,12 +60,12 @@ from tengrad.optim.curvature.woodbury import Rows
 
 DEFAULT_BETA = 0.999            # prior="adam"'s decay of v (Adam's beta2)
 SOAP_BETA = 0.95                # prior="soap"'s (SOAP's beta2; docs/experiments/lm-prior-soap.md)
+DEFAULT_FLOOR = 1e-2
 
 
 def default_beta(prior: str | None) -> float:
     """``prior_beta`` when not given: each prior's own method's beta2."""
     return SOAP_BETA if prior == "soap" else DEFAULT_BETA
-DEFAULT_FLOOR = 1e-2
 
 
 @dataclass(frozen=True, eq=False)
