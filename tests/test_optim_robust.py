@@ -258,6 +258,23 @@ def test_step_without_opt_backward_points_to_it(fisher):
         opt.step()
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_backward_with_classes_last_names_the_fix(fisher):
+    """An LM's logits [N, T, C] with labels [N, T]: cross_entropy wants the classes on dim 1, so
+    opt.backward refuses them with the fix, before any backward (no gradient written); [N, C, T] runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 7))
+    opt = TENGraD(model, 0.1, 0.5, fisher=fisher)
+    x, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 7, (4, 5))
+    out = model(x)                                             # [4, 5, 7]
+    with pytest.raises(TENGraDError, match=r"out \(4, 5, 7\) has them last .*out\.movedim\(-1, 1\)"):
+        opt.backward(out, y)
+    assert all(p.grad is None for p in model.parameters())
+    loss = opt.backward(out.movedim(-1, 1), y)
+    assert rel_err(loss, F.cross_entropy(out.movedim(-1, 1), y).detach()) < 1e-6
+    opt.step()
+
+
 # ---------------------------------------------------------------- state_dict resumes bit for bit
 @pytest.mark.parametrize("path", ["auto", "reuse"])
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])

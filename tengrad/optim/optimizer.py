@@ -343,6 +343,11 @@ class TENGraD(torch.optim.Optimizer):
         or the sum over samples for "sum" (empirical Fisher, one process, one call per step).
         """
         name, loss_fn = fisher_mod.resolve_loss(loss)
+        if (name == "cross_entropy" and not callable(loss) and out.dim() >= 3 and y.dim() == out.dim() - 1
+                and tuple(out.shape[:-1]) == tuple(y.shape) and tuple(out.shape[2:]) != tuple(y.shape[1:])):
+            raise TENGraDError(f"opt.backward: cross_entropy takes the classes on dim 1 (out [N, C, ...] for y "
+                               f"[N, ...]), but out {tuple(out.shape)} has them last for y {tuple(y.shape)}: "
+                               "pass out.movedim(-1, 1) (nothing was changed)")
         if self.fisher != "empirical" and callable(loss):
             raise TENGraDError(f"fisher={self.fisher!r} needs loss 'cross_entropy' or 'mse', not a callable")
         m = int(out.shape[0]) if out.dim() else 1
