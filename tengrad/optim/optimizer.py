@@ -146,10 +146,10 @@ class TENGraD(torch.optim.Optimizer):
     diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per
     block and floored at ``prior_floor`` (curvature/prior.py: the exact step for that D;
     Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form; single
-    process); or "soap": D = Q diag(delta) Q^T
-    per weight, Q the eigenbasis of Shampoo's factors (E[G G^T], E[G^T G]) and delta Adam's second
-    moments of the rotated gradient (decay ``prior_beta``, default SOAP's 0.95), as SOAP preconditions
-    (curvature/eigenbasis.py: exact for that D; the rows of such a block are kept as a rotated explicit J).
+    process); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
+    (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
+    default SOAP's 0.95), as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of
+    such a block are kept as a rotated explicit J).
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
     dimensions besides the sample (Linear, LayerNorm, Embedding on [m, T, ...], MultiheadAttention's
     projections, a tied head) takes rows per position instead, the Fisher (1/m) sum_{i,t} j_it j_it^T of
