@@ -34,6 +34,17 @@ PRIORS = {"tengrad-prior": "adam", "tengrad-soap": "soap"}
 LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
           "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)",
           "tengrad-prior": "TENGraD (prior='adam')", "tengrad-soap": "TENGraD (prior='soap')"}
+
+
+def label(method: str, hp: dict) -> str:
+    """The arm's label: LABELS', except a prior arm whose hp names another prior (a ``--hp`` that runs
+    ``tengrad-prior`` with ``"prior": "soap"``) is labelled by the prior it ran with."""
+    given = (hp or {}).get("prior", PRIORS.get(method))
+    if method in PRIORS and given != PRIORS[method]:
+        return f"TENGraD (prior={given!r})"
+    return LABELS.get(method, method)
+
+
 PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),
             "kfac": ("asdl", "pip install asdfghjkl==0.1a5 (the bench extra)")}
 

@@ -12,7 +12,7 @@ import os
 import statistics
 import sys
 
-from peers import LABELS, TENGRAD_ARMS
+from peers import LABELS, TENGRAD_ARMS, label
 
 COLORS = {"sgd": "tab:gray", "adamw": "tab:green", "soap": "tab:purple", "kfac": "tab:orange",
           "tengrad": "tab:blue", "tengrad-tuned": "tab:cyan",
@@ -63,7 +63,7 @@ def table(spec: Spec, runs: list[dict], methods: list[str]) -> str:
         if not rs:
             continue
         if all(r.get("not_run") for r in rs):
-            lines.append(f"| {LABELS.get(m, m)} | {rs[0]['not_run']} |" + " |" * (len(head) - 2))
+            lines.append(f"| {label(m, rs[0].get('hp'))} | {rs[0]['not_run']} |" + " |" * (len(head) - 2))
             continue
         cells = []
         for t in spec.targets:
@@ -77,7 +77,7 @@ def table(spec: Spec, runs: list[dict], methods: list[str]) -> str:
         fin = [b for b in best if b == b]
         best_s = (f"{spec.fmt(statistics.median(fin))} ({spec.fmt(min(fin))}-{spec.fmt(max(fin))})" if fin else "-")
         hp = json.dumps(rs[0]["hp"]).replace('"', "")
-        lines.append("| " + " | ".join([LABELS.get(m, m), hp] + cells + [
+        lines.append("| " + " | ".join([label(m, rs[0].get("hp")), hp] + cells + [
             best_s, f"{statistics.median(r['seconds'] for r in rs):.0f} s",
             f"{statistics.median(r['steps'] for r in rs):.0f}",
             f"{sum(bool(r['diverged']) for r in rs)}/{len(rs)}"]) + " |")
@@ -95,6 +95,7 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
         mine = {r["seed"]: r for r in runs if r["method"] == arm and not r.get("not_run")}
         if not mine:
             continue
+        name = label(arm, next(iter(mine.values())).get("hp"))
         ratios = []
         for s in seeds:
             ran = [r for r in runs if r["seed"] == s and r["method"] in peers and not r.get("not_run")]
@@ -104,12 +105,12 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
             pt = [v for v in (spec.time_to(r, t) for r in ran) if v is not None]
             ratios.append(math.inf if tt is None else (tt / min(pt) if pt else 0.0))
         if not ratios:
-            lines.append(f"{LABELS[arm]}: no peer of {'/'.join(peers)} ran beside it: no verdict")
+            lines.append(f"{name}: no peer of {'/'.join(peers)} ran beside it: no verdict")
             continue
         med = statistics.median(ratios)
         per = ", ".join("never" if v == math.inf else ("peers never" if v == 0 else f"{v:.2f}") for v in ratios)
         ok = med <= limit
-        lines.append(f"{LABELS[arm]}: time to {spec.fmt_target(t)} / fastest of {'/'.join(peers)} that ran, per seed "
+        lines.append(f"{name}: time to {spec.fmt_target(t)} / fastest of {'/'.join(peers)} that ran, per seed "
                      f"[{per}], median {'not reached' if med == math.inf else f'{med:.2f}'} "
                      f"(acceptance <= {limit}: {'met' if ok else 'missed'})")
     peer_best = {}
@@ -118,12 +119,13 @@ def verdict(spec: Spec, runs: list[dict]) -> str:
             peer_best.setdefault(r["method"], []).append(spec.best(r))
     meds = {m: statistics.median(v) for m, v in peer_best.items() if all(x == x for x in v)}
     for arm in TENGRAD_ARMS:     # the final metric: every peer counts
-        mine = [spec.best(r) for r in runs if r["method"] == arm and not r.get("not_run")]
+        ran = [r for r in runs if r["method"] == arm and not r.get("not_run")]
+        mine = [spec.best(r) for r in ran]
         if mine and meds and all(x == x for x in mine):
             tb = statistics.median(mine)
             bm = max(meds, key=lambda m: meds[m] if spec.higher else -meds[m])
             ok = spec.reached(tb, meds[bm])
-            lines.append(f"best {spec.metric}: {LABELS[arm]} {spec.fmt(tb)} vs the best peer, {LABELS[bm]}, "
+            lines.append(f"best {spec.metric}: {label(arm, ran[0].get('hp'))} {spec.fmt(tb)} vs the best peer, {LABELS[bm]}, "
                          f"{spec.fmt(meds[bm])} (medians): {'no worse' if ok else 'worse'}")
     return "\n".join(lines)
 
@@ -143,7 +145,7 @@ def plot(spec: Spec, runs: list[dict], path: str) -> str | None:
         pts = r["points"]
         if len(pts) < 2:
             continue
-        lab = None if r["method"] in seen else LABELS.get(r["method"], r["method"])
+        lab = None if r["method"] in seen else label(r["method"], r.get("hp"))
         seen.add(r["method"])
         kw = dict(color=COLORS.get(r["method"]), alpha=0.8, marker="o", ms=2, lw=1.1, label=lab)
         step, sec = [p["step"] for p in pts], [p["seconds"] for p in pts]

@@ -51,3 +51,13 @@ def test_the_final_metric_counts_every_peer_and_every_tengrad_arm():
     out = verdict(Spec(META), runs)
     assert "per seed [0.60], median 0.60 (acceptance <= 0.7: met)" in out, out
     assert "best test_acc: TENGraD (prior='adam') 92.50% vs the best peer, SOAP, 95.00% (medians): worse" in out, out
+
+
+def test_a_prior_arm_run_with_another_prior_is_labelled_by_it():
+    """``--hp 'tengrad-prior={"prior": "soap"}'`` runs the eigenbasis prior in the "adam" arm's slot:
+    the verdict names the prior it ran with, not the arm's default."""
+    runs = [_run("tengrad-prior", 0, 60), _run("adamw", 0, 100), _run("tengrad-soap", 0, 70)]
+    runs[0]["hp"] = {"prior": "soap", "kl_clip": 0.0256}
+    out = verdict(Spec(META), runs)
+    assert "TENGraD (prior='soap'): time to" in out and "TENGraD (prior='adam')" not in out, out
+    assert out.count("TENGraD (prior='soap')") == 4, out     # both arms: the time line and the final metric
