@@ -38,10 +38,11 @@ LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
 
 def label(method: str, hp: dict) -> str:
     """The arm's label: LABELS', except a prior arm whose hp names another prior (a ``--hp`` that runs
-    ``tengrad-prior`` with ``"prior": "soap"``) is labelled by the prior it ran with."""
+    ``tengrad-prior`` with ``"prior": "soap"``) is labelled by the prior it ran with and the arm's name,
+    which tells it from the arm of that prior."""
     given = (hp or {}).get("prior", PRIORS.get(method))
     if method in PRIORS and given != PRIORS[method]:
-        return f"TENGraD (prior={given!r})"
+        return f"TENGraD (prior={given!r}, as {method})"
     return LABELS.get(method, method)
 
 

@@ -59,5 +59,6 @@ def test_a_prior_arm_run_with_another_prior_is_labelled_by_it():
     runs = [_run("tengrad-prior", 0, 60), _run("adamw", 0, 100), _run("tengrad-soap", 0, 70)]
     runs[0]["hp"] = {"prior": "soap", "kl_clip": 0.0256}
     out = verdict(Spec(META), runs)
-    assert "TENGraD (prior='soap'): time to" in out and "TENGraD (prior='adam')" not in out, out
-    assert out.count("TENGraD (prior='soap')") == 4, out     # both arms: the time line and the final metric
+    assert "TENGraD (prior='soap', as tengrad-prior): time to" in out, out
+    assert "TENGraD (prior='adam')" not in out, out
+    assert out.count("TENGraD (prior='soap')") == 2, out     # the tengrad-soap arm: time line, final metric
