@@ -160,7 +160,7 @@ BAD_LOADS = {
     "renamed parameter": (edit(("tengrad", "param_names", 3), "x.weight"), r"parameter 3 is 'x\.weight'"),
     "param shape": (edit(("tengrad", "param_shapes", 3), [9, 9]), r"parameter 3 \('lin1\.weight'\) has shape \(9, 9\)"),
     "buffer shape": (edit(("state", 0, "momentum_buffer"), lambda t: t[:-1]), r"state of parameter 'emb\.weight'.*shape"),
-    "foreign state key": (edit(("state", 0, "exp_avg"), torch.zeros(1)), r"unexpected key 'exp_avg'"),
+    "foreign state key": (edit(("state", 0, "exp_avg_sq"), torch.zeros(1)), r"unexpected key 'exp_avg_sq'"),
     "unknown block": (lambda sd: edit(("tengrad", "blocks", "head"), sd["tengrad"]["blocks"]["lin2"])(sd),
                       r"curvature for layer 'head', which this model lacks"),
     "path kind": (edit(("tengrad", "blocks", "lin1", "path"), "magic"), r"block 'lin1': unknown path kind 'magic'"),

@@ -230,6 +230,13 @@ def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice 
         choice = paths.PathChoice(choice[0], choice[1])
     rows = woodbury.Rows(c["path"], int(m), x, gy, jac, pieces, float(scale))
     rows.prior = _prior(b, c.get("prior"), where, dtype, dev)
+    mean = c.get("prior_mean")          # the block's mean sqrt(v) behind the prior (step_rule="adam")
+    if mean is not None:
+        if rows.prior is None or not isinstance(mean, torch.Tensor) or mean.numel() != 1 or not bool(mean > 0) \
+                or not bool(torch.isfinite(mean)):
+            raise _fail(f"{where}: 'prior_mean' must be a positive finite scalar tensor beside a 'prior', "
+                        f"got {mean!r}")
+        rows.prior_mean = mean.to(device=dev, dtype=dtype).clone()
     tokens = c.get("tokens")            # rows per position (curvature/tokens.py): T, or None for sample rows
     if tokens is not None and (not _is_int(tokens) or tokens < 2):
         raise _fail(f"{where}: 'tokens' must be None or the positions per sample (an integer >= 2), got {tokens!r}")
@@ -290,11 +297,18 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
         where = f"state of parameter {name_of[id(p)]!r}"
         if not isinstance(s, dict):
             raise _fail(f"{where} must be a dict")
-        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v") + EIGENBASIS_KEYS]
+        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v", "exp_avg", "exp_avg_steps")
+                   + EIGENBASIS_KEYS]
         if unknown:
             raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer' "
                         "and, with a prior, 'prior_v' and, in an eigenbasis, 'prior_l', 'prior_r', 'prior_ql', "
-                        "'prior_qr')")
+                        "'prior_qr'; with step_rule='adam', 'exp_avg' and 'exp_avg_steps')")
+        if ("exp_avg" in s) != ("exp_avg_steps" in s):
+            raise _fail(f"{where}: 'exp_avg' and 'exp_avg_steps' (step_rule='adam') come together")
+        if "exp_avg" in s:
+            _tensor(s, "exp_avg", where, tuple(p.shape))
+            if not _is_int(s["exp_avg_steps"]) or s["exp_avg_steps"] < 1:
+                raise _fail(f"{where}: 'exp_avg_steps' must be an integer >= 1, got {s['exp_avg_steps']!r}")
         if any(k in s for k in EIGENBASIS_KEYS):    # prior="soap" (curvature/eigenbasis.py)
             o, n = eigenbasis.sides(p)
             if p.dim() < 2 or not all(k in s for k in EIGENBASIS_KEYS + ("prior_v",)):

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline
+from tengrad.optim.curvature import conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline, woodbury
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -150,6 +150,14 @@ class TENGraD(torch.optim.Optimizer):
     (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
     default SOAP's 0.95), as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of
     such a block are kept as a rotated explicit J).
+    ``step_rule``: "natural" (default: the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
+    "adam", SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
+    Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
+    step's gradient folded in, each block's d is scaled by a / mean_b sqrt(v) so that outside the rows the
+    step is m'' / sqrt(v) per rotated coordinate (SOAP's, at lr), and theta -= lr d with no heavy ball:
+    d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b)) Q^T)^-1 m (curvature/prior.py's adam_scale).
+    lr is then SOAP's (e.g. 3e-3) and momentum its beta1 (e.g. 0.95)
+    (docs/experiments/lm-prior-soap.md, "Momentum").
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
     dimensions besides the sample (Linear, LayerNorm, Embedding on [m, T, ...], MultiheadAttention's
     projections, a tied head) takes rows per position instead, the Fisher (1/m) sum_{i,t} j_it j_it^T of
@@ -178,7 +186,8 @@ class TENGraD(torch.optim.Optimizer):
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
                  curvature_batch: int | str | None = "auto", curvature_memory: int | str | None = "auto",
                  prior: str | None = None, prior_beta: float | None = None,
-                 prior_floor: float = prior_mod.DEFAULT_FLOOR, token_rows: int | None = None) -> None:
+                 prior_floor: float = prior_mod.DEFAULT_FLOOR, token_rows: int | None = None,
+                 step_rule: str = "natural") -> None:
         model = options.check_model(model)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
@@ -209,6 +218,7 @@ class TENGraD(torch.optim.Optimizer):
         self.curvature_batch = options.check_curvature_batch(curvature_batch)
         self.curvature_memory = options.check_curvature_memory(curvature_memory)
         self.prior, self.prior_beta, self.prior_floor = options.check_prior(prior, prior_beta, prior_floor)
+        self.step_rule = options.check_step_rule(step_rule, self.prior, kl_clip)
         if self.prior is not None and dist_estimator is not None:
             raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
                                "plain rows (estimator/distributed.py)")
@@ -398,7 +408,8 @@ class TENGraD(torch.optim.Optimizer):
                      self.layer_dims, roofline.measured(device),
                      self.curvature_batch if auto or self.curvature_batch != "auto" else None, self.generator,
                      self.curvature_memory if auto or self.curvature_memory != "auto" else None,
-                     None if self.prior is None else prior_mod.Prior(self.prior, self.prior_floor, self.state),
+                     None if self.prior is None else prior_mod.Prior(
+                         self.prior, self.prior_floor, self.state, self.prior_beta if self.step_rule == "adam" else None),
                      self.token_rows)
 
     @property
@@ -434,9 +445,12 @@ class TENGraD(torch.optim.Optimizer):
                 self._labels_for_blocks()
         where = options.index_of(self.param_groups)
         uses = self._capture.take(op_uses, self._block_due)
+        firsts = self._first_moments() if self.step_rule == "adam" else None
         inputs = StepInput(self._steps, self.update_freq, self.blocks, self.fallback, self.param_groups,
                            where, uses, self._rules(), self._check, frozenset(changed), self._row_factor,
-                           self._settings() if self.distributed else None)
+                           self._settings() if self.distributed else None,
+                           None if firsts is None else {k: m_hat for k, (_, _, m_hat) in firsts.items()},
+                           firsts is not None)
         skipped: dict[str, str] = {}
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:
@@ -453,12 +467,32 @@ class TENGraD(torch.optim.Optimizer):
         self.estimator.commit()
         self._capture.commit()
         self.skipped = skipped
-        update.apply(self.state, directions, nu)
+        update.apply(self.state, directions, nu, heavy_ball=firsts is None)
+        for p, _, _, _ in directions if firsts is not None else ():     # Adam's m, kept with the step
+            m, t, _ = firsts[id(p)]
+            self.state[p]["exp_avg"], self.state[p]["exp_avg_steps"] = m, t
         if self._moments is not None:     # v for the prior's next curvature step (curvature/prior.py)
             self._moments.update(self.state, [p for p, _, _, _ in directions],
                                  lambda dt: torch.promote_types(dt, torch.float32), self._steps)
         self._steps += 1
         return loss
+
+    def _first_moments(self) -> dict:
+        """step_rule="adam": {id(p): (m, t, m / (1 - momentum^t))} for every parameter with a gradient,
+        m = momentum m + (1 - momentum) g (g with weight decay, update.gradient; from m_0 = 0), as new
+        tensors: the state takes them only once the step is committed."""
+        out = {}
+        for group in self.param_groups:
+            beta = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = update.gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
+                st = self.state[p]
+                m = g * (1.0 - beta) if "exp_avg" not in st else st["exp_avg"] * beta + g * (1.0 - beta)
+                t = st.get("exp_avg_steps", 0) + 1
+                out[id(p)] = (m, t, m / (1.0 - beta ** t))
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -501,7 +535,8 @@ class TENGraD(torch.optim.Optimizer):
                     max_jacobian_numel=self.max_jacobian_numel, noise_scale=self.noise_scale,
                     max_exact_fisher_bytes=self.max_exact_fisher_bytes, curvature_batch=self.curvature_batch,
                     curvature_memory=self.curvature_memory, prior=self.prior, prior_beta=self.prior_beta,
-                    prior_floor=self.prior_floor, token_rows=self.token_rows, distributed=None, **self._given)
+                    prior_floor=self.prior_floor, token_rows=self.token_rows, step_rule=self.step_rule,
+                    distributed=None, **self._given)
         return {"options": opts, "groups": groups,
                 "generator": None if self.generator is None else str(self.generator.device)}
 

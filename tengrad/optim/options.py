@@ -164,6 +164,19 @@ def check_token_rows(value: object, fisher: str, distributed: bool) -> int | Non
     return c
 
 
+def check_step_rule(rule: object, prior: str | None, kl_clip: object) -> str:
+    """"natural" (the KL-clipped natural-gradient step with heavy-ball momentum) or "adam" (SOAP's rule
+    around the rows: curvature/prior.py's ``adam_scale``), which needs prior="soap" and kl_clip=None."""
+    if rule not in ("natural", "adam"):
+        raise TENGraDError(f"step_rule must be 'natural' or 'adam', got {rule!r}")
+    if rule == "adam" and prior != "soap":
+        raise TENGraDError(f"step_rule='adam' needs prior='soap' (SOAP's step around the rows), got prior={prior!r}")
+    if rule == "adam" and kl_clip is not None:
+        raise TENGraDError(f"step_rule='adam' sets each coordinate's step at lr as SOAP does; pass kl_clip=None "
+                           f"(got kl_clip={kl_clip!r})")
+    return rule
+
+
 def check_prior(prior: object, beta: object, floor: object) -> tuple[str | None, float, float]:
     """prior None, "adam" (curvature/prior.py) or "soap" (curvature/eigenbasis.py); beta in [0, 1) (None:
     the prior's default, prior.default_beta); floor in (0, 1]."""

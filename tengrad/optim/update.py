@@ -219,10 +219,11 @@ def kl_scale(directions: Sequence[Direction], kl_clip: float | None, ratio: floa
     return min(1.0, ratio * (kl_clip / dg) ** 0.5)
 
 
-def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None:
+def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0, heavy_ball: bool = True) -> None:
     """Momentum update of every parameter with multi-tensor (foreach) ops, group by group; ``state``
     is the optimizer's per-parameter state (``state[p]["momentum_buffer"]``). The directions are owned
-    by the step and are scaled or kept as momentum buffers in place."""
+    by the step and are scaled or kept as momentum buffers in place. ``heavy_ball`` False (step_rule="adam",
+    whose d already preconditions the gradient's moving average): theta -= lr nu d, no buffer."""
     by_group: dict[int, tuple[dict, list, list]] = {}
     deferred: dict[int, tuple[Deferred, dict]] = {}
     for p, d, _, group in directions:
@@ -234,7 +235,7 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
         entry[2].append(d if d.dtype == p.dtype else d.to(p.dtype))
     for group, params, ds in by_group.values():
         group["kl_clip_lr"] = reference_lr(group)       # committed with the step (module docstring)
-        momentum = group["momentum"]
+        momentum = group["momentum"] if heavy_ball else 0.0
         if not momentum:                # theta -= lr nu d: nu rides on the alpha, no pass of its own
             torch._foreach_add_(params, ds, alpha=-group["lr"] * nu)
             continue
@@ -258,7 +259,7 @@ def apply(state: dict, directions: Sequence[Direction], nu: float = 1.0) -> None
         torch._foreach_add_(params, [state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
     for d, group in deferred.values():               # nu d formed into the buffers (Deferred.add_to)
         group["kl_clip_lr"] = reference_lr(group)
-        momentum = group["momentum"]
+        momentum = group["momentum"] if heavy_ball else 0.0
         if not momentum:                              # theta += -lr nu d
             d.add_to([p.detach() for p in d.params], -group["lr"] * nu)
             continue

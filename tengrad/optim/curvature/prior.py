@@ -75,11 +75,12 @@ class Prior:
     kind: str
     floor: float
     state: dict
+    current: float | None = None    # step_rule="adam": v's beta, to fold this step's gradient into v first
 
     def rows(self, rows: Rows, block, max_jacobian_numel: int) -> Rows:
         if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
-            return rotated(rows, block, self.state, self.floor, max_jacobian_numel)
-        return apply(rows, block, self.state, self.floor, max_jacobian_numel)
+            return rotated(rows, block, self.state, self.floor, max_jacobian_numel, self.current)
+        return apply(rows, block, self.state, self.floor, max_jacobian_numel, self.current)
 
 
 class SecondMoments:
@@ -110,12 +111,38 @@ class SecondMoments:
 def diagonal(vs: Sequence[Tensor], floor: float) -> list[Tensor]:
     """delta per parameter of a block: sqrt(v) / (the block's mean of sqrt(v)), floored; all ones when
     v is all zero."""
+    return normalised(vs, floor)[0]
+
+
+def normalised(vs: Sequence[Tensor], floor: float) -> tuple[list[Tensor], Tensor | None]:
+    """(delta per parameter, the block's mean of sqrt(v)) as ``diagonal``; the mean None when v is all
+    zero (delta all ones)."""
     s = [v.clamp(min=0).sqrt() for v in vs]
     n = sum(t.numel() for t in s)
     mean = sum(t.sum() for t in s) / max(n, 1)
     if not bool(mean > 0):
-        return [torch.ones_like(t) for t in s]
-    return [(t / mean).clamp_(min=floor) for t in s]
+        return [torch.ones_like(t) for t in s], None
+    return [(t / mean).clamp_(min=floor) for t in s], mean
+
+
+def adam_scale(damping: float, mean: Tensor | None) -> float:
+    """step_rule="adam": the factor a / mean_b sqrt(v) on a block's d = (F + a D)^-1 m, so that outside the
+    rows d = m'' / (delta mean_b sqrt(v)) = m'' / sqrt(v) per coordinate (floored): SOAP's step at lr, while
+    the rows weigh in as in the damped solve; mean None (the identity prior, D = I): a, so d = m there.
+    Together: d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b)) Q^T)^-1 m."""
+    return float(damping) / (1.0 if mean is None else float(mean))
+
+
+def with_current(v: Tensor, p: Tensor, beta: float, basis: tuple | None = None) -> Tensor:
+    """v folded with this step's gradient, beta v + (1 - beta) g^2 (g rotated, Q_out^T G Q_in, for a weight in
+    its eigenbasis ``basis`` = (Q_out, Q_in, v)), a new tensor: step_rule="adam" takes D from the second
+    moments of the step's own gradient as Adam does (the state is updated after the step, as always)."""
+    if p.grad is None:
+        return v
+    g = _dense_grad(p).to(v.dtype)
+    if basis is not None:
+        g = basis[0].t().to(v.dtype) @ g.reshape(v.shape) @ basis[1].to(v.dtype)
+    return v * beta + g.reshape(v.shape).square() * (1.0 - beta)
 
 
 def kronecker(v_weight: Tensor, floor: float) -> tuple[Tensor, Tensor]:
@@ -137,7 +164,8 @@ def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
     return None
 
 
-def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int) -> Rows:
+def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
+            current: float | None = None) -> Rows:
     """R'' = R T^T for ``block`` under ``prior="soap"`` (curvature/eigenbasis.py): rotatable weights in
     their eigenbasis, the other parameters diagonal, delta normalised over the whole block; the rows
     as an explicit J (formed from x and gy when it has at most ``max_jacobian_numel`` entries, else the
@@ -156,16 +184,23 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
     dtype = rows_dtype(rows)
     bases = [eigenbasis.basis(state, p) if eigenbasis.rotatable(p) else None for p in block.params]
     vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
-    s = [d.rsqrt() for d in diagonal(vs, floor)]
-    return rows.transformed([eigenbasis.Rotated(b[0], b[1], si) if b is not None else si
-                             for b, si in zip(bases, s)])
+    if current is not None:
+        vs = [with_current(v, p, current, b) for v, p, b in zip(vs, block.params, bases)]
+    deltas, mean = normalised(vs, floor)
+    out = rows.transformed([eigenbasis.Rotated(b[0], b[1], d.rsqrt()) if b is not None else d.rsqrt()
+                            for b, d in zip(bases, deltas)])
+    out.prior_mean = mean
+    return out
 
 
-def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int) -> Rows:
+def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
+          current: float | None = None) -> Rows:
     """R' = R S for ``block`` (module docstring), with delta from ``state[p]["prior_v"]``; the result
     carries S (``Rows.prior``, per parameter, shaped like it) or, for the identity prior, None and a note."""
     params = block.params
     vs = [second_moment(state, p, rows_dtype(rows)) for p in params]
+    if current is not None:
+        vs = [with_current(v, p, current) for v, p in zip(vs, params)]
     if not rows.explicit_held:
         kind = kronecker_layer(block.module, params) if block.plan is not None else None
         if kind is not None:
@@ -183,7 +218,10 @@ def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int)
                               f"and its layer has no Kronecker form (prior.py)")
             return out
         rows = rows.explicit(block.plan)
-    return rows.transformed([d.rsqrt() for d in diagonal(vs, floor)])
+    deltas, mean = normalised(vs, floor)
+    out = rows.transformed([d.rsqrt() for d in deltas])
+    out.prior_mean = mean
+    return out
 
 
 def second_moment(state: dict, p: Tensor, dtype: torch.dtype) -> Tensor:

@@ -53,7 +53,7 @@ class Rows:
     """
 
     __slots__ = ("path", "m", "x", "gy", "jac", "pieces", "scale", "factor", "_x_rep", "prior", "prior_note",
-                 "_bound", "tokens")
+                 "prior_mean", "_bound", "tokens")
 
     def __init__(self, path: str, m: int, x: Tensor | None = None, gy: Tensor | None = None,
                  jac: Tensor | None = None, pieces: Sequence[Tensor] | None = None, scale: float = 1.0) -> None:
@@ -65,6 +65,7 @@ class Rows:
         self._bound = None          # (plan, plan.bound(x_rep, gy)): the reuse path's jvp/vjp, checked once
         self.prior = None           # S = D^-1/2 per parameter when these are the rows R S of a prior (prior.py)
         self.prior_note = None      # why a block under a prior keeps the identity prior
+        self.prior_mean = None      # the block's mean sqrt(v) behind S (step_rule="adam": prior.py)
         self.tokens = None          # T when these are rows per position (m: the positions; tokens.py)
 
     @property
@@ -99,6 +100,7 @@ class Rows:
 
     def _copy_marks(self, other: "Rows") -> None:
         self.factor, self.prior, self.prior_note = other.factor, other.prior, other.prior_note
+        self.prior_mean = other.prior_mean
         self.tokens = other.tokens
 
     def scaled(self, f: float) -> "Rows":
@@ -289,7 +291,7 @@ class BlockCurvature:
                     jac_split=self.split(), jac_scale=self.scale,
                     prior=None if self.rows.prior is None else [
                         s.state() if isinstance(s, eigenbasis.Rotated) else s for s in self.rows.prior],
-                    tokens=self.rows.tokens)
+                    prior_mean=self.rows.prior_mean, tokens=self.rows.tokens)
 
 
 def non_finite_gram(layer: str) -> TENGraDError:

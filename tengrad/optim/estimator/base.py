@@ -49,6 +49,8 @@ class StepInput:
     changed: frozenset[str] = frozenset()   # blocks whose trainable set changed since the forward
     row_factor: float = 1.0                 # the loss convention's factor on the rows (curvature/conventions.py)
     settings: list | None = None            # hyperparameters every rank must share (estimator/agreement.py)
+    grads: dict | None = None               # {id(param): what the step preconditions in place of its gradient}
+    adam_scale: bool = False                # step_rule="adam": each block's d scaled by prior.adam_scale
 
     def group(self, b: Block) -> dict:
         return self.groups[group_of_block(b.name, b.param_names, b.params, self.where)]

@@ -36,6 +36,7 @@ from tengrad.optim.curvature import (batched, budget, consistency, eigenbasis, g
                                      tokens, usage, woodbury)
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
+from tengrad.optim.curvature import prior as prior_mod
 from tengrad.optim.estimator import stagger
 from tengrad.optim.estimator.base import Direction, StepInput
 from tengrad.optim.noise import NoiseScale
@@ -126,7 +127,7 @@ class LocalEstimator:
             if b.name in step.changed:      # set changed after its forward: no rows for the new set yet
                 skipped[b.name] = ("its trainable parameters changed after the forward: d = g / damping "
                                    "this step, its curvature from the next curvature step")
-                out += damped_identity(b.params, group)
+                out += damped_identity(b.params, group, step.grads, step.adam_scale)
                 continue
             due = self.due(b, step.steps, step.update_freq)
             candidates.append((i, b, group, step.uses.get(i, []) if due else None))
@@ -143,7 +144,8 @@ class LocalEstimator:
         self.budget_line = line if line is not None else self.budget_line
         fresh, scale, tols = self._fresh(step, due_uses, rules)
         curvs = self._curvatures(step, taking, fresh)
-        gs = [[gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
+        gs = [[step.grads[id(p)] if step.grads is not None and id(p) in step.grads
+               else gradient(p, group["weight_decay"], woodbury.compute_dtype(b.params[0].dtype)) for p in b.params]
               for _, b, group, _ in taking]
         # a block with a prior: g' = S g into the solve, d = S^T d' out of it (prior.py, eigenbasis.py)
         gps = [g if c.rows.prior is None else eigenbasis.into(c.rows.prior, g) for c, g in zip(curvs, gs)]
@@ -193,6 +195,8 @@ class LocalEstimator:
             if curv.rows.prior is not None:
                 priored[0].extend(back)
                 priored[1].extend(curv.rows.prior)
+            if step.adam_scale:       # step_rule="adam": outside the rows m'' / sqrt(v) (prior.adam_scale)
+                torch._foreach_mul_(back, prior_mod.adam_scale(curv.damping, curv.rows.prior_mean))
             if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
                 known.append(k)
                 at.append(len(out))
@@ -204,7 +208,7 @@ class LocalEstimator:
                 _unbind([b.plan] + [u.plan for u in uses])
         self._stats = self._noise_stats(step, taking, fresh, curvs)
         self.last_loss_scale = scale
-        out += fallback_directions(step)
+        out += fallback_directions(step, step.grads)
         self._known = None
         if known and len({rg_us[k].device for k in known}) == 1:
             covered = {j for k, a in zip(known, at) for j in range(a, a + len(taking[k][1].params))}
@@ -342,9 +346,10 @@ class LocalEstimator:
     @staticmethod
     def screens(step: StepInput, b: Block, curv: woodbury.BlockCurvature, group: dict) -> bool:
         """Whether this fresh block gets the per-step screen (consistency.screen): empirical rows
-        (one per sample), g = param.grad (every parameter has one; no weight decay folded in), a
-        single process, checks on."""
+        (one per sample), g = param.grad (every parameter has one; no weight decay folded in, not Adam's m
+        of step_rule="adam"), a single process, checks on."""
         return (step.check.mode is not None and step.rules.fisher == "empirical" and not group["weight_decay"]
+                and step.grads is None
                 and curv.rows.n_rows == curv.m and all(p.grad is not None for p in b.params)
                 and not consistency.multi_rank())
 
@@ -470,24 +475,25 @@ def _tolerance(b: Block, uses) -> float:
     return max(consistency.tolerance(b.params[0].dtype, d) for d in dtypes)
 
 
-def damped_identity(params, group: dict, grads: dict | None = None) -> list[Direction]:
+def damped_identity(params, group: dict, grads: dict | None = None, adam: bool = False) -> list[Direction]:
     """d = g / a for ``params`` (those with a gradient) in ``group``; ``grads``: {id(param): g}, else g
-    from param.grad (update.gradient)."""
+    from param.grad (update.gradient); ``adam`` (step_rule="adam"): d = g, the identity prior's
+    adam_scale (a / 1) applied."""
     out = []
     for p in params:
         if p.grad is None:
             continue
-        g = grads[id(p)] if grads is not None else gradient(p, group["weight_decay"],
-                                                            woodbury.compute_dtype(p.dtype))
-        out.append((p, g / group["damping"], g, group))
+        g = grads[id(p)] if grads is not None and id(p) in grads else gradient(p, group["weight_decay"],
+                                                                               woodbury.compute_dtype(p.dtype))
+        out.append((p, g.clone() if adam else g / group["damping"], g, group))
     return out
 
 
 def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Direction]:
-    """d = g / a for the parameters in no block, each in its own group."""
+    """d = g / a for the parameters in no block, each in its own group (d = g under step_rule="adam")."""
     out = []
     for _, p in step.fallback:
-        out += damped_identity([p], step.groups[step.where[id(p)]], grads)
+        out += damped_identity([p], step.groups[step.where[id(p)]], grads, step.adam_scale)
     return out
 
 
