@@ -7,8 +7,8 @@ The oracle, float64, written out from the optimizer's docstring:
 
 with F_b from torch.func's per-sample gradients of the curvature step, D_b built densely from the prior the
 block keeps ((Q_out (x) Q_in) diag(1 / s^2) (Q_out (x) Q_in)^T per rotated weight, diag(1 / s^2) for the
-others; I for the identity prior of step 0, whose mean is 1), and mean_b the mean over the block of
-sqrt(v) that the kept prior was normalised by. On every curvature step the kept prior itself is checked
+others), and mean_b the mean over the block of sqrt(v) that the kept prior was normalised by; before the
+first statistics (the identity prior) d_b = (F_b + a I)^-1 m^_b unscaled, and outside every block d = m^ / a. On every curvature step the kept prior itself is checked
 against v with this step's gradient folded in, from the state before the step:
 
     v' = beta2 v + (1 - beta2) (Q_out^T G Q_in)^2  (rotated weights; Adam's v and g^2 for the others),
@@ -96,9 +96,9 @@ def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
         dense, scale = {}, {}
         for b in opt.blocks:
             ops, mean = kept_priors[b.name]
-            if ops is None:         # the identity prior before the first statistics: D = I, mean 1
+            if ops is None:         # the identity prior before the first statistics: (F + a I)^-1 m^, unscaled
                 assert s < k and mean is None, (s, b.name)
-                scale.update({n: DAMPING for n in b.param_names})
+                scale.update({n: 1.0 for n in b.param_names})
                 continue
             rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
             scale.update({n: DAMPING / float(mean) for n in b.param_names})
@@ -118,8 +118,8 @@ def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
                 scaled_seen += 1
         d = dense_directions(F, names, {n: g[n].shape for n in names}, m_hat, [b.param_names for b in opt.blocks],
                              DAMPING, [], prior=dense)
-        for n, _ in opt.fallback:      # outside every block: d = m^ (the identity prior's a / 1 times m^ / a)
-            d[n] = m_hat[n]
+        for n, _ in opt.fallback:      # outside every block: d = m^ / a
+            d[n] = m_hat[n] / DAMPING
             scale[n] = 1.0
         for n in names:
             err = rel_err(model.get_parameter(n).detach() - theta[n], -LR * scale[n] * d[n])

@@ -155,7 +155,8 @@ class TENGraD(torch.optim.Optimizer):
     Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
     step's gradient folded in, each block's d is scaled by a / mean_b sqrt(v) so that outside the rows the
     step is m'' / sqrt(v) per rotated coordinate (SOAP's, at lr), and theta -= lr d with no heavy ball:
-    d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b)) Q^T)^-1 m (curvature/prior.py's adam_scale).
+    d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b)) Q^T)^-1 m (curvature/prior.py's adam_scale);
+    before a block's first statistics (its identity prior) d = (F + a I)^-1 m, outside every block m / a.
     lr is then SOAP's (e.g. 3e-3) and momentum its beta1 (e.g. 0.95)
     (docs/experiments/lm-prior-soap.md, "Momentum").
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token
