@@ -176,3 +176,12 @@ def test_a_bad_kept_prior_mean_is_refused_on_load_and_nothing_changes():
     with pytest.raises(TENGraDError, match="'prior_mean' must be a positive finite scalar"):
         fresh.load_state_dict(sd)
     assert str(fresh.state_dict()) == str(before)
+
+
+def test_explain_names_the_prior_and_the_step_rule():
+    model = make_model("mlp")
+    opt = _opt(model, update_freq=3)
+    text = opt.explain()
+    assert "prior='soap'" in text and "step_rule='adam'" in text and "kl_clip=None" in text, text
+    plain = TENGraD(make_model("mlp"), 0.1).explain()
+    assert "step_rule" not in plain and "prior=" not in plain, plain

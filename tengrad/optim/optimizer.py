@@ -575,7 +575,9 @@ class TENGraD(torch.optim.Optimizer):
         settings = (f"fisher={self.fisher!r}, update_freq={self.update_freq}, kl_clip={self.kl_clip}, "
                     f"noise_scale={self.noise_scale}{self._noise_note()}, backend={self.backend!r}"
                     f"{', stagger=True' if self.stagger else ''}"
-                    f"{f', token_rows={self.token_rows}' if self.token_rows is not None else ''}")
+                    f"{f', token_rows={self.token_rows}' if self.token_rows is not None else ''}"
+                    f"{f', prior={self.prior!r}' if self.prior is not None else ''}"
+                    f"{', step_rule=' + repr(self.step_rule) + ' (SOAP-scaled d of Adam m, no heavy ball)' if self.step_rule != 'natural' else ''}")
         return describe(settings, self.param_groups, self.blocks, self.fallback, self.skipped,
                         self.estimator.explain_lines(self.blocks))
 
