@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from support.numerics import rel_err
-from support.optim_cases import LOSSES, TiedEncoderLM, ids_batch, lm_loss, make_batch, make_model
-from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
+from support.optim_cases import LOSSES, TiedEncoderLM, ids_batch, lm_loss, make_model
+from support.step_oracle import (dense_directions, fisher_from_grads, kept_prior_matrix, per_sample_grads,
+                                 prior_batches)
 from tengrad.optim import TENGraD
 from tengrad.optim.curvature import eigenbasis
 
@@ -40,17 +41,8 @@ def _opt(model, **kw):
                        prior_beta=BETA, prior_floor=FLOOR, **kw)
 
 
-def dense_prior(op) -> torch.Tensor:
-    """D of one parameter from its kept prior entry: [P, P] in its eigenbasis, else its diagonal."""
-    if isinstance(op, eigenbasis.Rotated):
-        q = torch.kron(op.q_out, op.q_in)
-        return q @ torch.diag(op.s.reshape(-1) ** -2) @ q.T
-    return op ** -2
-
-
 def _steps(kind: str, n: int, seed: int = 3):
-    gen = torch.Generator().manual_seed(seed)
-    return [make_batch(kind, m, "cross_entropy", gen) for m in [6, 5, 8, 6, 9, 6, 5, 8, 6, 10, 6, 5][:n]]
+    return prior_batches(kind, n, seed)
 
 
 @pytest.mark.parametrize("kind,k", [("mlp", 1), ("mlp", 3), ("conv", 2), ("tokens", 1), ("tokens", 4)])
@@ -79,7 +71,7 @@ def test_soap_prior_step_is_the_exact_damped_step_for_the_kept_d(kind, k):
                 assert s < k and "no eigenbasis before the first step" in b.curv.rows.prior_note, (s, b.name)
                 continue
             rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
-            dense.update({n: dense_prior(o) for o, n in zip(ops, b.param_names)})
+            dense.update({n: kept_prior_matrix(o) for o, n in zip(ops, b.param_names)})
         d = dense_directions(F, names, {n: g[n].shape for n in names}, g, [b.param_names for b in opt.blocks],
                              DAMPING, [n for n, _ in opt.fallback], prior=dense)
         for n in names:
@@ -227,7 +219,7 @@ def test_soap_prior_on_a_tied_transformer_is_the_exact_step():
         rotated = {n for n, o in kept.items() if isinstance(o, eigenbasis.Rotated)}
         assert (not rotated) if s == 0 else {"emb.weight", "enc.layers.0.self_attn.in_proj_weight"} <= rotated, s
         d = dense_directions(fisher_from_grads(rows, names), names, shapes, g, [b.param_names for b in opt.blocks],
-                             DAMPING, [n for n, _ in opt.fallback], prior={n: dense_prior(o) for n, o in kept.items()})
+                             DAMPING, [n for n, _ in opt.fallback], prior={n: kept_prior_matrix(o) for n, o in kept.items()})
         for n in names:
             err = rel_err(model.get_parameter(n).detach() - before[n], -LR * d[n])
             assert err < 1e-8, (s, n, err)

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from support.numerics import rel_err
-from support.optim_cases import LOSSES, make_batch, make_model
-from support.step_oracle import dense_directions, fisher_from_grads, per_sample_grads
+from support.optim_cases import LOSSES, make_model
+from support.step_oracle import (dense_directions, fisher_from_grads, kept_prior_matrix, per_sample_grads,
+                                 prior_batches)
 from tengrad.optim import TENGraD, TENGraDError
 from tengrad.optim.curvature import eigenbasis
 
@@ -38,16 +39,8 @@ def _opt(model, **kw):
                        prior_beta=BETA2, prior_floor=FLOOR, step_rule="adam", **kw)
 
 
-def _dense(op) -> torch.Tensor:
-    if isinstance(op, eigenbasis.Rotated):
-        q = torch.kron(op.q_out, op.q_in)
-        return q @ torch.diag(op.s.reshape(-1) ** -2) @ q.T
-    return op ** -2
-
-
 def _batches(kind: str, n: int, seed: int = 5):
-    gen = torch.Generator().manual_seed(seed)
-    return [make_batch(kind, m, "cross_entropy", gen) for m in [6, 5, 8, 6, 9, 6, 5, 8, 6, 10, 6, 5][:n]]
+    return prior_batches(kind, n, seed)
 
 
 def _folded(opt, b, g: dict) -> tuple[list, list]:
@@ -102,7 +95,7 @@ def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
                 continue
             rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
             scale.update({n: DAMPING / float(mean) for n in b.param_names})
-            dense.update({n: _dense(o) for o, n in zip(ops, b.param_names)})
+            dense.update({n: kept_prior_matrix(o) for o, n in zip(ops, b.param_names)})
             if b.name in oracle_v:          # the kept prior from v with this step's gradient folded in
                 vs, bases = oracle_v[b.name]
                 sq = [v.sqrt() for v in vs]

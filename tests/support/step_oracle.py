@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from tengrad.optim import TENGraD
+from tengrad.optim.curvature import eigenbasis
 
 from .numerics import rel_err
 from .optim_cases import LOSSES, make_batch, make_model
@@ -266,3 +267,19 @@ def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5, noise_scale=False):
     schedule(opt)
     moved, exact, dg = step_against_oracle(opt, model, *make_batch("tokens", 5, "cross_entropy", gen), damping)
     return opt, moved, exact, dg, after_first
+
+
+def kept_prior_matrix(op) -> torch.Tensor:
+    """D of one parameter from a block's kept prior entry (curvature/prior.py, eigenbasis.py): [P, P] in its
+    eigenbasis, (Q_out (x) Q_in) diag(1 / s^2) (Q_out (x) Q_in)^T on the row-major flattened weight, else
+    its diagonal 1 / s^2 shaped like the parameter."""
+    if isinstance(op, eigenbasis.Rotated):
+        q = torch.kron(op.q_out, op.q_in)
+        return q @ torch.diag(op.s.reshape(-1) ** -2) @ q.T
+    return op ** -2
+
+
+def prior_batches(kind: str, n: int, seed: int) -> list:
+    """``n`` cross-entropy batches of varying sizes (5-10 samples) for the prior tests (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [make_batch(kind, m, "cross_entropy", gen) for m in [6, 5, 8, 6, 9, 6, 5, 8, 6, 10, 6, 5][:n]]
