@@ -39,11 +39,14 @@ LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
 def label(method: str, hp: dict) -> str:
     """The arm's label: LABELS', except a prior arm whose hp names another prior (a ``--hp`` that runs
     ``tengrad-prior`` with ``"prior": "soap"``) is labelled by the prior it ran with and the arm's name,
-    which tells it from the arm of that prior."""
+    which tells it from the arm of that prior; a step_rule other than "natural" is named too."""
     given = (hp or {}).get("prior", PRIORS.get(method))
+    rule = (hp or {}).get("step_rule", "natural")
     if method in PRIORS and given != PRIORS[method]:
-        return f"TENGraD (prior={given!r}, as {method})"
-    return LABELS.get(method, method)
+        out = f"TENGraD (prior={given!r}, as {method})"
+    else:
+        out = LABELS.get(method, method)
+    return out if rule == "natural" else out[:-1] + f", step_rule={rule!r})"
 
 
 PACKAGES = {"soap": ("pytorch_optimizer", "pip install pytorch-optimizer (the bench extra)"),

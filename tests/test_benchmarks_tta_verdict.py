@@ -62,3 +62,9 @@ def test_a_prior_arm_run_with_another_prior_is_labelled_by_it():
     assert "TENGraD (prior='soap', as tengrad-prior): time to" in out, out
     assert "TENGraD (prior='adam')" not in out, out
     assert out.count("TENGraD (prior='soap')") == 2, out     # the tengrad-soap arm: time line, final metric
+
+
+def test_an_arm_with_another_step_rule_names_it():
+    import peers
+    assert peers.label("tengrad-soap", {"step_rule": "adam", "lr": 3e-3}) == "TENGraD (prior='soap', step_rule='adam')"
+    assert peers.label("tengrad-soap", {"lr": 1.0}) == "TENGraD (prior='soap')"
