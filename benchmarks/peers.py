@@ -14,6 +14,7 @@ Methods (arms) and their hyperparameters ``hp``:
   the rows (tengrad/optim/curvature/prior.py), otherwise the defaults (only weight_decay tuned).
 * ``tengrad-soap``: ``tengrad.TENGraD(model, prior="soap", **hp)``: SOAP's preconditioner (Adam in
   Shampoo's eigenbasis) as the prior outside the rows (tengrad/optim/curvature/eigenbasis.py); lr tuned.
+  With ``"step_rule": "adam"`` in hp (and kl_clip None, lr ~3e-3, momentum 0.95): SOAP's step around the rows.
 
 A method whose package is not installed raises ``NotRun`` (reported as "not run", never as divergence).
 """
