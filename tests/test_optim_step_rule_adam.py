@@ -8,8 +8,9 @@ The oracle, float64, written out from the optimizer's docstring:
 with F_b from torch.func's per-sample gradients of the curvature step, D_b built densely from the prior the
 block keeps ((Q_out (x) Q_in) diag(1 / s^2) (Q_out (x) Q_in)^T per rotated weight, diag(1 / s^2) for the
 others), and mean_b the mean over the block of sqrt(v) that the kept prior was normalised by; before the
-first statistics (the identity prior) d_b = (F_b + a I)^-1 m^_b unscaled, and outside every block d = m^ / a. On every curvature step the kept prior itself is checked
-against v with this step's gradient folded in, from the state before the step:
+first statistics (the identity prior) d_b = (F_b + a I)^-1 m^_b unscaled, and outside every block
+d = m^ / a. On every curvature step the kept prior itself is checked against v with this step's gradient
+folded in, from the state before the step:
 
     v' = beta2 v + (1 - beta2) (Q_out^T G Q_in)^2  (rotated weights; Adam's v and g^2 for the others),
     mean_b = mean_block sqrt(v'),  s = max(sqrt(v') / mean_b, floor)^-1/2.

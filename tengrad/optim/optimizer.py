@@ -67,7 +67,8 @@ from torch import Tensor, nn
 
 from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
-from tengrad.optim.curvature import conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline, woodbury
+from tengrad.optim.curvature import (conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline,
+                                     woodbury)
 from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
@@ -410,7 +411,8 @@ class TENGraD(torch.optim.Optimizer):
                      self.curvature_batch if auto or self.curvature_batch != "auto" else None, self.generator,
                      self.curvature_memory if auto or self.curvature_memory != "auto" else None,
                      None if self.prior is None else prior_mod.Prior(
-                         self.prior, self.prior_floor, self.state, self.prior_beta if self.step_rule == "adam" else None),
+                         self.prior, self.prior_floor, self.state,
+                         self.prior_beta if self.step_rule == "adam" else None),
                      self.token_rows)
 
     @property
@@ -571,13 +573,18 @@ class TENGraD(torch.optim.Optimizer):
             return " (r=1: the noise ratio needs the empirical Fisher in one process)"
         return f" (r={self.estimator.noise_ratio:.3g})"
 
+    def _rule_note(self) -> str:
+        if self.step_rule == "natural":
+            return ""
+        return f", step_rule={self.step_rule!r} (SOAP-scaled d of Adam's m, no heavy ball)"
+
     def explain(self) -> str:
         settings = (f"fisher={self.fisher!r}, update_freq={self.update_freq}, kl_clip={self.kl_clip}, "
                     f"noise_scale={self.noise_scale}{self._noise_note()}, backend={self.backend!r}"
                     f"{', stagger=True' if self.stagger else ''}"
                     f"{f', token_rows={self.token_rows}' if self.token_rows is not None else ''}"
                     f"{f', prior={self.prior!r}' if self.prior is not None else ''}"
-                    f"{', step_rule=' + repr(self.step_rule) + ' (SOAP-scaled d of Adam m, no heavy ball)' if self.step_rule != 'natural' else ''}")
+                    f"{self._rule_note()}")
         return describe(settings, self.param_groups, self.blocks, self.fallback, self.skipped,
                         self.estimator.explain_lines(self.blocks))
 
