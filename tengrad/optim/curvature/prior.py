@@ -125,13 +125,14 @@ def normalised(vs: Sequence[Tensor], floor: float) -> tuple[list[Tensor], Tensor
     return [(t / mean).clamp_(min=floor) for t in s], mean
 
 
-def adam_scale(damping: float, mean: Tensor | None) -> float:
+def adam_scale(damping: float, mean: Tensor | None) -> float | Tensor:
     """step_rule="adam": the factor a / mean_b sqrt(v) on a block's d = (F + a D)^-1 m, so that outside the
     rows d = m'' / (delta mean_b sqrt(v)) = m'' / sqrt(v) per coordinate (floored): SOAP's step at lr, while
     the rows weigh in as in the damped solve. Together: d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b))
     Q^T)^-1 m. mean None (the identity prior, before the first statistics): 1, TENGraD's own damped step on
-    m, d = (F + a I)^-1 m, as for the parameters in no block (d = m / a)."""
-    return 1.0 if mean is None else float(damping) / float(mean)
+    m, d = (F + a I)^-1 m, as for the parameters in no block (d = m / a). A 0-dim tensor otherwise (no
+    host sync on the step's path)."""
+    return 1.0 if mean is None else float(damping) / mean
 
 
 def with_current(v: Tensor, p: Tensor, beta: float, basis: tuple | None = None) -> Tensor:
