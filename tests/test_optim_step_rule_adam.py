@@ -8,8 +8,9 @@ The oracle, float64, written out from the optimizer's docstring:
 with F_b from torch.func's per-sample gradients of the curvature step, D_b built densely from the prior the
 block keeps ((Q_out (x) Q_in) diag(1 / s^2) (Q_out (x) Q_in)^T per rotated weight, diag(1 / s^2) for the
 others), and mean_b the mean over the block of sqrt(v) that the kept prior was normalised by; before the
-first statistics (the identity prior) d_b = (F_b + a I)^-1 m^_b unscaled, and outside every block
-d = m^ / a. On every curvature step the kept prior itself is checked against v with this step's gradient
+first statistics, or with a J over max_jacobian_numel (the identity prior), D_b = I with mean_b from v' in
+the block's own coordinates; a weight too wide for the eigenbasis takes Adafactor's factored D with its scale
+c in place of mean_b; outside every block d = m^ / a. On every curvature step the kept prior itself is checked against v with this step's gradient
 folded in, from the state before the step:
 
     v' = beta2 v + (1 - beta2) (Q_out^T G Q_in)^2  (rotated weights; Adam's v and g^2 for the others),
@@ -46,11 +47,11 @@ def _batches(kind: str, n: int, seed: int = 5):
 
 def _folded(opt, b, g: dict) -> tuple[list, list]:
     """The oracle's v' per parameter of block ``b`` (from the optimizer's state before the step) and the
-    bases it is rotated in (None: kept diagonal)."""
+    bases it is rotated in (None: kept diagonal; a rotatable weight before its eigenbasis counts so)."""
     vs, bases = [], []
     for n, p in zip(b.param_names, b.params):
         st = opt.state.get(p, {})
-        if eigenbasis.rotatable(p):
+        if eigenbasis.rotatable(p) and "prior_ql" in st:
             q_out, q_in = st["prior_ql"].clone(), st["prior_qr"].clone()
             G = g[n].reshape(p.shape[0], -1)
             rot = q_out.T @ G @ q_in
@@ -63,19 +64,52 @@ def _folded(opt, b, g: dict) -> tuple[list, list]:
     return vs, bases
 
 
-@pytest.mark.parametrize("kind,k", [("mlp", 1), ("mlp", 3), ("conv", 2), ("tokens", 1), ("tokens", 4)])
-def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
-    model = make_model(kind)
-    opt = _opt(model, update_freq=k)
+def _mean_sqrt(vs: list) -> torch.Tensor:
+    sq = [v.sqrt() for v in vs]
+    return sum(t.sum() for t in sq) / sum(t.numel() for t in sq)
+
+
+def _check_kept_prior(ops, mean, vs, bases, form: str, where) -> None:
+    """The kept prior of one block against the oracle's v' (module docstring). ``form``: "eigen" (SOAP's
+    D), "kronecker" (Adafactor's factored sqrt(v') of the weight: delta_out, delta_in and their scale c) or
+    "identity" (D = I, the block's mean of sqrt(v'))."""
+    if form == "identity":
+        assert ops is None and rel_err(mean, _mean_sqrt(vs)) < 1e-10, where
+        return
+    if form == "kronecker":
+        v = vs[0]
+        r, c = v.mean(dim=1), v.mean(dim=0)                 # weight [o, i]: row and column means
+        d_out = torch.clamp(r.sqrt() / r.sqrt().mean(), min=FLOOR)
+        d_in = torch.clamp(c.sqrt() / c.sqrt().mean(), min=FLOOR)
+        assert rel_err(ops[0], torch.outer(d_out, d_in) ** -0.5) < 1e-10, where
+        assert all(rel_err(o, d_out ** -0.5) < 1e-10 for o in ops[1:]), where      # the bias: delta_out
+        assert rel_err(mean, r.sqrt().mean() * c.sqrt().mean() / v.mean().sqrt()) < 1e-10, where
+        return
+    oracle_mean = _mean_sqrt(vs)
+    assert rel_err(mean, oracle_mean) < 1e-10, where
+    for t, basis, op in zip(vs, bases, ops):
+        delta = torch.clamp(t.sqrt() / oracle_mean, min=FLOOR)
+        if basis is None:
+            assert rel_err(op, delta.reshape(op.shape) ** -0.5) < 1e-10, where
+        else:
+            assert rel_err(op.q_out, basis[0]) < 1e-12 and rel_err(op.q_in, basis[1]) < 1e-12
+            assert rel_err(op.s, delta.reshape(op.s.shape) ** -0.5) < 1e-10, where
+
+
+def _run_rule_oracle(model, kind: str, k: int, form, **kw) -> dict:
+    """12 steps (across the basis refresh after step 10) of step_rule="adam" against the dense float64
+    oracle; ``form(s, block)`` names the prior form the block must keep at curvature step s. Returns how
+    many kept priors of each form were checked."""
+    opt = _opt(model, update_freq=k, **kw)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     m = {n: None for n in names}
-    kept, rotated_seen, scaled_seen = None, 0, 0
-    for s, (x, y) in enumerate(_batches(kind, 12)):        # 12 steps: across the basis refresh after step 10
+    kept, seen = None, {}
+    for s, (x, y) in enumerate(_batches(kind, 12)):
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         rows = per_sample_grads(model, x, y, "cross_entropy")
         g = {n: t.mean(0) for n, t in rows.items()}
         due = s % k == 0
-        oracle_v = {b.name: _folded(opt, b, g) for b in opt.blocks} if due and s > 0 else {}
+        oracle_v = {b.name: _folded(opt, b, g) for b in opt.blocks} if due else {}
         opt.zero_grad()
         LOSSES["cross_entropy"](model(x), y).backward()
         opt.step()
@@ -84,32 +118,19 @@ def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
         priors = {b.name: (b.curv.rows.prior, b.curv.rows.prior_mean) for b in opt.blocks}
         if due:
             kept = (fisher_from_grads(rows, names), priors)
+            for b in opt.blocks:        # the kept prior from v with this step's gradient folded in
+                f = form(s, b)
+                _check_kept_prior(*priors[b.name], *oracle_v[b.name], f, (s, b.name, f))
+                seen[f] = seen.get(f, 0) + 1
         else:
-            assert all(priors[n][0] is kept[1][n][0] for n in priors)
+            assert all(priors[n][0] is kept[1][n][0] and priors[n][1] is kept[1][n][1] for n in priors)
         F, kept_priors = kept
         dense, scale = {}, {}
         for b in opt.blocks:
             ops, mean = kept_priors[b.name]
-            if ops is None:         # the identity prior before the first statistics: (F + a I)^-1 m^, unscaled
-                assert s < k and mean is None, (s, b.name)
-                scale.update({n: 1.0 for n in b.param_names})
-                continue
-            rotated_seen += sum(isinstance(o, eigenbasis.Rotated) for o in ops)
             scale.update({n: DAMPING / float(mean) for n in b.param_names})
-            dense.update({n: kept_prior_matrix(o) for o, n in zip(ops, b.param_names)})
-            if b.name in oracle_v:          # the kept prior from v with this step's gradient folded in
-                vs, bases = oracle_v[b.name]
-                sq = [v.sqrt() for v in vs]
-                oracle_mean = sum(t.sum() for t in sq) / sum(t.numel() for t in sq)
-                assert rel_err(mean, oracle_mean) < 1e-10, (s, b.name)
-                for n, t, basis, op in zip(b.param_names, sq, bases, ops):
-                    delta = torch.clamp(t / oracle_mean, min=FLOOR)
-                    if basis is None:
-                        assert rel_err(op, delta.reshape(op.shape) ** -0.5) < 1e-10, (s, n)
-                    else:
-                        assert rel_err(op.q_out, basis[0]) < 1e-12 and rel_err(op.q_in, basis[1]) < 1e-12
-                        assert rel_err(op.s, delta.reshape(op.s.shape) ** -0.5) < 1e-10, (s, n)
-                scaled_seen += 1
+            if ops is not None:         # the identity prior: (a / mean_b) (F + a I)^-1 m^
+                dense.update({n: kept_prior_matrix(o) for o, n in zip(ops, b.param_names)})
         d = dense_directions(F, names, {n: g[n].shape for n in names}, m_hat, [b.param_names for b in opt.blocks],
                              DAMPING, [], prior=dense)
         for n, _ in opt.fallback:      # outside every block: d = m^ / a
@@ -118,21 +139,53 @@ def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
         for n in names:
             err = rel_err(model.get_parameter(n).detach() - theta[n], -LR * scale[n] * d[n])
             assert err < 1e-8, (s, n, err)
-    assert rotated_seen > 0 and scaled_seen > 0
+    return seen
 
 
-def test_adam_rule_keeps_m_and_round_trips_a_checkpoint():
-    model = make_model("tokens")
-    opt = _opt(model, update_freq=2)
-    batches = _batches("tokens", 7)
+@pytest.mark.parametrize("kind,k", [("mlp", 1), ("mlp", 3), ("conv", 2), ("tokens", 1), ("tokens", 4)])
+def test_adam_rule_is_the_scaled_damped_step_of_adams_first_moment(kind, k):
+    """SOAP's D from the first curvature step after the eigenbasis (step 0: the identity prior, scaled by
+    the block's mean sqrt(g^2))."""
+    def form(s, b):
+        if s == 0 and any(eigenbasis.rotatable(p) for p in b.params):
+            return "identity"
+        return "eigen"
+    seen = _run_rule_oracle(make_model(kind), kind, k, form)
+    assert seen.get("eigen", 0) > 0 and seen.get("identity", 0) > 0, seen
+
+
+def test_adam_rule_on_a_block_whose_jacobian_is_too_large_is_scaled_by_its_mean_second_moment():
+    """A block whose explicit J exceeds max_jacobian_numel keeps D = I; under the rule its step is still
+    (a / mean_b) (F + a I)^-1 m^, with mean_b from v' (rotated coordinates once the eigenbasis exists), not
+    m^ / a (which would step it at lr / a beside Adam-scaled blocks)."""
+    seen = _run_rule_oracle(make_model("mlp"), "mlp", 3, lambda s, b: "identity", max_jacobian_numel=0)
+    assert seen == {"identity": 8}, seen
+
+
+def test_adam_rule_under_adafactors_kronecker_prior(monkeypatch):
+    """A weight too wide for the eigenbasis (here: every weight, eigenbasis.MAX_DIM 1) on a Linear whose J is
+    too large keeps Adafactor's Kronecker-diagonal D; the block scale is its c, so that outside the rows
+    the step is m^ / sqrt(r_o c_i / mean v), Adafactor's."""
+    monkeypatch.setattr(eigenbasis, "MAX_DIM", 1)
+    seen = _run_rule_oracle(make_model("mlp"), "mlp", 3, lambda s, b: "kronecker", max_jacobian_numel=0)
+    assert seen == {"kronecker": 8}, seen
+
+
+@pytest.mark.parametrize("kind,kw", [("tokens", {}), ("mlp", dict(max_jacobian_numel=0))])
+def test_adam_rule_keeps_m_and_round_trips_a_checkpoint(kind, kw):
+    """Also the identity prior's kept mean (mlp with J over max_jacobian_numel)."""
+    model = make_model(kind)
+    opt = _opt(model, update_freq=2, **kw)
+    batches = _batches(kind, 7)
     for x, y in batches[:5]:
         opt.zero_grad()
         LOSSES["cross_entropy"](model(x), y).backward()
         opt.step()
     p = next(model.parameters())
     assert opt.state[p]["exp_avg_steps"] == 5 and "momentum_buffer" not in opt.state[p]
+    assert all(b.curv.rows.prior_mean is not None for b in opt.blocks)
     twin = copy.deepcopy(model)
-    again = _opt(twin, update_freq=2)
+    again = _opt(twin, update_freq=2, **kw)
     again.load_state_dict(opt.state_dict())
     for x, y in batches[5:]:           # a reuse step (the kept prior and its mean), then a curvature step
         for mdl, o in ((model, opt), (twin, again)):

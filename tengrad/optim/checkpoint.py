@@ -232,10 +232,9 @@ def _curvature(b, c: object) -> tuple[woodbury.BlockCurvature, paths.PathChoice 
     rows.prior = _prior(b, c.get("prior"), where, dtype, dev)
     mean = c.get("prior_mean")          # the block's mean sqrt(v) behind the prior (step_rule="adam")
     if mean is not None:
-        if rows.prior is None or not isinstance(mean, torch.Tensor) or mean.numel() != 1 or not bool(mean > 0) \
+        if not isinstance(mean, torch.Tensor) or mean.numel() != 1 or not bool(mean > 0) \
                 or not bool(torch.isfinite(mean)):
-            raise _fail(f"{where}: 'prior_mean' must be a positive finite scalar tensor beside a 'prior', "
-                        f"got {mean!r}")
+            raise _fail(f"{where}: 'prior_mean' must be a positive finite scalar tensor, got {mean!r}")
         rows.prior_mean = mean.to(device=dev, dtype=dtype).clone()
     tokens = c.get("tokens")            # rows per position (curvature/tokens.py): T, or None for sample rows
     if tokens is not None and (not _is_int(tokens) or tokens < 2):

@@ -129,9 +129,10 @@ def adam_scale(damping: float, mean: Tensor | None) -> float | Tensor:
     """step_rule="adam": the factor a / mean_b sqrt(v) on a block's d = (F + a D)^-1 m, so that outside the
     rows d = m'' / (delta mean_b sqrt(v)) = m'' / sqrt(v) per coordinate (floored): SOAP's step at lr, while
     the rows weigh in as in the damped solve. Together: d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b))
-    Q^T)^-1 m. mean None (the identity prior, before the first statistics): 1, TENGraD's own damped step on
-    m, d = (F + a I)^-1 m, as for the parameters in no block (d = m / a). A 0-dim tensor otherwise (no
-    host sync on the step's path)."""
+    Q^T)^-1 m; under Adafactor's Kronecker-diagonal D (``kronecker``) mean_b is its c, under the identity
+    prior (``identity``) D = I and outside the rows d = m / mean_b. mean None (v all zero): 1, TENGraD's own
+    damped step on m, d = (F + a I)^-1 m, as for the parameters in no block (d = m / a). A 0-dim tensor
+    otherwise (no host sync on the step's path)."""
     return 1.0 if mean is None else float(damping) / mean
 
 
@@ -147,11 +148,19 @@ def with_current(v: Tensor, p: Tensor, beta: float, basis: tuple | None = None) 
     return v * beta + g.reshape(v.shape).square() * (1.0 - beta)
 
 
-def kronecker(v_weight: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    """(delta_out [o], delta_in [i]) from v of a weight [o, i, k...] (Adafactor's row and column means)."""
+def kronecker(v_weight: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(delta_out [o], delta_in [i], c) from v of a weight [o, i, k...] (Adafactor's row and column means):
+    with r_o = mean_{i,k} v, c_i = mean_{o,k} v, delta_out = sqrt(r) / mean_o sqrt(r) and delta_in likewise
+    (floored), and c = mean_o sqrt(r) mean_i sqrt(c) / sqrt(mean v), so that c delta_out[o] delta_in[i] =
+    sqrt(r_o c_i / mean v), Adafactor's factored sqrt(v), where no floor binds: the block scale of
+    step_rule="adam" (``adam_scale``). c is None when v is all zero."""
     dims_out = tuple(d for d in range(v_weight.dim()) if d != 0)
     dims_in = tuple(d for d in range(v_weight.dim()) if d != 1)
-    return diagonal([v_weight.mean(dims_out)], floor)[0], diagonal([v_weight.mean(dims_in)], floor)[0]
+    (d_out,), m_out = normalised([v_weight.mean(dims_out)], floor)
+    (d_in,), m_in = normalised([v_weight.mean(dims_in)], floor)
+    mean_v = v_weight.mean()
+    c = None if m_out is None or m_in is None or not bool(mean_v > 0) else m_out * m_in / mean_v.sqrt()
+    return d_out, d_in, c
 
 
 def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
@@ -172,22 +181,21 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
     their eigenbasis, the other parameters diagonal, delta normalised over the whole block; the rows
     as an explicit J (formed from x and gy when it has at most ``max_jacobian_numel`` entries, else the
     identity prior with a note)."""
-    if not rows.explicit_held:
-        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
-            out = rows.scaled(1.0)
-            out.prior_note = (f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds max_jacobian_numel; "
-                              "the eigenbasis prior rotates explicit rows only (eigenbasis.py)")
-            return out
-        rows = rows.explicit(block.plan)
-    if any(eigenbasis.rotatable(p) and "prior_ql" not in state.get(p, {}) for p in block.params):
-        out = rows.scaled(1.0)      # step 0: the bases of one gradient make the other directions' delta the floor
-        out.prior_note = "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)"
-        return out
     dtype = rows_dtype(rows)
-    bases = [eigenbasis.basis(state, p) if eigenbasis.rotatable(p) else None for p in block.params]
+    ready = all(not eigenbasis.rotatable(p) or "prior_ql" in state.get(p, {}) for p in block.params)
+    bases = [eigenbasis.basis(state, p) if ready and eigenbasis.rotatable(p) else None for p in block.params]
     vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
     if current is not None:
         vs = [with_current(v, p, current, b) for v, p, b in zip(vs, block.params, bases)]
+    if not rows.explicit_held:
+        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
+            return identity(rows, f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds "
+                                  "max_jacobian_numel; the eigenbasis prior rotates explicit rows only (eigenbasis.py)",
+                            vs if current is not None else None)
+        rows = rows.explicit(block.plan)
+    if not ready:       # step 0: the bases of one gradient make the other directions' delta the floor
+        return identity(rows, "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)",
+                        vs if current is not None else None)
     deltas, mean = normalised(vs, floor)
     out = rows.transformed([eigenbasis.Rotated(b[0], b[1], d.rsqrt()) if b is not None else d.rsqrt()
                             for b, d in zip(bases, deltas)])
@@ -206,23 +214,38 @@ def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
     if not rows.explicit_held:
         kind = kronecker_layer(block.module, params) if block.plan is not None else None
         if kind is not None:
-            d_out, d_in = kronecker(vs[0], floor)
+            d_out, d_in, c = kronecker(vs[0], floor)
             s_out, s_in = d_out.rsqrt(), d_in.rsqrt()
             w = params[0]
             weight_s = s_out.reshape(-1, *[1] * (w.dim() - 1)) * s_in.reshape(1, -1, *[1] * (w.dim() - 2))
             s = [weight_s.expand_as(w).contiguous()] + ([s_out.clone()] if len(params) > 1 else [])
             if kind == "linear":        # x [m, ..., i], gy [r, ..., o]
-                return rows.feature_scaled(s_in, rows.x.dim() - 1, s_out, rows.gy.dim() - 1, s)
-            return rows.feature_scaled(s_in, 1, s_out, 1, s)      # conv: channels on dim 1
-        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
-            out = rows.scaled(1.0)
-            out.prior_note = (f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds max_jacobian_numel "
-                              f"and its layer has no Kronecker form (prior.py)")
+                out = rows.feature_scaled(s_in, rows.x.dim() - 1, s_out, rows.gy.dim() - 1, s)
+            else:                       # conv: channels on dim 1
+                out = rows.feature_scaled(s_in, 1, s_out, 1, s)
+            out.prior_mean = c
             return out
+        if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
+            return identity(rows, f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds "
+                                  f"max_jacobian_numel and its layer has no Kronecker form (prior.py)",
+                            vs if current is not None else None)
         rows = rows.explicit(block.plan)
     deltas, mean = normalised(vs, floor)
     out = rows.transformed([d.rsqrt() for d in deltas])
     out.prior_mean = mean
+    return out
+
+
+def identity(rows: Rows, note: str, vs: Sequence[Tensor] | None = None) -> Rows:
+    """The block's rows under the identity prior D = I, with ``note`` saying why. Under step_rule="adam"
+    ``vs`` are the block's v with the step's gradient folded in (a rotated weight's in its eigenbasis when
+    it has one), and the rows keep the mean over the block of sqrt(v) as ``prior_mean``: the step
+    (a / mean_b) (F + a I)^-1 m is then Adam's step with one second moment per block outside the rows
+    (``adam_scale``), on the scale of the blocks with a prior, rather than m / a."""
+    out = rows.scaled(1.0)
+    out.prior_note = note
+    if vs is not None:
+        out.prior_mean = normalised(vs, 0.0)[1]
     return out
 
 
