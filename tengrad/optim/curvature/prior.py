@@ -49,6 +49,7 @@ blocks without such a weight (LayerNorm, biases alone) are as under "adam".
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -61,6 +62,7 @@ from tengrad.optim.curvature.woodbury import Rows
 DEFAULT_BETA = 0.999            # prior="adam"'s decay of v (Adam's beta2)
 SOAP_BETA = 0.95                # prior="soap"'s (SOAP's beta2; docs/experiments/lm-prior-soap.md)
 DEFAULT_FLOOR = 1e-2
+UPDATE_CLIP = 1.0               # step_rule="adam": a block's d has RMS at most this (``clip_rms_``)
 
 
 def default_beta(prior: str | None) -> float:
@@ -136,6 +138,19 @@ def adam_scale(damping: float, mean: Tensor | None) -> float | Tensor:
     return 1.0 if mean is None else float(damping) / mean
 
 
+def clip_rms_(d: Sequence[Tensor], threshold: float = UPDATE_CLIP) -> None:
+    """step_rule="adam": a block's d divided by max(1, RMS(d) / threshold) in place, RMS over the whole
+    block: Adafactor's update clipping (Shazeer and Stern, 2018, threshold 1). D is kept between curvature
+    steps while v moves, so a coordinate whose v was small at the curvature step (a ReLU unit dead for that
+    batch: delta at the floor) steps m / (floor mean_b) on the next steps, unbounded by the current v as in
+    Adam; on 3C1F that diverged in 5 steps (docs/experiments/lm-prior-soap.md). No host sync."""
+    norms = torch._foreach_norm(list(d))
+    n = sum(t.numel() for t in d)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in norms])
+    rms = torch.stack([t.to(dtype) for t in norms]).square().sum().div(max(n, 1)).sqrt()
+    torch._foreach_mul_(list(d), (rms / threshold).clamp(min=1.0).reciprocal().to(d[0].dtype))
+
+
 def with_current(v: Tensor, p: Tensor, beta: float, basis: tuple | None = None) -> Tensor:
     """v folded with this step's gradient, beta v + (1 - beta) g^2 (g rotated, Q_out^T G Q_in, for a weight in
     its eigenbasis ``basis`` = (Q_out, Q_in, v)), a new tensor: step_rule="adam" takes D from the second
@@ -194,8 +209,8 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
                             vs if current is not None else None)
         rows = rows.explicit(block.plan)
     if not ready:       # step 0: the bases of one gradient make the other directions' delta the floor
-        return identity(rows, "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)",
-                        vs if current is not None else None)
+        # and, unscaled under step_rule="adam", d = (F + a I)^-1 m (``identity``)
+        return identity(rows, "identity prior: no eigenbasis before the first step's statistics (eigenbasis.py)")
     deltas, mean = normalised(vs, floor)
     out = rows.transformed([eigenbasis.Rotated(b[0], b[1], d.rsqrt()) if b is not None else d.rsqrt()
                             for b, d in zip(bases, deltas)])
@@ -237,11 +252,14 @@ def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
 
 
 def identity(rows: Rows, note: str, vs: Sequence[Tensor] | None = None) -> Rows:
-    """The block's rows under the identity prior D = I, with ``note`` saying why. Under step_rule="adam"
-    ``vs`` are the block's v with the step's gradient folded in (a rotated weight's in its eigenbasis when
-    it has one), and the rows keep the mean over the block of sqrt(v) as ``prior_mean``: the step
-    (a / mean_b) (F + a I)^-1 m is then Adam's step with one second moment per block outside the rows
-    (``adam_scale``), on the scale of the blocks with a prior, rather than m / a."""
+    """The block's rows under the identity prior D = I, with ``note`` saying why. A block that keeps it for
+    good (its J over max_jacobian_numel) passes, under step_rule="adam", ``vs``: its v with the step's
+    gradient folded in (a rotated weight's in its eigenbasis when it has one), and the rows keep the mean
+    over the block of sqrt(v) as ``prior_mean``: its step (a / mean_b) (F + a I)^-1 m is then Adam's step
+    with one second moment per block outside the rows (``adam_scale``), on the scale of the blocks with a
+    prior, rather than m / a. Before the eigenbasis (the first cycle of update_freq steps) the step stays
+    unscaled, (F + a I)^-1 m: scaled from step 0's v alone, the LM probe's training loss at step 300 went
+    from 1.66 to 2.46 (docs/experiments/lm-prior-soap.md)."""
     out = rows.scaled(1.0)
     out.prior_note = note
     if vs is not None:

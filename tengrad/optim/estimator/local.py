@@ -180,11 +180,12 @@ class LocalEstimator:
             for k, d in zip(ks, grp.direction(p, u, [1.0 / curvs[k].damping for k in ks])):
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
+        clipped: list[list[Tensor]] = []        # step_rule="adam": each block's d, its RMS clipped after S
         known: list[int] = []                  # blocks whose <d, g> comes from the solve (update.Known)
         at: list[int] = []
         for k, ((i, b, group, _), curv, g, gp, u, back) in enumerate(zip(taking, curvs, gs, gps, us, backs)):
             # d = g / a + R^T u' (a prior's d' = g' / a + R'^T u'), the sum formed in R^T u's product
-            if back is None and _deferrable(b, curv, g, self._scratch.min_numel):
+            if back is None and not step.adam_scale and _deferrable(b, curv, g, self._scratch.min_numel):
                 # a large block: d is not formed; apply() adds nu d to the momentum buffers (update.Deferred)
                 d = update.Deferred(curv.rows, b.plan, u, rgs[k], 1.0 / curv.damping, b.params, g)
                 out += [(p, d, gi, group) for p, gi in zip(b.params, g)]
@@ -197,12 +198,16 @@ class LocalEstimator:
                 priored[1].extend(curv.rows.prior)
             if step.adam_scale:       # step_rule="adam": outside the rows m'' / sqrt(v) (prior.adam_scale)
                 torch._foreach_mul_(back, prior_mod.adam_scale(curv.damping, curv.rows.prior_mean))
+            if step.adam_scale:
+                clipped.append(back)
             if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
                 known.append(k)
                 at.append(len(out))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
         if priored[0]:                                  # d = S^T d'
             eigenbasis.out_of_(priored[1], priored[0])
+        for back in clipped:
+            prior_mod.clip_rms_(back)
         for (i, b, _, uses), curv in zip(taking, curvs):
             if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
                 _unbind([b.plan] + [u.plan for u in uses])
