@@ -31,7 +31,7 @@ from support.optim_cases import LOSSES, make_model
 from support.step_oracle import (dense_directions, fisher_from_grads, kept_prior_matrix, per_sample_grads,
                                  prior_batches)
 from tengrad.optim import TENGraD, TENGraDError
-from tengrad.optim.curvature import eigenbasis
+from tengrad.optim.curvature import eigenbasis, scratch
 
 BETA1, BETA2, FLOOR, LR, DAMPING = 0.9, 0.8, 0.05, 0.3, 0.5
 
@@ -173,10 +173,15 @@ def test_adam_rules_update_clip_binds_in_the_oracle_runs(kind, k):
     assert seen.get("clipped", 0) > 0 and seen.get("unclipped", 0) > 0, seen
 
 
-def test_adam_rule_on_a_block_whose_jacobian_is_too_large_is_scaled_by_its_mean_second_moment():
+@pytest.mark.parametrize("large", [False, True])
+def test_adam_rule_on_a_block_whose_jacobian_is_too_large_is_scaled_by_its_mean_second_moment(large, monkeypatch):
     """A block whose explicit J exceeds max_jacobian_numel keeps D = I; under the rule its step is still
     (a / mean_b) (F + a I)^-1 m^, with mean_b from v' (rotated coordinates once the eigenbasis exists), not
-    m^ / a (which would step it at lr / a beside Adam-scaled blocks)."""
+    m^ / a (which would step it at lr / a beside Adam-scaled blocks). ``large``: every parameter counts as
+    large (scratch.MIN_NUMEL 1), where the natural step leaves d unformed (update.Deferred); the rule forms
+    it, scaled and clipped."""
+    if large:
+        monkeypatch.setattr(scratch, "MIN_NUMEL", 1)
     seen = _run_rule_oracle(make_model("mlp"), "mlp", 3, lambda s, b: "identity", max_jacobian_numel=0)
     assert seen["identity"] == 8, seen
 
