@@ -160,7 +160,7 @@ class TENGraD(torch.optim.Optimizer):
     a weight too wide for the eigenbasis takes Adafactor's factored sqrt(v) in place of Q diag(sqrt v) Q^T,
     a block whose J is too large mean_b I; each block's d is then clipped to RMS <= 1 (Adafactor's update
     clipping: D is kept between curvature steps while v moves); before a block's first statistics
-    d = (F + a I)^-1 m, outside every block d = m / a.
+    d = (F + a I)^-1 m; outside every block Adam's step, m / max(sqrt v, floor mean sqrt v), clipped alike.
     lr is then SOAP's (e.g. 3e-3) and momentum its beta1 (e.g. 0.95)
     (docs/experiments/lm-prior-soap.md, "Momentum").
     ``token_rows``: None (default: one row per sample) or c: a block whose layer input carries token

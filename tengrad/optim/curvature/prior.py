@@ -133,7 +133,7 @@ def adam_scale(damping: float, mean: Tensor | None) -> float | Tensor:
     the rows weigh in as in the damped solve. Together: d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b))
     Q^T)^-1 m; under Adafactor's Kronecker-diagonal D (``kronecker``) mean_b is its c, under the identity
     prior (``identity``) D = I and outside the rows d = m / mean_b. mean None (v all zero): 1, TENGraD's own
-    damped step on m, d = (F + a I)^-1 m, as for the parameters in no block (d = m / a). A 0-dim tensor
+    damped step on m, d = (F + a I)^-1 m. A 0-dim tensor
     otherwise (no host sync on the step's path)."""
     return 1.0 if mean is None else float(damping) / mean
 
@@ -149,6 +149,18 @@ def clip_rms_(d: Sequence[Tensor], threshold: float = UPDATE_CLIP) -> None:
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in norms])
     rms = torch.stack([t.to(dtype) for t in norms]).square().sum().div(max(n, 1)).sqrt()
     torch._foreach_mul_(list(d), (rms / threshold).clamp(min=1.0).reciprocal().to(d[0].dtype))
+
+
+def adam_direction(prior: Prior, p: Tensor, m: Tensor) -> Tensor:
+    """step_rule="adam" for a parameter outside every block's rows (a fallback parameter, or a block's
+    parameters on a step without its rows): Adam's step, the block form with no rows,
+    (a / mean)(a D)^-1 m = m / max(sqrt v', floor mean sqrt v') with v' = beta v + (1 - beta) g^2 (v_1 = g^2:
+    the first step is sign(g) for m = g), clipped to RMS <= 1 (``clip_rms_``); m itself when v' is all zero."""
+    v = with_current(second_moment(prior.state, p, m.dtype), p, prior.current).reshape(m.shape)
+    (delta,), mean = normalised([v], prior.floor)
+    d = m.clone() if mean is None else m / (delta * mean)
+    clip_rms_([d])
+    return d
 
 
 def with_current(v: Tensor, p: Tensor, beta: float, basis: tuple | None = None) -> Tensor:

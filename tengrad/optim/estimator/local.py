@@ -127,7 +127,7 @@ class LocalEstimator:
             if b.name in step.changed:      # set changed after its forward: no rows for the new set yet
                 skipped[b.name] = ("its trainable parameters changed after the forward: d = g / damping "
                                    "this step, its curvature from the next curvature step")
-                out += damped_identity(b.params, group, step.grads)
+                out += damped_identity(b.params, group, step.grads, step.rules.prior if step.adam_scale else None)
                 continue
             due = self.due(b, step.steps, step.update_freq)
             candidates.append((i, b, group, step.uses.get(i, []) if due else None))
@@ -480,24 +480,29 @@ def _tolerance(b: Block, uses) -> float:
     return max(consistency.tolerance(b.params[0].dtype, d) for d in dtypes)
 
 
-def damped_identity(params, group: dict, grads: dict | None = None) -> list[Direction]:
+def damped_identity(params, group: dict, grads: dict | None = None, adam=None) -> list[Direction]:
     """d = g / a for ``params`` (those with a gradient) in ``group``; ``grads``: {id(param): g} (under
-    step_rule="adam" Adam's m: d = m / a), else g from param.grad (update.gradient)."""
+    step_rule="adam" Adam's m), else g from param.grad (update.gradient). ``adam`` (step_rule="adam": the
+    step's prior.Prior): Adam's step per parameter instead, d = m / max(sqrt v', floor mean sqrt v')
+    clipped to RMS 1 (prior.adam_direction)."""
     out = []
     for p in params:
         if p.grad is None:
             continue
         g = grads[id(p)] if grads is not None and id(p) in grads else gradient(p, group["weight_decay"],
                                                                                woodbury.compute_dtype(p.dtype))
-        out.append((p, g / group["damping"], g, group))
+        d = g / group["damping"] if adam is None else prior_mod.adam_direction(adam, p, g)
+        out.append((p, d, g, group))
     return out
 
 
 def fallback_directions(step: StepInput, grads: dict | None = None) -> list[Direction]:
-    """d = g / a for the parameters in no block, each in its own group (d = m / a under step_rule="adam")."""
+    """d = g / a for the parameters in no block, each in its own group (under step_rule="adam" Adam's
+    step on m: ``damped_identity``)."""
+    adam = step.rules.prior if step.adam_scale else None
     out = []
     for _, p in step.fallback:
-        out += damped_identity([p], step.groups[step.where[id(p)]], grads)
+        out += damped_identity([p], step.groups[step.where[id(p)]], grads, adam)
     return out
 
 
