@@ -132,8 +132,8 @@ def adam_scale(damping: float, mean: Tensor | None) -> float | Tensor:
     rows d = m'' / (delta mean_b sqrt(v)) = m'' / sqrt(v) per coordinate (floored): SOAP's step at lr, while
     the rows weigh in as in the damped solve. Together: d = (F mean_b / a + Q diag(max(sqrt v, floor mean_b))
     Q^T)^-1 m; under Adafactor's Kronecker-diagonal D (``kronecker``) mean_b is its c, under the identity
-    prior (``identity``) D = I and outside the rows d = m / mean_b. mean None (v all zero): 1, TENGraD's own
-    damped step on m, d = (F + a I)^-1 m. A 0-dim tensor
+    prior (``identity``) D = I and outside the rows d = m / mean_b. mean None (the identity prior before the
+    eigenbasis, or v all zero): 1, TENGraD's own damped step on m, d = (F + a I)^-1 m. A 0-dim tensor
     otherwise (no host sync on the step's path)."""
     return 1.0 if mean is None else float(damping) / mean
 
