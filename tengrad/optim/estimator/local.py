@@ -198,7 +198,6 @@ class LocalEstimator:
                 priored[1].extend(curv.rows.prior)
             if step.adam_scale:       # step_rule="adam": outside the rows m'' / sqrt(v) (prior.adam_scale)
                 torch._foreach_mul_(back, prior_mod.adam_scale(curv.damping, curv.rows.prior_mean))
-            if step.adam_scale:
                 clipped.append(back)
             if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
                 known.append(k)
