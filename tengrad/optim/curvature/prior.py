@@ -144,11 +144,30 @@ def clip_rms_(d: Sequence[Tensor], threshold: float = UPDATE_CLIP) -> None:
     steps while v moves, so a coordinate whose v was small at the curvature step (a ReLU unit dead for that
     batch: delta at the floor) steps m / (floor mean_b) on the next steps, unbounded by the current v as in
     Adam; on 3C1F that diverged in 5 steps (docs/experiments/lm-prior-soap.md). No host sync."""
-    norms = torch._foreach_norm(list(d))
-    n = sum(t.numel() for t in d)
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in norms])
-    rms = torch.stack([t.to(dtype) for t in norms]).square().sum().div(max(n, 1)).sqrt()
-    torch._foreach_mul_(list(d), (rms / threshold).clamp(min=1.0).reciprocal().to(d[0].dtype))
+    scale_clip_([list(d)], [1.0], threshold)
+
+
+def scale_clip_(blocks: Sequence[Sequence[Tensor]], scales: Sequence[float | Tensor],
+                threshold: float = UPDATE_CLIP) -> None:
+    """Every block's d_b times c_b / max(1, c_b RMS(d_b) / threshold) in place: d_b scaled by its
+    ``adam_scale`` c_b > 0, then clipped as ``clip_rms_`` (RMS(c d) = c RMS(d)). One foreach norm and one
+    foreach product over all blocks' tensors (a step of a many-block net paid ~0.1 ms of small kernels a
+    block for the two), no host sync."""
+    flat = [t for d in blocks for t in d]
+    if not flat:
+        return
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in flat])
+    device = flat[0].device
+    sq = torch.stack([n.to(dtype) for n in torch._foreach_norm(flat)]).square()
+    owner = torch.tensor([b for b, d in enumerate(blocks) for _ in d], device=device)
+    sums = torch.zeros(len(blocks), dtype=dtype, device=device).index_add_(0, owner, sq)
+    numel = torch.tensor([max(sum(t.numel() for t in d), 1) for d in blocks], dtype=dtype, device=device)
+    c = torch.stack([torch.as_tensor(s, dtype=dtype, device=device) for s in scales])
+    factor = c / (c * (sums / numel).sqrt() / threshold).clamp(min=1.0)
+    per = factor.index_select(0, owner).unbind()
+    for want in {t.dtype for t in flat}:        # one product per dtype (the factors in the tensors' own)
+        ts = [(t, f.to(want)) for t, f in zip(flat, per) if t.dtype == want]
+        torch._foreach_mul_([t for t, _ in ts], [f for _, f in ts])
 
 
 def adam_direction(prior: Prior, p: Tensor, m: Tensor) -> Tensor:

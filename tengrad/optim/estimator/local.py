@@ -181,6 +181,7 @@ class LocalEstimator:
                 backs[k] = d
         priored: tuple[list, list] = ([], [])
         clipped: list[list[Tensor]] = []        # step_rule="adam": each block's d, its RMS clipped after S
+        clip_scales: list = []                  # ... and its adam_scale
         known: list[int] = []                  # blocks whose <d, g> comes from the solve (update.Known)
         at: list[int] = []
         for k, ((i, b, group, _), curv, g, gp, u, back) in enumerate(zip(taking, curvs, gs, gps, us, backs)):
@@ -197,16 +198,16 @@ class LocalEstimator:
                 priored[0].extend(back)
                 priored[1].extend(curv.rows.prior)
             if step.adam_scale:       # step_rule="adam": outside the rows m'' / sqrt(v) (prior.adam_scale)
-                torch._foreach_mul_(back, prior_mod.adam_scale(curv.damping, curv.rows.prior_mean))
                 clipped.append(back)
+                clip_scales.append(prior_mod.adam_scale(curv.damping, curv.rows.prior_mean))
             if all(p.grad is not None for p in b.params):      # <d, g> over the whole block: update.Known
                 known.append(k)
                 at.append(len(out))
             out += [(p, di, gi, group) for p, di, gi in zip(b.params, back, g) if p.grad is not None]
         if priored[0]:                                  # d = S^T d'
             eigenbasis.out_of_(priored[1], priored[0])
-        for back in clipped:
-            prior_mod.clip_rms_(back)
+        # ... each block's d times its scale c, then clipped (S^T is linear: c S^T d' = S^T c d')
+        prior_mod.scale_clip_(clipped, clip_scales)
         for (i, b, _, uses), curv in zip(taking, curvs):
             if uses is not None and curv.rows.explicit_held:   # bound again by the loss scale or the screen
                 _unbind([b.plan] + [u.plan for u in uses])
