@@ -486,18 +486,26 @@ class TENGraD(torch.optim.Optimizer):
     def _first_moments(self) -> dict:
         """step_rule="adam": {id(p): (m, t, m / (1 - momentum^t))} for every parameter with a gradient,
         m = momentum m + (1 - momentum) g (g with weight decay, update.gradient; from m_0 = 0), as new
-        tensors: the state takes them only once the step is committed."""
-        out = {}
-        for group in self.param_groups:
-            beta = group["momentum"]
+        tensors: the state takes them only once the step is committed. Parameters of one group, count t
+        and dtype in three foreach ops (m as a lerp from the kept m towards g)."""
+        out, batches = {}, {}
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = update.gradient(p, group["weight_decay"], woodbury.compute_dtype(p.dtype))
                 st = self.state[p]
-                m = g * (1.0 - beta) if "exp_avg" not in st else st["exp_avg"] * beta + g * (1.0 - beta)
                 t = st.get("exp_avg_steps", 0) + 1
-                out[id(p)] = (m, t, m / (1.0 - beta ** t))
+                key = (gi, t, g.dtype, "exp_avg" in st)
+                batches.setdefault(key, []).append((p, g, st.get("exp_avg")))
+        for (gi, t, _, kept), items in batches.items():
+            beta = self.param_groups[gi]["momentum"]
+            gs = [g for _, g, _ in items]
+            ms = (torch._foreach_lerp([m for _, _, m in items], gs, 1.0 - beta) if kept
+                  else torch._foreach_mul(gs, 1.0 - beta))
+            hats = torch._foreach_div(ms, 1.0 - beta ** t)
+            for (p, _, _), m, m_hat in zip(items, ms, hats):
+                out[id(p)] = (m, t, m_hat)
         return out
 
     # ------------------------------------------------------------------ state
