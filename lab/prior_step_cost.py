@@ -19,6 +19,30 @@ import tengrad  # noqa: E402
 from tasks.stdlib_lm import ByteLM, loss  # noqa: E402
 
 
+def interleaved(arms: dict, step, steps: int, warmup: int = 5) -> dict:
+    """{arm: (reuse step seconds, curvature step seconds)}: ``step(model, opt)`` of every arm in turn, ``steps``
+    times; a step is a curvature step when its index is a multiple of 10 (update_freq 10); the first
+    ``warmup`` (the first curvature step and caches) are not timed."""
+    times = {k: ([], []) for k in arms}
+    for it in range(steps):
+        for k, (model, opt) in arms.items():
+            t0 = time.perf_counter()
+            step(model, opt)
+            if it >= warmup:
+                times[k][it % 10 == 0].append(time.perf_counter() - t0)
+    return times
+
+
+def report(times: dict, base_arm: str, header: str) -> None:
+    """Median reuse and curvature step per arm, and as a multiple of ``base_arm``'s reuse step."""
+    base = statistics.median(times[base_arm][0])
+    print(f"{header}, load {os.getloadavg()[0]:.2f}; median ms (x {base_arm}'s step)")
+    for k, (reuse, curv) in times.items():
+        r, c = statistics.median(reuse), statistics.median(curv)
+        print(f"  {k:22s} reuse {1000 * r:7.1f} ({r / base:.2f}x)   curvature {1000 * c:7.1f} ({c / base:.2f}x)"
+              f"   k=10 average {(9 * r + c) / 10 / base:.2f}x")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=45)
@@ -35,21 +59,12 @@ def main(argv=None) -> int:
         opt = (torch.optim.AdamW(model.parameters(), 1e-3) if kw is None
                else tengrad.TENGraD(model, curvature_batch=None, **kw))
         arms[name] = (model, opt)
-    times = {k: ([], []) for k in arms}
-    for it in range(args.steps):
-        for k, (model, opt) in arms.items():
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss(model(x), y).backward()
-            opt.step()
-            if it >= 5:                           # warm-up: the first curvature step and caches
-                times[k][it % 10 == 0].append(time.perf_counter() - t0)
-    base = statistics.median(times["AdamW"][0])
-    print(f"threads {args.threads}, load {os.getloadavg()[0]:.2f}; median ms (x AdamW's step)")
-    for k, (reuse, curv) in times.items():
-        r, c = statistics.median(reuse), statistics.median(curv)
-        print(f"  {k:22s} reuse {1000 * r:7.1f} ({r / base:.2f}x)   curvature {1000 * c:7.1f} ({c / base:.2f}x)"
-              f"   k=10 average {(9 * r + c) / 10 / base:.2f}x")
+    def step(model, opt):
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+
+    report(interleaved(arms, step, args.steps), "AdamW", f"threads {args.threads}")
     return 0
 
 

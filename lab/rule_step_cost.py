@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tengrad  # noqa: E402
 from tasks.fmnist_resnet import WideResNet  # noqa: E402
 from tengrad.demo.model import three_c_one_f  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from prior_step_cost import interleaved, report  # noqa: E402
 
 RULE = dict(prior="soap", step_rule="adam", lr=3e-3, kl_clip=None, momentum=0.95, damping=0.1)
 
@@ -42,25 +43,12 @@ def main(argv=None) -> int:
         model = make()
         opt = torch.optim.AdamW(model.parameters(), 3e-3) if kw is None else tengrad.TENGraD(model, **kw)
         arms[name] = (model, opt)
-    times = {k: ([], []) for k in arms}
-
     def step(model, opt):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for it in range(args.steps):
-        for k, (model, opt) in arms.items():
-            t0 = time.perf_counter()
-            step(model, opt)
-            if it >= 15:
-                times[k][it % 10 == 0].append(time.perf_counter() - t0)
-    base = statistics.median(times["AdamW"][0])
-    print(f"{args.task}: threads {args.threads}, load {os.getloadavg()[0]:.2f}; median ms (x AdamW's step)")
-    for k, (reuse, curv) in times.items():
-        r, c = statistics.median(reuse), statistics.median(curv)
-        print(f"  {k:8s} reuse {1000 * r:7.1f} ({r / base:.2f}x)   curvature {1000 * c:7.1f} ({c / base:.2f}x)"
-              f"   k=10 average {(9 * r + c) / 10 / base:.2f}x")
+    report(interleaved(arms, step, args.steps, warmup=15), "AdamW", f"{args.task}: threads {args.threads}")
     if args.profile:                                 # three steps of the kind asked, after the timed ones
         model, opt = arms["rule"]
         it, seen, prof = args.steps, 0, torch.profiler.profile()
