@@ -227,6 +227,43 @@ def test_adam_rule_keeps_m_and_round_trips_a_checkpoint(kind, kw):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("step_rule", ["adam", "natural"])
+def test_a_bf16_models_checkpoint_keeps_its_state_in_float32(step_rule):
+    """torch's load_state_dict casts optimizer state to the parameter's dtype; TENGraD keeps its state (Adam's m
+    or the momentum buffer, the prior's v, factors and bases) in the float32 compute dtype, so the loaded
+    state is its saved float32 values again: the twin steps bit for bit as the original (a bf16 cast made
+    the eigenbasis factors' next addmm raise on the dtype mismatch)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(torch.bfloat16)
+    kw = dict(step_rule=step_rule, kl_clip=None) if step_rule == "adam" else {}
+    make = lambda m: TENGraD(m, 3e-3 if step_rule == "adam" else 0.1, 0.1, momentum=0.9, prior="soap",   # noqa: E731
+                             update_freq=2, **kw)
+    opt = make(model)
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 6, generator=gen).to(torch.bfloat16), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(6)]
+
+    def step(m, o, x, y):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x).float(), y).backward()
+        o.step()
+
+    for x, y in batches[:4]:
+        step(model, opt, x, y)
+    twin = copy.deepcopy(model)
+    again = make(twin)
+    again.load_state_dict(opt.state_dict())
+    w = twin[0].weight
+    assert {k: v.dtype for k, v in again.state[w].items() if torch.is_tensor(v)} == \
+        {k: v.dtype for k, v in opt.state[model[0].weight].items() if torch.is_tensor(v)}
+    assert again.state[w]["prior_l"].dtype == torch.float32
+    for x, y in batches[4:]:           # a reuse step, then a curvature step (the bases refreshed from the factors)
+        step(model, opt, x, y)
+        step(twin, again, x, y)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(prior=None, kl_clip=None), "needs prior='soap'"),
     (dict(prior="adam", kl_clip=None), "needs prior='soap'"),

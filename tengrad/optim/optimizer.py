@@ -527,11 +527,24 @@ class TENGraD(torch.optim.Optimizer):
         # the same labels); the curvature is recomputed at the next step on every rank
         own_generator = self.generator.get_state() if self.distributed and self.generator is not None else None
         super().load_state_dict(base)
+        self._compute_dtype_state(base)
         self._steps = prepared["steps"]
         self.estimator.load(self.blocks, prepared)
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
         self.skipped = {}
+
+    def _compute_dtype_state(self, base: dict) -> None:
+        """Every per-parameter state tensor (momentum, Adam's m, the prior's v, factors and bases) in the
+        compute dtype again, from the state_dict's own values: torch's load casts them to the parameter's
+        dtype, which for a bf16 / fp16 parameter rounds them and breaks the float32 products of the next
+        step (the eigenbasis factors' addmm raised on a dtype mismatch)."""
+        saved = [i for g in base["param_groups"] for i in g["params"]]
+        for i, p in zip(saved, (p for g in self.param_groups for p in g["params"])):
+            dtype = woodbury.compute_dtype(p.dtype)
+            for key, value in base["state"].get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() and value.dtype != self.state[p][key].dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
 
     # ------------------------------------------------------------------ copies
     def _copy_spec(self) -> dict:
