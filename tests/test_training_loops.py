@@ -518,3 +518,44 @@ def test_ignored_labels_are_refused_where_the_fisher_cannot_follow_them():
     opt.zero_grad()
     with pytest.raises(TENGraDError, match="only ignored labels"):
         opt.backward(model(x), y)
+
+
+class _GatedNet(nn.Module):
+    """A Linear block, a GRU (no spec: its parameters are fallback parameters, d = g / a) and a gate read by
+    ``h * w`` (an op-level block, capture/ops.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        self.gru = nn.GRU(4, 5, batch_first=True).double()
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1] * self.w)
+
+
+@pytest.mark.parametrize("rule", ["natural", "adam"])
+@pytest.mark.parametrize("which", ["w", "gru.weight_ih_l0"])
+def test_a_parameter_frozen_between_backward_and_step_does_not_move(which, rule):
+    """``requires_grad_(False)`` after the backward leaves the gradient in ``.grad``; the step reads
+    ``requires_grad`` (options.py: a frozen parameter never moves), also for a fallback parameter and an
+    op-level block's, which once stepped as g / a on that step. The other parameters move, and the frozen
+    one stays put on the steps after it."""
+    torch.manual_seed(0)
+    model = _GatedNet()
+    kw = dict(prior="soap", step_rule="adam", kl_clip=None) if rule == "adam" else dict(kl_clip=None)
+    opt = TENGraD(model, lr=0.01 if rule == "adam" else 0.2, damping=0.5, update_freq=2, **kw)
+    frozen = dict(model.named_parameters())[which]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(8, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            frozen.requires_grad_(False)
+            assert frozen.grad is not None
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+        assert (which in moved) == (step == 0), (step, moved)
+        assert {"head.weight", "gru.weight_hh_l0"} <= moved, (step, moved)

@@ -481,13 +481,14 @@ def _tolerance(b: Block, uses) -> float:
 
 
 def damped_identity(params, group: dict, grads: dict | None = None, adam=None) -> list[Direction]:
-    """d = g / a for ``params`` (those with a gradient) in ``group``; ``grads``: {id(param): g} (under
+    """d = g / a for ``params`` (those with a gradient that train now: a parameter frozen after the backward
+    keeps its gradient but must not move, options.py) in ``group``; ``grads``: {id(param): g} (under
     step_rule="adam" Adam's m), else g from param.grad (update.gradient). ``adam`` (step_rule="adam": the
     step's prior.Prior): Adam's step per parameter instead, d = m / max(sqrt v', floor mean sqrt v')
     clipped to RMS 1 (prior.adam_direction)."""
     out = []
     for p in params:
-        if p.grad is None:
+        if p.grad is None or not p.requires_grad:
             continue
         g = grads[id(p)] if grads is not None and id(p) in grads else gradient(p, group["weight_decay"],
                                                                                woodbury.compute_dtype(p.dtype))
