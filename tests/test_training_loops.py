@@ -559,3 +559,43 @@ def test_a_parameter_frozen_between_backward_and_step_does_not_move(which, rule)
         moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
         assert (which in moved) == (step == 0), (step, moved)
         assert {"head.weight", "gru.weight_hh_l0"} <= moved, (step, moved)
+
+
+def _bias_before_batchnorm():
+    """conv (weight frozen: its block is the bias alone, the smallest) -> BatchNorm2d -> ... : BatchNorm in
+    training mode cancels any per-channel shift, so the conv bias's gradient is 0 up to rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                          nn.Linear(5, 3)).double()
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("check", [True, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_bias_whose_gradient_cancels_passes_the_checks_and_leaves_the_loss_scale_to_the_next_block(dtype, check):
+    """Its param.grad is rounding noise: the consistency checks (verify, the per-step screen and the
+    loss-scale block's check) once compared its direction and raised SpecMismatchError; and the loss scale,
+    read from the smallest block, came from that noise. Now such a block is skipped by the checks
+    (consistency.cancelled) and the next block tells the scale: a loss multiplied by 2^6 before backward and
+    the gradients divided after it step bit for bit as the plain loss."""
+    runs = []
+    for factor in (1.0, 64.0):
+        model = _bias_before_batchnorm().to(dtype)
+        opt = TENGraD(model, lr=0.1, damping=0.5, kl_clip=None, update_freq=2, check=check)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(5):
+            x = torch.randn(8, 3, 5, 5, generator=gen, dtype=torch.float64).to(dtype)
+            y = torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            (F.cross_entropy(model(x), y) * factor).backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad /= factor
+            opt.step()
+        assert opt.estimator.last_loss_scale == factor, (factor, opt.estimator.last_loss_scale)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    bias_grad = model[0].bias.grad.norm() / model[3].bias.grad.norm()
+    assert bias_grad < 1e-5, bias_grad       # the cancelled gradient this test is about
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -34,8 +34,8 @@ from tengrad.layers.ops import module_leading_dims
 from tengrad.optim.capture.record import Use
 from tengrad.optim.curvature import paths, tokens, uses as uses_mod
 from tengrad.optim.curvature.block import Block
-from tengrad.optim.curvature.consistency import (ConsistencyCheck, from_dots, graph_pass_error, streamed_dots,
-                                                 unexplained)
+from tengrad.optim.curvature.consistency import (ConsistencyCheck, cancelled, from_dots, graph_pass_error,
+                                                 streamed_dots, unexplained)
 from tengrad.optim.curvature.fisher import output_rows
 from tengrad.optim.curvature.woodbury import Rows, compute_dtype
 from tengrad.optim.errors import TENGraDError
@@ -346,7 +346,7 @@ def jacobian_grad(b: Block, u: Use, grad: Tensor) -> None:
 SCALE_TOL = 1e-4
 
 
-def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
+def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float | None:
     """The loss scale S the captured rows carry, or 1: the factor between the gradient the rows imply
     (J^T 1 / m, the output gradients as the backward saw them) and ``param.grad`` as the step sees it,
     when that factor is a power of two 2^k, k >= 1, to ``SCALE_TOL``. That is what a loss scaled before
@@ -354,7 +354,9 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
     of two; ``(loss * s).backward()`` then ``p.grad /= s`` with s = 2^k), while the factor that gradient
     clipping leaves (clip_grad_norm_'s max_norm / norm) is kept: the step then preconditions the
     clipped gradient with the Fisher of the unclipped rows, as without clipping. Empirical rows only
-    (r = m); a block with no gradient or a non-finite one: 1.
+    (r = m); a block with no gradient or a non-finite one: 1. None when the block cannot tell: its
+    param.grad is zero or the roundoff of a sum that cancels (consistency.cancelled: the bias of a layer
+    a BatchNorm follows), whose ratio to J^T 1 / m is noise (estimator/local.py asks the next block).
 
     ``tol``: also check that param.grad is that factor times J^T 1 / m to ``tol`` (consistency.mismatch),
     else raise ``UnexplainedGradientError`` (a gradient penalty; the check on every curvature step)."""
@@ -366,9 +368,12 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float:
     like = [g.to(rows.gy.dtype if rows.gy is not None else g.dtype) for g in grads]
     ones = torch.full((rows.m,), 1.0 / rows.m, dtype=like[0].dtype, device=like[0].device)
     dots = streamed_dots(list(zip(rows.jtu(b.plan, ones, like), grads)))   # float64 sums, no copies
-    if dots is None or not dots[1] > 0:
+    if dots is None:
         return 1.0
     aa, ww, aw = dots
+    reach = rows.magnitudes().jtu(b.plan, ones, like)
+    if cancelled(math.sqrt(aa), math.sqrt(sum(float(t.double().square().sum()) for t in reach)), ones.dtype):
+        return None
     if tol is not None:
         unexplained(b, *from_dots(aa, ww, aw), tol)
     f = aw / ww

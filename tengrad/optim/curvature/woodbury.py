@@ -103,6 +103,16 @@ class Rows:
         self.prior_mean = other.prior_mean
         self.tokens = other.tokens
 
+    def magnitudes(self) -> "Rows":
+        """|R| in the same form: |J| (or its pieces), else |x| and |gy| (ids stay ids), so that
+        |R|^T 1 bounds the absolute sum of the terms whose sum is J^T 1 (each row's J_i is a sum of
+        products of x and gy entries): the scale of that sum's rounding (consistency.cancelled)."""
+        mag = lambda t: t if t is None or not t.is_floating_point() else t.abs()   # noqa: E731
+        out = Rows(self.path, self.m, mag(self.x), mag(self.gy), mag(self.jac),
+                   None if self.pieces is None else [p.abs() for p in self.pieces], abs(self.scale))
+        out.factor = abs(self.factor)
+        return out
+
     def scaled(self, f: float) -> "Rows":
         """The same rows times ``f`` (no copy of the tensors)."""
         out = Rows(self.path, self.m, self.x, self.gy, self.jac, self.pieces, self.scale)

@@ -237,7 +237,8 @@ class LocalEstimator:
         (``rules.curvature_batch``: the same rows for every block, one draw per batch size m), a deferred
         J formed for those rows, K = R R^T; then the block's captured x and gy are released (nothing of
         the step reads them again; ``_release``) and an explicit J's x and gy go (``Rows.released``).
-        The loss scale S comes from the smallest due block's whole-batch rows (``loss_scale``); the rows
+        The loss scale S comes from the smallest due block's whole-batch rows (``loss_scale``; from the
+        blocks after it in order when its gradient cancels to rounding, build.loss_scale); the rows
         are R / f with f = row_factor / S, so once S is known every fresh R becomes f R (no copy) and
         its K f^2 K."""
         fresh, tols, drawn = {}, {}, {}
@@ -248,13 +249,14 @@ class LocalEstimator:
         # the loss scale from whole-batch rows: a block summed over uses has its rows per position at once
         first = min(due_uses, key=lambda i: (draw is not None and build.summed(step.blocks[i], due_uses[i], rules),
                                              step.blocks[i].numel, i))
-        scale = 1.0
+        scale, asking = None, False     # the smallest block tells the scale; one that cannot, the next ones
         for i, uses in due_uses.items():
             b = step.blocks[i]
             tols[i] = _tolerance(b, uses)
             r = build.block_rows(b, uses, rules, step.check, draw=draw)
-            if i == first:
+            if scale is None and (asking or i == first):
                 scale = self.loss_scale(step, b, r, tols[i])
+                asking = scale is None
             if draw is not None:                             # rows per position (curvature/tokens.py)
                 r = build.at_positions(b, r, draw)
             # rows per position are not sampled again (curvature_batch is for sample rows) nor screened
@@ -272,6 +274,7 @@ class LocalEstimator:
                 _unbind([b.plan] + [u.plan for u in uses])
             del r
             _release(uses)
+        scale = 1.0 if scale is None else scale
         f = step.row_factor / scale
         if f != 1.0:
             for i, (r, gram, whole) in fresh.items():
@@ -359,11 +362,11 @@ class LocalEstimator:
                 and not consistency.multi_rank())
 
     @staticmethod
-    def loss_scale(step: StepInput, b: Block, rows: woodbury.Rows, tol: float) -> float:
+    def loss_scale(step: StepInput, b: Block, rows: woodbury.Rows, tol: float) -> float | None:
         """The loss scale the fresh rows of this step carry (build.loss_scale on the smallest fresh
-        block, ``rows`` its whole-batch rows: one product J^T 1 per step), taken out of every fresh
-        block's rows. The same product checks that block's param.grad against its rows (a gradient
-        penalty: refused)."""
+        block, ``rows`` its whole-batch rows: two products, J^T 1 and |J|^T 1, per step), taken out of every
+        fresh block's rows; None when that block cannot tell (its gradient cancels to rounding). The same
+        product checks that block's param.grad against its rows (a gradient penalty: refused)."""
         if step.rules.fisher != "empirical":
             return 1.0
         checked = step.check.mode is not None and not consistency.multi_rank()
