@@ -83,6 +83,48 @@ def test_save_load_mid_run_with_groups_and_a_scheduler_resumes_bit_for_bit(fishe
 
 
 
+class _OpParams(nn.Module):
+    """Parameters no module owns, read by ops with a spec: ``h * gate`` and ``torch.addmm(bias, h, weight)``;
+    TENGraD makes them op-level blocks at its first step (curvature/block.py promote)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.gate = nn.Parameter(torch.randn(4))
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, torch.tanh(self.lin(x)) * self.gate, self.weight)
+
+
+def test_a_checkpoint_of_op_level_blocks_resumes_bit_for_bit_in_a_fresh_optimizer():
+    """A fresh optimizer has not seen the ops yet, so it had no block for the op-level blocks' kept
+    curvature and refused the load ("the state_dict has curvature for layer 'gate', which this model
+    lacks"); the checkpoint now names them and the load builds them first."""
+    torch.manual_seed(0)
+    base = _OpParams()
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(5)]
+    straight = copy.deepcopy(base)
+    opt = TENGraD(straight, 0.2, 0.5, update_freq=3, kl_clip=None)
+    run(straight, opt, batches)
+    first = copy.deepcopy(base)
+    opt1 = TENGraD(first, 0.2, 0.5, update_freq=3, kl_clip=None)
+    run(first, opt1, batches[:2])                            # mid-cycle: the next step reuses the kept curvature
+    assert {"gate", "weight+bias"} <= {b.name for b in opt1.blocks if b.curv is not None}
+    saved = roundtrip({"model": first.state_dict(), "opt": opt1.state_dict()})
+    resumed = _OpParams()
+    resumed.load_state_dict(saved["model"])
+    opt2 = TENGraD(resumed, 0.2, 0.5, update_freq=3, kl_clip=None)
+    assert not any(b.name == "gate" for b in opt2.blocks)
+    opt2.load_state_dict(saved["opt"])
+    assert {b.name for b in opt2.blocks if b.curv is not None} == {b.name for b in opt1.blocks if b.curv is not None}
+    run(resumed, opt2, batches[2:])
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_an_in_memory_load_shares_no_buffer_with_the_saving_optimizer():
     """torch's load_state_dict keeps tensors whose dtype and device already match, so without a copy
     the loaded optimizer would share (and each step would advance twice) the saver's momentum

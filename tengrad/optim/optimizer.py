@@ -69,7 +69,8 @@ from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
 from tengrad.optim.curvature import (conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline,
                                      woodbury)
-from tengrad.optim.curvature.block import fallback_of, find_blocks, promote, refresh, resolve_backend
+from tengrad.optim.curvature.block import (fallback_of, find_blocks, op_layout, promote, promote_saved, refresh,
+                                          resolve_backend)
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
@@ -514,15 +515,26 @@ class TENGraD(torch.optim.Optimizer):
         curvature, generator state, noise statistics): see checkpoint.py."""
         sd = super().state_dict()
         sd["tengrad"] = checkpoint.extra(self._steps, checkpoint.param_names(self.model, self.param_groups),
-                                         self.param_groups, self.estimator.state(self.blocks), self.generator)
+                                         self.param_groups, self.estimator.state(self.blocks), self.generator,
+                                         op_layout(self.blocks))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """All or nothing: everything is checked against this optimizer first (checkpoint.py); the
         first mismatch raises a TENGraDError naming it and leaves the optimizer exactly as it was."""
+        # op-level blocks the saved optimizer had built at its steps (``x * w``, addmm, einsum: block.promote)
+        # are built here too, so their kept curvature has a block before this optimizer's first forward
+        ours = state_dict.get("tengrad") if isinstance(state_dict, dict) else None
+        new, fallback = promote_saved(self.model, self.blocks, self.fallback,
+                                      ours.get("op_blocks") if isinstance(ours, dict) else None)
         base, prepared = checkpoint.prepare(state_dict, self.param_groups,
                                             checkpoint.param_names(self.model, self.param_groups),
-                                            self.blocks, self.generator)
+                                            self.blocks + new, self.generator)
+        if new:                 # checked: commit the blocks as a step's promotion does
+            self.blocks.extend(new)
+            self.fallback = fallback
+            self._capture.set_fallback(self.fallback)
+            self._labels_for_blocks()
         # distributed: each rank keeps its own Monte-Carlo stream (rank 0's would make every rank draw
         # the same labels); the curvature is recomputed at the next step on every rank
         own_generator = self.generator.get_state() if self.distributed and self.generator is not None else None

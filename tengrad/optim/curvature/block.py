@@ -220,11 +220,49 @@ def promote(model: nn.Module, blocks: list[Block], fallback: list, uses) -> tupl
             host.param_names_given.extend(names)
             host.curv = None
             continue
-        mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
-        name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
-        b = Block(name, modules.get(mods[0], model), None, params, names, offset=len(blocks), module_level=False,
-                  given=list(params))
+        b = _op_block(modules, model, params, names, len(blocks))
         blocks.append(b)
         new.append(b)
     moved = {i for members in comps.values() for i in members if i in fb}
     return new, [(n, p) for n, p in fallback if id(p) not in moved]
+
+
+def _op_block(modules: dict, model: nn.Module, params: list, names: list[str], offset: int) -> Block:
+    """The op-level block of fallback parameters read together, named after their owner module(s)."""
+    mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
+    name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
+    return Block(name, modules.get(mods[0], model), None, params, names, offset=offset, module_level=False,
+                 given=list(params))
+
+
+def op_layout(blocks: list[Block]) -> dict[str, list[str]]:
+    """{name: the parameter names given} of the op-level blocks (``promote``): what a checkpoint needs to
+    build them again before their first forward (``promote_saved``)."""
+    return {b.name: list(b.param_names_given) for b in blocks if not b.module_level}
+
+
+def promote_saved(model: nn.Module, blocks: list[Block], fallback: list, layout: object) -> tuple[list[Block], list]:
+    """(the op-level blocks of a checkpoint's ``op_layout`` that ``blocks`` lacks, the fallback left): each
+    built as ``promote`` builds it, from the fallback parameters of the names saved (those that train now),
+    so that a fresh optimizer can take the curvature they kept before its first step. ``blocks`` and
+    ``fallback`` are not changed; an entry whose names are not all fallback parameters here is left out
+    (its curvature is then refused by name, checkpoint.py)."""
+    if not isinstance(layout, dict):
+        return [], fallback
+    have = {b.name for b in blocks}
+    by_name = {n: p for n, p in fallback}
+    modules = dict(model.named_modules())
+    new, taken = [], set()
+    for name, names in layout.items():
+        if name in have or not isinstance(names, (list, tuple)) or not names:
+            continue
+        if not all(isinstance(n, str) and n in by_name and n not in taken for n in names):
+            continue
+        b = _op_block(modules, model, [by_name[n] for n in names], list(names), len(blocks) + len(new))
+        if b.name != name:
+            continue
+        b.params = [p for p in b.given if p.requires_grad]
+        b.param_names = [n for n, p in zip(names, b.given) if p.requires_grad]
+        new.append(b)
+        taken.update(names)
+    return new, [(n, p) for n, p in fallback if n not in taken]
