@@ -69,8 +69,8 @@ from tengrad.optim import checkpoint, options, update
 from tengrad.optim.capture import ModelCapture
 from tengrad.optim.curvature import (conventions, eigenbasis, fisher as fisher_mod, prior as prior_mod, roofline,
                                      woodbury)
-from tengrad.optim.curvature.block import (fallback_of, find_blocks, op_layout, promote, promote_saved, refresh,
-                                          resolve_backend)
+from tengrad.optim.curvature.block import (fallback_of, find_blocks, join, op_layout, promote, promote_saved,
+                                          refresh, resolve_backend)
 from tengrad.optim.curvature.build import Rules, jacobian_grad
 from tengrad.optim.curvature.consistency import ConsistencyCheck
 from tengrad.optim.errors import TENGraDError
@@ -525,12 +525,16 @@ class TENGraD(torch.optim.Optimizer):
         # op-level blocks the saved optimizer had built at its steps (``x * w``, addmm, einsum: block.promote)
         # are built here too, so their kept curvature has a block before this optimizer's first forward
         ours = state_dict.get("tengrad") if isinstance(state_dict, dict) else None
-        new, fallback = promote_saved(self.model, self.blocks, self.fallback,
-                                      ours.get("op_blocks") if isinstance(ours, dict) else None)
+        new, joined, fallback = promote_saved(self.model, self.blocks, self.fallback,
+                                              ours.get("op_blocks") if isinstance(ours, dict) else None)
+        copies = {b.name: b for b in joined}
         base, prepared = checkpoint.prepare(state_dict, self.param_groups,
                                             checkpoint.param_names(self.model, self.param_groups),
-                                            self.blocks + new, self.generator)
-        if new:                 # checked: commit the blocks as a step's promotion does
+                                            [copies.get(b.name, b) for b in self.blocks] + new, self.generator)
+        if new or joined:       # checked: commit the blocks as a step's promotion does
+            for b in self.blocks:
+                if b.name in copies:
+                    join(b, copies[b.name])
             self.blocks.extend(new)
             self.fallback = fallback
             self._capture.set_fallback(self.fallback)

@@ -10,7 +10,7 @@ modules without a spec (MultiheadAttention's in_proj_*) and parameters shared be
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -235,28 +235,36 @@ def _op_block(modules: dict, model: nn.Module, params: list, names: list[str], o
                  given=list(params))
 
 
-def op_layout(blocks: list[Block]) -> dict[str, list[str]]:
-    """{name: the parameter names given} of the op-level blocks (``promote``): what a checkpoint needs to
-    build them again before their first forward (``promote_saved``)."""
-    return {b.name: list(b.param_names_given) for b in blocks if not b.module_level}
+def op_layout(blocks: list[Block]) -> dict[str, dict[str, list[str]]]:
+    """What ``promote`` built at the steps so far, for a checkpoint to build again before the first forward
+    (``promote_saved``): {"new": {op-level block: the parameter names given}, "joined": {module-level
+    block: the fallback parameter names it took in}}."""
+    return {"new": {b.name: list(b.param_names_given) for b in blocks if not b.module_level},
+            "joined": {b.name: list(b.param_names_given) for b in blocks if b.module_level and b.given}}
 
 
-def promote_saved(model: nn.Module, blocks: list[Block], fallback: list, layout: object) -> tuple[list[Block], list]:
-    """(the op-level blocks of a checkpoint's ``op_layout`` that ``blocks`` lacks, the fallback left): each
-    built as ``promote`` builds it, from the fallback parameters of the names saved (those that train now),
-    so that a fresh optimizer can take the curvature they kept before its first step. ``blocks`` and
-    ``fallback`` are not changed; an entry whose names are not all fallback parameters here is left out
-    (its curvature is then refused by name, checkpoint.py)."""
+def promote_saved(model: nn.Module, blocks: list[Block], fallback: list, layout: object
+                  ) -> tuple[list[Block], list[Block], list]:
+    """(the op-level blocks of a checkpoint's ``op_layout`` that ``blocks`` lacks, copies of the blocks that
+    took in fallback parameters with those parameters, the fallback left): built as ``promote`` builds
+    them from the fallback parameters of the names saved (those that train now), so that a fresh optimizer
+    can take the curvature they kept before its first step. Nothing given is changed (``join`` commits a
+    copy); an entry whose names are not all fallback parameters here is left out (its curvature is then
+    refused by name or shape, checkpoint.py)."""
     if not isinstance(layout, dict):
-        return [], fallback
-    have = {b.name for b in blocks}
+        return [], [], fallback
     by_name = {n: p for n, p in fallback}
+    taken: set[str] = set()
+
+    def free(names) -> bool:
+        return (isinstance(names, (list, tuple)) and len(names) > 0
+                and all(isinstance(n, str) and n in by_name and n not in taken for n in names))
+
+    have = {b.name: b for b in blocks}
     modules = dict(model.named_modules())
-    new, taken = [], set()
-    for name, names in layout.items():
-        if name in have or not isinstance(names, (list, tuple)) or not names:
-            continue
-        if not all(isinstance(n, str) and n in by_name and n not in taken for n in names):
+    new, joined = [], []
+    for name, names in (layout.get("new") or {}).items():
+        if name in have or not free(names):
             continue
         b = _op_block(modules, model, [by_name[n] for n in names], list(names), len(blocks) + len(new))
         if b.name != name:
@@ -265,4 +273,20 @@ def promote_saved(model: nn.Module, blocks: list[Block], fallback: list, layout:
         b.param_names = [n for n, p in zip(names, b.given) if p.requires_grad]
         new.append(b)
         taken.update(names)
-    return new, [(n, p) for n, p in fallback if n not in taken]
+    for name, names in (layout.get("joined") or {}).items():
+        host = have.get(name)
+        if host is None or not host.module_level or host.given or not free(names):
+            continue
+        params = [by_name[n] for n in names]
+        live = [(n, p) for n, p in zip(names, params) if p.requires_grad]
+        joined.append(replace(host, params=host.params + [p for _, p in live],
+                              param_names=host.param_names + [n for n, _ in live],
+                              given=list(params), param_names_given=list(names)))
+        taken.update(names)
+    return new, joined, [(n, p) for n, p in fallback if n not in taken]
+
+
+def join(host: Block, copy: Block) -> None:
+    """Commit ``promote_saved``'s copy of ``host`` (the fallback parameters it takes in) to ``host``."""
+    host.params, host.param_names = copy.params, copy.param_names
+    host.given, host.param_names_given = copy.given, copy.param_names_given
