@@ -112,13 +112,36 @@ class _Joined(nn.Module):
         return F.linear(torch.tanh(self.inp(x)), self.lin.weight, self.extra)
 
 
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.g1, self.g2 = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x)) * self.g1) * self.g2
+
+
+class _TwoGammas(nn.Module):
+    """Two layer-scale vectors of one submodule, ``h * self.body.g1`` and ``h * self.body.g2``: two op-level
+    blocks that were both named after the module ("body"), so a checkpoint kept one of their curvatures."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Gated()
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def _op_opt(model):
-    n = 3 if isinstance(model, _OpParams) else 1
+    n = {_OpParams: 3, _Joined: 1, _TwoGammas: 2}[type(model)]
     with pytest.warns(UserWarning, match=f"no layer plan for {n} parameter"):   # blocks once an op reads them
         return TENGraD(model, 0.2, 0.5, update_freq=3, kl_clip=None)
 
 
-@pytest.mark.parametrize("net,blocks", [(_OpParams, {"lin", "gate", "weight+bias"}), (_Joined, {"inp", "lin"})])
+@pytest.mark.parametrize("net,blocks", [(_OpParams, {"lin", "gate", "weight+bias"}), (_Joined, {"inp", "lin"}),
+                                        (_TwoGammas, {"body.lin1", "body.lin2", "body", "body.g1"})])
 def test_a_checkpoint_of_op_level_blocks_resumes_bit_for_bit_in_a_fresh_optimizer(net, blocks):
     """A fresh optimizer has not seen the ops yet, so it had no block for the op-level blocks' kept
     curvature and refused the load ("the state_dict has curvature for layer 'gate', which this model
@@ -130,7 +153,9 @@ def test_a_checkpoint_of_op_level_blocks_resumes_bit_for_bit_in_a_fresh_optimize
     batches = [(torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(5)]
     straight = copy.deepcopy(base)
     opt = _op_opt(straight)
-    run(straight, opt, batches)
+    run(straight, opt, batches[:3])
+    after_3 = copy.deepcopy(straight)
+    run(straight, opt, batches[3:])
     first = copy.deepcopy(base)
     opt1 = _op_opt(first)
     run(first, opt1, batches[:2])                            # mid-cycle: the next step reuses the kept curvature
@@ -144,9 +169,12 @@ def test_a_checkpoint_of_op_level_blocks_resumes_bit_for_bit_in_a_fresh_optimize
     opt2.load_state_dict(saved["opt"])
     assert {b.name for b in opt2.blocks if b.curv is not None} == blocks and not opt2.fallback
     assert [b.param_names for b in opt2.blocks] == [b.param_names for b in opt1.blocks]
-    run(resumed, opt2, batches[2:])
-    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+    run(resumed, opt2, batches[2:3])       # a reuse step: every block steps with the curvature it kept
+    for (n, p), q in zip(after_3.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
+    run(resumed, opt2, batches[3:])        # a curvature step: a fresh optimizer forms one block's weight
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):   # gradient by autograd where
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=n)    # the saved one took it from J
 
 
 def test_an_in_memory_load_shares_no_buffer_with_the_saving_optimizer():

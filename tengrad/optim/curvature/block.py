@@ -220,17 +220,23 @@ def promote(model: nn.Module, blocks: list[Block], fallback: list, uses) -> tupl
             host.param_names_given.extend(names)
             host.curv = None
             continue
-        b = _op_block(modules, model, params, names, len(blocks))
+        b = _op_block(modules, model, params, names, len(blocks), {b.name for b in blocks})
         blocks.append(b)
         new.append(b)
     moved = {i for members in comps.values() for i in members if i in fb}
     return new, [(n, p) for n, p in fallback if id(p) not in moved]
 
 
-def _op_block(modules: dict, model: nn.Module, params: list, names: list[str], offset: int) -> Block:
-    """The op-level block of fallback parameters read together, named after their owner module(s)."""
+def _op_block(modules: dict, model: nn.Module, params: list, names: list[str], offset: int,
+              taken: set[str]) -> Block:
+    """The op-level block of fallback parameters read together, named after their owner module(s), or
+    after the parameters themselves where a block (``taken``) has that name already: two layer-scale
+    gammas of one module (``blk.ls1 * h``, ``blk.ls2 * h``) were both "blk", and checkpoints, explain()
+    and the kept curvature are keyed by name (the second block's curvature replaced the first's)."""
     mods = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))
     name = "+".join(m or "+".join(n for n in names if "." not in n) for m in mods)
+    if name in taken:
+        name = "+".join(names)
     return Block(name, modules.get(mods[0], model), None, params, names, offset=offset, module_level=False,
                  given=list(params))
 
@@ -266,7 +272,8 @@ def promote_saved(model: nn.Module, blocks: list[Block], fallback: list, layout:
     for name, names in (layout.get("new") or {}).items():
         if name in have or not free(names):
             continue
-        b = _op_block(modules, model, [by_name[n] for n in names], list(names), len(blocks) + len(new))
+        b = _op_block(modules, model, [by_name[n] for n in names], list(names), len(blocks) + len(new),
+                      set(have) | {c.name for c in new})
         if b.name != name:
             continue
         b.params = [p for p in b.given if p.requires_grad]
