@@ -64,7 +64,7 @@ def param_names(model, param_groups: list[dict]) -> list[str]:
 def extra(steps: int, names: list[str], param_groups: list[dict], estimator_state: dict, generator,
           op_blocks: dict | None = None) -> dict:
     """The "tengrad" entry of ``opt.state_dict()`` (``estimator_state``: its kept curvature and noise;
-    ``op_blocks``: the op-level blocks' parameter names, curvature/block.py ``op_layout``)."""
+    ``op_blocks``: what the steps' promotions built, curvature/block.py ``op_layout``)."""
     return {"steps": steps, "blocks": estimator_state["blocks"], "op_blocks": op_blocks or {}, "param_names": names,
             "param_shapes": [list(p.shape) for g in param_groups for p in g["params"]],
             "generator": None if generator is None else generator.get_state(),

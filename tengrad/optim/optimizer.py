@@ -531,6 +531,12 @@ class TENGraD(torch.optim.Optimizer):
         base, prepared = checkpoint.prepare(state_dict, self.param_groups,
                                             checkpoint.param_names(self.model, self.param_groups),
                                             [copies.get(b.name, b) for b in self.blocks] + new, self.generator)
+        # distributed: each rank keeps its own Monte-Carlo stream (rank 0's would make every rank draw
+        # the same labels); the curvature is recomputed at the next step on every rank
+        own_generator = self.generator.get_state() if self.distributed and self.generator is not None else None
+        super().load_state_dict(base)
+        self._compute_dtype_state(base)
+        self._steps = prepared["steps"]
         if new or joined:       # checked: commit the blocks as a step's promotion does
             for b in self.blocks:
                 if b.name in copies:
@@ -539,12 +545,6 @@ class TENGraD(torch.optim.Optimizer):
             self.fallback = fallback
             self._capture.set_fallback(self.fallback)
             self._labels_for_blocks()
-        # distributed: each rank keeps its own Monte-Carlo stream (rank 0's would make every rank draw
-        # the same labels); the curvature is recomputed at the next step on every rank
-        own_generator = self.generator.get_state() if self.distributed and self.generator is not None else None
-        super().load_state_dict(base)
-        self._compute_dtype_state(base)
-        self._steps = prepared["steps"]
         self.estimator.load(self.blocks, prepared)
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
