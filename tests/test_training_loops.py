@@ -442,6 +442,21 @@ def test_a_lazy_gradient_penalty_is_refused_on_curvature_steps_and_exact_on_reus
     assert refused == (2 if k == 1 else 1)
 
 
+def test_a_gradient_penalty_on_the_first_step_is_named_as_one():
+    """The first curvature step also runs the full check (verify, one J^T 1 per block), which named the
+    mismatch a penalty makes as a wrong spec (SpecMismatchError: tied head, batch dimension, transposed
+    weight); the capture now records that a create_graph pass reached the layer, and the error says so."""
+    model = _deep()
+    opt = TENGraD(model, lr=0.2, damping=0.5, kl_clip=None, grad_from_jacobian=False)
+    x, y = _batch(seed=0)
+    opt.zero_grad()
+    _penalised(model, x, y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UnexplainedGradientError, match="create_graph=True\\) pass reached its output"):
+        opt.step()
+    assert opt._steps == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 # ---------------------------------------------------------------- loss conventions
 def _convention_step(opt, model, x, y, run, counted, reduction):
     """One curvature step of ``run()`` against -lr (F + a I)^-1 g per block, where F and g are those of

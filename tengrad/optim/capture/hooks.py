@@ -178,6 +178,8 @@ def keep_grad(out: Tensor, record, received: list, accumulating: Callable = alwa
 
     def hook(g):
         if not accumulating(node):
+            if torch.is_grad_enabled():     # a create_graph pass: its result may enter the loss (the check
+                record.graph_pass = True    # names a mismatch then as a gradient penalty, consistency.py)
             return
         if g.requires_grad:         # create_graph backward: keep the value, not the graph
             g = g.detach()

@@ -187,8 +187,8 @@ class LayerCapture:
     def _backward(self, record: Use, node, grad: Tensor) -> None:
         phase = self._phase()
         if phase != CURVATURE and not self._accumulating(node):
-            if record.jacobian_grad and torch.is_grad_enabled():
-                record.graph_pass = True     # create_graph: its result may enter the loss (build.py refuses)
+            if torch.is_grad_enabled():      # create_graph: its result may enter the loss (build.py refuses
+                record.graph_pass = True     # it for a J-grad call; the check names a penalty for the rest)
             return                  # an extra autograd.grad pass: neither recorded nor added to .grad
         if record.jacobian_grad and phase != CURVATURE:
             self.jacobian_grad_calls += 1

@@ -141,7 +141,7 @@ def _module_rows(b: Block, u: Use, rules: Rules, check: ConsistencyCheck, dtype:
                  keep_factors: bool, batch: int | None = None, whole_xgy: bool = False) -> Rows:
     x = u.x.to(dtype) if u.x.is_floating_point() else u.x
     m = x.shape[0]
-    check.verify(b, x, u.grad, batch)
+    check.verify(b, x, u.grad, batch, graph_pass=u.graph_pass)
     if rules.fisher == "empirical" and u.grad is not None:   # gy = m * grad, formed below if needed
         gy, gy_shape = None, tuple(u.grad.shape)
     else:

@@ -135,12 +135,13 @@ class ConsistencyCheck:
     def due(self, name: str) -> bool:
         return self.mode is True or (self.mode is False and name not in self.checked)
 
-    def verify(self, b, x: Tensor, grad: Tensor | None, batch: int | None = None) -> None:
+    def verify(self, b, x: Tensor, grad: Tensor | None, batch: int | None = None, graph_pass: bool = False) -> None:
         """Raise a ConsistencyError naming the block if its capture contradicts its gradient.
 
         ``x``: the captured input [m, ...] (compute dtype, or ids); ``grad``: the captured dL/dy;
         ``batch``: the batch the rows must have (the union of accumulated micro-batches), else the
-        model's input's in the last training forward."""
+        model's input's in the last training forward; ``graph_pass``: a ``create_graph`` pass reached the
+        layer's output this step (a gradient penalty: the mismatch is then named as one)."""
         if grad is None or not self.due(b.name):
             return
         m = int(x.shape[0])
@@ -167,6 +168,12 @@ class ConsistencyCheck:
         tol = tolerance(b.params[0].dtype, grad.dtype)
         if not (err <= tol and scale > 0) and cancelled(math.sqrt(dots[0]), _reach(b, x, grad, dtype), dtype):
             return    # J^T 1 / m is the roundoff of a sum that cancels: no direction to compare (not checked)
+        if not (err <= tol and scale > 0) and graph_pass:
+            raise UnexplainedGradientError(
+                f"{_describe(b)}: param.grad != s J^T 1 / m for its per-sample rows J (relative error {err:.3g} "
+                f"after the best factor {scale:.3g}; tolerance {tol:g}), and a torch.autograd.grad(..., "
+                "create_graph=True) pass reached its output on this step: the gradient has a part its per-sample "
+                "rows do not explain. " + PENALTY_HINT)
         if not (err <= tol and scale > 0):
             raise SpecMismatchError(
                 f"{_describe(b)}: J^T 1 / m from the captured input and output gradient does not match "
