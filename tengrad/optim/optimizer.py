@@ -524,7 +524,8 @@ class TENGraD(torch.optim.Optimizer):
         first mismatch raises a TENGraDError naming it and leaves the optimizer exactly as it was."""
         # op-level blocks the saved optimizer had built at its steps (``x * w``, addmm, einsum: block.promote)
         # are built here too, so their kept curvature has a block before this optimizer's first forward
-        ours = state_dict.get("tengrad") if isinstance(state_dict, dict) else None
+        # (single process only: the distributed step keeps such parameters on d = g / a, as its steps do)
+        ours = state_dict.get("tengrad") if isinstance(state_dict, dict) and not self.distributed else None
         new, joined, fallback = promote_saved(self.model, self.blocks, self.fallback,
                                               ours.get("op_blocks") if isinstance(ours, dict) else None)
         copies = {b.name: b for b in joined}
