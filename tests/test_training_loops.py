@@ -442,6 +442,44 @@ def test_a_lazy_gradient_penalty_is_refused_on_curvature_steps_and_exact_on_reus
     assert refused == (2 if k == 1 else 1)
 
 
+class _FreeBias(nn.Module):
+    """``F.linear(h, lin.weight, free_bias)``: the free bias joins lin's block at the first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5).double()
+        self.lin = nn.Linear(5, 3, bias=False).double()
+        self.free_bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.inp(x)), self.lin.weight, self.free_bias)
+
+
+def test_a_joined_free_parameter_frozen_and_unfrozen_leaves_and_rejoins_its_block_exactly():
+    """The block re-read only its module's own parameters, so a frozen free bias stayed in lin's block
+    (its Fisher then coupled lin.weight's step to a parameter that does not train) and an unfrozen one
+    was not seen; every step here is the dense per-block oracle's."""
+    torch.manual_seed(0)
+    model = _FreeBias()
+    with pytest.warns(UserWarning, match="no layer plan for 1 parameter"):
+        opt = _opt(model, k=2)
+    for step in range(2):          # the free bias joins lin's block at the first step (the oracle starts after)
+        x, y = _batch(seed=step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    kept: dict = {}
+    for step in range(2, 8):
+        if step == 2:
+            model.free_bias.requires_grad_(False)
+        if step == 4:
+            model.free_bias.requires_grad_(True)
+        x, y = _batch(seed=step)
+        _check_step(opt, model, x, y, loop=lambda: F.cross_entropy(model(x), y).backward(), kept=kept)
+        lin = next(b for b in opt.blocks if b.name == "lin")
+        assert lin.param_names == (["lin.weight"] if step in (2, 3) else ["lin.weight", "free_bias"]), (step, lin.param_names)
+
+
 def test_a_gradient_penalty_on_the_first_step_is_named_as_one():
     """The first curvature step also runs the full check (verify, one J^T 1 per block), which named the
     mismatch a penalty makes as a wrong spec (SpecMismatchError: tied head, batch dimension, transposed

@@ -146,16 +146,21 @@ def refresh(b: Block, backend: str) -> bool:
     curvature step."""
     if b.module_level:
         # the module's own parameters (its _parameters dict: named_parameters' generator costs more on a
-        # path every step takes) against the plan's, in order
+        # path every step takes) against the plan's, in order; then the fallback parameters it took in
+        # (``promote``'s host: ``given``), which train or not on their own
         live = [p for p in b.module._parameters.values() if p is not None and p.requires_grad]
         have = b.own
-        if len(live) == len(have) and all(p is q for p, q in zip(live, have)):
+        same = len(live) == len(have) and all(p is q for p, q in zip(live, have))
+        extra = [(n, p) for n, p in zip(b.param_names_given, b.given) if p.requires_grad]
+        if same and (not b.given or [id(p) for p in b.params[len(b.params) - len(extra):]] == [id(p) for _, p in extra]
+                     and len(b.params) - len(extra) == (0 if b.plan is None else len(b.plan.params))):
             return False
-        b.own = tuple(live)
-        b.plan = CompiledLayer(b.module, backend=backend) if live else None
+        if not same:
+            b.own = tuple(live)
+            b.plan = CompiledLayer(b.module, backend=backend) if live else None
         pairs = [] if b.plan is None else list(b.plan.params)
-        b.params = [p for _, p in pairs]
-        b.param_names = [f"{b.prefix}.{n}" if b.prefix else n for n, _ in pairs]
+        b.params = [p for _, p in pairs] + [p for _, p in extra]
+        b.param_names = [f"{b.prefix}.{n}" if b.prefix else n for n, _ in pairs] + [n for n, _ in extra]
     else:
         live = [p for p in b.given if p.requires_grad]
         if len(live) == len(b.params) and all(p is q for p, q in zip(live, b.params)):

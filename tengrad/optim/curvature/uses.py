@@ -105,7 +105,7 @@ def jacobian(params: Sequence[Tensor], calls: Sequence[Use], m: int, dtype, empi
         elif J.shape[0] != r:
             raise TENGraDError(f"use {c.name!r}: {r} curvature rows, other uses of its block have {J.shape[0]}")
         for part, jac in zip(c.parts, c.plan.jacobian(x, gy)):
-            if part is None:
+            if part is None or id(part[0]) not in offsets:   # a frozen parameter the call also reads
                 continue
             p, row0 = part
             j = jac.reshape(r, -1).to(dtype)
