@@ -138,6 +138,11 @@ def dormant(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def _same(a, b) -> bool:
+    """The same parameters in the same order (identity: tensors' == is elementwise)."""
+    return len(a) == len(b) and all(p is q for p, q in zip(a, b))
+
+
 def refresh(b: Block, backend: str) -> bool:
     """Re-read which of the block's parameters train now (``requires_grad``, as torch.optim does at
     each step); True when that changed. A module-level block recompiles its plan for the new set (no
@@ -149,11 +154,10 @@ def refresh(b: Block, backend: str) -> bool:
         # path every step takes) against the plan's, in order; then the fallback parameters it took in
         # (``promote``'s host: ``given``), which train or not on their own
         live = [p for p in b.module._parameters.values() if p is not None and p.requires_grad]
-        have = b.own
-        same = len(live) == len(have) and all(p is q for p, q in zip(live, have))
+        same = _same(live, b.own)
         extra = [(n, p) for n, p in zip(b.param_names_given, b.given) if p.requires_grad]
-        if same and (not b.given or [id(p) for p in b.params[len(b.params) - len(extra):]] == [id(p) for _, p in extra]
-                     and len(b.params) - len(extra) == (0 if b.plan is None else len(b.plan.params))):
+        if same and (not b.given or _same(b.params, [p for _, p in (b.plan.params if b.plan is not None else [])]
+                                          + [p for _, p in extra])):
             return False
         if not same:
             b.own = tuple(live)
@@ -163,7 +167,7 @@ def refresh(b: Block, backend: str) -> bool:
         b.param_names = [f"{b.prefix}.{n}" if b.prefix else n for n, _ in pairs] + [n for n, _ in extra]
     else:
         live = [p for p in b.given if p.requires_grad]
-        if len(live) == len(b.params) and all(p is q for p, q in zip(live, b.params)):
+        if _same(live, b.params):
             return False
         names = dict(zip(map(id, b.given), b.param_names_given))
         b.params, b.param_names = live, [names[id(p)] for p in live]
