@@ -172,9 +172,9 @@ def test_a_checkpoint_of_op_level_blocks_resumes_bit_for_bit_in_a_fresh_optimize
     run(resumed, opt2, batches[2:3])       # a reuse step: every block steps with the curvature it kept
     for (n, p), q in zip(after_3.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
-    run(resumed, opt2, batches[3:])        # a curvature step: a fresh optimizer forms one block's weight
-    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):   # gradient by autograd where
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=n)    # the saved one took it from J
+    run(resumed, opt2, batches[3:])        # a curvature step: the weight gradients from J where the saved run's
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):   # were (the shapes it kept)
+        assert torch.equal(p, q), n
 
 
 def test_an_in_memory_load_shares_no_buffer_with_the_saving_optimizer():
@@ -266,6 +266,7 @@ BAD_LOADS = {
     "noise scale s": (edit(("tengrad", "noise", "s"), 2.0), r"'noise' \(the gradient-noise scale.*'s' must be a number in"),
     "noise keys": (edit(("tengrad", "noise"), {"s": 0.5}), r"'noise' \(the gradient-noise scale.*must be a dict with keys"),
     "curvature dtype": (edit(("tengrad", "blocks", "lin1", "gram"), lambda t: t.float()), r"block 'lin1': curvature in torch.float32"),
+    "jacobian_grad shape": (edit(("tengrad", "jacobian_grad"), {"lin1": [4, -1]}), r"'jacobian_grad' must map block names"),
 }
 
 

@@ -349,4 +349,10 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
         why = NoiseScale.check(noise)
         if why is not None:
             raise _fail(f"'noise' (the gradient-noise scale, noise.py) {why}")
-    return base, {"steps": int(steps), "curv": prepared, "generator": gen, "noise": noise}
+    shapes = ours.get("jacobian_grad", {})     # absent in older state_dicts: none
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, (list, tuple)) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values()):
+        raise _fail("'jacobian_grad' must map block names to input shapes (lists of integers >= 0)")
+    jacobian_grad = {name: tuple(int(d) for d in v) for name, v in shapes.items() if name in by_name}
+    return base, {"steps": int(steps), "curv": prepared, "generator": gen, "noise": noise,
+                  "jacobian_grad": jacobian_grad}

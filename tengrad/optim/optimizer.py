@@ -517,6 +517,10 @@ class TENGraD(torch.optim.Optimizer):
         sd["tengrad"] = checkpoint.extra(self._steps, checkpoint.param_names(self.model, self.param_groups),
                                          self.param_groups, self.estimator.state(self.blocks), self.generator,
                                          op_layout(self.blocks))
+        # the input shapes whose weight gradient the next curvature step takes from the Jacobian (capture/
+        # module.py): without them a resumed run takes autograd's once, a rounding apart from the saved run's
+        sd["tengrad"]["jacobian_grad"] = {b.name: list(b.capture.jacobian_grad_shape) for b in self.blocks
+                                          if b.capture is not None and b.capture.jacobian_grad_shape is not None}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -547,6 +551,9 @@ class TENGraD(torch.optim.Optimizer):
             self._capture.set_fallback(self.fallback)
             self._labels_for_blocks()
         self.estimator.load(self.blocks, prepared)
+        for b in self.blocks if self.grad_from_jacobian else ():     # (this optimizer's own rule decides)
+            if b.capture is not None and b.name in prepared["jacobian_grad"]:
+                b.capture.set_jacobian_grad(prepared["jacobian_grad"][b.name])
         if prepared["generator"] is not None and self.generator is not None:
             self.generator.set_state(own_generator if own_generator is not None else prepared["generator"])
         self.skipped = {}
