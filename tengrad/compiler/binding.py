@@ -192,12 +192,17 @@ class Shapes:
             ops.append((x_axes, tuple(x_shape), f"{self.name} input" + (" (after pre-map)" if term.pre_map else "")))
         return bind_sizes(s, ops)
 
-    def bind(self, term, sizes: dict[str, int], x: torch.Tensor, gy: torch.Tensor):
-        """(X, G) of one term: X pre-mapped with one dim per ``kind.x_indices`` (None: not read)."""
+    def bind(self, term, sizes: dict[str, int], x: torch.Tensor, gy: torch.Tensor, magnitudes: bool = False):
+        """(X, G) of one term: X pre-mapped with one dim per ``kind.x_indices`` (None: not read).
+        ``magnitudes``: |X| and |G|, X's magnitude taken after the pre-map (|x_hat| of a norm layer, not
+        x_hat(|x|); an index map commutes with it)."""
         s = term.spec
         x_axes = kind_of(s).x_axes(s)
         xt = None
+        if magnitudes:
+            gy = gy.abs()
         if x_axes is not None:
             xt = term.pre_map(x) if term.pre_map is not None else x
+            xt = xt.abs() if magnitudes and xt.is_floating_point() else xt
             xt = to_indexed(xt, x_axes, sizes, f"{self.name} input")
         return xt, to_indexed(gy, s.output_axes, sizes, f"{self.name} output gradient")

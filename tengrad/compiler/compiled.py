@@ -230,6 +230,25 @@ class CompiledLayer:
         return tuple(self._execute(name, r, plan.term_order(sp, "vjp", order), u=u).reshape(q.shape)
                      for (r, sp), (name, q) in zip(runs, self.params))
 
+    def vjp_magnitudes(self, x, gy, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """|J|^T u for u >= 0 [m]: ``vjp`` with every term's (pre-mapped) input and output gradient by
+        magnitude, so each entry is the sum of the magnitudes of the products whose signed sum J^T u
+        adds (the scale of that sum's rounding: the optimizer's consistency.cancelled). Not kept as the
+        last binding (``_runs``)."""
+        check_call(self, "vjp", x, gy, u=u)
+        if tuple(u.shape) != (gy.shape[0],):
+            raise ShapeError(f"{self.name}: u must have shape ({gy.shape[0]},), got {tuple(u.shape)}")
+        self.shapes.check(x, gy)
+        backend = self.backend_for(gy)
+        plan = self.sized(x.shape, gy.shape, gy.dtype, backend)
+        u = u.to(gy.dtype)
+        out = []
+        for t, (_, sp), (name, q) in zip(self.terms, plan.terms, self.params):
+            sizes = dict(sp.sizes)
+            run = backend.bind(t.spec, sizes, *self.shapes.bind(t, sizes, x, gy, magnitudes=True))
+            out.append(self._execute(name, run, plan.term_order(sp, "vjp", None), u=u).reshape(q.shape))
+        return tuple(out)
+
     def bound(self, x: torch.Tensor, gy: torch.Tensor) -> "BoundLayer":
         """jvp and vjp on one stored batch (x, gy), checked and planned once: the optimizer's reuse
         steps call them every step on the same kept rows, where the per-call checks of ``jvp`` and

@@ -373,7 +373,7 @@ def loss_scale(b: Block, rows: Rows, tol: float | None = None) -> float | None:
     aa, ww, aw = dots
     if not ww > 0:
         return None
-    reach = rows.magnitudes().jtu(b.plan, ones, like)
+    reach = rows.magnitudes_jtu(b.plan, ones, like)
     if cancelled(math.sqrt(aa), math.sqrt(sum(float(t.double().square().sum()) for t in reach)), ones.dtype):
         return None
     if tol is not None:

@@ -271,9 +271,9 @@ def cancelled(norm: float, reach: float, dtype: torch.dtype) -> bool:
 
 
 def _reach(b, x: Tensor, grad: Tensor, dtype: torch.dtype) -> float:
-    """|| |J|^T 1 || from |x| and |gy| (``cancelled``'s reach; the vjp's 1 / m cancels gy = m grad)."""
-    xa = x.abs() if x.is_floating_point() else x
-    bound = b.plan.vjp(xa, grad.to(dtype).abs(), torch.ones(x.shape[0], dtype=dtype, device=grad.device))
+    """|| |J|^T 1 || from |x_hat| and |gy| (``cancelled``'s reach, plan.vjp_magnitudes; the vjp's 1 / m
+    cancels gy = m grad)."""
+    bound = b.plan.vjp_magnitudes(x, grad.to(dtype), torch.ones(x.shape[0], dtype=dtype, device=grad.device))
     return math.sqrt(sum(float(t.double().square().sum()) for t in bound))
 
 

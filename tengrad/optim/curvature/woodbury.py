@@ -103,15 +103,17 @@ class Rows:
         self.prior_mean = other.prior_mean
         self.tokens = other.tokens
 
-    def magnitudes(self) -> "Rows":
-        """|R| in the same form: |J| (or its pieces), else |x| and |gy| (ids stay ids), so that
-        |R|^T 1 bounds the absolute sum of the terms whose sum is J^T 1 (each row's J_i is a sum of
-        products of x and gy entries): the scale of that sum's rounding (consistency.cancelled)."""
-        mag = lambda t: t if t is None or not t.is_floating_point() else t.abs()   # noqa: E731
-        out = Rows(self.path, self.m, mag(self.x), mag(self.gy), mag(self.jac),
-                   None if self.pieces is None else [p.abs() for p in self.pieces], abs(self.scale))
-        out.factor = abs(self.factor)
-        return out
+    def magnitudes_jtu(self, plan, u: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+        """|R|^T u for u >= 0, shaped like ``like``: each entry the sum of the magnitudes of the products
+        whose signed sum is that entry of R^T u (every row's J_i is a sum of products of x and gy
+        entries): the scale of that sum's rounding (consistency.cancelled). From |J| (or its pieces),
+        else from the pre-mapped x and gy by magnitude (``plan.vjp_magnitudes``: |x_hat| of a norm layer)."""
+        if self.explicit_held:
+            out = Rows(self.path, self.m, jac=None if self.jac is None else self.jac.abs(),
+                       pieces=None if self.pieces is None else [p.abs() for p in self.pieces], scale=abs(self.scale))
+            out.factor = abs(self.factor)
+            return out.jtu(plan, u, like)
+        return list(plan.vjp_magnitudes(self.x_rep(), self.gy, u * abs(self.factor)))
 
     def scaled(self, f: float) -> "Rows":
         """The same rows times ``f`` (no copy of the tensors)."""

@@ -237,8 +237,9 @@ class LocalEstimator:
         (``rules.curvature_batch``: the same rows for every block, one draw per batch size m), a deferred
         J formed for those rows, K = R R^T; then the block's captured x and gy are released (nothing of
         the step reads them again; ``_release``) and an explicit J's x and gy go (``Rows.released``).
-        The loss scale S comes from the smallest due block's whole-batch rows (``loss_scale``; from the
-        blocks after it in order when its gradient cancels to rounding, build.loss_scale); the rows
+        The loss scale S comes from the whole-batch rows of the due block with the fewest captured
+        elements (``loss_scale``; from the blocks after it in order when its gradient cancels to
+        rounding, build.loss_scale); the rows
         are R / f with f = row_factor / S, so once S is known every fresh R becomes f R (no copy) and
         its K f^2 K."""
         fresh, tols, drawn = {}, {}, {}
@@ -247,9 +248,11 @@ class LocalEstimator:
             return fresh, 1.0, tols
         draw = tokens.Draw(rules.token_rows, rules.generator) if rules.token_rows is not None else None
         # the loss scale from whole-batch rows: a block summed over uses has its rows per position at once
+        # ... and the cheapest to ask: its J^T 1 and |J|^T 1 read the captured x and gy (a BatchNorm's 24
+        # parameters sit on a [128, 12, 28, 28] input, a stem conv's 108 on [128, 1, 28, 28])
         first = min(due_uses, key=lambda i: (draw is not None and build.summed(step.blocks[i], due_uses[i], rules),
-                                             step.blocks[i].numel, i))
-        scale, asking = None, False     # the smallest block tells the scale; one that cannot, the next ones
+                                             _captured_numel(due_uses[i]), step.blocks[i].numel, i))
+        scale, asking = None, False     # the cheapest block tells the scale; one that cannot, the next ones
         for i, uses in due_uses.items():
             b = step.blocks[i]
             tols[i] = _tolerance(b, uses)
@@ -363,7 +366,7 @@ class LocalEstimator:
 
     @staticmethod
     def loss_scale(step: StepInput, b: Block, rows: woodbury.Rows, tol: float) -> float | None:
-        """The loss scale the fresh rows of this step carry (build.loss_scale on the smallest fresh
+        """The loss scale the fresh rows of this step carry (build.loss_scale on the cheapest fresh
         block, ``rows`` its whole-batch rows: two products, J^T 1 and |J|^T 1, per step), taken out of every
         fresh block's rows; None when that block cannot tell (its gradient cancels to rounding). The same
         product checks that block's param.grad against its rows (a gradient penalty: refused)."""
@@ -475,6 +478,11 @@ def _deferred(b: Block, r) -> bool:
     """A block whose path keeps an explicit J but whose rows came as x and gy (a curvature batch)."""
     return (b.choice is not None and b.choice.path == paths.JACOBIAN and not r.explicit_held
             and b.plan is not None and r.x is not None)
+
+
+def _captured_numel(uses: list) -> int:
+    """Elements of the inputs and output gradients a block's uses captured (what its products read)."""
+    return sum(t.numel() for u in uses for t in (u.x, u.grad) if isinstance(t, torch.Tensor))
 
 
 def _tolerance(b: Block, uses) -> float:
