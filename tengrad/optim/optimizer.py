@@ -147,11 +147,12 @@ class TENGraD(torch.optim.Optimizer):
     ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
     diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per
     block and floored at ``prior_floor`` (curvature/prior.py: the exact step for that D;
-    Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form; single
-    process); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
+    Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
     (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
     default SOAP's 0.95), as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of
-    such a block are kept as a rotated explicit J).
+    such a block are kept as a rotated explicit J). On several ranks a prior needs distributed="local":
+    the global gradient is written into param.grad (as DDP does), so the moments are the same on every
+    rank, and each rank's step for its own rows under that D is averaged (estimator/averaged.py).
     ``step_rule``: "natural" (default: the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
     "adam", SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
     Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
@@ -225,9 +226,10 @@ class TENGraD(torch.optim.Optimizer):
         self.curvature_memory = options.check_curvature_memory(curvature_memory)
         self.prior, self.prior_beta, self.prior_floor = options.check_prior(prior, prior_beta, prior_floor)
         self.step_rule = options.check_step_rule(step_rule, self.prior, kl_clip)
-        if self.prior is not None and dist_estimator is not None:
-            raise TENGraDError(f"prior={prior!r} is single-process only: the distributed step keeps and exchanges "
-                               "plain rows (estimator/distributed.py)")
+        if self.prior is not None and dist_estimator is not None and dist_estimator.mode != "local":
+            raise TENGraDError(f"prior={prior!r} on several ranks needs distributed='local' (each rank's rows under "
+                               f"the prior, directions averaged): distributed={dist_estimator.mode!r} gathers "
+                               "plain rows to their owners (estimator/distributed.py)")
         moments = prior_mod.SecondMoments(self.prior_beta)
         self._moments = (None if self.prior is None else moments if self.prior == "adam"
                          else eigenbasis.EigenMoments(self.prior_beta, moments))
@@ -297,7 +299,8 @@ class TENGraD(torch.optim.Optimizer):
         """The hyperparameters every rank must share (estimator/agreement.py)."""
         return agreement.settings(self.param_groups, dict(
             fisher=self.fisher, update_freq=self.update_freq, kl_clip=self.kl_clip, noise_scale=self.noise_scale,
-            max_jacobian_numel=self.max_jacobian_numel, mode=self.estimator.mode))
+            max_jacobian_numel=self.max_jacobian_numel, mode=self.estimator.mode, prior=self.prior,
+            prior_beta=self.prior_beta, prior_floor=self.prior_floor, step_rule=self.step_rule))
 
     # ------------------------------------------------------------------ when curvature is captured
     def _block_due(self, b) -> bool:
@@ -452,12 +455,18 @@ class TENGraD(torch.optim.Optimizer):
                 self._labels_for_blocks()
         where = options.index_of(self.param_groups)
         uses = self._capture.take(op_uses, self._block_due)
-        firsts = self._first_moments() if self.step_rule == "adam" else None
+        adam = self.step_rule == "adam"
+        firsts: dict = {}       # step_rule="adam": {id(p): (m, t, m_hat)}, kept once the step commits
+
+        def first_moments() -> dict:
+            firsts.update(self._first_moments())
+            return {k: m_hat for k, (_, _, m_hat) in firsts.items()}
+        # several ranks: Adam's m of the global gradient, which the estimator puts in param.grad mid-step
         inputs = StepInput(self._steps, self.update_freq, self.blocks, self.fallback, self.param_groups,
                            where, uses, self._rules(), self._check, frozenset(changed), self._row_factor,
                            self._settings() if self.distributed else None,
-                           None if firsts is None else {k: m_hat for k, (_, _, m_hat) in firsts.items()},
-                           firsts is not None)
+                           first_moments() if adam and not self.distributed else None, adam,
+                           first_moments if adam and self.distributed else None)
         skipped: dict[str, str] = {}
         device_type = next(p for g in self.param_groups for p in g["params"]).device.type
         try:
@@ -474,8 +483,8 @@ class TENGraD(torch.optim.Optimizer):
         self.estimator.commit()
         self._capture.commit()
         self.skipped = skipped
-        update.apply(self.state, directions, nu, heavy_ball=firsts is None)
-        for p, _, _, _ in directions if firsts is not None else ():     # Adam's m, kept with the step
+        update.apply(self.state, directions, nu, heavy_ball=not adam)
+        for p, _, _, _ in directions if adam else ():     # Adam's m, kept with the step
             m, t, _ = firsts[id(p)]
             self.state[p]["exp_avg"], self.state[p]["exp_avg_steps"] = m, t
         if self._moments is not None:     # v for the prior's next curvature step (curvature/prior.py)

@@ -21,7 +21,8 @@ from tengrad.optim import TENGraD, TENGraDError
 from .dist_harness import Phase
 from .numerics import rel_err
 from .optim_cases import LOSSES
-from .step_oracle import expected_steps, oracle_fisher, per_sample_grads
+from tengrad.optim.curvature import eigenbasis
+from .step_oracle import dense_directions, expected_steps, kept_prior_matrix, oracle_fisher, per_sample_grads
 
 
 class MixNet(nn.Module):
@@ -388,6 +389,166 @@ def check_checkpoint(rank, world, sizes, k=3):
     return dict(worst=worst, identical=identical)
 
 
+PRIOR_KW = dict(prior_beta=0.9, prior_floor=0.05)
+
+
+def _same_everywhere(tensors) -> bool:
+    """True when these tensors equal rank 0's bit for bit (all ranks agree on the answer)."""
+    mine = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]) if tensors else torch.zeros(1)
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    same = torch.tensor([float(torch.equal(mine, ref))], dtype=torch.float64)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item() == 1.0)
+
+
+def _prior_tensors(kept: dict) -> list:
+    out = []
+    for ops in kept.values():
+        for op in ops or ():
+            out += [op.q_out, op.q_in, op.s] if isinstance(op, eigenbasis.Rotated) else [op]
+    return out
+
+
+class _GlobalMoments:
+    """The oracle's own second moments of the global gradients (the definitions of curvature/prior.py and
+    eigenbasis.py): v = beta v + (1 - beta) g^2 from v_1 = g_1^2 for a parameter kept diagonal; for a
+    rotatable weight G [o, n] the factors L = b L + (1 - b) G G^T and R = b R + (1 - b) G^T G from 0."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta, self.v, self.l, self.r = beta, {}, {}, {}
+
+    def update(self, g: dict, rotatable: dict) -> None:
+        b = eigenbasis.SHAMPOO_BETA
+        for n, t in g.items():
+            if rotatable[n]:
+                G = t.reshape(t.shape[0], -1)
+                self.l[n] = b * self.l.get(n, 0.0) + (1 - b) * G @ G.T
+                self.r[n] = b * self.r.get(n, 0.0) + (1 - b) * G.T @ G
+            else:
+                self.v[n] = t.square() if n not in self.v else self.beta * self.v[n] + (1 - self.beta) * t.square()
+
+    def worst(self, model, state: dict) -> float:
+        """The largest relative error of the optimizer's kept moments against these."""
+        errs = []
+        for n, p in model.named_parameters():
+            st = state[p]
+            if n in self.l:
+                errs += [rel_err(st["prior_l"], self.l[n]), rel_err(st["prior_r"], self.r[n])]
+            else:
+                errs.append(rel_err(st["prior_v"], self.v[n]))
+        return max(errs)
+
+
+def check_local_prior(rank, world, sizes, prior, k, ddp=False):
+    """distributed="local" under a prior: the prior's moments follow the *global* gradient (the oracle's
+    own, _GlobalMoments), the kept D is the same on every rank, parameters are identical, and the change is
+    -lr mean_r (F_r + a D)^-1 g with F_r the oracle Fisher of rank r's batch, g the global gradient and D
+    the kept prior (kept_prior_matrix; the identity where a block keeps none)."""
+    lr, damping = 0.3, 0.5
+    model = make_model()
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model     # DDP: its hook reduces the gradient
+    opt = _make_opt(net, "local", "empirical", k, seed=0, lr=lr, damping=damping, prior=prior, **PRIOR_KW)
+    view = _view(opt, "module.")
+    names = [n for n, _ in model.named_parameters()]
+    rot = {n: prior == "soap" and eigenbasis.rotatable(p) for n, p in model.named_parameters()}
+    moments = _GlobalMoments(PRIOR_KW["prior_beta"])
+    gen = torch.Generator().manual_seed(11)
+    worst, worst_moments, identical, same_prior, rotated, F_r = 0.0, 0.0, True, True, 0, None
+    for s, step_sizes in enumerate(sizes):
+        x, y = global_batch(gen, sum(step_sizes), "cross_entropy")
+        sl = _slice(step_sizes, rank)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+        opt.zero_grad()
+        F.cross_entropy(net(x[sl]), y[sl]).backward()
+        if s % k == 0:
+            F_r, _ = oracle_fisher(model, x[sl], y[sl], "empirical", "cross_entropy")
+        opt.step()
+        kept = {b.name: opt.estimator.kept[b.name].rows.prior for b in opt.blocks}
+        same_prior &= _same_everywhere(_prior_tensors(kept))
+        dense = {}
+        for b, v in zip(opt.blocks, view.blocks):
+            for op, n in zip(kept[b.name] or (), v.param_names):
+                dense[n] = kept_prior_matrix(op)
+                rotated += isinstance(op, eigenbasis.Rotated)
+        d = dense_directions(F_r, names, {n: g[n].shape for n in names}, g, [b.param_names for b in view.blocks],
+                             damping, [n for n, _ in view.fallback], prior=dense)
+        for n in names:
+            dist.all_reduce(d[n])
+            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * d[n] / world))
+        moments.update(g, rot)
+        worst_moments = max(worst_moments, moments.worst(model, opt.state))
+        identical &= _identical_everywhere(model)
+    return dict(worst=worst, worst_moments=worst_moments, identical=identical, same_prior=same_prior,
+                rotated=rotated, explain=opt.explain())
+
+
+def check_local_rule(rank, world, sizes):
+    """distributed="local" with step_rule="adam" (prior "soap"): Adam's m is the momentum average of the
+    *global* gradient and the prior's moments follow it too (the oracle's own), the kept prior is the same
+    on every rank, parameters are identical, and the change is -lr mean_r d_r with rank r's d_r the
+    single-process rule's step for its own batch's Fisher (tests/test_optim_step_rule_adam.py's oracle):
+    d_r = c_b (F_r + a D)^-1 m^ per block, c_b = (a / mean_b) / max(1, RMS_b) (mean_b: the kept prior's
+    mean sqrt(v); 1 under the identity prior at the start), and outside every block Adam's step
+    m^ / max(sqrt v', floor mean sqrt v') clipped to RMS 1, v' = beta2 v + (1 - beta2) g^2."""
+    lr, damping, beta1, beta2, floor = 0.02, 0.5, 0.9, PRIOR_KW["prior_beta"], PRIOR_KW["prior_floor"]
+    model = make_model()
+    opt = _make_opt(model, "local", "empirical", 2, seed=0, lr=lr, damping=damping, momentum=beta1, prior="soap",
+                    step_rule="adam", **PRIOR_KW)
+    names = [n for n, _ in model.named_parameters()]
+    rot = {n: eigenbasis.rotatable(p) for n, p in model.named_parameters()}
+    moments, m = _GlobalMoments(beta2), {}
+    gen = torch.Generator().manual_seed(13)
+    worst = worst_m = worst_moments = 0.0
+    identical = same_prior = True
+    F_r, clipped = None, 0
+    for s, step_sizes in enumerate(sizes):
+        x, y = global_batch(gen, sum(step_sizes), "cross_entropy")
+        sl = _slice(step_sizes, rank)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        g = {n: t.mean(0) for n, t in per_sample_grads(model, x, y, "cross_entropy").items()}
+        free_v = {n: beta2 * moments.v.get(n, g[n].square()) + (1 - beta2) * g[n].square() for n, _ in opt.fallback}
+        opt.zero_grad()
+        F.cross_entropy(model(x[sl]), y[sl]).backward()
+        if s % 2 == 0:
+            F_r, _ = oracle_fisher(model, x[sl], y[sl], "empirical", "cross_entropy")
+        opt.step()
+        m = {n: beta1 * m.get(n, 0.0) + (1 - beta1) * g[n] for n in names}
+        m_hat = {n: m[n] / (1 - beta1 ** (s + 1)) for n in names}
+        kept = {b.name: (opt.estimator.kept[b.name].rows.prior, opt.estimator.kept[b.name].rows.prior_mean)
+                for b in opt.blocks}
+        same_prior &= _same_everywhere(_prior_tensors({k: v[0] for k, v in kept.items()})
+                                       + [v[1].reshape(1) for v in kept.values() if v[1] is not None])
+        dense, scale = {}, {}
+        for b in opt.blocks:
+            ops, mean = kept[b.name]
+            scale.update({n: 1.0 if mean is None else damping / float(mean) for n in b.param_names})
+            for op, n in zip(ops or (), b.param_names):
+                dense[n] = kept_prior_matrix(op)
+        d = dense_directions(F_r, names, {n: g[n].shape for n in names}, m_hat, [b.param_names for b in opt.blocks],
+                             damping, [], prior=dense)
+        for b in opt.blocks:           # Adafactor's update clipping of rank r's own d: RMS over the block <= 1
+            rms = float((sum((scale[n] * d[n]).square().sum() for n in b.param_names)
+                         / sum(d[n].numel() for n in b.param_names)).sqrt())
+            clipped += rms > 1
+            scale.update({n: scale[n] / max(1.0, rms) for n in b.param_names})
+        for n, _ in opt.fallback:
+            root = free_v[n].sqrt()
+            d[n] = m_hat[n] / torch.clamp(root, min=floor * float(root.mean()))
+            scale[n] = 1.0 / max(1.0, float(d[n].square().mean().sqrt()))
+        for n in names:
+            step = scale[n] * d[n]
+            dist.all_reduce(step)
+            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * step / world))
+            worst_m = max(worst_m, rel_err(opt.state[model.get_parameter(n)]["exp_avg"], m[n]))
+        moments.update(g, rot)
+        worst_moments = max(worst_moments, moments.worst(model, opt.state))
+        identical &= _identical_everywhere(model)
+    return dict(worst=worst, worst_m=worst_m, worst_moments=worst_moments, identical=identical,
+                same_prior=same_prior, clipped=clipped)
+
+
 def run_many(rank, world, checks):
     """checks: [(name, function name, kwargs)] -> {name: result}"""
     import time
@@ -464,6 +625,10 @@ def checks(world: int) -> list:
                 dict(sizes=s[:2], k=1, fisher="empirical", ddp=True)),
                ("local-empirical-k1", "check_local", dict(sizes=s[:2], k=1)),
                ("local-mc-k3", "check_local", dict(sizes=s, k=3, fisher="mc")),
+               ("local-prior-adam-k2", "check_local_prior", dict(sizes=s, prior="adam", k=2)),
+               ("local-prior-soap-k1", "check_local_prior", dict(sizes=s, prior="soap", k=1)),
+               ("local-prior-soap-k2-ddp", "check_local_prior", dict(sizes=s, prior="soap", k=2, ddp=True)),
+               ("local-rule", "check_local_rule", dict(sizes=s)),
                ("failures", "check_failures", dict(ddp=False)),
                ("checkpoint", "check_checkpoint", dict(sizes=s))]
     if world == 2:

@@ -21,7 +21,7 @@ own-batch directions averaged); the distributed ones decide only where rows or f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from torch import Tensor
 
@@ -51,6 +51,9 @@ class StepInput:
     settings: list | None = None            # hyperparameters every rank must share (estimator/agreement.py)
     grads: dict | None = None               # {id(param): what the step preconditions in place of its gradient}
     adam_scale: bool = False                # step_rule="adam": each block's d scaled by prior.adam_scale
+    # step_rule="adam" on several ranks: called once the global gradient is in param.grad (the distributed
+    # estimators write it there), returns {id(param): Adam's bias-corrected m}: ``grads`` of that step
+    moments: Callable[[], dict] | None = None
 
     def group(self, b: Block) -> dict:
         return self.groups[group_of_block(b.name, b.param_names, b.params, self.where)]

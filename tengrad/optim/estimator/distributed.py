@@ -29,6 +29,8 @@ after 6 succeeded on every rank, so parameters stay identical on all ranks.
 directions are averaged, d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status
 element). This is an approximation of the global step (it is not (F + a I)^-1 g), cheaper in bytes
 and with no owner; parameters stay bit-identical because the all-reduce hands every rank the same sum.
+A prior (``prior="adam"``/``"soap"``, and step_rule="adam") runs in this mode only: each rank's rows under
+one D, from the global gradient's moments (averaged.py); the exact mode gathers plain rows to owners.
 
 As in the single-process step, each block uses its param group's damping and weight decay, and a
 block that took no part in the forward (curvature/usage.py) is skipped; every rank must agree on
@@ -105,6 +107,7 @@ class DistributedEstimator:
         self.bytes_sent = 0                   # ... and since construction
         self.steps_seen = 0
         self._settings = 0.0                  # the settings hash of the last agreed step
+        self.global_grads: dict[int, Tensor] = {}   # {id(param): the global gradient} of the last step
 
     # ------------------------------------------------------------------ the estimator protocol
     def due(self, b: Block, steps: int, update_freq: int) -> bool:
@@ -144,6 +147,7 @@ class DistributedEstimator:
         try:
             return self.run(step, skipped)
         finally:
+            self.global_grads = {}
             self.batch.next_step()
             self.bytes_sent += self.traffic.total
             self.steps_seen += 1
@@ -255,15 +259,28 @@ class DistributedEstimator:
             if work is not None:
                 work.wait()
                 grads = split_gradients(flat, params)
-            out = {}
+            out, self.global_grads = {}, {}
             for p, g in zip(params, grads):
                 cd = woodbury.compute_dtype(p.dtype)
                 g = g.to(cd)
+                self.global_grads[id(p)] = g
                 wd = step.groups[step.where[id(p)]]["weight_decay"]
                 out[id(p)] = g + wd * p.detach().to(cd) if wd else g
             return out
 
         return finish
+
+    def publish_gradients(self, step: StepInput) -> None:
+        """The global gradient (``gradients``) written into param.grad, in the parameter's dtype, where a
+        gradient is (as DDP's comm hook leaves it; a DDP model's already is): a prior's second moments
+        and step_rule="adam"'s first moments then read the same gradient on every rank. After the local
+        checks, which compare this rank's rows with its own gradient."""
+        if self.ddp:
+            return
+        for group in step.groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = self.global_grads[id(p)].to(p.dtype)
 
     @staticmethod
     def check_finite(step: StepInput, grads: dict[int, Tensor]) -> None:
