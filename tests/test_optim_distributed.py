@@ -162,11 +162,14 @@ def test_distributed_demo_prints_its_table():
 
 
 @process_groups
-def test_local_under_a_prior_averages_the_exact_steps_for_one_d_of_the_global_gradient(group):
-    """prior="adam" / "soap" with distributed="local": the moments are the global gradient's (against the
-    oracle's own), the kept D is bit-identical on every rank, and the step is -lr mean_r (F_r + a D)^-1 g."""
+def test_a_prior_on_several_ranks_steps_the_exact_d_for_one_d_of_the_global_gradient(group):
+    """prior="adam" / "soap": the moments are the global gradient's (against the oracle's own), the kept D
+    is bit-identical on every rank, and the step is -lr (F + a D)^-1 g on the global batch ("exact") or
+    -lr mean_r (F_r + a D)^-1 g ("local"), plain and DDP models."""
     world, results = group
-    for name in _names(world, "check_local_prior"):
+    names = _names(world, "check_prior")
+    assert {n.split("-")[0] for n in names} == {"local", "exact"}
+    for name in names:
         for rank, res in enumerate(results):
             r = res[name]
             assert r["identical"] and r["same_prior"], (name, rank)
@@ -174,31 +177,18 @@ def test_local_under_a_prior_averages_the_exact_steps_for_one_d_of_the_global_gr
             assert r["worst_moments"] < TOL, (name, rank, r["worst_moments"])
         if "soap" in name:
             assert results[0][name]["rotated"] > 0, name       # the eigenbasis prior was in the steps
-        assert "approximation" in results[0][name]["explain"]
+        assert ("approximation" in results[0][name]["explain"]) == name.startswith("local"), name
 
 
 @process_groups
-def test_local_adam_rule_averages_each_ranks_rule_step_for_adams_m_of_the_global_gradient(group):
+def test_adam_rule_on_several_ranks_is_the_rule_step_for_adams_m_of_the_global_gradient(group):
     world, results = group
-    for name in _names(world, "check_local_rule"):
+    names = _names(world, "check_rule")
+    assert {n.split("-")[0] for n in names} == {"local", "exact"}
+    for name in names:
         for rank, res in enumerate(results):
             r = res[name]
             assert r["identical"] and r["same_prior"], (name, rank)
             assert r["worst_m"] < TOL and r["worst_moments"] < TOL, (name, rank, r)
             assert r["worst"] < TOL, (name, rank, r["worst"])
-        assert results[0][name]["clipped"] > 0, name      # the update clip bound in some rank's steps
-
-
-def test_a_prior_on_several_ranks_needs_local_mode(monkeypatch):
-    """The exact mode gathers plain rows: a prior there is refused naming the mode to use, at construction
-    (before any collective; an exact-mode estimator without a process group stands in)."""
-    from tengrad.optim import optimizer as optimizer_mod
-    from tengrad.optim.estimator.exact import ExactEstimator
-
-    class Unconnected(ExactEstimator):
-        def __init__(self, model):        # only the mode is read before the refusal
-            pass
-
-    monkeypatch.setattr(optimizer_mod, "resolve_distributed", lambda distributed, model: Unconnected(model))
-    with pytest.raises(TENGraDError, match="needs distributed='local'"):
-        TENGraD(torch.nn.Linear(3, 2), prior="soap", step_rule="adam", lr=1e-3, kl_clip=None)
+        assert results[0][name]["clipped"] > 0, name      # the update clip bound in some steps

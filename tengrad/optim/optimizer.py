@@ -150,9 +150,9 @@ class TENGraD(torch.optim.Optimizer):
     Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
     (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
     default SOAP's 0.95), as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of
-    such a block are kept as a rotated explicit J). On several ranks a prior needs distributed="local":
-    the global gradient is written into param.grad (as DDP does), so the moments are the same on every
-    rank, and each rank's step for its own rows under that D is averaged (estimator/averaged.py).
+    such a block are kept as a rotated explicit J). On several ranks the global gradient is written into
+    param.grad (as DDP does), so the moments and D are the same on every rank; "exact" then steps
+    (F + a D)^-1 g for the global batch's rows, "local" averages each rank's step for its own rows.
     ``step_rule``: "natural" (default: the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
     "adam", SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
     Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
@@ -226,10 +226,6 @@ class TENGraD(torch.optim.Optimizer):
         self.curvature_memory = options.check_curvature_memory(curvature_memory)
         self.prior, self.prior_beta, self.prior_floor = options.check_prior(prior, prior_beta, prior_floor)
         self.step_rule = options.check_step_rule(step_rule, self.prior, kl_clip)
-        if self.prior is not None and dist_estimator is not None and dist_estimator.mode != "local":
-            raise TENGraDError(f"prior={prior!r} on several ranks needs distributed='local' (each rank's rows under "
-                               f"the prior, directions averaged): distributed={dist_estimator.mode!r} gathers "
-                               "plain rows to their owners (estimator/distributed.py)")
         moments = prior_mod.SecondMoments(self.prior_beta)
         self._moments = (None if self.prior is None else moments if self.prior == "adam"
                          else eigenbasis.EigenMoments(self.prior_beta, moments))

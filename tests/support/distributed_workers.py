@@ -440,16 +440,18 @@ class _GlobalMoments:
         return max(errs)
 
 
-def check_local_prior(rank, world, sizes, prior, k, ddp=False):
-    """distributed="local" under a prior: the prior's moments follow the *global* gradient (the oracle's
-    own, _GlobalMoments), the kept D is the same on every rank, parameters are identical, and the change is
-    -lr mean_r (F_r + a D)^-1 g with F_r the oracle Fisher of rank r's batch, g the global gradient and D
-    the kept prior (kept_prior_matrix; the identity where a block keeps none)."""
+def check_prior(rank, world, sizes, prior, k, mode="local", ddp=False):
+    """Under a prior: the prior's moments follow the *global* gradient (the oracle's own, _GlobalMoments),
+    the kept D is the same on every rank, parameters are identical, and the change is -lr mean_r (F_r + a D)^-1 g
+    with F_r the oracle Fisher of rank r's batch (distributed="local"), or -lr (F + a D)^-1 g with F the
+    global batch's ("exact"); g the global gradient and D the kept prior (kept_prior_matrix; the identity
+    where a block keeps none)."""
     lr, damping = 0.3, 0.5
     model = make_model()
     net = nn.parallel.DistributedDataParallel(model) if ddp else model     # DDP: its hook reduces the gradient
-    opt = _make_opt(net, "local", "empirical", k, seed=0, lr=lr, damping=damping, prior=prior, **PRIOR_KW)
+    opt = _make_opt(net, mode, "empirical", k, seed=0, lr=lr, damping=damping, prior=prior, **PRIOR_KW)
     view = _view(opt, "module.")
+    spread = world if mode == "local" else 1      # local: each rank's direction, averaged
     names = [n for n, _ in model.named_parameters()]
     rot = {n: prior == "soap" and eigenbasis.rotatable(p) for n, p in model.named_parameters()}
     moments = _GlobalMoments(PRIOR_KW["prior_beta"])
@@ -463,7 +465,8 @@ def check_local_prior(rank, world, sizes, prior, k, ddp=False):
         opt.zero_grad()
         F.cross_entropy(net(x[sl]), y[sl]).backward()
         if s % k == 0:
-            F_r, _ = oracle_fisher(model, x[sl], y[sl], "empirical", "cross_entropy")
+            on = sl if mode == "local" else slice(None)
+            F_r, _ = oracle_fisher(model, x[on], y[on], "empirical", "cross_entropy")
         opt.step()
         kept = {b.name: opt.estimator.kept[b.name].rows.prior for b in opt.blocks}
         same_prior &= _same_everywhere(_prior_tensors(kept))
@@ -475,8 +478,9 @@ def check_local_prior(rank, world, sizes, prior, k, ddp=False):
         d = dense_directions(F_r, names, {n: g[n].shape for n in names}, g, [b.param_names for b in view.blocks],
                              damping, [n for n, _ in view.fallback], prior=dense)
         for n in names:
-            dist.all_reduce(d[n])
-            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * d[n] / world))
+            if spread > 1:
+                dist.all_reduce(d[n])
+            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * d[n] / spread))
         moments.update(g, rot)
         worst_moments = max(worst_moments, moments.worst(model, opt.state))
         identical &= _identical_everywhere(model)
@@ -484,18 +488,20 @@ def check_local_prior(rank, world, sizes, prior, k, ddp=False):
                 rotated=rotated, explain=opt.explain())
 
 
-def check_local_rule(rank, world, sizes):
-    """distributed="local" with step_rule="adam" (prior "soap"): Adam's m is the momentum average of the
-    *global* gradient and the prior's moments follow it too (the oracle's own), the kept prior is the same
-    on every rank, parameters are identical, and the change is -lr mean_r d_r with rank r's d_r the
-    single-process rule's step for its own batch's Fisher (tests/test_optim_step_rule_adam.py's oracle):
+def check_rule(rank, world, sizes, mode="local"):
+    """step_rule="adam" (prior "soap") on several ranks: Adam's m is the momentum average of the *global*
+    gradient and the prior's moments follow it too (the oracle's own), the kept prior is the same on every
+    rank, parameters are identical, and the change is -lr mean_r d_r with rank r's d_r the single-process
+    rule's step for its own batch's Fisher (distributed="local"; "exact": one d for the global batch's
+    Fisher) (tests/test_optim_step_rule_adam.py's oracle):
     d_r = c_b (F_r + a D)^-1 m^ per block, c_b = (a / mean_b) / max(1, RMS_b) (mean_b: the kept prior's
     mean sqrt(v); 1 under the identity prior at the start), and outside every block Adam's step
     m^ / max(sqrt v', floor mean sqrt v') clipped to RMS 1, v' = beta2 v + (1 - beta2) g^2."""
     lr, damping, beta1, beta2, floor = 0.02, 0.5, 0.9, PRIOR_KW["prior_beta"], PRIOR_KW["prior_floor"]
     model = make_model()
-    opt = _make_opt(model, "local", "empirical", 2, seed=0, lr=lr, damping=damping, momentum=beta1, prior="soap",
+    opt = _make_opt(model, mode, "empirical", 2, seed=0, lr=lr, damping=damping, momentum=beta1, prior="soap",
                     step_rule="adam", **PRIOR_KW)
+    spread = world if mode == "local" else 1
     names = [n for n, _ in model.named_parameters()]
     rot = {n: eigenbasis.rotatable(p) for n, p in model.named_parameters()}
     moments, m = _GlobalMoments(beta2), {}
@@ -512,7 +518,8 @@ def check_local_rule(rank, world, sizes):
         opt.zero_grad()
         F.cross_entropy(model(x[sl]), y[sl]).backward()
         if s % 2 == 0:
-            F_r, _ = oracle_fisher(model, x[sl], y[sl], "empirical", "cross_entropy")
+            on = sl if mode == "local" else slice(None)
+            F_r, _ = oracle_fisher(model, x[on], y[on], "empirical", "cross_entropy")
         opt.step()
         m = {n: beta1 * m.get(n, 0.0) + (1 - beta1) * g[n] for n in names}
         m_hat = {n: m[n] / (1 - beta1 ** (s + 1)) for n in names}
@@ -539,8 +546,9 @@ def check_local_rule(rank, world, sizes):
             scale[n] = 1.0 / max(1.0, float(d[n].square().mean().sqrt()))
         for n in names:
             step = scale[n] * d[n]
-            dist.all_reduce(step)
-            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * step / world))
+            if spread > 1:
+                dist.all_reduce(step)
+            worst = max(worst, rel_err(model.get_parameter(n).detach() - before[n], -lr * step / spread))
             worst_m = max(worst_m, rel_err(opt.state[model.get_parameter(n)]["exp_avg"], m[n]))
         moments.update(g, rot)
         worst_moments = max(worst_moments, moments.worst(model, opt.state))
@@ -625,10 +633,14 @@ def checks(world: int) -> list:
                 dict(sizes=s[:2], k=1, fisher="empirical", ddp=True)),
                ("local-empirical-k1", "check_local", dict(sizes=s[:2], k=1)),
                ("local-mc-k3", "check_local", dict(sizes=s, k=3, fisher="mc")),
-               ("local-prior-adam-k2", "check_local_prior", dict(sizes=s, prior="adam", k=2)),
-               ("local-prior-soap-k1", "check_local_prior", dict(sizes=s, prior="soap", k=1)),
-               ("local-prior-soap-k2-ddp", "check_local_prior", dict(sizes=s, prior="soap", k=2, ddp=True)),
-               ("local-rule", "check_local_rule", dict(sizes=s)),
+               ("local-prior-adam-k2", "check_prior", dict(sizes=s, prior="adam", k=2)),
+               ("local-prior-soap-k1", "check_prior", dict(sizes=s, prior="soap", k=1)),
+               ("local-prior-soap-k2-ddp", "check_prior", dict(sizes=s, prior="soap", k=2, ddp=True)),
+               ("exact-prior-adam-k2-ddp", "check_prior", dict(sizes=s, prior="adam", k=2, mode="exact", ddp=True)),
+               ("exact-prior-soap-k1", "check_prior", dict(sizes=s, prior="soap", k=1, mode="exact")),
+               ("exact-prior-soap-k2", "check_prior", dict(sizes=s, prior="soap", k=2, mode="exact")),
+               ("local-rule", "check_rule", dict(sizes=s)),
+               ("exact-rule", "check_rule", dict(sizes=s, mode="exact")),
                ("failures", "check_failures", dict(ddp=False)),
                ("checkpoint", "check_checkpoint", dict(sizes=s))]
     if world == 2:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from tengrad.codegen.torch_backend import symmetric_gram
-from tengrad.optim.curvature import eigenbasis, tokens
+from tengrad.optim.curvature import eigenbasis, paths, tokens
 from tengrad.optim.errors import TENGraDError
 
 
@@ -120,6 +120,17 @@ class Rows:
         out = Rows(self.path, self.m, self.x, self.gy, self.jac, self.pieces, self.scale)
         out._copy_marks(self)
         out.factor, out._x_rep, out._bound = self.factor * f, self._x_rep, self._bound
+        return out
+
+    def factors_only(self) -> "Rows":
+        """The same R held as x and gy alone, an explicit J beside them dropped (itself when it holds no
+        x or no J): a form that does not depend on the path this rank's batch size chose (the exact
+        distributed step puts every rank's rows under one prior, estimator/exact.py)."""
+        if self.x is None or self.gy is None or not self.explicit_held:
+            return self
+        out = Rows(paths.REUSE, self.m, self.x, self.gy)
+        out._copy_marks(self)
+        out._x_rep = self._x_rep
         return out
 
     def released(self) -> "Rows":

@@ -29,8 +29,12 @@ after 6 succeeded on every rank, so parameters stay identical on all ranks.
 directions are averaged, d = (1/R) sum_r (F_r + a I)^-1 g, in one all-reduce (with a status
 element). This is an approximation of the global step (it is not (F + a I)^-1 g), cheaper in bytes
 and with no owner; parameters stay bit-identical because the all-reduce hands every rank the same sum.
-A prior (``prior="adam"``/``"soap"``, and step_rule="adam") runs in this mode only: each rank's rows under
-one D, from the global gradient's moments (averaged.py); the exact mode gathers plain rows to owners.
+
+Under a prior (``prior="adam"``/``"soap"``, and step_rule="adam"; curvature/prior.py) both modes wait for the
+global gradient after step 1 and write it into param.grad (``publish_gradients``, as DDP's hook leaves
+it), so the prior's moments, the D taken from them and Adam's m are the same bits on every rank; the
+rows then go under that D (R_r S^T) before they are exchanged ("exact": the owner's K is the global
+batch's K' = R' R'^T, J g becomes R' S g and the direction S^T d') or solved ("local").
 
 As in the single-process step, each block uses its param group's damping and weight decay, and a
 block that took no part in the forward (curvature/usage.py) is skipped; every rank must agree on

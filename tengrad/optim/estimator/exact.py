@@ -5,6 +5,12 @@ keeps issuing them with zeros and the error is raised everywhere at the next sta
 builds its block rows R_r through curvature/build.py (the single-process rules, keeping x and gy
 beside an explicit J), so this module only decides where rows or factors go: owners keep K and its
 Cholesky factor (``Kept.gram/chol``); every rank keeps its own rows for J_r g and J_r^T u_r.
+
+Under a prior the rows are put under it once the global gradient is in param.grad (distributed.py), from
+x and gy on every rank (``Rows.factors_only``: the explicit J a rank's own batch size chose is set aside)
+and with the largest rank's J against ``max_jacobian_numel``, so every rank takes the same D and the same
+form: an explicit R' S^T goes to the owner as rows (``owners.rows_only``), Kronecker-scaled x and gy as
+factors. One extra all-reduce of a failure flag follows (a rank whose rows failed would send another form).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tengrad.optim.curvature import paths, woodbury
+from tengrad.optim.curvature import eigenbasis, paths, prior as prior_mod, woodbury
 from tengrad.optim.curvature.block import Block
 from tengrad.optim.curvature import build
 from tengrad.optim.curvature.woodbury import Rows
@@ -71,11 +77,37 @@ class ExactEstimator(DistributedEstimator):
                     0.0 if r is None else float(r.gy[0].numel()), 0.0 if r is None else float(r.reps)]
         sizes = self.status(step, fail, m_r, sig)
         grads_of = self.gradients(step, m_r)
+        prior, grads = step.rules.prior, None
+        if prior is not None or step.moments is not None:
+            # the prior's D and Adam's m read the global gradient (in param.grad, the same on every rank):
+            # wait for it before the rows go under the prior (averaged.py)
+            grads = grads_of()
+            self.check_finite(step, grads)
+            self.publish_gradients(step)
+            if step.moments is not None:
+                grads = {**grads, **step.moments()}
+            for i in sorted(rows) if prior is not None else ():
+                # one form on every rank: x and gy (the path a rank's batch size chose set aside), and the
+                # largest rank's J against max_jacobian_numel, so every rank takes the same D and form
+                b, r = blocks[i], rows[i]
+                fits = r.reps * max(sizes) * b.numel <= step.rules.max_jacobian_numel
+                try:
+                    rows[i] = prior.rows(r.factors_only(), b, step.rules.max_jacobian_numel if fits else 0)
+                except Exception as err:   # noqa: BLE001 - raised on every rank below
+                    fail.record(err)
+            # a rank whose rows did not go under the prior would exchange another form: stop here, everywhere
+            flag = torch.tensor([fail.flag], dtype=torch.float64, device=step.groups[0]["params"][0].device)
+            dist.all_reduce(flag, group=self.group)
+            self.traffic.add("(status)", "prior status all-reduce", flag)
+            raise_if_any(float(flag) != 0.0, fail, self.group, step.steps)
 
         # plans and owners of the curvature blocks (identical on every rank: same sizes, same code)
         plans: dict[int, dplan.Exchange] = {}
         for i in rows:
             b, r = blocks[i], rows[i]
+            if r.x is None:     # rows under a prior held as R S^T only: the owner gets them
+                plans[i] = dplan.rows_only(r.reps, sizes, b.numel, prior_mod.rows_dtype(r).itemsize)
+                continue
             key = ("exchange", tuple(sizes), tuple(r.x.shape[1:]), tuple(r.gy.shape[1:]), r.reps)
             if key not in b.choices:
                 b.choices[key] = dplan.choose(b.plan, r.x.shape, r.gy.shape, r.x.element_size(),
@@ -117,13 +149,20 @@ class ExactEstimator(DistributedEstimator):
                 self.traffic.add(b.name, f"{ex.form} gather", t)
             gathered[i] = lists
 
-        grads = grads_of()
-        try:
-            self.check_finite(step, grads)
-        except TENGraDError:
-            for w in (w for ws in works.values() for w in ws):
-                w.wait()
-            raise
+        if grads is None:
+            grads = grads_of()
+            try:
+                self.check_finite(step, grads)
+            except TENGraDError:
+                for w in (w for ws in works.values() for w in ws):
+                    w.wait()
+                raise
+        # what the solve takes per block: g, or g' = S g for rows R S^T under a prior (woodbury.direction)
+        into: dict[int, list[Tensor]] = {}
+        for i in (i for i in range(len(blocks)) if active[i]):
+            r = rows[i] if i in rows else self.kept[blocks[i].name].rows
+            like = [grads[id(p)] for p in blocks[i].params]
+            into[i] = like if r.prior is None else eigenbasis.into(r.prior, like)
 
         # 4. J_r g to the owners (async)
         order = [i for i in range(len(blocks)) if active[i]]
@@ -133,10 +172,10 @@ class ExactEstimator(DistributedEstimator):
             r = rows[i] if i in rows else self.kept[b.name].rows
             row_sizes = [r.reps * s for s in (sizes if i in rows else self.kept[b.name].sizes)]
             try:
-                jg = r.jg(b.plan, [grads[id(p)] for p in b.params])
+                jg = r.jg(b.plan, into[i])
             except Exception as err:   # noqa: BLE001 - raised on every rank at the final status
                 fail.record(err)
-                jg = r.gy.new_zeros(r.n_rows)
+                jg = into[i][0].new_zeros(r.n_rows)
             t = pad0(jg, max(row_sizes))
             lst = [torch.empty_like(t) for _ in range(R)] if rank == owner_of[i] else None
             dst = global_rank(self.group, owner_of[i])
@@ -153,7 +192,7 @@ class ExactEstimator(DistributedEstimator):
             bsizes = sizes if i in rows else kept.sizes
             row_sizes = [r.reps * s for s in bsizes]
             n = sum(row_sizes)
-            buf = r.gy.new_zeros(n + 2)
+            buf = into[i][0].new_zeros(n + 2) if r.gy is None else r.gy.new_zeros(n + 2)
             if rank == owner_of[i]:
                 try:
                     for w in works[i]:    # this block's payloads and J g (launched by every rank)
@@ -188,7 +227,7 @@ class ExactEstimator(DistributedEstimator):
             row_sizes = [r.reps * s for s in bsizes]
             n, off = sum(row_sizes), sum(row_sizes[:rank])
             used[i] = float(buf[n])
-            like = [grads[id(p)] for p in b.params]
+            like = into[i]
             back = None
             if float(buf[n + 1]) == 0.0 and fail.error is None:
                 try:
@@ -210,18 +249,28 @@ class ExactEstimator(DistributedEstimator):
             w.wait()
         raise_if_any(float(flat[-1]) != 0.0, fail, self.group, step.steps)
 
-        out, start = [], 0
+        out, start, per_block = [], 0, []
         for i in order:
             b = blocks[i]
-            like = [grads[id(p)] for p in b.params]
-            for p, g in zip(b.params, like):
+            r = rows[i] if i in rows else self.kept[b.name].rows
+            ds = []
+            for g in into[i]:
                 back = flat[start:start + g.numel()].reshape(g.shape).to(g.dtype)
                 start += g.numel()
-                d = (g - back) / used[i]
+                ds.append((g - back) / used[i])
+            if r.prior is not None:            # d = S^T d'
+                eigenbasis.out_of_(r.prior, ds)
+            per_block.append((i, ds, r))
+        if step.adam_scale:    # step_rule="adam": Adam's scale outside the rows, each block's d clipped
+            prior_mod.scale_clip_([ds for _, ds, _ in per_block],
+                                  [prior_mod.adam_scale(used[i], r.prior_mean) for i, _, r in per_block])
+        for i, ds, _ in per_block:
+            b = blocks[i]
+            for p, d in zip(b.params, ds):
                 if not torch.isfinite(d).all():
                     raise TENGraDError(f"layer {b.name!r}: the preconditioned direction has non-finite entries")
                 if p.grad is not None:
-                    out.append((p, d, g, grp[i]))
+                    out.append((p, d, grads[id(p)], grp[i]))
         return out + fallback_directions(step, grads)
 
     def mode_lines(self) -> list[str]:

@@ -64,6 +64,13 @@ def choose(plan, x_shape, gy_shape, x_itemsize: int, itemsize: int, reps: int, s
     return Exchange(form, b_factors, b_rows, owner)
 
 
+def rows_only(reps: int, sizes: list[int], n_params: int, itemsize: int) -> Exchange:
+    """The exchange of a block whose rows are held only as an explicit J (under a prior: R S^T,
+    curvature/prior.py): "rows", bytes_factors 0 (no factors to send)."""
+    rows = reps * sum(sizes)
+    return Exchange(ROWS, 0, reps * max(sizes) * n_params * itemsize, float(rows * rows * n_params) + rows ** 3 / 3.0)
+
+
 def assign_owners(costs: list[float], world_size: int, loads: list[float] | None = None) -> list[int]:
     """Greedy LPT: blocks by decreasing cost, each to the least loaded rank (ties: lower rank)."""
     loads = list(loads) if loads is not None else [0.0] * world_size
