@@ -90,7 +90,7 @@ class StaggeredRun:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.opt = tengrad.TENGraD(self.model, lr=1e-3, damping=1.0, update_freq=k, stagger=True,
-                                       grad_from_jacobian=False)
+                                       grad_from_jacobian=False, prior=None)
         self.k = k
         self.step = sgd_step(self.model, x, loss_fn, y, self.opt)
         self.phases: list[int] = []
@@ -110,9 +110,9 @@ def compare(make, x, y, loss_fn, repeats: int, warmup: int = 3, clock=time.perf_
     idle = copy.deepcopy(plain)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0)   # never steps: capture stays armed
+        opt = tengrad.TENGraD(armed, lr=1e-3, damping=1.0, prior=None)   # never steps: capture stays armed
         # one TENGraD step, then curvature is not due again (update_freq huge): a reuse step's capture
-        reuse = tengrad.TENGraD(idle, lr=1e-3, damping=1.0, update_freq=10 ** 9, kl_clip=None)
+        reuse = tengrad.TENGraD(idle, lr=1e-3, damping=1.0, update_freq=10 ** 9, kl_clip=None, prior=None)
         reuse.zero_grad()
         loss_fn(idle(x), y).backward()
         reuse.step()

@@ -97,7 +97,7 @@ def _rank_main(rank, world, init, args, out):
             else:
                 net = model
                 mode = None if world == 1 else method.split("-")[1]
-                opt = TENGraD(model, 0.1, 1.0, distributed=mode)
+                opt = TENGraD(model, 0.1, 1.0, distributed=mode, prior=None)
             times = []
             for s in range(2 + args.steps):
                 dist.barrier()
@@ -140,7 +140,7 @@ def block_shapes(model_name: str, m: int):
     from tengrad import TENGraD
 
     model, x, y = make(model_name, m)
-    opt = TENGraD(model, 0.1, 1.0, distributed=None)
+    opt = TENGraD(model, 0.1, 1.0, distributed=None, prior=None)
     shapes = {}
     hooks = [b.module.register_forward_hook(
         lambda mod, inp, outp, name=b.name: shapes.__setitem__(name, (inp[0], outp))) for b in opt.blocks]

@@ -8,13 +8,17 @@ Methods (arms) and their hyperparameters ``hp``:
   precondition_frequency 10: the package's defaults), from the optional ``bench`` extra.
 * ``kfac``: ASDL 0.1a5 ``KfacGradientMaker`` (empirical Fisher; damping; curvature and inverse every
   ``update_freq`` = 10 steps) feeding SGD(lr, momentum 0.9, weight_decay), from the ``bench`` extra.
-* ``tengrad``: ``tengrad.TENGraD(model, **hp)``: its defaults (only weight_decay tuned).
+* ``tengrad``: ``tengrad.TENGraD(model, **hp)``: its defaults (only weight_decay tuned): prior "soap" with
+  SOAP's step around the rows (step_rule "adam"), lr 3e-3, damping 0.1, momentum 0.95.
 * ``tengrad-tuned``: the same optimizer at a tuned (lr, damping).
+* ``tengrad-natural``: ``tengrad.TENGraD(model, prior=None, **hp)``: the paper's step at its defaults (lr 0.3,
+  damping 1, kl_clip 6.4e-3 with the noise ratio; TENGraD's defaults until 2026-12-08), weight_decay tuned.
 * ``tengrad-prior``: ``tengrad.TENGraD(model, prior="adam", **hp)``: Adam's diagonal as the prior outside
   the rows (tengrad/optim/curvature/prior.py), otherwise the defaults (only weight_decay tuned).
-* ``tengrad-soap``: ``tengrad.TENGraD(model, prior="soap", **hp)``: SOAP's preconditioner (Adam in
-  Shampoo's eigenbasis) as the prior outside the rows (tengrad/optim/curvature/eigenbasis.py); lr tuned.
-  With ``"step_rule": "adam"`` in hp (and kl_clip None, lr ~3e-3, momentum 0.95): SOAP's step around the rows.
+* ``tengrad-soap``: ``tengrad.TENGraD(model, prior="soap", step_rule="natural", **hp)``: SOAP's preconditioner
+  (Adam in Shampoo's eigenbasis) as the prior outside the paper's step (tengrad/optim/curvature/eigenbasis.py);
+  lr tuned. With ``"step_rule": "adam"`` in hp (and kl_clip None, lr ~3e-3, momentum 0.95): SOAP's step around
+  the rows, the defaults' rule.
 
 A method whose package is not installed raises ``NotRun`` (reported as "not run", never as divergence).
 """
@@ -25,15 +29,17 @@ import math
 
 import torch
 
-METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-prior", "tengrad-soap")
+METHODS = ("sgd", "adamw", "soap", "kfac", "tengrad", "tengrad-tuned", "tengrad-natural", "tengrad-prior",
+           "tengrad-soap")
 #: the arms that are TENGraD (the verdict's subjects; the others are its peers)
 TENGRAD_ARMS = tuple(m for m in METHODS if m.startswith("tengrad"))
 #: the TENGraD arms that run with a prior (tengrad/optim/curvature/prior.py, eigenbasis.py)
-PRIORS = {"tengrad-prior": "adam", "tengrad-soap": "soap"}
+PRIORS = {"tengrad-natural": None, "tengrad-prior": "adam", "tengrad-soap": "soap"}
 #: the peers' labels do not say "tuned": whether a run's point came from its grid or is the task's
 #: fallback point (``--no-tune``) is printed with its hyperparameters (tune.py)
 LABELS = {"sgd": "SGD + momentum", "adamw": "AdamW", "soap": "SOAP",
           "kfac": "ASDL K-FAC", "tengrad": "TENGraD (defaults)", "tengrad-tuned": "TENGraD (tuned)",
+          "tengrad-natural": "TENGraD (the paper's step, prior=None)",
           "tengrad-prior": "TENGraD (prior='adam')", "tengrad-soap": "TENGraD (prior='soap')"}
 
 
@@ -121,6 +127,7 @@ def make_step(method: str, model, hp: dict, loss_fn, batch: int):
 
         if method in PRIORS:
             hp.setdefault("prior", PRIORS[method])
+            hp.setdefault("step_rule", "natural")      # the paper's step under the prior, unless hp names a rule
         opt = tengrad.TENGraD(model, weight_decay=wd, **hp)
         hp = {}
     elif method == "kfac":

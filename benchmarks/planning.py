@@ -89,7 +89,7 @@ def run(lengths: list[int], batch: int = 4) -> dict:
     model = transformer_lm.TinyLM(seq=max(lengths) + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = tengrad.TENGraD(model, update_freq=1)
+        opt = tengrad.TENGraD(model, update_freq=1, prior=None)
     gen = torch.Generator().manual_seed(0)
 
     def step(x, y):

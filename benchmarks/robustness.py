@@ -98,7 +98,8 @@ def merge(args, target: float) -> int:
 
 
 def tengrad_hp(args, lr: float, damping: float) -> dict:
-    hp = dict(lr=lr, damping=damping, update_freq=args.update_freq)
+    # the paper's step (prior=None): this grid's lr and damping are its scale (the defaults' rule: tta.py)
+    hp = dict(lr=lr, damping=damping, update_freq=args.update_freq, prior=None)
     if args.kl_clip != "default":
         hp["kl_clip"] = None if args.kl_clip.lower() == "none" else float(args.kl_clip)
     return hp

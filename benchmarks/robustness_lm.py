@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cell_hp(args, lr: float, damping: float) -> dict:
-    hp = dict(lr=lr, damping=damping)
+    hp = dict(lr=lr, damping=damping, prior=None)   # the paper's step: this grid is on its lr and damping scale
     if args.update_freq is not None:
         hp["update_freq"] = args.update_freq
     if args.kl_clip != "default":

@@ -38,7 +38,7 @@ def arms(plain, x, y, loss_fn) -> dict:
         model = copy.deepcopy(plain)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = tengrad.TENGraD(model, update_freq=K, stagger=stagger)
+            opt = tengrad.TENGraD(model, update_freq=K, stagger=stagger, prior=None)
 
         def step():
             opt.zero_grad()

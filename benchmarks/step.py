@@ -184,7 +184,7 @@ class Bench:
         steps = {}
         for kind, k in (("update", 1), ("reuse", NEVER)):  # NEVER: the warm-up's first step is the only update
             m = self.model()
-            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
+            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical", prior=None)
             steps[kind] = self.torch_step(m, opt)
         return steps
 

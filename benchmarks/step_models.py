@@ -101,7 +101,7 @@ class ModelBench:
         steps = {}
         for kind, k in (("update", 1), ("reuse", NEVER)):
             m = self.model()
-            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical")
+            opt = package.TENGraD(m, 1e-3, self.damping, momentum=0.9, update_freq=k, fisher="empirical", prior=None)
             steps[kind] = self.torch_step(m, opt)
         covered = self.n_tensors - len(opt.fallback)
         self.notes["tengrad" if package is tengrad else "baseline"] = (f"{len(opt.blocks)} exact blocks, {covered} of {self.n_tensors} parameter "

@@ -41,7 +41,7 @@ def make_opt(method: str, model, k: int = NEVER, curvature_batch: int | None = N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = {} if curvature_batch is None else {"curvature_batch": curvature_batch}   # None: the default
-        return tengrad.TENGraD(model, 1e-3, 1.0, momentum=0.9, update_freq=k, **extra)
+        return tengrad.TENGraD(model, 1e-3, 1.0, momentum=0.9, update_freq=k, **{"prior": None, **extra})
 
 
 def step_fn(model, opt, x, y, loss):

@@ -64,7 +64,7 @@ def test_a_users_own_forward_on_a_captured_layer_runs_inside_and_the_step_matche
         return type(lin).forward(lin, x)
 
     lin.forward = own
-    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, check=True)
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, check=True, prior=None)
     x, y = _batch()
 
     def ran_inside_and_was_put_back():
@@ -77,7 +77,7 @@ def test_a_users_own_forward_on_a_captured_layer_runs_inside_and_the_step_matche
 
 def test_no_wrapper_is_left_after_a_forward_that_raises_and_the_next_step_is_exact():
     model = _mlp()
-    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None)
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, prior=None)
     x, y = _batch()
     with pytest.raises(RuntimeError):
         model(torch.randn(7, 4, dtype=torch.float64))       # wrong width: the first Linear raises
@@ -95,7 +95,7 @@ def test_a_copy_of_the_model_is_a_plain_model(how, when):
     them), nothing is recorded for the original's optimizer, and its own TENGraD's step matches the
     oracle."""
     model = _mlp()
-    opt = TENGraD(model, lr=0.3, damping=0.5, update_freq=1)
+    opt = TENGraD(model, lr=0.3, damping=0.5, update_freq=1, prior=None)
     x, y = _batch()
 
     def copied():
@@ -124,7 +124,7 @@ def test_a_copy_of_the_model_is_a_plain_model(how, when):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     F.cross_entropy(out, y).backward()      # nothing recorded for the original's optimizer
     assert all(b.capture.peek() == [] for b in opt.blocks) and opt._capture.ops.uses == []
-    _step_matches_the_oracle(TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None), twin, x, y)
+    _step_matches_the_oracle(TENGraD(twin, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, prior=None), twin, x, y)
 
 
 def test_kept_wrappers_are_reused_and_rebuilt_when_the_modules_forward_changes():
@@ -163,7 +163,7 @@ def test_a_layer_called_outside_the_root_forward_is_refused_naming_it():
     """Its gradient gets a part from a call the capture cannot see (outside the training forward):
     the consistency check on the first curvature step raises and names the layer; nothing moves."""
     model = _mlp()
-    opt = TENGraD(model, lr=0.3, damping=0.5)
+    opt = TENGraD(model, lr=0.3, damping=0.5, prior=None)
     x, y = _batch()
     opt.zero_grad()
     aux = model[2](torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
@@ -201,7 +201,7 @@ def test_activation_checkpointing_is_captured_and_the_steps_match_the_oracle(ree
     model = _Checkpointed(reentrant).double()
     oracle = copy.deepcopy(model)
     oracle.reentrant = None
-    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, check=True)
+    opt = TENGraD(model, lr=0.3, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, check=True, prior=None)
     for seed in (1, 2):
         x, y = _batch(seed)
         x.requires_grad_(reentrant)     # the reentrant variant needs an input that requires grad

@@ -90,7 +90,7 @@ def test_mixed_dtypes_and_dampings_step_equals_the_dense_oracle():
     model = mixed_model()
     groups = [{"params": model[0].parameters(), "damping": 0.3},
               {"params": model[3].parameters(), "damping": 1.5}]
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, kl_clip=None, param_groups=groups)
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, kl_clip=None, param_groups=groups, prior=None)
     gen = torch.Generator().manual_seed(5)
     F_stored = names = None
     for s, m in enumerate([6, 5, 6]):

@@ -39,7 +39,7 @@ class NanoGPT(nn.Module):
 def test_a_position_embedding_of_arange_t_is_exact_without_a_declaration(op_level):
     torch.manual_seed(0)
     model = NanoGPT(op_level).double()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=2)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=2, prior=None)
     names = [n for n, _ in model.named_parameters()]
     kept = None
     for s in range(3):                      # curvature, reuse, curvature

@@ -25,7 +25,7 @@ def groups_of(model):
 def make_opt(model, **kw):
     args = dict(momentum=0.9, update_freq=3, param_groups=groups_of(model))
     args.update(kw)
-    return TENGraD(model, 0.2, 0.5, **args)
+    return TENGraD(model, 0.2, 0.5, **{"prior": None, "step_rule": "natural", **args})
 
 
 def run(model, opt, batches, sched=None, fisher="empirical"):
@@ -137,7 +137,7 @@ class _TwoGammas(nn.Module):
 def _op_opt(model):
     n = {_OpParams: 3, _Joined: 1, _TwoGammas: 2}[type(model)]
     with pytest.warns(UserWarning, match=f"no layer plan for {n} parameter"):   # blocks once an op reads them
-        return TENGraD(model, 0.2, 0.5, update_freq=3, kl_clip=None)
+        return TENGraD(model, 0.2, 0.5, update_freq=3, kl_clip=None, prior=None)
 
 
 @pytest.mark.parametrize("net,blocks", [(_OpParams, {"lin", "gate", "weight+bias"}), (_Joined, {"inp", "lin"}),

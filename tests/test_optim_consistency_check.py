@@ -20,7 +20,7 @@ def snapshot(model):
 
 
 def step_raises(model, x, y, error, match, **kwargs):
-    opt = TENGraD(model, 0.1, 0.5, **kwargs)
+    opt = TENGraD(model, 0.1, 0.5, **{"prior": None, "step_rule": "natural", **kwargs})
     before = snapshot(model)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -80,7 +80,7 @@ def test_tied_head_is_one_exact_block_with_two_uses():
     F.linear(h, emb.weight) use (exactness against the dense oracle: test_optim_zoo.py)."""
     torch.manual_seed(0)
     model = TiedHead().double()
-    opt = TENGraD(model, 0.1, 0.5, check=True)
+    opt = TENGraD(model, 0.1, 0.5, check=True, prior=None)
     ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 10, (6,))
     F.cross_entropy(model(ids), y).backward()
     opt.step()
@@ -92,7 +92,7 @@ def test_sequence_first_linear_takes_the_sample_dimension_from_the_batch():
     """[T, N, d] with T != N: the sample is the dimension of size m (exact: test_optim_zoo.py)."""
     torch.manual_seed(0)
     model = SequenceFirst().double()
-    opt = TENGraD(model, 0.1, 0.5, check=True)
+    opt = TENGraD(model, 0.1, 0.5, check=True, prior=None)
     x = torch.randn(3, 7, 4, dtype=torch.float64)                   # N = 3, T = 7
     F.cross_entropy(model(x), torch.randint(0, 3, (3,))).backward()
     opt.step()
@@ -131,7 +131,7 @@ def test_multihead_attention_out_proj_is_captured_at_its_op():
             return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
     model = Attn().double()
-    opt = TENGraD(model, 0.1, 0.5, check=True)
+    opt = TENGraD(model, 0.1, 0.5, check=True, prior=None)
     assert not opt.fallback and "attn" in [b.name for b in opt.blocks]
     x = torch.randn(4, 5, 4, dtype=torch.float64)
     F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
@@ -145,7 +145,7 @@ def test_multihead_attention_out_proj_is_captured_at_its_op():
 def test_correct_models_pass_and_are_checked_once_by_default():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).double()
-    opt = TENGraD(model, 0.1, 0.5, update_freq=2)
+    opt = TENGraD(model, 0.1, 0.5, update_freq=2, prior=None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(5, 2, 6, generator=gen, dtype=torch.float64)
@@ -162,7 +162,7 @@ def test_a_gradient_edited_at_a_later_curvature_step_is_caught_unless_check_is_n
     as a part the rows do not explain; check=None steps."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, check=check, update_freq=1)
+    opt = TENGraD(model, 0.1, 0.5, check=check, update_freq=1, prior=None)
     gen = torch.Generator().manual_seed(1)
     for s in range(2):
         x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
@@ -183,7 +183,7 @@ def test_a_gradient_edited_at_a_later_curvature_step_is_caught_unless_check_is_n
 def test_gradient_clipping_passes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, check=True)
+    opt = TENGraD(model, 0.1, 0.5, check=True, prior=None)
     x = torch.randn(5, 3, dtype=torch.float64)
     F.cross_entropy(model(x), torch.randint(0, 2, (5,))).backward()
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
@@ -194,7 +194,7 @@ def test_gradient_clipping_passes():
 def test_check_argument_is_validated():
     assert issubclass(ConsistencyError, TENGraDError)
     with pytest.raises(TENGraDError, match="check"):
-        TENGraD(nn.Linear(2, 2), 0.1, 0.5, check="always")
+        TENGraD(nn.Linear(2, 2), 0.1, 0.5, check="always", prior=None)
 
 
 def test_missing_capture_names_a_parameter_read_only_by_ops_without_a_spec():
@@ -210,7 +210,7 @@ def test_missing_capture_names_a_parameter_read_only_by_ops_without_a_spec():
                                                      # (x @ W.T is captured now: linear_ops.py)
 
     model = Matmul().double()
-    opt = TENGraD(model, 0.1, 0.5)
+    opt = TENGraD(model, 0.1, 0.5, prior=None)
     F.cross_entropy(model(torch.randn(5, 4, dtype=torch.float64)), torch.randint(0, 3, (5,))).backward()
     with pytest.raises(MissingCaptureError, match=r"layer 'lin' \(Linear\).*ops without a spec"):
         opt.step()

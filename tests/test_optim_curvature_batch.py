@@ -26,7 +26,7 @@ def test_curvature_batch_step_is_the_exact_step_of_the_sampled_rows(kind, fisher
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, 0.3, 0.5, momentum=0.0, update_freq=k, fisher=fisher, kl_clip=None, check=True,
-                      curvature_batch=3, generator=torch.Generator().manual_seed(7))
+                      curvature_batch=3, generator=torch.Generator().manual_seed(7), prior=None)
     gen = torch.Generator().manual_seed(2)
     F_stored = names = None
     drawn = []
@@ -63,7 +63,7 @@ def test_curvature_batch_step_is_the_exact_step_of_the_sampled_rows(kind, fisher
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
 def test_curvature_batch_is_checked(bad):
     with pytest.raises(TENGraDError, match="curvature_batch must be None or an integer >= 1"):
-        TENGraD(make_model("mlp"), curvature_batch=bad)
+        TENGraD(make_model("mlp"), curvature_batch=bad, prior=None)
 
 
 def test_the_explicit_jacobian_is_formed_for_the_sampled_rows_only(monkeypatch):
@@ -73,7 +73,7 @@ def test_the_explicit_jacobian_is_formed_for_the_sampled_rows_only(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, 0.3, 0.5, momentum=0.0, update_freq=1, kl_clip=None, curvature_batch=3,
-                      generator=torch.Generator().manual_seed(7))
+                      generator=torch.Generator().manual_seed(7), prior=None)
     assert opt.grad_from_jacobian is False
     formed = []
     for b in opt.blocks:

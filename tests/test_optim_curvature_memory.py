@@ -32,7 +32,7 @@ def _kept(opt):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_cap_moves_the_largest_explicit_blocks_to_x_and_gy_and_the_step_stays_exact(k):
-    free = TENGraD(_model(), lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k)
+    free = TENGraD(_model(), lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k, prior=None)
     step_against_oracle(free, free.model, *_batch(0), 0.5)
     explicit = [b for b in free.blocks if b.curv.rows.explicit_held]
     assert len(explicit) >= 2, [b.choice for b in free.blocks]     # the uncapped run keeps J's
@@ -40,7 +40,7 @@ def test_a_cap_moves_the_largest_explicit_blocks_to_x_and_gy_and_the_step_stays_
     cap = uncapped - 1                                              # one block must move
     model = _model()
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k, curvature_memory=cap,
-                  curvature_batch=None)   # every row: the cap moves forms only
+                  curvature_batch=None, prior=None)   # every row: the cap moves forms only
     kept_F = None
     for s in range(2 * k):                  # curvature steps and reuse steps (the Fisher kept from the last)
         x, y = _batch(s)
@@ -65,7 +65,7 @@ def test_a_cap_moves_the_largest_explicit_blocks_to_x_and_gy_and_the_step_stays_
 def test_a_cap_of_zero_moves_every_block_whose_x_and_gy_are_smaller_and_the_step_stays_exact():
     model = _model()
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, curvature_memory=0,
-                  curvature_batch=None)   # every row: the cap moves forms only
+                  curvature_batch=None, prior=None)   # every row: the cap moves forms only
     for s in range(2):
         moved, exact, _ = step_against_oracle(opt, model, *_batch(s), 0.5)
         for n in exact:
@@ -77,6 +77,6 @@ def test_a_cap_of_zero_moves_every_block_whose_x_and_gy_are_smaller_and_the_step
 
 def test_curvature_memory_is_validated():
     with pytest.raises(TENGraDError, match="curvature_memory"):
-        TENGraD(_model(), curvature_memory=-1)
+        TENGraD(_model(), curvature_memory=-1, prior=None)
     with pytest.raises(TENGraDError, match="curvature_memory"):
-        TENGraD(_model(), curvature_memory="half")
+        TENGraD(_model(), curvature_memory="half", prior=None)

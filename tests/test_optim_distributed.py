@@ -136,11 +136,11 @@ def test_exchange_picks_fewer_bytes():
 
 def test_distributed_needs_a_process_group():
     model = torch.nn.Linear(3, 2)
-    assert not TENGraD(model, 0.1, 1.0).distributed         # "auto" outside a group: single process
+    assert not TENGraD(model, 0.1, 1.0, prior=None).distributed         # "auto" outside a group: single process
     with pytest.raises(TENGraDError, match="initialised torch.distributed process group"):
-        TENGraD(model, 0.1, 1.0, distributed="exact")
+        TENGraD(model, 0.1, 1.0, distributed="exact", prior=None)
     with pytest.raises(TENGraDError, match="distributed must be"):
-        TENGraD(model, 0.1, 1.0, distributed="everywhere")
+        TENGraD(model, 0.1, 1.0, distributed="everywhere", prior=None)
 
 
 @process_groups

@@ -40,8 +40,8 @@ def test_fused_grad_equals_autograd_grad_and_parameters_are_restored():
     batches = [(torch.randn(5, 2, 5, 5, generator=gen, dtype=torch.float64),
                 torch.randint(0, 3, (5,), generator=gen)) for _ in range(3)]
     fast, slow = copy.deepcopy(base), copy.deepcopy(base)
-    of = TENGraD(fast, 0.1, 0.5, update_freq=1)
-    os_ = TENGraD(slow, 0.1, 0.5, update_freq=1, grad_from_jacobian=False)
+    of = TENGraD(fast, 0.1, 0.5, update_freq=1, prior=None)
+    os_ = TENGraD(slow, 0.1, 0.5, update_freq=1, grad_from_jacobian=False, prior=None)
     for x, y in batches:
         for model, opt in ((fast, of), (slow, os_)):
             opt.zero_grad()
@@ -60,7 +60,7 @@ def test_fused_grad_equals_autograd_grad_and_parameters_are_restored():
 
 def test_parameters_restored_when_the_forward_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, update_freq=1, max_jacobian_numel=10 ** 6)
+    opt = TENGraD(model, 0.1, 0.5, update_freq=1, max_jacobian_numel=10 ** 6, prior=None)
     x = torch.randn(6, 3, dtype=torch.float64)
     for _ in range(2):
         opt.zero_grad()
@@ -76,7 +76,7 @@ def test_parameters_restored_when_the_forward_raises():
 
 def test_nonfinite_direction_is_found_after_the_fused_check():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.1, 0.5)
+    opt = TENGraD(model, 0.1, 0.5, prior=None)
     x, y = make_batch("tokens", 4, "cross_entropy", torch.Generator().manual_seed(0))
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()

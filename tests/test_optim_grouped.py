@@ -124,7 +124,7 @@ def test_momentum_over_grouped_steps_matches_the_oracle(monkeypatch, small):
     lr, damping, mu = 0.3, 0.5, 0.9
     from tengrad.optim import TENGraD
     opt = TENGraD(model, lr, damping, momentum=mu, update_freq=3, kl_clip=None, max_jacobian_numel=0,
-                  curvature_batch=None)
+                  curvature_batch=None, prior=None)
     gen = torch.Generator().manual_seed(3)
     names = [n for n, _ in model.named_parameters()]
     bufs = None

@@ -36,7 +36,7 @@ def test_trainer_trains_tiny_gpt2_with_tengrad(tmp_path):
                                           gradient_accumulation_steps=2, max_steps=20, max_grad_norm=1.0,
                                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                                           disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    opt = tengrad.TENGraD(model)
+    opt = tengrad.TENGraD(model, prior=None)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]

@@ -47,7 +47,7 @@ def step(model, opt, x, y):
 def test_pieces_step_is_the_dense_oracle_on_curvature_and_reuse_steps():
     model = make_net()
     lr, a = 0.1, 0.3
-    opt = TENGraD(model, lr, a, momentum=0.0, update_freq=2, kl_clip=None)
+    opt = TENGraD(model, lr, a, momentum=0.0, update_freq=2, kl_clip=None, prior=None)
     for i, seed in enumerate((1, 2, 3)):
         x, y = batch(seed)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -86,7 +86,7 @@ def _roundtrip(obj):
 @pytest.mark.parametrize("old_format", [False, True])
 def test_checkpoint_keeps_the_pieces_and_loads_a_whole_r(old_format):
     model = make_net()
-    opt = TENGraD(model, 0.1, 0.3, momentum=0.9, update_freq=3)
+    opt = TENGraD(model, 0.1, 0.3, momentum=0.9, update_freq=3, prior=None)
     step(model, opt, *batch(1))
     sd = _roundtrip(opt.state_dict())
     for name, c in sd["tengrad"]["blocks"].items():
@@ -96,7 +96,7 @@ def test_checkpoint_keeps_the_pieces_and_loads_a_whole_r(old_format):
             del c["jac_split"]
     twin = make_net()
     twin.load_state_dict(model.state_dict())
-    opt2 = TENGraD(twin, 0.1, 0.3, momentum=0.9, update_freq=3)
+    opt2 = TENGraD(twin, 0.1, 0.3, momentum=0.9, update_freq=3, prior=None)
     opt2.load_state_dict(sd)
     assert all((b.curv.pieces is None) == old_format for b in opt2.blocks)
     x, y = batch(2)       # a reuse step of both
@@ -111,11 +111,11 @@ def test_checkpoint_keeps_the_pieces_and_loads_a_whole_r(old_format):
 
 def test_checkpoint_refuses_a_bad_split():
     model = make_net()
-    opt = TENGraD(model, 0.1, 0.3, update_freq=3)
+    opt = TENGraD(model, 0.1, 0.3, update_freq=3, prior=None)
     step(model, opt, *batch(1))
     sd = _roundtrip(opt.state_dict())
     sd["tengrad"]["blocks"]["2"]["jac_split"] = [5, 5]
-    opt2 = TENGraD(make_net(), 0.1, 0.3, update_freq=3)
+    opt2 = TENGraD(make_net(), 0.1, 0.3, update_freq=3, prior=None)
     with pytest.raises(TENGraDError, match="block '2'.*jac_split"):
         opt2.load_state_dict(sd)
     assert all(b.curv is None for b in opt2.blocks)

@@ -20,7 +20,7 @@ from tengrad.optim.errors import TENGraDError
 
 def one_step(kl_clip, lr=0.3, damping=0.5, **kw):
     model = make_model("tokens")
-    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, **kw)
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, **{"prior": None, "step_rule": "natural", **kw})
     x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
     moved, exact, dg = step_against_oracle(opt, model, x, y, damping)     # exact: -lr d, dg: D = sum <d, g>
     return opt, moved, exact, dg, lr
@@ -58,7 +58,7 @@ def test_kl_scale_formula_and_edge_cases():
 
 def test_defaults_are_documented_and_train():
     model = make_model("mlp")
-    opt = TENGraD(model)
+    opt = TENGraD(model, prior=None)
     group = opt.param_groups[0]
     assert (group["lr"], group["damping"], group["momentum"]) == (options.DEFAULT_LR, options.DEFAULT_DAMPING, 0.9)
     assert opt.update_freq == options.DEFAULT_UPDATE_FREQ and opt.kl_clip == options.DEFAULT_KL_CLIP
@@ -104,7 +104,7 @@ def test_a_warm_up_scales_the_clipped_step_up_to_the_base_lr():
     first step on, so the warm-up's lr 0.03 gives a clipped step 10x shorter than at the base lr."""
     kl, lr, damping = 1e-5, 0.3, 0.5
     model = make_model("tokens")
-    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl, noise_scale=False)
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl, noise_scale=False, prior=None)
     torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5)
     x, y = make_batch("tokens", 5, "cross_entropy", torch.Generator().manual_seed(0))
     moved, exact, dg = step_against_oracle(opt, model, x, y, damping)          # exact: -0.03 d
@@ -131,7 +131,7 @@ def test_a_raised_lr_raises_the_reference_and_the_bound_holds():
 
 
 def test_a_bad_reference_lr_in_a_group_is_refused():
-    opt = TENGraD(make_model("mlp"))
+    opt = TENGraD(make_model("mlp"), prior=None)
     opt.param_groups[0]["kl_clip_lr"] = float("nan")
     with pytest.raises(TENGraDError, match=r"param_groups\[0\]\['kl_clip_lr'\]"):
         opt.step()

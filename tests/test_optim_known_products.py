@@ -39,7 +39,7 @@ def _steps(model, x, y, n=3, before_step=None, **kw):
             knowns.append(self)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, **kw)
+        opt = TENGraD(model, **{"prior": None, "step_rule": "natural", **kw})
     update_check, update_known = update.check_finite, update.Known
     update.check_finite, update.Known = spy, Spy
     try:

@@ -46,7 +46,7 @@ def test_every_registered_layer_has_a_case():
 def _step(layer: nn.Module, x: torch.Tensor, target: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(layer, lr=0.5, damping=1.0, momentum=0.9)
+        opt = TENGraD(layer, lr=0.5, damping=1.0, momentum=0.9, prior=None)
     opt.zero_grad()
     out = layer(x)
     ((out.float() - target) ** 2).mean().backward()
@@ -93,7 +93,7 @@ def test_sparse_embedding_steps_like_the_dense_one():
     for sparse in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(9, 4, sparse=sparse), nn.Flatten(), nn.Linear(16, 3)).double()
-        opt = TENGraD(model, lr=0.3, damping=0.5, weight_decay=0.01)
+        opt = TENGraD(model, lr=0.3, damping=0.5, weight_decay=0.01, prior=None)
         for x, y in batches:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()

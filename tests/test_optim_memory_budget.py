@@ -71,7 +71,7 @@ def test_the_auto_budget_moves_forms_then_samples_rows_and_each_step_is_exact_fo
     monkeypatch.setattr(budget, "FLOOR", 0)
     model = _model()
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k,
-                  generator=torch.Generator().manual_seed(3))
+                  generator=torch.Generator().manual_seed(3), prior=None)
     drawn = _run(opt, model, k, 2 * k + 1)
     cap = _budget(model)
     assert all(b.memory_reuse for b in opt.blocks if b.name in ("a", "b"))    # their J's moved first
@@ -90,7 +90,7 @@ def test_the_auto_budget_moves_forms_then_samples_rows_and_each_step_is_exact_fo
 def test_with_curvature_batch_none_the_budget_moves_forms_only_and_the_step_is_the_whole_batch(monkeypatch):
     monkeypatch.setattr(budget, "FLOOR", 0)
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=2, curvature_batch=None)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=2, curvature_batch=None, prior=None)
     drawn = _run(opt, model, 2, 4)
     assert drawn == [None, None]
     moved = [b for b in opt.blocks if b.memory_reuse]
@@ -100,7 +100,7 @@ def test_with_curvature_batch_none_the_budget_moves_forms_only_and_the_step_is_t
 def test_small_models_keep_every_row_and_their_forms_by_default():
     """At the real floor (16 MiB) nothing of a small model is moved or sampled: the whole batch's step."""
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, prior=None)
     assert (opt.curvature_batch, opt.curvature_memory) == ("auto", "auto")
     assert _run(opt, model, 1, 2) == [None, None]
     assert not any(b.memory_reuse for b in opt.blocks) and any(b.curv.rows.explicit_held for b in opt.blocks)
@@ -121,7 +121,7 @@ def test_fit_moves_the_largest_saving_first_then_cuts_rows():
 def test_explain_names_the_budget_and_the_rows(monkeypatch):
     monkeypatch.setattr(budget, "FLOOR", 0)
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, prior=None)
     _run(opt, model, 1, 1)
     c = len(opt.last_curvature_rows[M])
     assert f"{c} of {M} rows (cut to fit: curvature_batch='auto')" in opt.explain()

@@ -47,7 +47,7 @@ def steps_then_oracle(sizes, kl_clip, lr=0.3, damping=0.5):
     compared with the dense oracle. Returns (opt, moved, -lr d, D = sum <d, g>, per-sample rows of
     the earlier batches)."""
     model = make_model("tokens")
-    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip)
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, prior=None)
     gen = torch.Generator().manual_seed(0)
     seen = []
     for m in sizes[:-1]:
@@ -122,12 +122,12 @@ def test_noise_scale_false_keeps_s_at_one_and_bad_values_are_refused():
     opt, *_ = two_steps(lambda opt: None, 1e-5, noise_scale=False)
     assert opt.estimator.noise.s == 1.0 and opt.estimator.noise.ratio == 1.0
     with pytest.raises(TENGraDError, match="noise_scale must be True or False, got 1"):
-        TENGraD(make_model("mlp"), noise_scale=1)
+        TENGraD(make_model("mlp"), noise_scale=1, prior=None)
 
 
 def test_mc_fisher_rows_are_not_loss_gradients_so_s_stays_one():
     model = make_model("tokens")
-    opt = TENGraD(model, update_freq=1, fisher="mc", generator=torch.Generator().manual_seed(0))
+    opt = TENGraD(model, update_freq=1, fisher="mc", generator=torch.Generator().manual_seed(0), prior=None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = make_batch("tokens", 5, "cross_entropy", gen)
@@ -143,7 +143,7 @@ def test_the_scale_is_saved_and_loaded_and_older_state_dicts_start_at_one():
     opt, *_ = steps_then_oracle(SIZES, 1e-5)
     sd = opt.state_dict()
     assert sd["tengrad"]["noise"] == opt.estimator.noise.state()
-    fresh = TENGraD(copy.deepcopy(opt.model), 0.3, 0.5, momentum=0.0, update_freq=1, kl_clip=1e-5)
+    fresh = TENGraD(copy.deepcopy(opt.model), 0.3, 0.5, momentum=0.0, update_freq=1, kl_clip=1e-5, prior=None)
     fresh.load_state_dict(sd)
     assert fresh.estimator.noise.state() == opt.estimator.noise.state() and fresh.estimator.noise.ratio < 1.0
     old = copy.deepcopy(sd)
@@ -154,7 +154,7 @@ def test_the_scale_is_saved_and_loaded_and_older_state_dicts_start_at_one():
 
 def test_explain_shows_the_scale():
     model = make_model("mlp")
-    opt = TENGraD(model)
+    opt = TENGraD(model, prior=None)
     assert "noise_scale=True (r=1)" in opt.explain()
     x = torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))

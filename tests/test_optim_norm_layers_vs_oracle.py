@@ -72,7 +72,7 @@ def test_training_batchnorm_uses_the_batch_it_normalised():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, 0.1, 0.5, momentum=0.0)
+        opt = TENGraD(model, 0.1, 0.5, momentum=0.0, prior=None)
     x = torch.randn(6, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (6,))
     opt.zero_grad()
@@ -130,5 +130,5 @@ def test_mobilenet_block_with_eval_batchnorm_matches_dense_oracle(fisher):
 def test_norms_without_affine_give_no_block_and_no_fallback():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3), nn.BatchNorm2d(3, affine=False),
                           nn.GroupNorm(1, 3, affine=False), nn.Flatten(), nn.Linear(27, 2))
-    opt = TENGraD(model, 0.1, 0.5)
+    opt = TENGraD(model, 0.1, 0.5, prior=None)
     assert [b.name for b in opt.blocks] == ["0", "5"] and not opt.fallback

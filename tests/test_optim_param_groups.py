@@ -18,7 +18,7 @@ from support.optim_cases import make_batch, make_model
 from support.step_oracle import dense_directions, oracle_fisher, per_sample_grads
 from tengrad.optim import TENGraD, TENGraDError
 
-EXACT = dict(update_freq=1, kl_clip=None)   # curvature every step, no KL clipping (defaults since issue 11)
+EXACT = dict(update_freq=1, kl_clip=None, prior=None)   # curvature every step, no KL clipping, D = I
 
 
 def quiet(fn, *a, **k):
@@ -87,7 +87,7 @@ def test_two_groups_step_equals_the_dense_per_block_oracle():
 
 def test_group_changes_between_steps_are_read_each_step_with_kept_curvature():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, param_groups=tokens_groups(model), kl_clip=None)
+    opt = TENGraD(model, 0.2, 0.5, momentum=0.0, update_freq=2, param_groups=tokens_groups(model), kl_clip=None, prior=None)
 
     def change(s, opt):
         if s == 1:                       # a reuse step: group 1's kept K is refactored for the new damping
@@ -138,7 +138,7 @@ def test_a_block_straddling_groups_is_refused_by_name():
     model = make_model("tokens")
     with pytest.raises(TENGraDError, match=r"block 'lin1' straddles.*lin1\.weight in param_groups\[0\]"
                                            r".*lin1\.bias in param_groups\[1\]"):
-        TENGraD(model, 0.2, 0.5, param_groups=[{"params": [model.lin1.weight], "lr": 0.1}])
+        TENGraD(model, 0.2, 0.5, param_groups=[{"params": [model.lin1.weight], "lr": 0.1}], prior=None)
 
 
 @pytest.mark.parametrize("groups, needle", [
@@ -155,7 +155,7 @@ def test_a_block_straddling_groups_is_refused_by_name():
 def test_bad_param_groups_are_refused_by_name(groups, needle):
     model = make_model("tokens")
     with pytest.raises(TENGraDError, match=needle):
-        TENGraD(model, 0.2, 0.5, param_groups=groups(model))
+        TENGraD(model, 0.2, 0.5, param_groups=groups(model), prior=None)
 
 
 def test_frozen_parameters_listed_in_a_group_stay_there_and_never_move():

@@ -38,7 +38,7 @@ def _opt(model, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TENGraD(model, LR, DAMPING, momentum=0.0, kl_clip=None, check=True, prior="soap",
-                       prior_beta=BETA, prior_floor=FLOOR, **kw)
+                       prior_beta=BETA, prior_floor=FLOOR, **{"step_rule": "natural", **kw})
 
 
 def _steps(kind: str, n: int, seed: int = 3):
@@ -201,7 +201,7 @@ def test_soap_prior_on_a_tied_transformer_is_the_exact_step():
     oracle = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # out_bias: fallback until the tied head reads it
-        opt = TENGraD(model, LR, DAMPING, momentum=0.0, kl_clip=None, check=True, prior="soap", update_freq=1)
+        opt = TENGraD(model, LR, DAMPING, momentum=0.0, kl_clip=None, check=True, prior="soap", update_freq=1, step_rule="natural")
     names = [n for n, p in oracle.named_parameters() if p.requires_grad]
     shapes = {n: p.shape for n, p in oracle.named_parameters()}
     gen = torch.Generator().manual_seed(1)

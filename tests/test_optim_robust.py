@@ -94,7 +94,7 @@ def test_eval_and_no_grad_forwards_do_not_touch_curvature(fisher):
     results = []
     for noisy in (False, True):
         model = copy.deepcopy(base)
-        opt = TENGraD(model, 0.2, 0.3, update_freq=2, fisher=fisher, generator=torch.Generator().manual_seed(1))
+        opt = TENGraD(model, 0.2, 0.3, update_freq=2, fisher=fisher, generator=torch.Generator().manual_seed(1), prior=None)
         for x, y in batches:
             if noisy:                                  # before the training forward
                 model.eval()
@@ -125,7 +125,7 @@ def test_kept_input_does_not_alias_a_refilled_batch_buffer():
     results = []
     for refill in (False, True):
         model = copy.deepcopy(base)
-        opt = TENGraD(model, 0.1, 0.5, update_freq=3, max_jacobian_numel=0)
+        opt = TENGraD(model, 0.1, 0.5, update_freq=3, max_jacobian_numel=0, prior=None)
         buffer = torch.empty(4, 3, dtype=torch.float64)
         for x, y in batches:
             if refill:
@@ -150,7 +150,7 @@ def test_module_called_twice_is_one_block_with_two_uses():
     """A module called twice in one forward is one block whose J sums both calls (exactness against
     the dense oracle: tests/test_optim_zoo.py::test_linear_applied_twice_matches_oracle)."""
     model = Shared().double()
-    opt = TENGraD(model, 0.1, 0.5)
+    opt = TENGraD(model, 0.1, 0.5, prior=None)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
@@ -162,7 +162,7 @@ def test_gradients_accumulated_with_the_mc_fisher_are_refused_by_name():
     """Accumulation is exact for the empirical Fisher (tests/test_training_loops.py); the Monte-Carlo
     Fisher's curvature passes run per opt.backward, so two of them before a step are refused."""
     model = Shared().double()
-    opt = TENGraD(model, 0.1, 0.5, fisher="mc", generator=torch.Generator().manual_seed(0))
+    opt = TENGraD(model, 0.1, 0.5, fisher="mc", generator=torch.Generator().manual_seed(0), prior=None)
     before = snapshot(model)
     opt.zero_grad()
     for _ in range(2):
@@ -187,7 +187,7 @@ def test_tied_weights_fall_back_with_a_warning():
 
     model = Tied()
     with pytest.warns(UserWarning, match="shared") as rec:
-        opt = TENGraD(model, 0.1, 0.5)
+        opt = TENGraD(model, 0.1, 0.5, prior=None)
     assert len(rec) == 1
     assert [b.name for b in opt.blocks] == ["mid"]
     assert [n for n, _ in opt.fallback] == ["emb.weight"]
@@ -198,7 +198,7 @@ def test_tied_weights_fall_back_with_a_warning():
 
 def test_unsupported_module_warns_once_and_uses_damped_identity():
     with pytest.warns(UserWarning, match=r"act\.weight") as rec:
-        TENGraD(make_model("conv"), 0.1, 0.5)
+        TENGraD(make_model("conv"), 0.1, 0.5, prior=None)
     assert len([w for w in rec if "no layer plan" in str(w.message)]) == 1
     # the oracle test of the conv model checks d = g / damping for act.weight
 
@@ -206,7 +206,7 @@ def test_unsupported_module_warns_once_and_uses_damped_identity():
 # ---------------------------------------------------------------- errors leave everything untouched
 def test_nonfinite_gradient_raises_and_touches_nothing():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.1, 0.5, momentum=0.9, update_freq=2)
+    opt = TENGraD(model, 0.1, 0.5, momentum=0.9, update_freq=2, prior=None)
     gen = torch.Generator().manual_seed(0)
     step_plain(model, opt, *make_batch("tokens", 4, "cross_entropy", gen))
     params, bufs = snapshot(model), {p: s["momentum_buffer"].clone() for p, s in opt.state.items()}
@@ -225,7 +225,7 @@ def test_nonfinite_gradient_raises_and_touches_nothing():
 
 def test_nonfinite_gram_raises_naming_the_layer():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    opt = TENGraD(model, 0.1, 0.5, check=None)   # the gradients are edited below: no J^T 1/m check
+    opt = TENGraD(model, 0.1, 0.5, check=None, prior=None)   # the gradients are edited below: no J^T 1/m check
     before = snapshot(model)
     x = torch.randn(5, 3, dtype=torch.float64)
     opt.zero_grad()
@@ -251,7 +251,7 @@ def test_cholesky_retries_with_ten_times_damping_then_names_the_layer():
 @pytest.mark.parametrize("fisher", ["mc", "exact"])
 def test_step_without_opt_backward_points_to_it(fisher):
     model = make_model("tokens")
-    opt = TENGraD(model, 0.1, 0.5, fisher=fisher)
+    opt = TENGraD(model, 0.1, 0.5, fisher=fisher, prior=None)
     x, y = make_batch("tokens", 4, "cross_entropy", torch.Generator().manual_seed(0))
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(TENGraDError, match=r"opt\.backward"):
@@ -264,7 +264,7 @@ def test_backward_with_classes_last_names_the_fix(fisher):
     opt.backward refuses them with the fix, before any backward (no gradient written); [N, C, T] runs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 7))
-    opt = TENGraD(model, 0.1, 0.5, fisher=fisher)
+    opt = TENGraD(model, 0.1, 0.5, fisher=fisher, prior=None)
     x, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 7, (4, 5))
     out = model(x)                                             # [4, 5, 7]
     with pytest.raises(TENGraDError, match=r"out \(4, 5, 7\) has them last .*out\.movedim\(-1, 1\)"):
@@ -294,10 +294,10 @@ def test_state_dict_resumes_bit_for_bit(fisher, path):
 
     base = make_model("tokens")
     straight = copy.deepcopy(base)
-    run(straight, TENGraD(straight, 0.2, 0.3, generator=torch.Generator().manual_seed(5), **kw), batches)
+    run(straight, TENGraD(straight, 0.2, 0.3, generator=torch.Generator().manual_seed(5), **{"prior": None, "step_rule": "natural", **kw}), batches)
 
     first = copy.deepcopy(base)
-    opt = TENGraD(first, 0.2, 0.3, generator=torch.Generator().manual_seed(5), **kw)
+    opt = TENGraD(first, 0.2, 0.3, generator=torch.Generator().manual_seed(5), **{"prior": None, "step_rule": "natural", **kw})
     run(first, opt, batches[:2])                       # stop mid-cycle: steps 3.. reuse the kept curvature
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
@@ -305,7 +305,7 @@ def test_state_dict_resumes_bit_for_bit(fisher, path):
     saved = torch.load(buf)
     resumed = make_model("tokens", seed=123)
     resumed.load_state_dict(saved["model"])
-    opt2 = TENGraD(resumed, 0.2, 0.3, generator=torch.Generator().manual_seed(99), **kw)
+    opt2 = TENGraD(resumed, 0.2, 0.3, generator=torch.Generator().manual_seed(99), **{"prior": None, "step_rule": "natural", **kw})
     opt2.load_state_dict(saved["opt"])
     run(resumed, opt2, batches[2:])
     for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
@@ -316,7 +316,7 @@ def test_state_dict_resumes_bit_for_bit(fisher, path):
 def test_momentum_coupled_weight_decay_and_kl_clip_follow_their_formulas():
     lr, a, mu, wd, kl = 0.3, 0.5, 0.9, 0.05, 1e-4
     model = make_model("tokens")
-    opt = TENGraD(model, lr, a, momentum=mu, weight_decay=wd, kl_clip=kl, update_freq=1)
+    opt = TENGraD(model, lr, a, momentum=mu, weight_decay=wd, kl_clip=kl, update_freq=1, prior=None)
     gen = torch.Generator().manual_seed(0)
     buf = None
     nus = []
@@ -373,7 +373,7 @@ def test_path_choice_uses_the_cost_model():
 
 def test_explain_lists_each_layer_choice():
     model = make_model("tokens")
-    opt = TENGraD(model, 0.1, 0.5, update_freq=2)
+    opt = TENGraD(model, 0.1, 0.5, update_freq=2, prior=None)
     assert "undecided" in repr(opt) and opt.backend == "torch"      # "auto" is torch on CPU
     step_plain(model, opt, *make_batch("tokens", 4, "cross_entropy", torch.Generator().manual_seed(0)))
     text = opt.explain()

@@ -41,7 +41,7 @@ def _run(kind, steps, **kw):
     kw = {"momentum": 0.9, "kl_clip": None, **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, 0.1, 0.5, update_freq=2, **kw)
+        opt = TENGraD(model, 0.1, 0.5, update_freq=2, **{"prior": None, "step_rule": "natural", **kw})
     for _ in range(steps):
         x, y = make_batch(kind, 6, "cross_entropy", gen)
         opt.zero_grad()

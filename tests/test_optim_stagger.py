@@ -58,7 +58,7 @@ def test_staggered_steps_match_the_dense_oracle(kind, loss, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # ConvSeqNet's PReLU falls back
         opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=k, kl_clip=None, check=True,
-                      stagger=True, **extra)
+                      stagger=True, **{"prior": None, "step_rule": "natural", **extra})
     gen = torch.Generator().manual_seed(1)
     fishers, last, names = {}, {}, None
     for s, m in enumerate([4, 6, 5, 3, 5, 6, 4]):
@@ -119,7 +119,7 @@ def test_staggered_tied_transformer_matches_the_oracle_and_arms_only_what_is_due
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # out_bias: fallback until the tied head reads it (then emb's)
         opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, kl_clip=None, check=True, stagger=True,
-                      update_freq=100)
+                      update_freq=100, prior=None)
     k = opt.update_freq = len(opt.blocks)
     names = [n for n, p in oracle.named_parameters() if p.requires_grad]
     shapes = {n: p.shape for n, p in oracle.named_parameters()}
@@ -158,7 +158,7 @@ def test_the_noise_ratio_sums_a_whole_cycle():
     (no update: the cycle is incomplete), step 2 blocks 0 and 2 (an update with blocks 1, 3 from batch 1
     and 0, 2 from batch 2). T = sum_b mean_i |j_bi|^2, Q = sum_b |mean_i j_bi|^2 from torch.func rows."""
     model = make_model("tokens")
-    opt = TENGraD(model, 0.3, 0.5, momentum=0.0, update_freq=2, kl_clip=None, stagger=True)
+    opt = TENGraD(model, 0.3, 0.5, momentum=0.0, update_freq=2, kl_clip=None, stagger=True, prior=None)
     gen = torch.Generator().manual_seed(0)
     m = 6
     per_block = []          # per step: {block name: (T_b, Q_b)}
@@ -194,14 +194,14 @@ def test_a_checkpoint_resumes_the_schedule():
     """A staggered optimizer saved after step 1 and loaded into a fresh one continues exactly."""
     def run(split):
         model = make_model("tokens")
-        opt = TENGraD(model, 0.3, 0.5, update_freq=3, stagger=True)
+        opt = TENGraD(model, 0.3, 0.5, update_freq=3, stagger=True, prior=None)
         gen = torch.Generator().manual_seed(0)
         for s in range(5):
             if s == split:
                 sd, ms = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
                 model = make_model("tokens", seed=7)
                 model.load_state_dict(ms)
-                opt = TENGraD(model, 0.3, 0.5, update_freq=3, stagger=True)
+                opt = TENGraD(model, 0.3, 0.5, update_freq=3, stagger=True, prior=None)
                 opt.load_state_dict(sd)
             x, y = make_batch("tokens", 5, "cross_entropy", gen)
             opt.zero_grad()
@@ -216,15 +216,15 @@ def test_a_checkpoint_resumes_the_schedule():
 def test_bad_stagger_settings_are_refused():
     model = make_model("tokens")
     with pytest.raises(TENGraDError, match="stagger must be True or False"):
-        TENGraD(model, stagger="yes")
+        TENGraD(model, stagger="yes", prior=None)
     with pytest.raises(TENGraDError, match="stagger=True needs fisher='empirical'"):
-        TENGraD(model, fisher="mc", stagger=True)
+        TENGraD(model, fisher="mc", stagger=True, prior=None)
 
 
 def test_explain_says_staggered():
-    opt = TENGraD(make_model("tokens"), stagger=True)
+    opt = TENGraD(make_model("tokens"), stagger=True, prior=None)
     assert "stagger=True" in opt.explain()
-    assert "stagger" not in TENGraD(make_model("tokens")).explain()
+    assert "stagger" not in TENGraD(make_model("tokens"), prior=None).explain()
 
 
 @pytest.mark.parametrize("staggered", [False, True])
@@ -235,7 +235,7 @@ def test_remove_hooks_leaves_no_hook_behind(staggered):
     model = TiedEncoderLM(batch_first=True).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, update_freq=3, stagger=staggered)
+        opt = TENGraD(model, update_freq=3, stagger=staggered, prior=None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         (ids,), y = ids_batch(gen)

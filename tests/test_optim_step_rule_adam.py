@@ -237,7 +237,7 @@ def test_a_bf16_models_checkpoint_keeps_its_state_in_float32(step_rule):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(torch.bfloat16)
     kw = dict(step_rule=step_rule, kl_clip=None) if step_rule == "adam" else {}
     make = lambda m: TENGraD(m, 3e-3 if step_rule == "adam" else 0.1, 0.1, momentum=0.9, prior="soap",   # noqa: E731
-                             update_freq=2, **kw)
+                             update_freq=2, **{"step_rule": "natural", **kw})
     opt = make(model)
     gen = torch.Generator().manual_seed(4)
     batches = [(torch.randn(8, 6, generator=gen).to(torch.bfloat16), torch.randint(0, 3, (8,), generator=gen))
@@ -267,8 +267,8 @@ def test_a_bf16_models_checkpoint_keeps_its_state_in_float32(step_rule):
 @pytest.mark.parametrize("kw,needle", [
     (dict(prior=None, kl_clip=None), "needs prior='soap'"),
     (dict(prior="adam", kl_clip=None), "needs prior='soap'"),
-    (dict(prior="soap"), "pass kl_clip=None"),
-    (dict(prior="soap", kl_clip=None, step_rule="sgd"), "step_rule must be 'natural' or 'adam'"),
+    (dict(prior="soap", kl_clip=1e-2), "pass kl_clip=None"),
+    (dict(prior="soap", kl_clip=None, step_rule="sgd"), "step_rule must be 'auto', 'natural' or 'adam'"),
 ])
 def test_adam_rule_refuses_what_it_is_not_built_for(kw, needle):
     kw = dict(dict(step_rule="adam"), **kw)
@@ -298,5 +298,5 @@ def test_explain_names_the_prior_and_the_step_rule():
     opt = _opt(model, update_freq=3)
     text = opt.explain()
     assert "prior='soap'" in text and "step_rule='adam'" in text and "kl_clip=None" in text, text
-    plain = TENGraD(make_model("mlp"), 0.1).explain()
+    plain = TENGraD(make_model("mlp"), 0.1, prior=None).explain()
     assert "step_rule" not in plain and "prior=" not in plain, plain

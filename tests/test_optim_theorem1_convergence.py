@@ -20,7 +20,7 @@ def test_full_batch_exact_fisher_converges_linearly():
     x = x / x.norm(dim=1, keepdim=True)
     y = torch.randn(n, 1, dtype=torch.float64)
     model = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, 1)).double()
-    opt = TENGraD(model, lr=0.4, damping=1e-8, momentum=0.0, fisher="exact", update_freq=1, kl_clip=None)
+    opt = TENGraD(model, lr=0.4, damping=1e-8, momentum=0.0, fisher="exact", update_freq=1, kl_clip=None, prior=None)
     losses = []
     for _ in range(12):
         out = model(x)

@@ -62,7 +62,7 @@ def test_rows_cut_for_time_and_each_step_is_exact_for_its_rows(monkeypatch, k):
     monkeypatch.setattr(roofline, "measured", lambda device="cpu": FIXED)
     model = _model()
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k,
-                  generator=torch.Generator().manual_seed(3))
+                  generator=torch.Generator().manual_seed(3), prior=None)
     drawn = _run(opt, model, k, 2 * k + 1)
     c = _expected_rows(opt)
     assert 1 < c < M
@@ -75,9 +75,9 @@ def test_a_wide_share_or_a_given_batch_keeps_the_rows(monkeypatch):
     monkeypatch.setattr(roofline, "measured", lambda device="cpu": FIXED)
     monkeypatch.setattr(budget, "TIME_SHARE", 100.0)
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, prior=None)
     assert _run(opt, model, 1, 2) == [None, None]
     monkeypatch.setattr(budget, "TIME_SHARE", 0.1)
     model = _model()
-    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, curvature_batch=None)
+    opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, curvature_batch=None, prior=None)
     assert _run(opt, model, 1, 2) == [None, None]                # curvature_batch=None: every row, always

@@ -151,7 +151,7 @@ def test_training_mode_batchnormact_is_captured_at_its_op():
     """In training mode (batch statistics) the subclass is no longer given BatchNorm2d's spec: its
     F.batch_norm is captured, so param.grad stays autograd's and the consistency check passes."""
     model = _net(MobileNetV3ish).train()
-    opt = __import__("tengrad").TENGraD(model, check=True)
+    opt = __import__("tengrad").TENGraD(model, check=True, prior=None)
     batch = _batches(8, 8, torch.Generator().manual_seed(0))[0]
     opt.zero_grad()
     _loss(model, batch).backward()
@@ -175,7 +175,7 @@ def test_parametrized_layer_alone_falls_back_with_its_reason(wrap):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), getattr(parametrizations, wrap)(nn.Linear(5, 3))).double()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = tengrad.TENGraD(model, kl_clip=None)
+        opt = tengrad.TENGraD(model, kl_clip=None, prior=None)
     assert any("2.parametrizations.weight.original" in str(w.message) and "parametrized" in str(w.message)
                for w in caught), [str(w.message) for w in caught]
     fallback = {n for n, _ in opt.fallback}

@@ -92,7 +92,7 @@ def test_token_rows_step_is_the_exact_step_of_the_positions_fisher(fisher, c, k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # qkv read as slices: an op-level block (a warning at construction)
         opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=k, fisher=fisher, kl_clip=None, check=True,
-                      token_rows=c, generator=torch.Generator().manual_seed(3))
+                      token_rows=c, generator=torch.Generator().manual_seed(3), prior=None)
     gen = torch.Generator().manual_seed(5)
     names = [n for n, p in model.named_parameters()]
     F_kept, draws = None, []
@@ -151,7 +151,7 @@ def test_token_rows_of_torch_layers_sum_to_the_per_sample_gradients():
     torch.manual_seed(1)
     m, t = 3, 4
     model = TorchLM(t).double()
-    opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=1, kl_clip=None, check=True, token_rows=m * t)
+    opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=1, kl_clip=None, check=True, token_rows=m * t, prior=None)
     gen = torch.Generator().manual_seed(2)
     ids, y = torch.randint(0, V, (m, t), generator=gen), torch.randint(0, V, (m, t), generator=gen)
     twin = model_at(model, {n: p.detach().clone() for n, p in model.named_parameters()})
@@ -177,7 +177,7 @@ def test_blocks_without_positions_keep_sample_rows():
     """A head on a pooled [m, d] input has no token dimension: its rows stay one per sample."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Embedding(V, D), nn.Linear(D, D), nn.Flatten(), nn.Linear(4 * D, 3)).double()
-    opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=1, kl_clip=None, check=True, token_rows=5)
+    opt = TENGraD(model, LR, DAMPING, momentum=0.0, update_freq=1, kl_clip=None, check=True, token_rows=5, prior=None)
     ids, y = torch.randint(0, V, (6, 4)), torch.randint(0, 3, (6,))
     opt.zero_grad()
     F.cross_entropy(model(ids), y).backward()
@@ -194,7 +194,7 @@ def test_blocks_without_positions_keep_sample_rows():
 ])
 def test_token_rows_is_checked(kwargs, match):
     with pytest.raises(TENGraDError, match=match):
-        TENGraD(nn.Linear(3, 2), **kwargs)
+        TENGraD(nn.Linear(3, 2), **{"prior": None, "step_rule": "natural", **kwargs})
 
 
 def test_accumulation_over_forwards_is_refused_for_a_summed_block():
@@ -202,7 +202,7 @@ def test_accumulation_over_forwards_is_refused_for_a_summed_block():
     model = TokNet().double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, LR, DAMPING, update_freq=1, token_rows=4)
+        opt = TENGraD(model, LR, DAMPING, update_freq=1, token_rows=4, prior=None)
     opt.zero_grad()
     for _ in range(2):
         ids, y = torch.randint(0, V, (2, 3)), torch.randint(0, V, (2, 3))
@@ -218,14 +218,14 @@ def test_rows_per_position_survive_a_checkpoint():
     reuse step of the loaded copy equals the original's."""
     torch.manual_seed(4)
     model = TorchLM(4).double()
-    opt = TENGraD(model, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5, generator=torch.Generator().manual_seed(1))
+    opt = TENGraD(model, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5, generator=torch.Generator().manual_seed(1), prior=None)
     gen = torch.Generator().manual_seed(6)
     ids, y = torch.randint(0, V, (3, 4), generator=gen), torch.randint(0, V, (3, 4), generator=gen)
     opt.zero_grad()
     _loss(model(ids), y).backward()
     opt.step()
     twin = model_at(model, {n: p.detach().clone() for n, p in model.named_parameters()})
-    opt2 = TENGraD(twin, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5)
+    opt2 = TENGraD(twin, LR, DAMPING, update_freq=3, kl_clip=None, token_rows=5, prior=None)
     opt2.load_state_dict(opt.state_dict())
     assert [b.curv.rows.tokens for b in opt2.blocks] == [4] * len(opt.blocks)
     for o, mdl in ((opt, model), (opt2, twin)):

@@ -82,7 +82,7 @@ def train_against_oracle(make, inputs_fn, dims, steps=3, lr=0.2, damping=0.3, **
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kw = dict(update_freq=1, kl_clip=None) | kw       # the exact per-step update the oracle forms
-        opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, check=True, **kw)
+        opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, check=True, **{"prior": None, "step_rule": "natural", **kw})
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         inputs, y = inputs_fn(gen)
@@ -138,7 +138,7 @@ def test_ambiguous_batch_dimension_raises_naming_the_layer():
     model = TiedEncoderLM(False).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, lr=0.1, damping=0.3)
+        opt = TENGraD(model, lr=0.1, damping=0.3, prior=None)
     ids = torch.randint(0, V, (T, T))          # T == N: [T, N, E] has two dims of size m
     lm_loss(model(ids), torch.randint(0, V, (T, T))).backward()
     with pytest.raises(BatchDimensionError, match=r"layer 'emb'.*dimensions \[0, 1\] all of size m = 5.*batch_dim"):
@@ -263,7 +263,7 @@ def test_mc_fisher_rows_reach_op_level_uses():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, fisher="mc", check=True,
-                      update_freq=1, kl_clip=None, generator=torch.Generator().manual_seed(3))
+                      update_freq=1, kl_clip=None, generator=torch.Generator().manual_seed(3), prior=None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         ids, y = torch.randint(0, V, (N, T), generator=gen), torch.randint(0, 4, (N,), generator=gen)

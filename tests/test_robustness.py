@@ -30,7 +30,7 @@ from tengrad.optim import TENGraD, TENGraDError
 def quiet_opt(model, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TENGraD(model, **kw)
+        return TENGraD(model, **{"prior": None, "step_rule": "natural", **kw})
 
 
 def train(model, opt, batches):
@@ -248,7 +248,7 @@ def test_a_compiled_model_is_refused_at_construction_with_the_supported_pattern(
     model = make_model("mlp")
     with pytest.raises(tengrad.TengradError, match=r"torch\.compile.*opt = TENGraD\(model, \.\.\.\); "
                                                    r"compiled = torch\.compile\(model\)"):
-        TENGraD(torch.compile(model))
+        TENGraD(torch.compile(model), prior=None)
 
 
 def test_compiling_after_construction_steps_exactly():
@@ -295,7 +295,7 @@ def test_the_exact_fisher_over_its_memory_cap_is_refused_with_the_number_and_the
     need = 1000 * 32 * 1000 * 4 + 2 * 32000 ** 2 * 4
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 1000))
-    opt = TENGraD(model, fisher="exact")
+    opt = TENGraD(model, fisher="exact", prior=None)
     x, y = torch.randn(32, 4), torch.randint(0, 1000, (32,))
     snap = snapshot_all(model, opt)
     out = model(x)
@@ -307,7 +307,7 @@ def test_the_exact_fisher_over_its_memory_cap_is_refused_with_the_number_and_the
     assert_unchanged(model, opt, snap)
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(TENGraDError, match="max_exact_fisher_bytes must be an integer >= 1"):
-        TENGraD(model, fisher="exact", max_exact_fisher_bytes=0)
+        TENGraD(model, fisher="exact", max_exact_fisher_bytes=0, prior=None)
 
 
 def test_the_exact_fisher_at_its_cap_runs_and_one_byte_under_is_refused():
@@ -317,7 +317,7 @@ def test_the_exact_fisher_at_its_cap_runs_and_one_byte_under_is_refused():
     for cap, ok in ((need, True), (need - 1, False)):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 3)).double()
-        opt = TENGraD(model, fisher="exact", max_exact_fisher_bytes=cap)
+        opt = TENGraD(model, fisher="exact", max_exact_fisher_bytes=cap, prior=None)
         out = model(x)
         opt.zero_grad()
         if ok:
@@ -386,7 +386,7 @@ def test_a_long_run_keeps_no_earlier_steps_records_or_graphs():
     model = Net()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = TENGraD(model, update_freq=1)
+        opt = TENGraD(model, update_freq=1, prior=None)
     gen = torch.Generator().manual_seed(0)
 
     def live():

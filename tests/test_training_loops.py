@@ -34,7 +34,7 @@ def _batch(m=8, seed=1):
 
 def _opt(model, **kw):
     return TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=kw.pop("k", 1),
-                   check=True, **kw)
+                   check=True, **{"prior": None, "step_rule": "natural", **kw})
 
 
 EXTRA = {
@@ -105,7 +105,7 @@ def test_batch_read_from_a_keyword_argument_and_declared_dims_are_exact():
     # T = 6 != N = 4: the sequence-first Linear would be ambiguous without the declaration only if T == N;
     # declared here to check that a declared dim is used (and checked) for a use
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=1, check=True,
-                  batch_dim={"": 0, "mix": 1})
+                  batch_dim={"": 0, "mix": 1}, prior=None)
     gen = torch.Generator().manual_seed(3)
     ids, y = torch.randint(0, 9, (4, 6), generator=gen), torch.randint(0, 3, (4,), generator=gen)
     scale = torch.tensor(1.5, dtype=torch.float64)
@@ -136,7 +136,7 @@ def test_batch_read_from_a_keyword_argument_and_declared_dims_are_exact():
 def test_a_declared_batch_dim_that_is_not_the_batch_raises_naming_the_layer_and_the_fix():
     torch.manual_seed(0)
     model = _Keywords().double()
-    opt = TENGraD(model, update_freq=1, batch_dim={"": 0, "mix": 0})    # dim 0 of [T, N, 5] is T
+    opt = TENGraD(model, update_freq=1, batch_dim={"": 0, "mix": 0}, prior=None)    # dim 0 of [T, N, 5] is T
     ids, y = torch.randint(0, 9, (4, 6)), torch.randint(0, 3, (4,))
     scale = torch.tensor(1.0, dtype=torch.float64)
     before = [p.detach().clone() for p in model.parameters()]
@@ -410,7 +410,7 @@ def test_a_lazy_gradient_penalty_is_refused_on_curvature_steps_and_exact_on_reus
     Jacobian the create_graph pass itself is what names it (the detached weights would lose its terms)."""
     model = _deep()
     opt = TENGraD(model, lr=0.2, damping=0.5, momentum=0.0, kl_clip=None, update_freq=k,
-                  grad_from_jacobian=grad_from_jacobian)
+                  grad_from_jacobian=grad_from_jacobian, prior=None)
     kept: dict = {}
     refused = 0
     for step in range(2 * k + 2):
@@ -485,7 +485,7 @@ def test_a_gradient_penalty_on_the_first_step_is_named_as_one():
     mismatch a penalty makes as a wrong spec (SpecMismatchError: tied head, batch dimension, transposed
     weight); the capture now records that a create_graph pass reached the layer, and the error says so."""
     model = _deep()
-    opt = TENGraD(model, lr=0.2, damping=0.5, kl_clip=None, grad_from_jacobian=False)
+    opt = TENGraD(model, lr=0.2, damping=0.5, kl_clip=None, grad_from_jacobian=False, prior=None)
     x, y = _batch(seed=0)
     opt.zero_grad()
     _penalised(model, x, y).backward()
@@ -560,7 +560,7 @@ def test_ignored_labels_are_refused_where_the_fisher_cannot_follow_them():
     model = _deep()
     x, y = _batch(m=8, seed=9)
     y[:2] = -100
-    opt = TENGraD(model, lr=0.2, damping=0.5, fisher="mc")
+    opt = TENGraD(model, lr=0.2, damping=0.5, fisher="mc", prior=None)
     with pytest.raises(TENGraDError, match="fisher='empirical'"):
         opt.backward(model(x), y)
     opt = _opt(model)
@@ -598,7 +598,7 @@ def test_a_parameter_frozen_between_backward_and_step_does_not_move(which, rule)
     model = _GatedNet()
     kw = dict(prior="soap", step_rule="adam", kl_clip=None) if rule == "adam" else dict(kl_clip=None)
     with pytest.warns(UserWarning, match="no layer plan for 5 parameter"):     # w and the GRU's: fallback
-        opt = TENGraD(model, lr=0.01 if rule == "adam" else 0.2, damping=0.5, update_freq=2, **kw)
+        opt = TENGraD(model, lr=0.01 if rule == "adam" else 0.2, damping=0.5, update_freq=2, **{"prior": None, "step_rule": "natural", **kw})
     frozen = dict(model.named_parameters())[which]
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
@@ -636,7 +636,7 @@ def test_a_bias_whose_gradient_cancels_passes_the_checks_and_leaves_the_loss_sca
     runs = []
     for factor in (1.0, 64.0):
         model = _bias_before_batchnorm().to(dtype)
-        opt = TENGraD(model, lr=0.1, damping=0.5, kl_clip=None, update_freq=2, check=check)
+        opt = TENGraD(model, lr=0.1, damping=0.5, kl_clip=None, update_freq=2, check=check, prior=None)
         gen = torch.Generator().manual_seed(2)
         for step in range(5):
             x = torch.randn(8, 3, 5, 5, generator=gen, dtype=torch.float64).to(dtype)

@@ -38,16 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--evals-per-epoch", type=int, default=2, help="test evaluations (curve points) per epoch")
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--sgd-lr", type=float, default=0.05)
-    t.add_argument("--tengrad-lr", type=float, default=None, help="TENGraD lr (default: TENGraD's, 0.3)")
+    t.add_argument("--prior", choices=("soap", "adam", "none"), default="soap",
+                   help="TENGraD prior: 'soap' (the default, with SOAP's step around the rows), 'adam', or 'none' "
+                        "(the paper's step)")
+    t.add_argument("--tengrad-lr", type=float, default=None,
+                   help="TENGraD lr (default: TENGraD's, 3e-3; 0.3 with --prior none)")
     t.add_argument("--tengrad-damping", type=float, default=None,
-                   help="TENGraD damping (default: TENGraD's, 1)")
+                   help="TENGraD damping (default: TENGraD's, 0.1; 1 with --prior none)")
+    t.add_argument("--tengrad-momentum", type=float, default=None,
+                   help="TENGraD momentum (default: TENGraD's, 0.95; 0.9 with --prior none)")
     t.add_argument("--update-freq", type=int, default=None,
                    help="TENGraD curvature update interval in steps (default: TENGraD's, 10)")
     t.add_argument("--kl-clip", default=None,
-                   help="TENGraD KL clip: a number, or 'none' for the exact step (default: TENGraD's, 6.4e-3)")
+                   help="TENGraD KL clip: a number, or 'none' for the exact step (default: TENGraD's: none; "
+                        "6.4e-3 with --prior other than soap)")
     t.add_argument("--fisher", choices=("empirical", "mc", "exact"), default="empirical", help="TENGraD Fisher")
     t.add_argument("--backend", default="auto", help="TENGraD backend")
     t.add_argument("--seed", type=int, default=0)
@@ -61,10 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tengrad_kwargs(args) -> dict:
-    """Only the TENGraD settings the user gave (lr, damping, update_freq, kl_clip): everything else is
-    TENGraD(model)'s defaults."""
-    given = dict(lr=args.tengrad_lr, damping=args.tengrad_damping, update_freq=args.update_freq)
+    """Only the TENGraD settings the user gave (prior, lr, damping, momentum, update_freq, kl_clip):
+    everything else is TENGraD(model)'s defaults (those of the prior's step rule)."""
+    given = dict(lr=args.tengrad_lr, damping=args.tengrad_damping, momentum=getattr(args, "tengrad_momentum", None),
+                 update_freq=args.update_freq)
     kw = {k: v for k, v in given.items() if v is not None}
+    prior = getattr(args, "prior", "soap")
+    if prior != "soap":
+        kw["prior"] = None if prior == "none" else prior
     if getattr(args, "kl_clip", None) is not None:
         kw["kl_clip"] = None if str(args.kl_clip).lower() == "none" else float(args.kl_clip)
     return kw
@@ -80,11 +91,11 @@ def _make_optimizer(name: str, model, args):
     from tengrad import TENGraD
 
     kw = tengrad_kwargs(args)
-    opt = TENGraD(model, momentum=args.momentum, weight_decay=args.weight_decay, fisher=args.fisher,
-                  backend=args.backend, **kw)
+    opt = TENGraD(model, weight_decay=args.weight_decay, fisher=args.fisher, backend=args.backend, **kw)
     g = opt.param_groups[0]
-    settings = (f"lr={g['lr']:g}, damping={g['damping']:g}, update_freq={opt.update_freq}, "
-                f"kl_clip={opt.kl_clip}" + ("" if kw else " (defaults)"))
+    settings = (f"prior={opt.prior}, step_rule={opt.step_rule}, lr={g['lr']:g}, damping={g['damping']:g}, "
+                f"momentum={g['momentum']:g}, update_freq={opt.update_freq}, kl_clip={opt.kl_clip}"
+                + ("" if kw else " (defaults)"))
     return "TENGraD", opt, settings
 
 

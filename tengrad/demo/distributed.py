@@ -87,7 +87,7 @@ def main_distributed(args) -> int:
             mode = "local" if name == "tengrad-local" else "exact"
             from tengrad.demo import tengrad_kwargs   # the settings given; the rest: TENGraD's defaults
 
-            opt = TENGraD(net, momentum=args.momentum, weight_decay=args.weight_decay, fisher=args.fisher,
+            opt = TENGraD(net, weight_decay=args.weight_decay, fisher=args.fisher,
                           backend=args.backend, distributed=mode, **tengrad_kwargs(args))
             g = opt.param_groups[0]
             settings = f"lr={g['lr']:g}, damping={g['damping']:g}, {mode}"

@@ -71,6 +71,31 @@ def extra(steps: int, names: list[str], param_groups: list[dict], estimator_stat
             "noise": estimator_state["noise"]}
 
 
+def check_rule(state_dict: object, prior: str | None, step_rule: str) -> None:
+    """Refuse a state_dict saved under another step rule or prior than this optimizer's: torch's load
+    would take its lr, damping and momentum into this optimizer's groups (the paper's step's lr 0.3 under
+    the defaults' rule diverges). The saved ``"rule"`` entry decides; a checkpoint from before it was
+    kept tells its step rule by its state: Adam's first moments ("exp_avg") only under step_rule="adam"."""
+    ours = state_dict.get("tengrad") if isinstance(state_dict, dict) else None
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(ours, dict) or not isinstance(state, dict):
+        return                              # prepare() names what is missing
+    saved = ours.get("rule")
+    if isinstance(saved, dict):
+        saved_prior, saved_rule = saved.get("prior"), saved.get("step_rule")
+    elif ours.get("steps", 0) and state:
+        saved_prior = "?"
+        saved_rule = "adam" if any(isinstance(s, dict) and "exp_avg" in s for s in state.values()) else "natural"
+    else:
+        return
+    if saved_rule != step_rule or saved_prior not in ("?", prior):
+        was = f"step_rule={saved_rule!r}" + ("" if saved_prior == "?" else f", prior={saved_prior!r}")
+        hint = (" (TENGraD(model)'s defaults are prior='soap', step_rule='adam' since 2026-12-08: build "
+                "TENGraD(model, prior=None) to resume a run of the paper's step)") if saved_rule == "natural" else ""
+        raise _fail(f"the state_dict was saved with {was}; this optimizer has step_rule={step_rule!r}, "
+                    f"prior={prior!r}: build it with the saved run's settings{hint}")
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 

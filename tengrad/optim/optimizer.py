@@ -120,9 +120,15 @@ class TENGraD(torch.optim.Optimizer):
     s = |G|^2 / E|g|^2 the share of the batch gradient that is signal, estimated from the per-sample
     rows of the curvature steps (noise.py; empirical Fisher, single process; False: r = 1).
 
-    Defaults (``TENGraD(model)``): lr 0.3, damping 1, momentum 0.9, update_freq 10, kl_clip 6.4e-3
-    with the noise ratio (options.py; chosen with benchmarks/robustness.py and benchmarks/tta.py, the
-    runs in docs/experiments/robustness.md and docs/experiments/time-to-accuracy.md).
+    Defaults (``TENGraD(model)``): prior "soap" with step_rule "adam" (SOAP's step around the rows, below),
+    lr 3e-3, damping 0.1, momentum 0.95, update_freq 10, no KL clip: ahead of the paper's step on all three
+    tasks of benchmarks/tta.py (3C1F, a BatchNorm ResNet, a Transformer LM; benchmarks/README.md,
+    docs/experiments/lm-prior-soap.md). The paper's step, ``TENGraD(model, prior=None)``: lr 0.3,
+    damping 1, momentum 0.9, kl_clip 6.4e-3 with the noise ratio (options.resolve_rule; chosen with
+    benchmarks/robustness.py and benchmarks/tta.py, docs/experiments/robustness.md and
+    docs/experiments/time-to-accuracy.md). ``lr``, ``damping``, ``momentum`` None and ``kl_clip`` "auto"
+    take the defaults of the step rule in use; ``step_rule`` "auto" is "adam" for prior="soap" without a
+    KL clip, else "natural".
     ``max_jacobian_numel``: the largest explicit per-layer Jacobian (rows x params) a block may keep.
     ``max_exact_fisher_bytes``: ``fisher="exact"`` estimates what a curvature step allocates (its C
     output passes, and per block K and its factor, (C m)^2 each; curvature/fisher.py ``exact_bytes``)
@@ -144,17 +150,17 @@ class TENGraD(torch.optim.Optimizer):
     ``curvature_batch="auto"`` the rows are then cut to fit (curvature/budget.py). Moving a block leaves
     the step unchanged (reuse steps read x and gy instead of J); cutting rows makes it the step of the
     sampled rows' Fisher. Pass ``curvature_batch=None`` for the whole batch's Fisher at any memory.
-    ``prior``: None (default: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
+    ``prior``: None (the paper's step: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
     diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per
     block and floored at ``prior_floor`` (curvature/prior.py: the exact step for that D;
     Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
     (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
-    default SOAP's 0.95), as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of
+    default SOAP's 0.95), as SOAP preconditions (the default; curvature/eigenbasis.py: exact for that D; the rows of
     such a block are kept as a rotated explicit J). On several ranks the global gradient is written into
     param.grad (as DDP does), so the moments and D are the same on every rank; "exact" then steps
     (F + a D)^-1 g for the global batch's rows, "local" averages each rank's step for its own rows.
-    ``step_rule``: "natural" (default: the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
-    "adam", SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
+    ``step_rule``: "natural" (the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
+    "adam" (the default, through "auto"), SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
     Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
     step's gradient folded in, each block's d is scaled by a / mean_b sqrt(v) so that outside the rows the
     step is m'' / sqrt(v) per rotated coordinate (SOAP's, at lr), and theta -= lr d with no heavy ball:
@@ -181,21 +187,23 @@ class TENGraD(torch.optim.Optimizer):
     averaged: an approximation) or None; see estimator/distributed.py.
     """
 
-    def __init__(self, model: nn.Module, lr: float = options.DEFAULT_LR,
-                 damping: float = options.DEFAULT_DAMPING, momentum: float = 0.9,
+    def __init__(self, model: nn.Module, lr: float | None = None,
+                 damping: float | None = None, momentum: float | None = None,
                  weight_decay: float = 0.0, update_freq: int = options.DEFAULT_UPDATE_FREQ,
                  fisher: str = "empirical", backend: str = "auto",
-                 kl_clip: float | None = options.DEFAULT_KL_CLIP,
+                 kl_clip: float | str | None = "auto",
                  generator: torch.Generator | None = None, max_jacobian_numel: int = 2 ** 26,
                  param_groups: list[dict] | None = None, check: bool | None = False,
                  distributed: str | None = "auto", batch_dim: int | dict = 0,
                  grad_from_jacobian: bool = True, noise_scale: bool = True, stagger: bool = False,
                  max_exact_fisher_bytes: int = fisher_mod.DEFAULT_MAX_EXACT_BYTES,
                  curvature_batch: int | str | None = "auto", curvature_memory: int | str | None = "auto",
-                 prior: str | None = None, prior_beta: float | None = None,
+                 prior: str | None = "soap", prior_beta: float | None = None,
                  prior_floor: float = prior_mod.DEFAULT_FLOOR, token_rows: int | None = None,
-                 step_rule: str = "natural") -> None:
+                 step_rule: str = "auto") -> None:
         model = options.check_model(model)
+        step_rule, kl_clip, lr, damping, momentum = options.resolve_rule(prior, step_rule, kl_clip, lr, damping,
+                                                                         momentum)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         for key, value in defaults.items():
             options.check_value(key, value)
@@ -524,6 +532,7 @@ class TENGraD(torch.optim.Optimizer):
                                          op_layout(self.blocks))
         # the input shapes whose weight gradient the next curvature step takes from the Jacobian (capture/
         # module.py): without them a resumed run takes autograd's once, a rounding apart from the saved run's
+        sd["tengrad"]["rule"] = {"prior": self.prior, "step_rule": self.step_rule}   # checked on load
         sd["tengrad"]["jacobian_grad"] = {b.name: list(b.capture.jacobian_grad_shape) for b in self.blocks
                                           if b.capture is not None and b.capture.jacobian_grad_shape is not None}
         return sd
@@ -534,6 +543,7 @@ class TENGraD(torch.optim.Optimizer):
         # op-level blocks the saved optimizer had built at its steps (``x * w``, addmm, einsum: block.promote)
         # are built here too, so their kept curvature has a block before this optimizer's first forward
         # (single process only: the distributed step keeps such parameters on d = g / a, as its steps do)
+        checkpoint.check_rule(state_dict, self.prior, self.step_rule)
         ours = state_dict.get("tengrad") if isinstance(state_dict, dict) and not self.distributed else None
         new, joined, fallback = promote_saved(self.model, self.blocks, self.fallback,
                                               ours.get("op_blocks") if isinstance(ours, dict) else None)

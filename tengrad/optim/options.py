@@ -14,7 +14,9 @@ truncated), ``fisher`` one of fisher.FISHERS, ``kl_clip`` None or real, finite, 
 "Real" means an int or float (numpy scalars too) but not a bool and not a string or tensor.
 Every error is a TENGraDError whose message names the argument (and the group index).
 
-Defaults (``TENGraD(model)``): lr 0.3, damping 1, update_freq 10, kl_clip 6.4e-3 with the noise ratio,
+Defaults (``TENGraD(model)``, ``resolve_rule``): prior "soap", step_rule "adam", lr 3e-3, damping 0.1,
+momentum 0.95, update_freq 10, no KL clip (benchmarks/tta.py on 3C1F, a ResNet and a Transformer LM). The
+paper's step (``prior=None``): lr 0.3, damping 1, momentum 0.9, kl_clip 6.4e-3 with the noise ratio,
 chosen with benchmarks/robustness.py and benchmarks/tta.py (the runs: docs/experiments/robustness.md
 and docs/experiments/time-to-accuracy.md).
 
@@ -162,6 +164,33 @@ def check_token_rows(value: object, fisher: str, distributed: bool) -> int | Non
         raise TENGraDError("token_rows is single-process only: the distributed step's rows are the ranks' whole "
                            "batches (estimator/distributed.py)")
     return c
+
+
+#: the defaults of step_rule="adam" (``TENGraD(model)``): SOAP's lr, beta1 and a damping that weighs the rows
+#: at a / mean sqrt(v) (docs/experiments/lm-prior-soap.md; benchmarks/README.md, tta.py)
+RULE_LR, RULE_DAMPING, RULE_MOMENTUM = 3e-3, 0.1, 0.95
+NATURAL_MOMENTUM = 0.9
+
+
+def resolve_rule(prior: object, rule: object, kl_clip: object, lr: object, damping: object,
+                 momentum: object) -> tuple[object, object, object, object, object]:
+    """(step_rule, kl_clip, lr, damping, momentum) with the "auto" / None defaults filled in.
+
+    step_rule "auto": "adam" when prior="soap" and no KL clip is asked (kl_clip "auto" or None), else
+    "natural". kl_clip "auto": None under "adam" (the rule sets each coordinate's step at lr), else
+    DEFAULT_KL_CLIP (with the noise ratio). lr, damping, momentum None: RULE_* under "adam", else
+    DEFAULT_LR, DEFAULT_DAMPING, NATURAL_MOMENTUM (the paper's step's tuned defaults). Given values stay."""
+    if rule not in ("auto", "natural", "adam"):
+        raise TENGraDError(f"step_rule must be 'auto', 'natural' or 'adam', got {rule!r}")
+    if rule == "auto":
+        rule = "adam" if prior == "soap" and (kl_clip is None or kl_clip == "auto") else "natural"
+    adam = rule == "adam"
+    if isinstance(kl_clip, str) and kl_clip == "auto":
+        kl_clip = None if adam else DEFAULT_KL_CLIP
+    lr = (RULE_LR if adam else DEFAULT_LR) if lr is None else lr
+    damping = (RULE_DAMPING if adam else DEFAULT_DAMPING) if damping is None else damping
+    momentum = (RULE_MOMENTUM if adam else NATURAL_MOMENTUM) if momentum is None else momentum
+    return rule, kl_clip, lr, damping, momentum
 
 
 def check_step_rule(rule: object, prior: str | None, kl_clip: object) -> str:

@@ -94,6 +94,8 @@ def _make_opt(model, mode, fisher, k, seed, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kw.setdefault("kl_clip", None)   # the exact step (KL clipping is on by default since issue 11)
+        kw.setdefault("prior", None)     # the paper's step, D = I (the defaults take prior="soap")
+        kw.setdefault("step_rule", "natural")
         return TENGraD(model, kw.pop("lr", 0.3), kw.pop("damping", 0.5), momentum=kw.pop("momentum", 0.0),
                        update_freq=k, fisher=fisher, generator=torch.Generator().manual_seed(seed),
                        distributed=mode, **kw)

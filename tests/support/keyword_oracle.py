@@ -52,7 +52,7 @@ def curvature_and_reuse(model: torch.nn.Module, batches: list[dict], loss: Loss 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, lr=lr, damping=damping, momentum=0.0, update_freq=2, kl_clip=None, check=True,
-                      **opt_kwargs)
+                      **{"prior": None, "step_rule": "natural", **opt_kwargs})
     worst, first = 0.0, None
     for s, batch in enumerate(batches):
         m = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))

@@ -201,7 +201,7 @@ def run_against_oracle(kind, fisher, loss, k, sizes, lr=0.3, damping=0.5, tol=1e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=k, fisher=fisher,
-                      generator=torch.Generator().manual_seed(2), **opt_kwargs)
+                      generator=torch.Generator().manual_seed(2), **{"prior": None, "step_rule": "natural", **opt_kwargs})
     F_stored = names = None
     errs = []
     for s, m in enumerate(sizes):
@@ -257,7 +257,7 @@ def two_steps(schedule, kl_clip=1e-5, lr=0.3, damping=0.5, noise_scale=False):
     second step against the oracle (``step_against_oracle``) at the lr the schedule left. Returns
     (opt, moved, exact, D, nu of the first step)."""
     model = make_model("tokens")
-    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, noise_scale=noise_scale)
+    opt = TENGraD(model, lr, damping, momentum=0.0, update_freq=1, kl_clip=kl_clip, noise_scale=noise_scale, prior=None)
     gen = torch.Generator().manual_seed(0)
     x, y = make_batch("tokens", 5, "cross_entropy", gen)
     opt.zero_grad()
