@@ -126,3 +126,28 @@ def test_explain_names_the_budget_and_the_rows(monkeypatch):
     c = len(opt.last_curvature_rows[M])
     assert f"{c} of {M} rows (cut to fit: curvature_batch='auto')" in opt.explain()
     assert "memory budget" in opt.explain() and "2 block(s) on x and gy" in opt.explain()
+
+
+@pytest.mark.parametrize("cap", [2 ** 17, 2 ** 19], ids=["128 KiB", "512 KiB"])
+def test_the_defaults_prior_keeps_its_explicit_rows_within_the_budget(cap):
+    """The defaults' prior (prior="soap") keeps a rotatable block's rows as an explicit rotated J whatever
+    form the plain rows would take: the budget prices that J, and a block it moves to x and gy takes
+    the identity prior (named in explain()); the kept curvature stays within curvature_memory (the
+    rows' x and gy or J, K and the factor left out as in budget.py)."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3)).double()
+    opt = TENGraD(model, curvature_memory=cap, curvature_batch=None)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(12):                 # past the first curvature step: the eigenbasis exists from step 1
+        x, y = torch.randn(64, 24, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    kept = sum(memory.kept_bytes(b.curv.rows) for b in opt.blocks)
+    assert kept <= cap, (kept, cap)
+    moved = [b for b in opt.blocks if b.memory_reuse]
+    explicit = [b for b in opt.blocks if b.curv.rows.explicit_held]
+    assert moved and all(b.curv.rows.prior is None and "memory budget" in b.curv.rows.prior_note for b in moved)
+    assert explicit and all(b.curv.rows.prior is not None for b in explicit)   # the others keep SOAP's D
+    assert "moved to x and gy by the memory budget" in opt.explain()

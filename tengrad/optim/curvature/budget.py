@@ -93,6 +93,20 @@ def budget_of(step, due_uses: dict) -> int | None:
     return max(FLOOR, int(SHARE * total) - direction)
 
 
+def _under_prior(b, form: tuple[str, int, int | None, int], rules) -> tuple[str, int, int | None, int]:
+    """A block's form as its prior keeps it: a prior that rotates or scales J per entry (prior.py
+    ``needs_jacobian``) forms the explicit J whatever the time model chose for the plain rows, within
+    max_jacobian_numel; moving it to x and gy (``Block.memory_reuse``) then means the identity prior."""
+    path, j_bytes, x_bytes, m = form
+    prior = rules.prior
+    if (prior is None or path == paths.JACOBIAN or x_bytes is None or b.memory_reuse
+            or not prior.needs_jacobian(b)):
+        return form
+    s = b.params[0].element_size() if b.params else 4
+    rows = j_bytes // max(b.numel * max(s, 4), 1)       # J bytes = r P s (the compute dtype: >= 4 bytes)
+    return (paths.JACOBIAN, j_bytes, x_bytes, m) if rows * b.numel <= rules.max_jacobian_numel else form
+
+
 def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | str | None,
         other: int = 0) -> tuple[list[int], int | None, int]:
     """(blocks to move from J to x and gy, the rows c to sample or None, the kept bytes then) for
@@ -147,7 +161,8 @@ def step_rules(step, due_uses: dict):
     cap = budget_of(step, due_uses)
     if cap is None:
         return fixed, None
-    forms = {i: build.forms(step.blocks[i], uses, fixed) for i, uses in due_uses.items()}
+    forms = {i: _under_prior(step.blocks[i], build.forms(step.blocks[i], uses, fixed), fixed)
+             for i, uses in due_uses.items()}
     other = sum(memory.kept_bytes(b.curv.rows) for i, b in enumerate(step.blocks)
                 if i not in due_uses and b.curv is not None and b.curv.rows is not None)
     m = max(f[3] for f in forms.values())

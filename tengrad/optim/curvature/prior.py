@@ -79,10 +79,19 @@ class Prior:
     state: dict
     current: float | None = None    # step_rule="adam": v's beta, to fold this step's gradient into v first
 
-    def rows(self, rows: Rows, block, max_jacobian_numel: int) -> Rows:
+    def rows(self, rows: Rows, block, max_jacobian_numel: int, on_factors: str | None = None) -> Rows:
+        """R' of ``block`` under this prior; ``on_factors``: why the rows must stay on x and gy (the memory
+        budget moved the block), so a D that needs an explicit J gives way to the identity prior."""
         if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
-            return rotated(rows, block, self.state, self.floor, max_jacobian_numel, self.current)
-        return apply(rows, block, self.state, self.floor, max_jacobian_numel, self.current)
+            return rotated(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
+        return apply(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
+
+    def needs_jacobian(self, block) -> bool:
+        """Whether this prior keeps ``block``'s rows as an explicit J (rotated, or scaled per entry), not
+        as x and gy (Adafactor's Kronecker scaling of a Linear's or a groups-1 Conv's)."""
+        if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
+            return True
+        return block.plan is None or kronecker_layer(block.module, block.params) is None
 
 
 class SecondMoments:
@@ -222,7 +231,7 @@ def kronecker_layer(module: nn.Module, params: Sequence[Tensor]) -> str | None:
 
 
 def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
-            current: float | None = None) -> Rows:
+            current: float | None = None, on_factors: str | None = None) -> Rows:
     """R'' = R T^T for ``block`` under ``prior="soap"`` (curvature/eigenbasis.py): rotatable weights in
     their eigenbasis, the other parameters diagonal, delta normalised over the whole block; the rows
     as an explicit J (formed from x and gy when it has at most ``max_jacobian_numel`` entries, else the
@@ -234,6 +243,9 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
     if current is not None:
         vs = [with_current(v, p, current, b) for v, p, b in zip(vs, block.params, bases)]
     if not rows.explicit_held:
+        if on_factors is not None:
+            return identity(rows, f"identity prior: {on_factors}; the eigenbasis prior rotates explicit rows only "
+                                  "(eigenbasis.py)", vs if current is not None else None)
         if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
             return identity(rows, f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds "
                                   "max_jacobian_numel; the eigenbasis prior rotates explicit rows only (eigenbasis.py)",
@@ -250,7 +262,7 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
 
 
 def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
-          current: float | None = None) -> Rows:
+          current: float | None = None, on_factors: str | None = None) -> Rows:
     """R' = R S for ``block`` (module docstring), with delta from ``state[p]["prior_v"]``; the result
     carries S (``Rows.prior``, per parameter, shaped like it) or, for the identity prior, None and a note."""
     params = block.params
@@ -271,6 +283,9 @@ def apply(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: int,
                 out = rows.feature_scaled(s_in, 1, s_out, 1, s)
             out.prior_mean = c
             return out
+        if on_factors is not None:
+            return identity(rows, f"identity prior: {on_factors}, and its layer has no Kronecker form (prior.py)",
+                            vs if current is not None else None)
         if rows.n_rows * block.numel > max_jacobian_numel or block.plan is None:
             return identity(rows, f"identity prior: its J ({rows.n_rows} x {block.numel}) exceeds "
                                   f"max_jacobian_numel and its layer has no Kronecker form (prior.py)",

@@ -269,7 +269,8 @@ class LocalEstimator:
             if rules.curvature_batch is not None and r.tokens is None and _deferred(b, r):   # J of the sampled rows only
                 r = r.explicit(b.plan)
             if rules.prior is not None:                      # R' = R D^-1/2 (curvature/prior.py)
-                r = rules.prior.rows(r, b, rules.max_jacobian_numel)
+                r = rules.prior.rows(r, b, rules.max_jacobian_numel,
+                                     "moved to x and gy by the memory budget (budget.py)" if b.memory_reuse else None)
             gram = r.gram(b.plan)
             # the screen compares R g with K of the plain rows: not for the rows of a prior
             fresh[i] = (r.released(), gram, whole and r.prior is None)   # K formed: an explicit J's x and gy go
