@@ -6,6 +6,7 @@ raises; no exception escapes a cell). Timing plays no part.
 
     .venv/bin/python benchmarks/robustness_lm.py                 # 16 cells of 750 steps
     .venv/bin/python benchmarks/robustness_lm.py --quick         # smoke run: tiny model, 4 steps a cell
+    .venv/bin/python benchmarks/robustness_lm.py --rule defaults  # the defaults' rule on its own lr scale
 
 Writes ``robustness_lm.json`` (after every cell, so a stopped run keeps its cells) and
 ``robustness_lm.png`` (a heat map: best bits per byte per cell, "x" where the run diverged, a red box
@@ -34,8 +35,13 @@ def parse_floats(s: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", type=parse_floats, default=parse_floats("0.03,0.1,0.3,1"))
-    p.add_argument("--dampings", type=parse_floats, default=parse_floats("0.1,0.3,1,3"))
+    p.add_argument("--rule", choices=("paper", "defaults"), default="paper",
+                   help="the step gridded: 'paper' (prior=None, the paper's natural-gradient step) or 'defaults' "
+                        "(TENGraD(model)'s prior='soap' with step_rule='adam')")
+    p.add_argument("--lrs", type=parse_floats, default=None,
+                   help="default 0.03,0.1,0.3,1 (paper); 1e-3,3e-3,6e-3,1e-2 (defaults)")
+    p.add_argument("--dampings", type=parse_floats, default=None,
+                   help="default 0.1,0.3,1,3 (paper); 0.03,0.1,0.3,1 (defaults)")
     p.add_argument("--steps", type=int, default=750, help="training steps per cell")
     p.add_argument("--target", type=float, default=None, help="validation bits per byte (default: the task's first)")
     p.add_argument("--kl-clip", default="default", help="TENGraD kl_clip: 'default', 'none', or a number")
@@ -47,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+GRIDS = {"paper": ("0.03,0.1,0.3,1", "0.1,0.3,1,3"), "defaults": ("1e-3,3e-3,6e-3,1e-2", "0.03,0.1,0.3,1")}
+
+
 def cell_hp(args, lr: float, damping: float) -> dict:
-    hp = dict(lr=lr, damping=damping, prior=None)   # the paper's step: this grid is on its lr and damping scale
+    hp = dict(lr=lr, damping=damping)
+    if getattr(args, "rule", "paper") == "paper":
+        hp["prior"] = None          # the paper's step (the defaults' rule is on another lr scale)
     if args.update_freq is not None:
         hp["update_freq"] = args.update_freq
     if args.kl_clip != "default":
@@ -113,6 +124,9 @@ def heatmap(results: list[dict], lrs, dampings, target: float, path: str, title:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    lrs, dampings = GRIDS[args.rule]
+    args.lrs = args.lrs if args.lrs is not None else parse_floats(lrs)
+    args.dampings = args.dampings if args.dampings is not None else parse_floats(dampings)
     if args.quick:
         args.steps = 4
     torch.set_num_threads(args.threads)
@@ -120,9 +134,10 @@ def main(argv=None) -> int:
     target = args.target if args.target is not None else task.targets[0]
     data = task.load()
     os.makedirs(args.out, exist_ok=True)
-    title = f"{task.title}; {args.steps} steps per cell, seed {args.seed}"
+    title = (f"{task.title}; {'the paper' + chr(39) + 's step (prior=None)' if args.rule == 'paper' else 'the defaults' + chr(39) + ' rule'}; "
+             f"{args.steps} steps per cell, seed {args.seed}")
     print(f"{title}; {machine()}; load {load_average()}", flush=True)
-    meta = dict(title=title, settings=task.settings, steps=args.steps, target=target, kl_clip=args.kl_clip,
+    meta = dict(title=title, rule=args.rule, settings=task.settings, steps=args.steps, target=target, kl_clip=args.kl_clip,
                 update_freq=args.update_freq, seed=args.seed, machine=machine(), load_start=load_average())
     results, t0 = [], time.perf_counter()
     path = os.path.join(args.out, "robustness_lm.json")

@@ -223,3 +223,67 @@ def test_soap_prior_on_a_tied_transformer_is_the_exact_step():
         for n in names:
             err = rel_err(model.get_parameter(n).detach() - before[n], -LR * d[n])
             assert err < 1e-8, (s, n, err)
+
+
+def test_a_weight_whose_eigenbasis_costs_more_than_its_layer_keeps_the_diagonal_and_the_choice_sticks():
+    """eigenbasis.worth_rotating: SOAP's per-step work on a weight [o, n], ~8 o n (o + n) flops, against
+    ROTATE_SHARE of its layer's forward and backward, 6 (rows) o n. A Linear(256, 256) fed 8 rows a step
+    (8 * 33.5 M against 0.3 * 3.1 M flops) keeps Adam's diagonal (Adafactor's Kronecker form on its x and gy);
+    fed 8 sequences of 512 positions it takes the eigenbasis. Decided at the first curvature step, kept
+    when the batch changes (the factors and bases are the weight's state from then on)."""
+    from torch import nn
+    o = n = 256
+    assert o * n * (o + n) > eigenbasis.ROTATE_FLOOR
+    for positions, want in ((None, False), (512, True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n, o), nn.Tanh(), nn.Linear(o, 3)).double()
+        opt = _opt(model)
+        shape = (8, n) if positions is None else (8, positions, n)
+        rows = 8 * (positions or 1)
+        assert eigenbasis.worth_rotating(model[0].weight, o, rows) is want
+        gen = torch.Generator().manual_seed(1)
+        for s in range(3):
+            x = torch.randn(*shape if s < 2 else (shape[0] * 64, *shape[1:]), generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, x.shape[:-1], generator=gen)
+            opt.zero_grad()
+            LOSSES["cross_entropy"](model(x).reshape(-1, 3), y.reshape(-1)).backward()
+            opt.step()
+        st = opt.state[model[0].weight]
+        assert st[eigenbasis.ROTATE] is want and ("prior_ql" in st) is want        # step 2's 64x batch: unchanged
+        assert tuple(st["prior_v"].shape) == ((o, n) if want else tuple(model[0].weight.shape))
+        assert st["prior_v"].dim() == 2
+        assert eigenbasis.rotates(opt.state, model[2].weight)      # the small head rotates (ROTATE_FLOOR)
+
+
+def test_a_fallback_weight_keeps_adams_diagonal_under_the_eigenbasis_prior():
+    """A 2-D parameter in no block (a GRU's, stepped by Adam's rule outside the rows) was rotated by the
+    moments' update while its step read v as Adam's diagonal: its v must be Adam's, g^2 averaged, in its
+    own coordinates (checked against the oracle's), and it gets no eigenbasis."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = _opt(model, step_rule="adam")
+    w = model.gru.weight_ih_l0
+    assert any(p is w for _, p in opt.fallback)
+    gen = torch.Generator().manual_seed(2)
+    v = None
+    for _ in range(3):
+        x, y = torch.randn(8, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        LOSSES["cross_entropy"](model(x), y).backward()
+        g = w.grad.detach().clone()
+        opt.step()
+        v = g ** 2 if v is None else BETA * v + (1 - BETA) * g ** 2
+    st = opt.state[w]
+    assert not any(k in st for k in ("prior_ql", "prior_l", eigenbasis.ROTATE))
+    assert rel_err(st["prior_v"], v) < 1e-12

@@ -323,12 +323,18 @@ def prepare(state_dict: object, param_groups: list[dict], names: list[str], know
         where = f"state of parameter {name_of[id(p)]!r}"
         if not isinstance(s, dict):
             raise _fail(f"{where} must be a dict")
-        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v", "exp_avg", "exp_avg_steps")
-                   + EIGENBASIS_KEYS]
+        unknown = [k for k in s if k not in ("momentum_buffer", "prior_v", "exp_avg", "exp_avg_steps",
+                                             eigenbasis.ROTATE) + EIGENBASIS_KEYS]
         if unknown:
             raise _fail(f"{where} has unexpected key {unknown[0]!r} (TENGraD keeps only 'momentum_buffer' "
                         "and, with a prior, 'prior_v' and, in an eigenbasis, 'prior_l', 'prior_r', 'prior_ql', "
-                        "'prior_qr'; with step_rule='adam', 'exp_avg' and 'exp_avg_steps')")
+                        "'prior_qr' and 'prior_rotate'; with step_rule='adam', 'exp_avg' and 'exp_avg_steps')")
+        if eigenbasis.ROTATE in s:          # prior="soap"'s decision (eigenbasis.decide)
+            if not isinstance(s[eigenbasis.ROTATE], bool) or not eigenbasis.rotatable(p):
+                raise _fail(f"{where}: 'prior_rotate' is a bool, kept for a weight of 2 or more dims, got "
+                            f"{s[eigenbasis.ROTATE]!r}")
+            if not s[eigenbasis.ROTATE] and any(k in s for k in EIGENBASIS_KEYS):
+                raise _fail(f"{where}: 'prior_rotate' is False but the state holds an eigenbasis")
         if ("exp_avg" in s) != ("exp_avg_steps" in s):
             raise _fail(f"{where}: 'exp_avg' and 'exp_avg_steps' (step_rule='adam') come together")
         if "exp_avg" in s:

@@ -9,8 +9,11 @@ second moments of the rotated gradient; any such D is symmetric positive definit
 
 so a block keeps the rows R'' (each row's weight part rotated and scaled: s * (Q_out^T X Q_in)), its
 Gram K'' = R'' R''^T, and the step maps g'' = T g into the solve and d = T^T d'' out of it
-(``Rotated``); <d, g> = <d'', g''>. Parameters that are not rotated (1-D, or a side over ``MAX_DIM``)
-keep the diagonal of curvature/prior.py (an elementwise s), so one block may mix both.
+(``Rotated``); <d, g> = <d'', g''>. Parameters that are not rotated (1-D, a side over ``MAX_DIM``, a
+weight whose eigenbasis would cost more than ROTATE_SHARE of its layer's forward and backward at the
+first curvature step's batch: ``worth_rotating``, decided once per weight and kept in its state; a
+parameter in no block) keep the diagonal of curvature/prior.py (an elementwise s, or Adafactor's
+Kronecker form on x and gy), so one block may mix both.
 
 The state of a rotated weight W [o, ...] viewed as G [o, n] (its gradient), per step after the update
 (``EigenMoments``; optimizer state "prior_l", "prior_r", "prior_ql", "prior_qr", "prior_v"):
@@ -41,6 +44,13 @@ EVERY = 10                  # SOAP's default precondition_frequency
 MAX_DIM = 2048              # a weight side above this keeps the diagonal prior (eigh of a larger factor)
 
 
+#: a weight is rotated when its eigenbasis costs at most this share of its layer's forward and backward
+ROTATE_SHARE = 0.3
+#: ... or when o n (o + n) is at most this (a small weight: its rotations cost little in absolute terms)
+ROTATE_FLOOR = 2 ** 23
+ROTATE = "prior_rotate"     # optimizer state: the sticky decision per weight (``decide``)
+
+
 def sides(p: Tensor) -> tuple[int, int]:
     """(o, n) of a weight's [o, n] view (dim 0 against the rest)."""
     return p.shape[0], p.numel() // max(p.shape[0], 1)
@@ -49,6 +59,40 @@ def sides(p: Tensor) -> tuple[int, int]:
 def rotatable(p: Tensor) -> bool:
     """A weight of 2 or more dims whose [o, n] view has both sides <= MAX_DIM."""
     return p.dim() >= 2 and max(sides(p)) <= MAX_DIM
+
+
+def worth_rotating(p: Tensor, out_numel_per_sample: int | None, samples: int) -> bool:
+    """Whether weight ``p`` [o, n] takes SOAP's eigenbasis: ``rotatable`` and its per-step cost, the factor
+    updates G G^T and G^T G and three rotations (the gradient for v, the step's input into the basis and
+    its d out of it), ~8 o n (o + n) flops, at most ROTATE_SHARE of its layer's forward and backward,
+    ~6 (its output elements per step) n flops (a Linear's 6 T o n for T rows of the batch, a conv's
+    6 m H W o c k^2); or o n (o + n) <= ROTATE_FLOOR. A layer whose outputs are unknown here (a J summed
+    over uses) rotates. Otherwise the weight keeps Adam's diagonal (Adafactor's Kronecker form on x and
+    gy for a Linear or a conv: prior.py): with few rows per step, as a ViT-tiny at batch 32 (544 rows
+    against sides of 576 and 768), the eigenbasis cost 2-3x the layer's own step."""
+    if not rotatable(p):
+        return False
+    o, n = sides(p)
+    if o * n * (o + n) <= ROTATE_FLOOR or out_numel_per_sample is None:
+        return True
+    return 8.0 * o * n * (o + n) <= ROTATE_SHARE * 6.0 * out_numel_per_sample * samples * n
+
+
+def decide(state: dict, params: Sequence[Tensor], out_numel_per_sample: int | None, samples: int) -> None:
+    """Record ``worth_rotating`` per rotatable weight of a block in its state (``ROTATE``), once: the
+    decision is sticky (a weight's factors and bases are kept from then on); parameters no block decides
+    for (the fallback's) are never rotated."""
+    for p in params:
+        st = state[p]
+        if ROTATE not in st and rotatable(p):
+            st[ROTATE] = worth_rotating(p, out_numel_per_sample, samples)
+
+
+def rotates(state: dict, p: Tensor) -> bool:
+    """Whether ``p`` is kept in the eigenbasis: its recorded decision (a state from before decisions were
+    recorded: whether it holds a basis)."""
+    st = state.get(p, {})
+    return bool(st.get(ROTATE, "prior_ql" in st)) and rotatable(p)
 
 
 class Rotated:
@@ -132,14 +176,15 @@ class EigenMoments:
         self.diagonal = diagonal    # prior.SecondMoments for the parameters that are not rotated
 
     def update(self, state: dict, params: Sequence[Tensor], dtype_of, step: int) -> None:
-        """After step ``step`` (0-based): every parameter with a gradient; bases refreshed when
-        step + 1 is a multiple of EVERY."""
-        flat = [p for p in params if p.grad is not None and not rotatable(p)]
+        """After step ``step`` (0-based): every parameter with a gradient, in the eigenbasis those a block
+        decided to rotate (``decide``; the others Adam's diagonal v); bases refreshed when step + 1 is a
+        multiple of EVERY."""
+        flat = [p for p in params if p.grad is not None and not rotates(state, p)]
         self.diagonal.update(state, flat, dtype_of)
         refresh = (step + 1) % EVERY == 0
         b, beta = SHAMPOO_BETA, self.beta
         for p in params:
-            if p.grad is None or not rotatable(p):
+            if p.grad is None or not rotates(state, p):
                 continue
             st = state[p]
             g = _matrix(p, dtype_of(p.dtype))

@@ -82,14 +82,28 @@ class Prior:
     def rows(self, rows: Rows, block, max_jacobian_numel: int, on_factors: str | None = None) -> Rows:
         """R' of ``block`` under this prior; ``on_factors``: why the rows must stay on x and gy (the memory
         budget moved the block), so a D that needs an explicit J gives way to the identity prior."""
-        if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
+        if self.rotates(block):
             return rotated(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
         return apply(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
+
+    def decide(self, block, uses, samples: int) -> None:
+        """prior="soap": which of ``block``'s weights take the eigenbasis (eigenbasis.decide, once per weight),
+        from the output gradients its captured ``uses`` hold (elements per sample, summed over the uses)
+        and the batch's ``samples`` (the distributed step gives the global batch, so every rank decides
+        alike)."""
+        if self.kind == "soap":
+            out = sum(u.grad[0].numel() for u in uses if u.grad is not None and u.grad.dim() > 0)
+            eigenbasis.decide(self.state, block.params, out or None, samples)
+
+    def rotates(self, block) -> bool:
+        """Whether ``block`` has a weight in the eigenbasis (prior="soap", ``decide``)."""
+        return self.kind == "soap" and any(eigenbasis.rotates(self.state, p) for p in block.params)
 
     def needs_jacobian(self, block) -> bool:
         """Whether this prior keeps ``block``'s rows as an explicit J (rotated, or scaled per entry), not
         as x and gy (Adafactor's Kronecker scaling of a Linear's or a groups-1 Conv's)."""
-        if self.kind == "soap" and any(eigenbasis.rotatable(p) for p in block.params):
+        if self.kind == "soap" and any(eigenbasis.rotatable(p) and self.state.get(p, {}).get(eigenbasis.ROTATE, True)
+                                       for p in block.params):     # undecided (the first step): as rotated
             return True
         return block.plan is None or kronecker_layer(block.module, block.params) is None
 
@@ -237,8 +251,9 @@ def rotated(rows: Rows, block, state: dict, floor: float, max_jacobian_numel: in
     as an explicit J (formed from x and gy when it has at most ``max_jacobian_numel`` entries, else the
     identity prior with a note)."""
     dtype = rows_dtype(rows)
-    ready = all(not eigenbasis.rotatable(p) or "prior_ql" in state.get(p, {}) for p in block.params)
-    bases = [eigenbasis.basis(state, p) if ready and eigenbasis.rotatable(p) else None for p in block.params]
+    turn = [eigenbasis.rotates(state, p) for p in block.params]
+    ready = all(not t or "prior_ql" in state.get(p, {}) for t, p in zip(turn, block.params))
+    bases = [eigenbasis.basis(state, p) if ready and t else None for t, p in zip(turn, block.params)]
     vs = [b[2] if b is not None else second_moment(state, p, dtype) for p, b in zip(block.params, bases)]
     if current is not None:
         vs = [with_current(v, p, current, b) for v, p, b in zip(vs, block.params, bases)]

@@ -55,7 +55,7 @@ class AveragedEstimator(DistributedEstimator):
         sig = []
         for i in range(len(blocks)):
             sig += [float(active[i]), 0.0, 0.0, 0.0]
-        self.status(step, fail, m_r, sig)
+        sizes = self.status(step, fail, m_r, sig)
         grads = self.gradients(step, m_r)()
         self.check_finite(step, grads)
         if prior is not None or step.moments is not None:
@@ -71,7 +71,8 @@ class AveragedEstimator(DistributedEstimator):
             d = None
             if fail.error is None:
                 try:
-                    curv[i] = self._curvature(b, rows.get(i), grp[i]["damping"], prior, step)
+                    curv[i] = self._curvature(b, rows.get(i), recs.get(i, []), grp[i]["damping"], prior, step,
+                                              sum(sizes))
                     d = woodbury.direction(curv[i], b.plan, like, b.name)
                 except Exception as err:   # noqa: BLE001 - raised on every rank after the all-reduce
                     fail.record(err)
@@ -100,11 +101,13 @@ class AveragedEstimator(DistributedEstimator):
             self.pending[b.name] = curv[i]
         return out + fallback_directions(step, grads)
 
-    def _curvature(self, b, rows, damping: float, prior, step: StepInput) -> woodbury.BlockCurvature:
-        """Block b's curvature this step: from this step's rows (under the prior: R' = R S^T, prior.py),
-        else the kept one (refactored when its damping changed)."""
+    def _curvature(self, b, rows, uses, damping: float, prior, step: StepInput, total: int) -> woodbury.BlockCurvature:
+        """Block b's curvature this step: from this step's rows (under the prior: R' = R S^T, prior.py; which
+        weights rotate decided on the global batch of ``total`` samples, alike on every rank), else the
+        kept one (refactored when its damping changed)."""
         if rows is not None:
             if prior is not None:
+                prior.decide(b, uses, total)
                 rows = prior.rows(rows, b, step.rules.max_jacobian_numel)
             return woodbury.curvature(rows, b.plan, damping, b.name)
         kept = self.kept[b.name]

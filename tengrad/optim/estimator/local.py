@@ -257,6 +257,8 @@ class LocalEstimator:
             b = step.blocks[i]
             tols[i] = _tolerance(b, uses)
             r = build.block_rows(b, uses, rules, step.check, draw=draw)
+            if rules.prior is not None:          # which weights take the eigenbasis, from the whole batch
+                rules.prior.decide(b, uses, r.m)
             if scale is None and (asking or i == first):
                 scale = self.loss_scale(step, b, r, tols[i])
                 asking = scale is None
