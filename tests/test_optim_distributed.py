@@ -161,20 +161,26 @@ def test_distributed_demo_prints_its_table():
         assert needle in r["out"], (needle, r["out"])
 
 
+def _under_prior(world, results, fn: str, errors: tuple[str, ...]) -> list[str]:
+    """The names of ``fn``'s checks (both modes present), each rank's parameters and kept prior identical
+    and its ``errors`` under TOL."""
+    names = _names(world, fn)
+    assert {n.split("-")[0] for n in names} == {"local", "exact"}
+    for name in names:
+        for rank, res in enumerate(results):
+            r = res[name]
+            assert r["identical"] and r["same_prior"], (name, rank)
+            assert all(r[e] < TOL for e in errors), (name, rank, {e: r[e] for e in errors})
+    return names
+
+
 @process_groups
 def test_a_prior_on_several_ranks_steps_the_exact_d_for_one_d_of_the_global_gradient(group):
     """prior="adam" / "soap": the moments are the global gradient's (against the oracle's own), the kept D
     is bit-identical on every rank, and the step is -lr (F + a D)^-1 g on the global batch ("exact") or
     -lr mean_r (F_r + a D)^-1 g ("local"), plain and DDP models."""
     world, results = group
-    names = _names(world, "check_prior")
-    assert {n.split("-")[0] for n in names} == {"local", "exact"}
-    for name in names:
-        for rank, res in enumerate(results):
-            r = res[name]
-            assert r["identical"] and r["same_prior"], (name, rank)
-            assert r["worst"] < TOL, (name, rank, r["worst"])
-            assert r["worst_moments"] < TOL, (name, rank, r["worst_moments"])
+    for name in _under_prior(world, results, "check_prior", ("worst", "worst_moments")):
         if "soap" in name:
             assert results[0][name]["rotated"] > 0, name       # the eigenbasis prior was in the steps
         assert ("approximation" in results[0][name]["explain"]) == name.startswith("local"), name
@@ -183,12 +189,5 @@ def test_a_prior_on_several_ranks_steps_the_exact_d_for_one_d_of_the_global_grad
 @process_groups
 def test_adam_rule_on_several_ranks_is_the_rule_step_for_adams_m_of_the_global_gradient(group):
     world, results = group
-    names = _names(world, "check_rule")
-    assert {n.split("-")[0] for n in names} == {"local", "exact"}
-    for name in names:
-        for rank, res in enumerate(results):
-            r = res[name]
-            assert r["identical"] and r["same_prior"], (name, rank)
-            assert r["worst_m"] < TOL and r["worst_moments"] < TOL, (name, rank, r)
-            assert r["worst"] < TOL, (name, rank, r["worst"])
+    for name in _under_prior(world, results, "check_rule", ("worst", "worst_m", "worst_moments")):
         assert results[0][name]["clipped"] > 0, name      # the update clip bound in some steps
