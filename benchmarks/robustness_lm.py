@@ -134,11 +134,12 @@ def main(argv=None) -> int:
     target = args.target if args.target is not None else task.targets[0]
     data = task.load()
     os.makedirs(args.out, exist_ok=True)
-    title = (f"{task.title}; {'the paper' + chr(39) + 's step (prior=None)' if args.rule == 'paper' else 'the defaults' + chr(39) + ' rule'}; "
-             f"{args.steps} steps per cell, seed {args.seed}")
+    step = "the paper's step (prior=None)" if args.rule == "paper" else "the defaults' rule"
+    title = f"{task.title}; {step}; {args.steps} steps per cell, seed {args.seed}"
     print(f"{title}; {machine()}; load {load_average()}", flush=True)
-    meta = dict(title=title, rule=args.rule, settings=task.settings, steps=args.steps, target=target, kl_clip=args.kl_clip,
-                update_freq=args.update_freq, seed=args.seed, machine=machine(), load_start=load_average())
+    meta = dict(title=title, rule=args.rule, settings=task.settings, steps=args.steps, target=target,
+                kl_clip=args.kl_clip, update_freq=args.update_freq, seed=args.seed, machine=machine(),
+                load_start=load_average())
     results, t0 = [], time.perf_counter()
     path = os.path.join(args.out, "robustness_lm.json")
     for d in args.dampings:

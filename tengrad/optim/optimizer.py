@@ -153,14 +153,16 @@ class TENGraD(torch.optim.Optimizer):
     ``prior``: None (the paper's step: the damping a I outside the rows) or "adam": (F + a D)^-1 g with D the
     diagonal of Adam's second moments (decay ``prior_beta``, default 0.999), normalised to mean 1 per
     block and floored at ``prior_floor`` (curvature/prior.py: the exact step for that D;
-    Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form); or "soap": D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors
-    (E[G G^T], E[G^T G]) and delta Adam's second moments of the rotated gradient (decay ``prior_beta``,
-    default SOAP's 0.95), as SOAP preconditions (the default; curvature/eigenbasis.py: exact for that D; the rows of
-    such a block are kept as a rotated explicit J). On several ranks the global gradient is written into
+    Kronecker-diagonal on Linear and Conv x/gy rows, so their Gram keeps the reuse form); or "soap" (the
+    default): D = Q diag(delta) Q^T per weight, Q the eigenbasis of Shampoo's factors (E[G G^T], E[G^T G])
+    and delta Adam's second moments of the rotated gradient (decay ``prior_beta``, default SOAP's 0.95),
+    as SOAP preconditions (curvature/eigenbasis.py: exact for that D; the rows of such a block are kept
+    as a rotated explicit J; a weight whose eigenbasis would cost more than its layer keeps the diagonal). On several ranks the global gradient is written into
     param.grad (as DDP does), so the moments and D are the same on every rank; "exact" then steps
     (F + a D)^-1 g for the global batch's rows, "local" averages each rank's step for its own rows.
     ``step_rule``: "natural" (the KL-clipped step d = (F + a D)^-1 g with heavy-ball momentum) or
-    "adam" (the default, through "auto"), SOAP's step around the rows (needs prior="soap" and kl_clip=None): the solve preconditions
+    "adam" (the default, through "auto"), SOAP's step around the rows (needs prior="soap" and
+    kl_clip=None): the solve preconditions
     Adam's first moment m = EMA_momentum(g) / (1 - momentum^t) in place of g, D is taken from v with this
     step's gradient folded in, each block's d is scaled by a / mean_b sqrt(v) so that outside the rows the
     step is m'' / sqrt(v) per rotated coordinate (SOAP's, at lr), and theta -= lr d with no heavy ball:
@@ -530,9 +532,9 @@ class TENGraD(torch.optim.Optimizer):
         sd["tengrad"] = checkpoint.extra(self._steps, checkpoint.param_names(self.model, self.param_groups),
                                          self.param_groups, self.estimator.state(self.blocks), self.generator,
                                          op_layout(self.blocks))
+        sd["tengrad"]["rule"] = {"prior": self.prior, "step_rule": self.step_rule}   # checked on load
         # the input shapes whose weight gradient the next curvature step takes from the Jacobian (capture/
         # module.py): without them a resumed run takes autograd's once, a rounding apart from the saved run's
-        sd["tengrad"]["rule"] = {"prior": self.prior, "step_rule": self.step_rule}   # checked on load
         sd["tengrad"]["jacobian_grad"] = {b.name: list(b.capture.jacobian_grad_shape) for b in self.blocks
                                           if b.capture is not None and b.capture.jacobian_grad_shape is not None}
         return sd
