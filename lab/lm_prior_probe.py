@@ -21,7 +21,7 @@ def run(method, steps, **kw):
     torch.manual_seed(0)
     m = ByteLM()
     if method == "tengrad":
-        kw = dict(noise_scale=False, curvature_batch=None, **kw)
+        kw = {**dict(noise_scale=False, curvature_batch=None), **kw}     # the LM runs' settings, unless given
         method = "tengrad-tuned"
     step, opt = peers.make_step(method, m, kw, loss, 32)
     if kw.get("fisher", "empirical") != "empirical":      # sampled labels: opt.backward's extra pass
