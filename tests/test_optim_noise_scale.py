@@ -163,3 +163,9 @@ def test_explain_shows_the_scale():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert f"(r={opt.estimator.noise.ratio:.3g})" in opt.explain() and opt.estimator.noise.s < 1.0
+
+
+def test_explain_says_the_scale_is_unused_without_a_kl_clip():
+    """The defaults' rule has no KL clip: the noise ratio it would scale plays no part in the step."""
+    assert "noise_scale=True (unused: no KL clip to scale)" in TENGraD(make_model("mlp")).explain()
+    assert "noise_scale=True (unused" in TENGraD(make_model("mlp"), prior=None, kl_clip=None).explain()

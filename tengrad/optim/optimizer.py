@@ -634,6 +634,8 @@ class TENGraD(torch.optim.Optimizer):
     def _noise_note(self) -> str:
         if not self.noise_scale:
             return ""
+        if self.kl_clip is None:
+            return " (unused: no KL clip to scale)"
         if self.fisher != "empirical" or self.distributed:
             return " (r=1: the noise ratio needs the empirical Fisher in one process)"
         return f" (r={self.estimator.noise_ratio:.3g})"
