@@ -287,3 +287,22 @@ def test_a_fallback_weight_keeps_adams_diagonal_under_the_eigenbasis_prior():
     st = opt.state[w]
     assert not any(k in st for k in ("prior_ql", "prior_l", eigenbasis.ROTATE))
     assert rel_err(st["prior_v"], v) < 1e-12
+
+
+def test_a_sequence_first_use_is_priced_by_all_its_output_elements():
+    """MultiheadAttention's in-projection runs sequence-first inside the module ([T, m, 3d] outputs): the
+    rotation decision prices the layer by every output element of the batch, not by dimension 0's slice
+    (which counted m positions per 'sample' and turned a 384 x 128 in-projection at m = 32, T = 128 to the
+    diagonal prior, 100x the step of its rotated twin at step 0)."""
+    from torch import nn
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(128, 4, batch_first=True)
+    w = attn.in_proj_weight
+    assert eigenbasis.worth_rotating(w, 128 * 384, 32)          # priced by the whole batch: rotated
+    assert not eigenbasis.worth_rotating(w, 32 * 384, 32)       # dimension 0's slice: would not be
+    opt = _opt(attn)
+    x = torch.randn(32, 128, 128, generator=torch.Generator().manual_seed(3))
+    opt.zero_grad()
+    attn(x, x, x, need_weights=False)[0].square().mean().backward()
+    opt.step()
+    assert eigenbasis.rotates(opt.state, w)

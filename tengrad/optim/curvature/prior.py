@@ -86,14 +86,16 @@ class Prior:
             return rotated(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
         return apply(rows, block, self.state, self.floor, max_jacobian_numel, self.current, on_factors)
 
-    def decide(self, block, uses, samples: int) -> None:
+    def decide(self, block, uses, samples: int, total: int | None = None) -> None:
         """prior="soap": which of ``block``'s weights take the eigenbasis (eigenbasis.decide, once per weight),
-        from the output gradients its captured ``uses`` hold (elements per sample, summed over the uses)
-        and the batch's ``samples`` (the distributed step gives the global batch, so every rank decides
-        alike)."""
+        from the output gradients its captured ``uses`` hold for this batch of ``samples`` (all their
+        elements over the samples: a sequence-first use, MultiheadAttention's in-projection, holds [T, m, o])
+        and the batch ``total`` it is priced for (default ``samples``; the distributed step gives the
+        global batch, so every rank decides alike)."""
         if self.kind == "soap":
-            out = sum(u.grad[0].numel() for u in uses if u.grad is not None and u.grad.dim() > 0)
-            eigenbasis.decide(self.state, block.params, out or None, samples)
+            out = sum(u.grad.numel() for u in uses if u.grad is not None)
+            eigenbasis.decide(self.state, block.params, out // max(samples, 1) or None,
+                              samples if total is None else total)
 
     def rotates(self, block) -> bool:
         """Whether ``block`` has a weight in the eigenbasis (prior="soap", ``decide``)."""

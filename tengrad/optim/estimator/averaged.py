@@ -107,7 +107,7 @@ class AveragedEstimator(DistributedEstimator):
         kept one (refactored when its damping changed)."""
         if rows is not None:
             if prior is not None:
-                prior.decide(b, uses, total)
+                prior.decide(b, uses, rows.m, total)
                 rows = prior.rows(rows, b, step.rules.max_jacobian_numel)
             return woodbury.curvature(rows, b.plan, damping, b.name)
         kept = self.kept[b.name]

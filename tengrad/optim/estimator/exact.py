@@ -92,7 +92,7 @@ class ExactEstimator(DistributedEstimator):
                 b, r = blocks[i], rows[i]
                 fits = r.reps * max(sizes) * b.numel <= step.rules.max_jacobian_numel
                 try:
-                    prior.decide(b, recs[i], sum(sizes))    # the global batch: every rank decides alike
+                    prior.decide(b, recs[i], r.m, sum(sizes))   # the global batch: every rank decides alike
                     rows[i] = prior.rows(r.factors_only(), b, step.rules.max_jacobian_numel if fits else 0)
                 except Exception as err:   # noqa: BLE001 - raised on every rank below
                     fail.record(err)
