@@ -237,19 +237,22 @@ def test_a_weight_whose_eigenbasis_costs_more_than_its_layer_keeps_the_diagonal_
     for positions, want in ((None, False), (512, True)):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(n, o), nn.Tanh(), nn.Linear(o, 3)).double()
-        opt = _opt(model)
+        opt = _opt(model, update_freq=1)
         shape = (8, n) if positions is None else (8, positions, n)
         rows = 8 * (positions or 1)
         assert eigenbasis.worth_rotating(model[0].weight, o, rows) is want
         gen = torch.Generator().manual_seed(1)
-        for s in range(3):
-            x = torch.randn(*shape if s < 2 else (shape[0] * 64, *shape[1:]), generator=gen, dtype=torch.float64)
+        for s in range(3):      # step 2 (a curvature step at update_freq 1): a batch that alone decides otherwise
+            small = (1, 64, n) if positions else None
+            big = (4096, n)
+            x = torch.randn(*(shape if s < 2 else small if positions else big), generator=gen, dtype=torch.float64)
             y = torch.randint(0, 3, x.shape[:-1], generator=gen)
             opt.zero_grad()
             LOSSES["cross_entropy"](model(x).reshape(-1, 3), y.reshape(-1)).backward()
             opt.step()
         st = opt.state[model[0].weight]
-        assert st[eigenbasis.ROTATE] is want and ("prior_ql" in st) is want        # step 2's 64x batch: unchanged
+        assert eigenbasis.worth_rotating(model[0].weight, o, 64 if positions else 4096) is not want
+        assert st[eigenbasis.ROTATE] is want and ("prior_ql" in st) is want        # step 2's batch: unchanged
         assert tuple(st["prior_v"].shape) == ((o, n) if want else tuple(model[0].weight.shape))
         assert st["prior_v"].dim() == 2
         assert eigenbasis.rotates(opt.state, model[2].weight)      # the small head rotates (ROTATE_FLOOR)
