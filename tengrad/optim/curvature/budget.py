@@ -102,9 +102,8 @@ def _under_prior(b, form: tuple[str, int, int | None, int], rules) -> tuple[str,
     if (prior is None or path == paths.JACOBIAN or x_bytes is None or b.memory_reuse
             or not prior.needs_jacobian(b)):
         return form
-    s = b.params[0].element_size() if b.params else 4
-    rows = j_bytes // max(b.numel * max(s, 4), 1)       # J bytes = r P s (the compute dtype: >= 4 bytes)
-    return (paths.JACOBIAN, j_bytes, x_bytes, m) if rows * b.numel <= rules.max_jacobian_numel else form
+    s = max(b.params[0].element_size() if b.params else 4, 4)     # J bytes = r P s, s the compute dtype's
+    return (paths.JACOBIAN, j_bytes, x_bytes, m) if j_bytes // s <= rules.max_jacobian_numel else form
 
 
 def fit(forms: dict[int, tuple[str, int, int | None, int]], cap: int, rows: int | str | None,

@@ -88,11 +88,11 @@ def decide(state: dict, params: Sequence[Tensor], out_numel_per_sample: int | No
             st[ROTATE] = worth_rotating(p, out_numel_per_sample, samples)
 
 
-def rotates(state: dict, p: Tensor) -> bool:
+def rotates(state: dict, p: Tensor, undecided: bool = False) -> bool:
     """Whether ``p`` is kept in the eigenbasis: its recorded decision (a state from before decisions were
-    recorded: whether it holds a basis)."""
+    recorded: whether it holds a basis; none of either: ``undecided``)."""
     st = state.get(p, {})
-    return bool(st.get(ROTATE, "prior_ql" in st)) and rotatable(p)
+    return bool(st.get(ROTATE, "prior_ql" in st or undecided)) and rotatable(p)
 
 
 class Rotated:

@@ -104,8 +104,8 @@ class Prior:
     def needs_jacobian(self, block) -> bool:
         """Whether this prior keeps ``block``'s rows as an explicit J (rotated, or scaled per entry), not
         as x and gy (Adafactor's Kronecker scaling of a Linear's or a groups-1 Conv's)."""
-        if self.kind == "soap" and any(eigenbasis.rotatable(p) and self.state.get(p, {}).get(eigenbasis.ROTATE, True)
-                                       for p in block.params):     # undecided (the first step): as rotated
+        if self.kind == "soap" and any(eigenbasis.rotates(self.state, p, undecided=True)   # the first step: as
+                                       for p in block.params):                               # rotated
             return True
         return block.plan is None or kronecker_layer(block.module, block.params) is None
 
